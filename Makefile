@@ -1,0 +1,65 @@
+# lattice_lab — `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# CPU build by default (CI and laptops). A GPU user: make install TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+# Overrides passed to every entrypoint, e.g. make train ARGS="model=gnn_small trainer.max_epochs=5"
+ARGS ?=
+
+.PHONY: help install test demo data train simulate analyze sweep ui bench paper lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_INDEX)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install lattice_lab (editable) with pinned dependencies
+
+test: $(STAMP)  ## run the test suite (tiny lattices, CPU)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 tests
+
+demo: $(STAMP)  ## end to end on a small default: data -> enn_small -> 96x96 quench -> analysis
+	$(PY) -m lattice_lab.demo $(ARGS)
+
+data: $(STAMP)  ## generate an ED dataset (default holstein_L16; ARGS="dataset=holstein_L40")
+	$(PY) -m lattice_lab.generate $(ARGS)
+
+train: $(STAMP)  ## train a force field (ARGS="model=enn dataset=holstein_L40")
+	$(PY) -m lattice_lab.train $(ARGS)
+
+simulate: $(STAMP)  ## Langevin quench with ML or ED forces (ARGS="force=ml force.checkpoint=...")
+	$(PY) -m lattice_lab.simulate $(ARGS)
+
+analyze: $(STAMP)  ## analyse a trajectory (ARGS="trajectory=runs/trajectories/.../trajectory.h5")
+	$(PY) -m lattice_lab.analyze $(ARGS)
+
+sweep: $(STAMP)  ## Optuna hyperparameter sweep through Hydra multirun (ARGS="hparams_search=enn_optuna")
+	$(PY) -m lattice_lab.train -m hparams_search=enn_optuna $(ARGS)
+
+ui: $(STAMP)  ## MLflow UI on the local store (http://127.0.0.1:5000)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db --default-artifact-root runs/mlartifacts --host 127.0.0.1 --port 5000
+
+bench: $(STAMP)  ## speed benchmark: matmul ceiling, models, Langevin step, ED crossover
+	$(PY) -m lattice_lab.bench $(ARGS)
+
+paper: $(STAMP)  ## full reproduction of both papers' figures (GPU recommended, hours)
+	$(PY) -m lattice_lab.generate dataset=holstein_L40
+	$(PY) -m lattice_lab.train +experiment=paper_force_accuracy
+	$(PY) -m lattice_lab.simulate +experiment=paper_ed_vs_ml
+	$(PY) -m lattice_lab.simulate -m +experiment=paper_coarsening
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check lattice_lab tests
+
+clean:  ## remove runs/ outputs (keeps runs/README.md), caches
+	find runs -mindepth 1 ! -name README.md -exec rm -rf {} + 2>/dev/null || true
+	rm -rf outputs multirun .pytest_cache .ruff_cache

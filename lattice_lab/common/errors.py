@@ -1,0 +1,19 @@
+"""Exceptions that reach the user as one clear line (see :mod:`lattice_lab.common.cli`)."""
+
+
+class LatticeLabError(Exception):
+    """Base class: an error the user can fix; printed as one line, without traceback."""
+
+
+class ConfigError(LatticeLabError, ValueError):
+    """A configuration value is invalid. The message names the key and the bad value."""
+
+
+class SimulationDiverged(LatticeLabError):
+    """A dynamics run produced NaN/inf or runaway values; the last good state was saved."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)
