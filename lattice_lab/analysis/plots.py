@@ -1,0 +1,159 @@
+"""PNG figures of the coarsening analysis (matplotlib, Agg backend).
+
+Each function returns a matplotlib Figure (the caller saves / logs it and closes it). Titles carry
+the run's temperature T, lattice size L and replica count R (``title_suffix``).
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+
+def run_label(T=None, L=None, R=None, extra: str = "") -> str:
+    parts = []
+    if T is not None:
+        parts.append(f"T = {T:g}")
+    if L is not None:
+        parts.append(f"L = {L}")
+    if R is not None:
+        parts.append(f"R = {R}")
+    if extra:
+        parts.append(extra)
+    return ", ".join(parts)
+
+
+def _row(n: int, size: float = 3.6):
+    fig, axes = plt.subplots(1, n, figsize=(size * n + 0.8, size), squeeze=False, constrained_layout=True)
+    return fig, axes[0]
+
+
+def phi_snapshots(phis, steps, times, label: str = ""):
+    """Local CDW order parameter phi of one replica at several times (diverging map, [-1, 1])."""
+    fig, axes = _row(len(phis))
+    im = None
+    for ax, phi, s, t in zip(axes, phis, steps, times):
+        im = ax.imshow(np.asarray(phi).T, origin="lower", cmap="RdBu_r", vmin=-1, vmax=1,
+                       interpolation="nearest")
+        ax.set_title(f"step {s} (t = {t:g})")
+        ax.set_xlabel("x (lattice spacings)")
+        ax.set_ylabel("y (lattice spacings)")
+    fig.colorbar(im, ax=list(axes), label=r"$\phi_i$", shrink=0.85)
+    fig.suptitle(f"local CDW order parameter, replica 0 ({label})")
+    return fig
+
+
+def structure_factor_maps(S_maps, steps, times, label: str = ""):
+    """Replica-averaged S(k) over the Brillouin zone [0, 2pi)^2 (Q = (pi, pi) at the centre), log colour."""
+    fig, axes = _row(len(S_maps))
+    positive = np.concatenate([np.asarray(S)[np.asarray(S) > 0].ravel() for S in S_maps] + [np.array([1.0])])
+    vmax = positive.max()
+    vmin = max(positive.min(), vmax * 1e-6)
+    im = None
+    for ax, S, s, t in zip(axes, S_maps, steps, times):
+        S = np.asarray(S)
+        L = S.shape[-1]
+        extent = (-0.5 * 2 * np.pi / L, 2 * np.pi - 0.5 * 2 * np.pi / L) * 2
+        im = ax.imshow(np.clip(S.T, vmin, None), origin="lower", cmap="magma",
+                       norm=LogNorm(vmin=vmin, vmax=vmax), extent=extent, interpolation="nearest")
+        ax.plot([np.pi], [np.pi], "c+", ms=8, mew=1.0)
+        ax.set_title(f"step {s} (t = {t:g})")
+        ax.set_xlabel(r"$k_x$ (rad / lattice spacing)")
+        ax.set_ylabel(r"$k_y$ (rad / lattice spacing)")
+    fig.colorbar(im, ax=list(axes), label=r"$S(\mathbf{k}) = \langle|n_\mathbf{k}|^2\rangle / N$", shrink=0.85)
+    fig.suptitle(rf"structure factor around $Q = (\pi, \pi)$ ({label})")
+    return fig
+
+
+def correlation_curves(r, curves: dict, ylabel: str, title: str):
+    """Curves with error bars: ``curves[name] = (mean [nr], sem [nr])``."""
+    fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
+    for name, (mean, sem) in curves.items():
+        ax.errorbar(r, mean, yerr=sem, fmt="o", ms=3, capsize=2, elinewidth=0.8, label=name)
+    ax.axhline(0, color="0.6", lw=0.7)
+    ax.set_xlabel("distance r (lattice spacings)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def growth_plot(t, series: dict, fits: dict, label: str = ""):
+    """L(t), xi(t) on log-log axes with fitted power laws and an Allen-Cahn t^(1/2) guide.
+
+    ``series[name] = (y [S], yerr [S])``; ``fits[name] = (PowerLawFit, alpha_err)``.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6.2, 4.5), constrained_layout=True)
+    ok_t = t > 0
+    anchor = None
+    for i, (name, (y, yerr)) in enumerate(series.items()):
+        y = np.asarray(y, dtype=np.float64)
+        ok = ok_t & np.isfinite(y) & (y > 0)
+        if not ok.any():
+            continue
+        color = f"C{i}"
+        yerr_ok = None if yerr is None else np.nan_to_num(np.asarray(yerr)[ok])
+        ax.errorbar(t[ok], y[ok], yerr=yerr_ok, fmt="o", ms=3, capsize=2, color=color, label=name)
+        if name in fits and fits[name] is not None:
+            fit, err = fits[name]
+            tt = np.geomspace(fit.t_min, fit.t_max, 50)
+            ax.plot(tt, fit.predict(tt), "-", color=color, lw=1.5,
+                    label=rf"fit: $\alpha = {fit.alpha:.3f} \pm {err:.3f}$")
+        if anchor is None:
+            anchor = (t[ok][-1], y[ok][-1])
+    if anchor is not None:
+        tt = np.geomspace(t[ok_t].min(), t[ok_t].max(), 50)
+        ax.plot(tt, anchor[1] * (tt / anchor[0]) ** 0.5, "k--", lw=1, label=r"Allen-Cahn $t^{1/2}$")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(r"time $t$ = step $\times$ dt (model units, $\hbar = t_{hop} = 1$)")
+    ax.set_ylabel("length (lattice spacings)")
+    ax.set_title(f"domain growth ({label})")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool = False, logx: bool = False):
+    """Rescaled curves (x[i], y[i]) of several times, coloured by time."""
+    fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
+    cmap = plt.get_cmap("viridis")
+    n = len(times)
+    for i, (xx, yy, t) in enumerate(zip(x, y, times)):
+        ax.plot(xx, yy, "o", ms=2.5, color=cmap(i / max(n - 1, 1)), label=f"t = {t:g}")
+    if logy:
+        ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def comparison_plot(r, per_step: dict, names=("ED", "ML"), label: str = ""):
+    """ED vs ML C(r) at several steps: ``per_step[step] = compare_curves(...) result``; z below."""
+    fig, (ax, az) = plt.subplots(2, 1, figsize=(6.4, 6.2), sharex=True, height_ratios=[3, 1.3],
+                                 constrained_layout=True)
+    for i, (step, res) in enumerate(per_step.items()):
+        c = f"C{i}"
+        ax.errorbar(r, res["mean_a"], yerr=res["sem_a"], fmt="o", ms=4, mfc="none", color=c, capsize=2,
+                    label=f"{names[0]}, step {step}")
+        ax.errorbar(r, res["mean_b"], yerr=res["sem_b"], fmt="x", ms=4, elinewidth=0.8, color=c, capsize=2,
+                    label=f"{names[1]}, step {step} (max|z| = {res['max_abs_z']:.2f})")
+        az.plot(r, res["z"], "o", ms=2.5, color=c)
+    ax.axhline(0, color="0.6", lw=0.7)
+    ax.set_ylabel(r"$C(r) = \langle Q_i Q_j \rangle$")
+    ax.set_title(f"{names[0]} vs {names[1]} correlation ({label})")
+    ax.legend(fontsize=7)
+    for v in (-2, 2):
+        az.axhline(v, color="0.6", ls=":", lw=0.8)
+    az.axhline(0, color="0.6", lw=0.7)
+    az.set_xlabel("distance r (lattice spacings)")
+    az.set_ylabel("z-score")
+    return fig

@@ -1,0 +1,177 @@
+"""Benchmark output: aligned text tables (stdout), ``bench.json``, ``bench.csv`` and ``bench.png``.
+
+``bench.csv`` is long format, one row per measurement: ``kind`` = ``model`` (a preset at one L,
+``set`` = ``scaling`` or ``ed_compare``) or ``ed`` (exact diagonalisation at one L). Columns are
+:data:`CSV_COLUMNS`; empty cells mean "not measured" (skipped sizes carry the reason in ``note``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from lattice_lab.common.io import atomic_path, atomic_write_text
+
+CSV_COLUMNS = (
+    "kind", "preset", "model", "set", "L", "N", "batch", "params", "flops_per_site", "status", "note",
+    "force_s", "force_s_min", "force_repeats", "force_s_per_site", "gflops", "ceiling_fraction",
+    "step_s", "step_s_min", "step_repeats", "step_s_per_site", "site_steps_per_s", "langevin_overhead",
+    "peak_mem_force_bytes", "mem_per_site_force", "peak_mem_step_bytes", "mem_per_site_step",
+    "compiled_force_s", "compiled_speedup", "ed_force_s", "ed_eigh_s", "ed_force_s_per_site",
+)
+
+
+def _fmt(x, spec: str = ".3g") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return format(x, spec)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Right-aligned text table (first column left-aligned)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def model_table(model_rows: list[dict]) -> str:
+    headers = ["preset", "L", "force ms", "us/site", "step ms", "site-steps/s", "GFLOP/s", "%ceil",
+               "overhead", "B/site(step)", "note"]
+    rows = []
+    for r in model_rows:
+        if r["set"] != "scaling":
+            continue
+        if r["status"] != "ok":
+            rows.append([r["preset"], str(r["L"]), *["-"] * 8, r["note"][:60]])
+            continue
+        rows.append([r["preset"], str(r["L"]), _fmt(1e3 * r["force_s"]), _fmt(1e6 * r["force_s_per_site"]),
+                     _fmt(1e3 * r["step_s"]) if r.get("step_s") else "-",
+                     _fmt(r.get("site_steps_per_s"), ".3e"), _fmt(r.get("gflops")),
+                     _fmt(100 * r["ceiling_fraction"], ".1f") if r.get("ceiling_fraction") is not None else "-",
+                     _fmt(100 * r["langevin_overhead"], "+.1f") + "%" if r.get("langevin_overhead") is not None else "-",
+                     _fmt(r.get("mem_per_site_step"), ".0f"), ""])
+    return table(headers, rows)
+
+
+def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_min_L: int) -> str:
+    headers = ["preset", "params", "MFLOP/site", "scale(all)", f"scale(L>={scaling_min_L})", "%ceil(large)",
+               "overhead", "ED crossover L", f"speed-up@{L_ed}", "note"]
+    rows = []
+    for s in summaries:
+        cmp_ = comparison["models"].get(s["preset"], {})
+        sp = next((x for x in cmp_.get("speedups", []) if x["L"] == L_ed), None)
+        frac = s.get("ceiling_fraction_large")
+        ov = s.get("langevin_overhead_large")
+        rows.append([s["preset"], f"{s['params']:,}" if s.get("params") is not None else "-",
+                     _fmt(s["flops_per_site"] / 1e6 if s.get("flops_per_site") is not None else None),
+                     _fmt(s.get("scaling_ratio_all"), ".3f"), _fmt(s.get(f"scaling_ratio_ge{scaling_min_L}"), ".3f"),
+                     _fmt(100 * frac, ".1f") if frac is not None else "-",
+                     _fmt(100 * ov, "+.1f") + "%" if ov is not None else "-",
+                     _fmt(cmp_.get("crossover_L"), ".3g"),
+                     (_fmt(sp["speedup"], ".3g") + "x" + ("" if sp["how"] == "measured" else f" ({sp['how'][:6]})"))
+                     if sp and sp["speedup"] else "-",
+                     (s.get("error") or "")[:50]])
+    return table(headers, rows)
+
+
+def ed_table(ed_rows: list[dict]) -> str:
+    headers = ["L", "N", "ED force s", "eigh s", "us/site"]
+    rows = [[str(r["L"]), str(r["N"]), _fmt(r.get("ed_force_s")), _fmt(r.get("ed_eigh_s")),
+             _fmt(1e6 * r["ed_force_s"] / r["N"] if r.get("ed_force_s") else None)] for r in ed_rows]
+    return table(headers, rows)
+
+
+def targets_text(targets: list[dict]) -> str:
+    word = {True: "PASS", False: "FAIL", None: "N/A "}
+    return "\n".join(f"{word[t['passed']]}  {t['target']}: {t['detail']}" for t in targets)
+
+
+def write_json(path: Path, result: dict) -> Path:
+    return atomic_write_text(path, json.dumps(result, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dict], comparison: dict,
+                device_label: str, targets: list[tuple[float, str]] | None = None):
+    """Left: force time per site vs L (log-log) for every model and ED (with the a N^3 fit).
+    Right: fraction of the matmul ceiling per model (median at large L), with target lines."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    presets = list(dict.fromkeys(r["preset"] for r in model_rows))
+    for p in presets:
+        pts = sorted((r["L"], r["force_s_per_site"]) for r in model_rows
+                     if r["preset"] == p and r["status"] == "ok" and r.get("force_s_per_site"))
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=p)
+        step = sorted((r["L"], r["step_s_per_site"]) for r in model_rows
+                      if r["preset"] == p and r["status"] == "ok" and r.get("step_s_per_site"))
+        if step:
+            ax.plot(*zip(*step), ":", color=ax.lines[-1].get_color(), alpha=0.6)
+    ed = sorted((r["L"], r["ed_force_s"] / r["N"]) for r in ed_rows if r.get("ed_force_s"))
+    if ed:
+        ax.plot(*zip(*ed), "ks-", lw=2, label="ED (exact)")
+        a = comparison.get("ed_a_seconds_per_N3")
+        all_L = [r["L"] for r in model_rows] + [r["L"] for r in ed_rows]
+        if a and all_L:
+            Ls = [min(all_L) * (max(all_L) / min(all_L)) ** (i / 50) for i in range(51)]
+            ax.plot(Ls, [a * (L * L) ** 2 for L in Ls], "k--", lw=1, alpha=0.5, label=r"ED fit $a N^3$")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ticks = sorted({r["L"] for r in model_rows if r["status"] == "ok"} | {r["L"] for r in ed_rows})
+    if ticks:
+        ax.set_xticks(ticks, [str(t) for t in ticks], minor=False)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("L (lattice is L x L)")
+    ax.set_ylabel("seconds per site per force evaluation")
+    ax.set_title(f"force time per site ({device_label}); dotted: full Langevin step")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    names = [s["preset"] for s in summaries]
+    fr = [100 * (s.get("ceiling_fraction_large") or 0.0) for s in summaries]
+    bars = bx.bar(names, fr, color="tab:blue")
+    for b_, s in zip(bars, summaries):
+        bx.annotate(f"L={s['large_sizes'][-1]}" if s.get("large_sizes") else "n/a",
+                    (b_.get_x() + b_.get_width() / 2, b_.get_height()), ha="center", va="bottom", fontsize=7)
+    for level, label in targets or ():
+        bx.axhline(100 * level, ls="--", lw=1, color="tab:red", alpha=0.7)
+        bx.annotate(label, (bx.get_xlim()[1], 100 * level), ha="right", va="bottom", fontsize=7, color="tab:red")
+    bx.set_ylabel("% of matmul ceiling (median at large L)")
+    bx.set_title("achieved GFLOP/s / dense matmul GFLOP/s")
+    bx.tick_params(axis="x", rotation=45)
+    bx.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_png(path: Path, fig) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path

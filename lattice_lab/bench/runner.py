@@ -1,0 +1,281 @@
+"""``run(cfg)``: the whole benchmark in one process, on one machine, in one go.
+
+1. the dense-matmul ceiling (float32 and float64) with the thread settings the models use;
+2. every model preset: force time, full Langevin step, peak memory per site vs L, achieved
+   GFLOP/s and its fraction of the ceiling (:mod:`lattice_lab.bench.models`);
+3. exact-diagonalisation force time vs L (:func:`lattice_lab.physics.timing.ed_timing_table`),
+   the models' speed-up over ED and the crossover L (:mod:`lattice_lab.bench.summary`);
+4. the issue's targets as PASS/FAIL lines, tables on stdout, ``bench.json``, ``bench.csv``,
+   ``bench.png`` and the resolved ``config.yaml`` in ``output_dir``; optionally an MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lattice_lab.bench import models as bench_models
+from lattice_lab.bench import report, summary
+from lattice_lab.bench.ceiling import matmul_ceiling
+from lattice_lab.bench.timing import memory_method
+from lattice_lab.common.device import resolve_device, resolve_dtype
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.io import atomic_write_text
+from lattice_lab.common.seeding import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def _abs(path: str) -> Path:
+    try:
+        from hydra.utils import to_absolute_path
+
+        return Path(to_absolute_path(str(path)))
+    except Exception:  # noqa: BLE001 - outside a Hydra run
+        return Path(path).resolve()
+
+
+def _sizes(cfg, key: str, *, even: bool = False) -> list[int]:
+    value = cfg.get(key)
+    values = list(value) if value is not None else []
+    for L in values:
+        if isinstance(L, bool) or not isinstance(L, int) or L < 2:
+            raise ConfigError(f"{key}={values}: every size must be an integer L >= 2 (got {L!r})")
+        if even and L % 2:
+            raise ConfigError(f"{key}={values}: ED needs even L for half filling (got {L})")
+    return sorted(set(values))
+
+
+def _positive(cfg, key: str, kind=float, allow_zero: bool = False):
+    value = cfg.get(key)
+    try:
+        v = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected a number") from None
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+    return v
+
+
+def _memory_budget(cfg, device: torch.device) -> float | None:
+    """Bytes one measurement may need: ``max_memory_gb`` or half the free memory."""
+    if cfg.get("max_memory_gb") is not None:
+        return _positive(cfg, "max_memory_gb") * 1e9
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.8 * free
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return 0.5 * int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _presets(cfg) -> list[str]:
+    names = cfg.get("presets")
+    available = bench_models.available_presets()
+    if names is None:
+        return available
+    names = [str(n) for n in names]
+    for n in names:
+        if n not in available:
+            raise ConfigError(f"presets={names}: unknown model preset {n!r} (available: {available})")
+    return names
+
+
+def _hamiltonian(cfg):
+    from lattice_lab.physics.holstein import HolsteinParams
+
+    return HolsteinParams.from_config(cfg.get("hamiltonian"))
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "hostname": platform.node(), "memory_method": memory_method(device),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the benchmark described by ``cfg`` (``conf/bench.yaml``); return the result dict."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.get("device", "auto"))
+    dtype = resolve_dtype(cfg.get("dtype", "float32"))
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(_positive(cfg, "threads", int)))
+    sizes = _sizes(cfg, "sizes")
+    ed_sizes = _sizes(cfg, "ed_sizes", even=True)
+    presets = _presets(cfg)
+    repeats = int(_positive(cfg, "repeats", int))
+    warmup = int(_positive(cfg, "warmup", int, allow_zero=True))
+    batch = int(_positive(cfg, "batch", int))
+    max_seconds = _positive(cfg, "max_seconds_per_measurement")
+    targets = OmegaConf.to_container(cfg.targets, resolve=True)
+    langevin = OmegaConf.to_container(cfg.langevin, resolve=True) if cfg.get("langevin") else {}
+    hamiltonian = _hamiltonian(cfg)
+    seed = int(cfg.get("seed", 0))
+    seed_everything(seed)
+    out_dir = _abs(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    max_bytes = _memory_budget(cfg, device)
+    machine = machine_info(device)
+    print(f"lattice_lab bench -> {out_dir}\n  device {device}, dtype {str(dtype)[6:]}, torch threads "
+          f"{machine['threads']}, presets {presets}, sizes {sizes}, ED sizes {ed_sizes}")
+
+    # 1. ceiling
+    ceilings = {}
+    for name in cfg.ceiling.dtypes:
+        ceilings[str(name)] = matmul_ceiling(device, int(cfg.ceiling.n), resolve_dtype(name),
+                                             warmup=int(cfg.ceiling.warmup), repeats=int(cfg.ceiling.repeats),
+                                             seed=seed)
+        print(f"  matmul ceiling {name}: {ceilings[str(name)]['gflops']:.1f} GFLOP/s "
+              f"(n = {cfg.ceiling.n}, {machine['threads']} threads)")
+    ceiling_key = str(dtype).replace("torch.", "")
+    if ceiling_key not in ceilings:
+        ceilings[ceiling_key] = matmul_ceiling(device, int(cfg.ceiling.n), dtype, warmup=int(cfg.ceiling.warmup),
+                                               repeats=int(cfg.ceiling.repeats), seed=seed)
+    ceiling_gflops = ceilings[ceiling_key]["gflops"]
+
+    # 2. models
+    compare_sizes = ed_sizes if cfg.get("measure_models_at_ed_sizes", True) else []
+    infos = []
+    for name in presets:
+        try:
+            info = bench_models.bench_preset(
+                name, sizes=sizes, compare_sizes=compare_sizes, hamiltonian=hamiltonian, device=device,
+                dtype=dtype, batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
+                max_bytes=max_bytes, langevin=langevin, measure_memory=bool(cfg.get("measure_memory", True)),
+                compile=bool(cfg.get("compile", False)), seed=seed)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one broken model must not stop the benchmark
+            log.debug("preset %s failed:\n%s", name, traceback.format_exc())
+            print(f"  preset {name} FAILED: {type(exc).__name__}: {exc}")
+            info = {"preset": name, "model": "", "params": None, "flops_per_site": None, "conservative": False,
+                    "error": f"{type(exc).__name__}: {exc}", "rows": []}
+        infos.append(info)
+    summaries = [summary.summarize_model(i, ceiling_gflops, large_L=int(targets["large_L"]),
+                                         scaling_min_L=int(cfg.get("scaling_min_L", 64))) for i in infos]
+
+    profiles = _profiles(cfg, infos, out_dir, hamiltonian=hamiltonian, device=device, dtype=dtype, batch=batch,
+                         seed=seed) if cfg.get("profile", False) else {}
+
+    # memory target: one full step of the memory preset at memory_L
+    memory = None
+    mem_preset, mem_L = targets.get("memory_preset"), targets.get("memory_L")
+    if mem_preset and mem_L and mem_preset in presets:
+        try:
+            memory = bench_models.step_memory(mem_preset, int(mem_L), hamiltonian=hamiltonian, device=device,
+                                              dtype=dtype, batch=batch, langevin=langevin, seed=seed)
+        except Exception as exc:  # noqa: BLE001
+            memory = {"preset": mem_preset, "L": int(mem_L), "error": f"{type(exc).__name__}: {exc}"}
+
+    # 3. ED
+    ed_rows = []
+    if ed_sizes:
+        from lattice_lab.physics.timing import ed_timing_table
+
+        ed_device = resolve_device(cfg.get("ed_device") or cfg.get("device", "auto"))
+        for r in ed_timing_table(ed_sizes, repeats=int(cfg.get("ed_repeats", 3)), device=str(ed_device),
+                                 params=hamiltonian, seed=seed):
+            ed_rows.append({"kind": "ed", "preset": "ed", "model": "ExactForces", "set": "ed", "L": r["L"],
+                            "N": r["N"], "batch": 1, "status": "ok", "note": "best of repeats",
+                            "ed_force_s": r["ed_force_s"], "ed_eigh_s": r["torch_eigh_s"],
+                            "ed_numpy_eigh_s": r.get("numpy_eigh_s"), "ed_force_s_per_site": r["ed_force_s"] / r["N"],
+                            "device": r.get("device")})
+    comparison = summary.ed_comparison(ed_rows, summaries, fit_min_L=int(cfg.get("ed_fit_min_L", 16)))
+    checks = summary.evaluate_targets(summaries, comparison, memory, targets, device.type)
+
+    # 4. report
+    model_rows = [r for i in infos for r in i["rows"]]
+    result = {
+        "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine,
+        "dtype": ceiling_key, "batch": batch, "ceiling": ceilings, "ceiling_gflops": ceiling_gflops,
+        "models": [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries],
+        "rows": model_rows, "ed": ed_rows, "ed_comparison": comparison, "memory_target": memory,
+        "targets": checks, "profiles": profiles, "seconds": None, "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    L_ed, min_L = int(targets["ed_compare_L"]), int(cfg.get("scaling_min_L", 64))
+    a_ed = report._fmt(comparison["ed_a_seconds_per_N3"])
+    text = "\n\n".join([
+        f"== models (force evaluation and full Langevin step, batch {batch}, {ceiling_key}) ==\n"
+        + report.model_table(model_rows),
+        f"== summary (ceiling {ceiling_gflops:.1f} GFLOP/s {ceiling_key}, {machine['threads']} threads) ==\n"
+        + report.summary_table(summaries, comparison, L_ed, min_L),
+        f"== exact diagonalisation (float64, fit a N^3: a = {a_ed} s) ==\n" + report.ed_table(ed_rows),
+        "== targets ==\n" + report.targets_text(checks),
+    ])
+    result["seconds"] = time.perf_counter() - t_start
+    paths = {"json": report.write_json(out_dir / "bench.json", result),
+             "csv": report.write_csv(out_dir / "bench.csv", model_rows + ed_rows),
+             "txt": atomic_write_text(out_dir / "bench.txt", text + "\n")}
+    lines = [(float(targets["enn_ceiling_fraction"]), "enn target"), (float(targets["gnn_ceiling_fraction"]), "gnn target")]
+    fig = report.make_figure(model_rows, ed_rows, summaries, comparison, f"{device}, {ceiling_key}", lines)
+    if cfg.get("tracking", {}).get("enabled", False):
+        _track(cfg, result, out_dir, fig, device)
+    paths["png"] = report.write_png(out_dir / "bench.png", fig)
+    print(text)
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())} ({result['seconds']:.0f} s)")
+    result["paths"] = {k: str(v) for k, v in paths.items()}
+    return result
+
+
+def _profiles(cfg, infos, out_dir: Path, **kw) -> dict:
+    """torch.profiler breakdown of every preset at ``profile_L`` (default: its largest measured L)."""
+    from lattice_lab.bench.profile import format_profile, profile_preset
+
+    out = {}
+    for info in infos:
+        ok = [r["L"] for r in info["rows"] if r["status"] == "ok" and r["set"] == "scaling"]
+        if info.get("error") or not ok:
+            continue
+        L = int(cfg.get("profile_L") or max(ok))
+        try:
+            p = profile_preset(info["preset"], L, **kw)
+        except Exception as exc:  # noqa: BLE001 - a profiler failure must not lose the benchmark
+            out[info["preset"]] = {"L": L, "error": f"{type(exc).__name__}: {exc}"}
+            continue
+        path = atomic_write_text(out_dir / f"profile_{info['preset']}.txt", format_profile(p) + "\n")
+        out[info["preset"]] = {"L": L, "path": str(path), "total_ms_per_call": p["total_ms_per_call"],
+                               "modules": p["modules"][:10]}
+    return out
+
+
+def _track(cfg, result: dict, out_dir: Path, fig, device) -> None:
+    from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
+
+    with start_run(task="bench", cfg=cfg, run_name=f"bench_{out_dir.name}",
+                   tags=standard_tags("bench", device=device)) as tracker:
+        tracker.log_params(cfg)
+        metrics = {f"ceiling_gflops_{k}": v["gflops"] for k, v in result["ceiling"].items()}
+        for s in result["models"]:
+            for key in ("scaling_ratio_all", "ceiling_fraction_large", "gflops_large", "langevin_overhead_large",
+                        "site_steps_per_s_large", "params", "flops_per_site"):
+                metrics[f"{s['preset']}/{key}"] = s.get(key)
+            cross = result["ed_comparison"]["models"].get(s["preset"], {}).get("crossover_L")
+            metrics[f"{s['preset']}/ed_crossover_L"] = cross
+        metrics["targets_passed"] = sum(t["passed"] is True for t in result["targets"])
+        metrics["targets_failed"] = sum(t["passed"] is False for t in result["targets"])
+        tracker.log_metrics(metrics)
+        for r in result["rows"]:
+            if r.get("status") == "ok" and r["set"] == "scaling":
+                tracker.log_metrics({f"{r['preset']}/force_s_per_site": r["force_s_per_site"],
+                                     f"{r['preset']}/step_s": r.get("step_s")}, step=r["L"])
+        tracker.log_figure(fig, "bench.png")
+        for name in ("bench.json", "bench.csv", "bench.txt", "config.yaml"):
+            tracker.log_artifact(out_dir / name)

@@ -1,0 +1,99 @@
+"""Print a comparison table of MLflow runs: ``python -m lattice_lab.compare_runs``.
+
+Examples::
+
+    python -m lattice_lab.compare_runs                       # training runs, best validation sigma first
+    python -m lattice_lab.compare_runs --experiment lattice_lab/simulate --sort metrics.site_steps_per_s
+    python -m lattice_lab.compare_runs --csv runs/compare.csv
+
+Columns are MLflow params/metrics/tags (``metrics.val/sigma``-style names); the defaults match the
+names every lattice_lab task logs, so models and runs line up side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from lattice_lab.common.errors import ConfigError
+
+DEFAULT_COLUMNS = {
+    "lattice_lab/train": ["tags.model_family", "params.model.name", "params.dataset.name", "metrics.final/val_sigma",
+                          "metrics.final/val_rmse", "metrics.final/train_sigma", "metrics.n_params",
+                          "metrics.flops_per_site", "metrics.epochs", "tags.device"],
+    "lattice_lab/simulate": ["params.force.source", "params.dynamics.L", "params.dynamics.replicas",
+                             "params.dynamics.temperature", "metrics.alpha", "metrics.alpha_err",
+                             "metrics.steps_per_s", "metrics.site_steps_per_s", "tags.model_run_id", "tags.device"],
+    "lattice_lab/bench": ["params.preset", "metrics.time_per_site_s", "metrics.fraction_of_ceiling", "tags.device"],
+}
+DEFAULT_SORT = {"lattice_lab/train": "metrics.final/val_sigma", "lattice_lab/simulate": "start_time",
+                "lattice_lab/bench": "start_time"}
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def runs_table(experiment: str, columns: list[str] | None = None, sort: str | None = None,
+               max_runs: int = 50, tracking_uri: str | None = None):
+    """Return (columns, rows) for the finished runs of ``experiment`` (a pandas-free list of lists)."""
+    import mlflow
+
+    from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri or resolve_tracking_uri(None))
+    if mlflow.get_experiment_by_name(experiment) is None:
+        raise ConfigError(f"experiment={experiment!r}: no such MLflow experiment in {mlflow.get_tracking_uri()}")
+    df = mlflow.search_runs(experiment_names=[experiment], max_results=max_runs)
+    columns = ["run_id", "tags.mlflow.runName"] + list(columns or DEFAULT_COLUMNS.get(experiment, []))
+    present = [c for c in columns if c in df.columns]
+    sort = sort or DEFAULT_SORT.get(experiment, "start_time")
+    if sort in df.columns:
+        df = df.sort_values(sort, ascending=not sort.endswith("_per_s") and sort != "start_time")
+    rows = [[_fmt(v) for v in rec] for rec in df[present].itertuples(index=False)]
+    header = [c.split(".", 1)[1] if "." in c else c for c in present]
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, "-" * len(line)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lattice_lab.compare_runs", description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", default="lattice_lab/train")
+    p.add_argument("--columns", nargs="*", help="MLflow columns, e.g. metrics.val/sigma params.model.name")
+    p.add_argument("--sort", default=None)
+    p.add_argument("--max-runs", type=int, default=50)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--csv", default=None, help="also write the table as CSV")
+    args = p.parse_args(argv)
+    try:
+        header, rows = runs_table(args.experiment, args.columns, args.sort, args.max_runs, args.tracking_uri)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(header, rows))
+    if args.csv:
+        import csv
+        import io
+
+        from lattice_lab.common.io import atomic_write_text
+
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header, *rows])
+        atomic_write_text(args.csv, buf.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

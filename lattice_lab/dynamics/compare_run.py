@@ -1,0 +1,136 @@
+"""ED-vs-ML dynamics comparison (enn_paper Fig. 5): the same quench with exact and with learned forces.
+
+Both runs start from the same hot states (same seed) and feel the same bath noise (same seed, both
+integrated in ``compare.integrator_dtype``, float64 by default, so the random streams coincide);
+they differ only in the force. The equal-time correlation C(r) = <Q_i Q_j> at the chosen steps
+(default 200, 1000, 9000) is compared by :func:`lattice_lab.analysis.pipeline.compare_trajectories`,
+which computes the agreement statistic of :mod:`lattice_lab.analysis.compare` (per-point z-scores,
+max|z|) and plots both curves together.
+
+Layout: ``<output_root>/<compare.name>/{ed,ml}/`` (two ordinary simulation folders, resumable) and
+``<output_root>/<compare.name>/comparison/`` (plots, tables) plus ``comparison.json``. In MLflow a
+parent run ``<compare.name>`` (experiment ``lattice_lab/simulate``) holds the two simulation runs
+as children and the agreement metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from omegaconf import DictConfig, OmegaConf
+
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.io import atomic_write_text
+from lattice_lab.dynamics.runner import _get, _to_abs, run_simulation, validate_dynamics
+
+log = logging.getLogger(__name__)
+
+
+def comparison_steps(cfg) -> list[int]:
+    """``compare.steps`` validated against the run length and the save interval."""
+    dyn = validate_dynamics(cfg)
+    raw = _get(cfg, "compare.steps")
+    if raw is None or isinstance(raw, (str, int)) or len(raw) == 0:
+        raise ConfigError(f"compare.steps={raw!r}: expected a non-empty list of MD steps, e.g. [200, 1000, 9000]")
+    steps = []
+    for s in raw:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"compare.steps={list(raw)}: {s!r} is not a non-negative integer")
+        if s > dyn["steps"]:
+            raise ConfigError(f"compare.steps={list(raw)}: step {s} is beyond dynamics.steps={dyn['steps']}")
+        if s % dyn["save_every"]:
+            raise ConfigError(f"compare.steps={list(raw)}: step {s} is not a saved frame "
+                              f"(dynamics.save_every={dyn['save_every']})")
+        steps.append(int(s))
+    return steps
+
+
+def comparison_name(cfg) -> str:
+    name = _get(cfg, "compare.name")
+    if name:
+        return str(name)
+    return (f"ed_vs_ml_L{cfg.dynamics.L}_R{cfg.dynamics.replicas}_T{cfg.dynamics.temperature}"
+            f"_seed{_get(cfg, 'seed', 0)}")
+
+
+def _child_config(cfg, force, root, name: str, parent_run_id: str | None) -> DictConfig:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c.pop("compare", None)
+    c.pop("hydra", None)
+    c["force"] = force
+    c["run_name"] = name
+    c["output_root"] = str(root)
+    c["integrator_dtype"] = _get(cfg, "compare.integrator_dtype", "float64")
+    c["analyze"] = bool(_get(cfg, "compare.analyze_runs", False))
+    tracking = dict(c.get("tracking") or {})
+    if parent_run_id:
+        tracking["parent_run_id"] = parent_run_id
+    c["tracking"] = tracking
+    return OmegaConf.create(c)
+
+
+def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
+    """Run the ED and the ML quench (or resume them) and compare C(r) at ``compare.steps``.
+
+    Returns ``{"name", "root", "ed": <run_simulation result>, "ml": ..., "steps", "comparison":
+    <compare_trajectories result or None if a run stopped early>, "summary_path"}``.
+    ``ml_provider`` injects a ready force provider for the ML side (tests).
+    """
+    from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
+
+    steps = comparison_steps(cfg)
+    if str(_get(cfg, "force.source", "")) != "ml" and ml_provider is None:
+        raise ConfigError(f"force={_get(cfg, 'force.source')!r}: the comparison needs force=ml (the model "
+                          f"to test); the ED side comes from compare.ed_force")
+    ed_force = OmegaConf.to_container(cfg.compare.ed_force, resolve=True) if _get(cfg, "compare.ed_force") \
+        else {"source": "ed", "max_L": 48}
+    if ed_force.get("source") != "ed":
+        raise ConfigError(f"compare.ed_force.source={ed_force.get('source')!r}: must be 'ed'")
+    name = comparison_name(cfg)
+    root = _to_abs(_get(cfg, "output_root", "runs/trajectories")) / name
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    with start_run(task="simulate", cfg=cfg, run_name=name,
+                   tags=standard_tags("simulate", mode="ed_vs_ml", force_source="ed+ml")) as tracker:
+        tracker.log_params(cfg)
+        ml_force = OmegaConf.to_container(cfg.force, resolve=True)
+        res_ed = run_simulation(_child_config(cfg, ed_force, root, "ed", tracker.run_id))
+        res_ml = run_simulation(_child_config(cfg, ml_force, root, "ml", tracker.run_id),
+                                force_provider=ml_provider)
+        tracker.set_tags({"model_run_id": res_ml.get("model_run_id") or "", "ed_run_id": res_ed["mlflow_run_id"] or "",
+                          "ml_run_id": res_ml["mlflow_run_id"] or ""})
+        result = {"name": name, "root": str(root), "ed": res_ed, "ml": res_ml, "steps": steps,
+                  "comparison": None, "summary_path": str(root / "comparison.json")}
+        if not (res_ed["completed"] and res_ml["completed"]):
+            log.warning("comparison %s: a run stopped early (stop_after_steps); resume=true continues", name)
+            return result
+        from lattice_lab.analysis.pipeline import compare_trajectories
+
+        comparison = compare_trajectories(res_ed["trajectory"], res_ml["trajectory"], steps,
+                                          _get(cfg, "analysis"), out_dir=str(root / "comparison"))
+        result["comparison"] = comparison
+        metrics = _agreement_metrics(comparison)
+        tracker.log_metrics(metrics)
+        for png in sorted((root / "comparison").glob("*.png")):
+            tracker.log_artifact(png, "plots")
+        summary = {"name": name, "steps": steps, "ed_trajectory": res_ed["trajectory"],
+                   "ml_trajectory": res_ml["trajectory"], "model_run_id": res_ml.get("model_run_id"),
+                   "metrics": metrics}
+        atomic_write_text(root / "comparison.json", json.dumps(summary, indent=2, default=str))
+        tracker.log_artifact(root / "comparison.json")
+    return result
+
+
+def _agreement_metrics(comparison: dict) -> dict:
+    """MLflow metrics from :func:`compare_trajectories`: overall and per-step max|z|, chi2 p-values."""
+    out = {}
+    if isinstance(comparison.get("max_abs_z"), (int, float)):
+        out["compare/max_abs_z"] = float(comparison["max_abs_z"])
+    for entry in comparison.get("steps", []):
+        s = entry.get("requested", entry.get("step_a"))
+        for key in ("max_abs_z", "p_value"):
+            if isinstance(entry.get(key), (int, float)):
+                out[f"compare/{key}_step{s}"] = float(entry[key])
+    return out

@@ -1,0 +1,238 @@
+"""Force providers for Langevin dynamics: exact diagonalisation (ED) or a trained force field (ML).
+
+A provider is a callable ``Q [R, L, L] -> F [R, L, L]`` giving the total adiabatic force
+F_i = g(<n_i> - 1/2) - k Q_i - kappa sum_nn Q_j (DESIGN.md section 2) for R replicas at once, plus
+``density(Q, F) -> n [R, L, L]``, the electron density <n_i> at the same configuration:
+
+- ``ed``: :class:`lattice_lab.physics.ed.ExactForces` in float64; the density comes straight from
+  the diagonalisation (cached from the force call at the same Q, so saving a frame costs nothing);
+- ``ml``: a :class:`lattice_lab.models.base.ForceField` loaded from a checkpoint path or MLflow run
+  id, checked against the run's Hamiltonian; the density is reconstructed from the predicted
+  force, n_i = (F_i + k Q_i + kappa sum_nn Q_j)/g + 1/2 (DESIGN.md section 6).
+
+The provider evaluates in its own dtype (float64 for ED, the model dtype for ML) and returns the
+force in the dtype of its input, so the integrator may keep its state in another precision.
+Replicas are one batch; ``chunk_replicas`` splits the batch only to bound memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from lattice_lab.common.device import resolve_device, resolve_dtype
+from lattice_lab.common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORCE_SOURCES = ("ed", "ml")
+
+
+def _cfg_get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    try:
+        value = cfg.get(key, default)
+    except AttributeError:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _chunks(R: int, chunk: int | None):
+    if not chunk or chunk >= R:
+        yield slice(0, R)
+        return
+    for start in range(0, R, chunk):
+        yield slice(start, min(start + chunk, R))
+
+
+class ForceProvider:
+    """Base class: batched force evaluation in ``self.dtype`` on ``self.device`` plus the density."""
+
+    source: str = ""
+
+    def __init__(self, hamiltonian, device, dtype: torch.dtype, chunk_replicas: int | None = None):
+        self.hamiltonian = hamiltonian
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        if chunk_replicas is not None and int(chunk_replicas) < 1:
+            raise ConfigError(f"force.chunk_replicas={chunk_replicas}: need a positive integer or null")
+        self.chunk_replicas = int(chunk_replicas) if chunk_replicas else None
+        self.model_path = ""
+        self.model_run_id = ""
+
+    def _evaluate(self, Q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        if Q.dim() != 3 or Q.shape[-1] != Q.shape[-2]:
+            raise ValueError(f"force provider input must be [R, L, L], got {tuple(Q.shape)}")
+        Qc = Q.to(device=self.device, dtype=self.dtype)
+        parts = [self._evaluate(Qc[sl]) for sl in _chunks(Qc.shape[0], self.chunk_replicas)]
+        F = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return F.to(dtype=Q.dtype)
+
+    def density(self, Q: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+        """Electron density <n_i> [R, L, L] at configuration Q whose force is F."""
+        from lattice_lab.physics.holstein import density_from_force
+
+        return density_from_force(F, Q, self.hamiltonian)
+
+    def describe(self) -> dict:
+        """Trajectory/MLflow attributes of this force source."""
+        return {"force_source": self.source, "model_path": self.model_path,
+                "model_run_id": self.model_run_id}
+
+
+class EDForceProvider(ForceProvider):
+    """Exact forces by diagonalising the N x N electron Hamiltonian of every replica (float64).
+
+    ``chunk_replicas`` bounds how many replicas are diagonalised together (ExactForces' chunk_size).
+    """
+
+    source = "ed"
+
+    def __init__(self, hamiltonian, device, chunk_replicas=None):
+        super().__init__(hamiltonian, device, torch.float64, chunk_replicas)
+        from lattice_lab.physics.ed import ExactForces
+
+        self._ed = ExactForces(hamiltonian, device=self.device, chunk_size=self.chunk_replicas)
+        self._cache_Q: torch.Tensor | None = None
+        self._cache_n: torch.Tensor | None = None
+
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        if Q.dim() != 3 or Q.shape[-1] != Q.shape[-2]:
+            raise ValueError(f"force provider input must be [R, L, L], got {tuple(Q.shape)}")
+        Qc = Q.to(device=self.device, dtype=self.dtype)
+        res = self._ed.compute(Qc)
+        self._cache_Q, self._cache_n = Qc.clone(), res.density
+        return res.forces.to(dtype=Q.dtype)
+
+    def density(self, Q: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+        """The ED density of the last force call if it was at this Q; otherwise diagonalise again."""
+        Qc = Q.to(device=self.device, dtype=self.dtype)
+        if self._cache_Q is None or self._cache_Q.shape != Qc.shape or not torch.equal(self._cache_Q, Qc):
+            self(Q)
+        return self._cache_n.to(dtype=Q.dtype)
+
+
+class MLForceProvider(ForceProvider):
+    """A trained force field; direct models run under inference mode, energy models with autograd."""
+
+    source = "ml"
+
+    def __init__(self, hamiltonian, device, dtype, checkpoint, *, chunk_replicas=None,
+                 compile: bool = False, model=None):
+        super().__init__(hamiltonian, device, dtype, chunk_replicas)
+        if model is None:
+            if checkpoint in (None, "", "???"):
+                raise ConfigError("force.checkpoint=None: force=ml needs a model checkpoint path or "
+                                  "MLflow run id (force.checkpoint=PATH|RUN_ID), or use force=ed")
+            from lattice_lab.models.checkpoint import load_force_field
+
+            model = load_force_field(str(checkpoint), device=self.device, dtype=dtype)
+            self.model_path = str(checkpoint)
+        model = model.to(device=self.device, dtype=dtype).eval()
+        model.check_compatible(hamiltonian.as_dict() if hasattr(hamiltonian, "as_dict") else dict(hamiltonian))
+        self.model = model
+        self.model_run_id = model_run_id_of(checkpoint, model) if checkpoint not in (None, "") else ""
+        self.conservative = bool(getattr(model, "conservative", False))
+        self._fn = model
+        self._compiled = False
+        if compile:
+            try:
+                self._fn = torch.compile(model)
+                self._compiled = True
+            except Exception as exc:  # noqa: BLE001 - any compile failure falls back to eager
+                warnings.warn(f"torch.compile failed ({exc!r}); running the model eagerly", stacklevel=2)
+                self._fn = model
+
+    def _run(self, Q: torch.Tensor) -> torch.Tensor:
+        if self.conservative:  # F = -dE/dQ needs autograd
+            with torch.enable_grad():
+                return self._fn(Q).detach()
+        with torch.inference_mode():
+            F = self._fn(Q)
+        return F.clone()  # a normal tensor: the integrator may update it in place
+
+    def _evaluate(self, Q: torch.Tensor) -> torch.Tensor:
+        if not self._compiled:
+            return self._run(Q)
+        try:
+            return self._run(Q)
+        except Exception as exc:  # noqa: BLE001 - compilation happens lazily at the first call
+            warnings.warn(f"torch.compile failed at the first call ({type(exc).__name__}: {exc}); "
+                          "running the model eagerly", stacklevel=2)
+            self._fn, self._compiled = self.model, False
+            return self._run(Q)
+
+
+def model_run_id_of(checkpoint, model=None) -> str:
+    """MLflow run id of the model behind ``force.checkpoint``: the id itself (``<run_id>`` or
+    ``runs:/<run_id>/...``), else the ``mlflow_run_id`` stored in the checkpoint / export metadata."""
+    ref = str(checkpoint)
+    if ref.startswith("runs:/"):
+        return ref[len("runs:/"):].strip("/").partition("/")[0]
+    path = Path(ref)
+    if not path.exists() and re.fullmatch(r"[0-9a-f]{32}", ref):
+        return ref
+    meta = getattr(model, "metadata", None)
+    if isinstance(meta, dict):
+        return str(meta.get("mlflow_run_id") or "")
+    if path.is_dir():
+        path = path / "best.pt"
+    try:
+        from lattice_lab.models.checkpoint import is_torchscript, load_checkpoint
+
+        if path.is_file() and not is_torchscript(path):
+            return str(load_checkpoint(path).get("mlflow_run_id") or "")
+    except Exception as exc:  # noqa: BLE001 - only a tag: never fail the run for it
+        log.warning("could not read mlflow_run_id from %s: %s", path, exc)
+    return ""
+
+
+def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", *, L: int | None = None,
+                        model=None) -> ForceProvider:
+    """Build the force provider named by ``force_cfg.source`` (``ed`` or ``ml``).
+
+    ``hamiltonian`` is a :class:`~lattice_lab.physics.holstein.HolsteinParams` (temperature = the
+    bath temperature). ``dtype`` is the ML model's dtype (ED is always float64). With ``L`` given,
+    ED refuses lattices above ``force.max_L``. ``model`` injects an already built force field.
+    """
+    source = str(_cfg_get(force_cfg, "source", "")).lower()
+    if source not in FORCE_SOURCES:
+        raise ConfigError(f"force.source={source!r}: expected one of {FORCE_SOURCES} (force=ml or force=ed)")
+    chunk = _cfg_get(force_cfg, "chunk_replicas")
+    if source == "ed":
+        max_L = int(_cfg_get(force_cfg, "max_L", 48))
+        if L is not None and int(L) > max_L:
+            raise ConfigError(
+                f"dynamics.L={L}: exact diagonalisation above force.max_L={max_L} costs O(L^6) per step; "
+                f"use force=ml with a trained model (or raise force.max_L)")
+        return EDForceProvider(hamiltonian, device, chunk_replicas=chunk)
+    provider = MLForceProvider(hamiltonian, device, resolve_dtype(dtype), _cfg_get(force_cfg, "checkpoint"),
+                               chunk_replicas=chunk, compile=bool(_cfg_get(force_cfg, "compile", False)),
+                               model=model)
+    need = 2 * math.ceil(float(getattr(provider.model, "receptive_field", 0))) + 1
+    if L is not None and int(L) < need:
+        raise ConfigError(f"dynamics.L={L}: smaller than this force field's receptive field allows "
+                          f"(needs L >= {need})")
+    return provider
+
+
+def equilibrium_q_scale(hamiltonian) -> float:
+    """Largest static distortion the Holstein force allows: g/2 / (k - 4|kappa|).
+
+    |g(<n_i> - 1/2)| <= g/2 and the softest elastic mode has stiffness k - 4|kappa|, so a
+    configuration with max|Q| far above this is runaway, not physics.
+    """
+    g, k, kappa = float(hamiltonian.g), float(hamiltonian.k), float(hamiltonian.kappa)
+    stiff = k - 4 * abs(kappa)
+    if stiff <= 0:
+        raise ConfigError(f"hamiltonian.kappa={kappa}: need |kappa| < k/4 = {k / 4}")
+    return 0.5 * g / stiff if g else math.sqrt(1.0 / stiff)

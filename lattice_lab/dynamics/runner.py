@@ -1,0 +1,386 @@
+"""The simulation loop: a Langevin quench of R replicas with ED or ML forces, saved as a trajectory.
+
+Physics: R independent L x L Holstein lattices start from a random hot state (Q_i ~ N(0,
+T_init/kappa), V_i ~ N(0, T_init/m)) and evolve under Langevin dynamics in a bath at temperature
+T (DESIGN.md section 3); the electrons are at the same temperature T (section 2). Every
+``save_every`` steps the distortions Q and the electron densities n of all replicas are appended
+to ``trajectory.h5``.
+
+Robustness: the full state (Q, V, cached F, step, the noise generator's state, the number of
+frames written, the config) is checkpointed atomically every ``checkpoint_every_s`` seconds and at
+the end; ``resume=true`` continues from it and reproduces an uninterrupted run bit for bit (same
+device). Runaway dynamics (NaN/inf or max|Q| above ``divergence.max_abs_q``) stop with
+:class:`~lattice_lab.common.errors.SimulationDiverged`, keeping the last good checkpoint and the
+trajectory up to it.
+
+Output folder ``<output_root>/<run_name>/``: ``trajectory.h5``, ``checkpoint.pt``, ``config.yaml``
+(+ the analysis outputs when ``analyze=true``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
+from lattice_lab.common.errors import ConfigError, SimulationDiverged
+from lattice_lab.common.io import atomic_torch_save, atomic_write_text
+from lattice_lab.common.progress import progress
+from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
+from lattice_lab.dynamics.initial import random_hot_start
+from lattice_lab.dynamics.langevin import LangevinIntegrator, LangevinParams, LangevinState
+from lattice_lab.dynamics.trajectory import TrajectoryWriter, partial_path
+from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+EXPERIMENT = "lattice_lab/simulate"
+TRAJECTORY_FILE = "trajectory.h5"
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.yaml"
+DYNAMICS_KEYS = ("mass", "gamma", "dt", "temperature", "init_temperature", "L", "replicas", "steps",
+                 "save_every")
+
+
+# --------------------------------------------------------------------------------------------
+# config helpers
+# --------------------------------------------------------------------------------------------
+def _get(cfg, dotted: str, default=None):
+    value = OmegaConf.select(cfg, dotted, default=default)
+    return default if value is None else value
+
+
+def _to_abs(path: str | os.PathLike) -> Path:
+    try:
+        from hydra.utils import to_absolute_path
+
+        return Path(to_absolute_path(str(path)))
+    except Exception:  # noqa: BLE001 - outside a Hydra app: relative to the working directory
+        return Path(path).absolute()
+
+
+def _positive_int(cfg, key: str, minimum: int = 1) -> int:
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r}: expected an integer >= {minimum}")
+    return int(value)
+
+
+def _positive_float(cfg, key: str, allow_zero: bool = False) -> float:
+    value = _get(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r}: expected a {'non-negative' if allow_zero else 'positive'} number")
+    return float(value)
+
+
+def validate_dynamics(cfg) -> dict:
+    """Check ``cfg.dynamics``; return its values as a plain dict."""
+    if _get(cfg, "dynamics") is None:
+        raise ConfigError("dynamics=None: choose a dynamics preset (e.g. dynamics=quench_small)")
+    dyn = {
+        "mass": _positive_float(cfg, "dynamics.mass"),
+        "gamma": _positive_float(cfg, "dynamics.gamma", allow_zero=True),
+        "dt": _positive_float(cfg, "dynamics.dt"),
+        "temperature": _positive_float(cfg, "dynamics.temperature", allow_zero=True),
+        "init_temperature": _positive_float(cfg, "dynamics.init_temperature", allow_zero=True),
+        "L": _positive_int(cfg, "dynamics.L", 3),
+        "replicas": _positive_int(cfg, "dynamics.replicas"),
+        "steps": _positive_int(cfg, "dynamics.steps", 0),
+        "save_every": _positive_int(cfg, "dynamics.save_every"),
+    }
+    return dyn
+
+
+def run_name_of(cfg) -> str:
+    name = _get(cfg, "run_name")
+    if name:
+        return str(name)
+    return (f"{_get(cfg, 'force.source', 'ml')}_L{_get(cfg, 'dynamics.L')}_R{_get(cfg, 'dynamics.replicas')}"
+            f"_T{_get(cfg, 'dynamics.temperature')}_seed{_get(cfg, 'seed', 0)}")
+
+
+def _fingerprint(cfg) -> dict:
+    """The settings a resumed run must share with the checkpoint (everything that changes the physics
+    or the random numbers; ``dynamics.steps`` may grow)."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    dyn = {k: v for k, v in (c.get("dynamics") or {}).items() if k != "steps"}
+    force = c.get("force") or {}
+    return {"hamiltonian": c.get("hamiltonian"), "dynamics": dyn, "seed": c.get("seed"),
+            "force_source": force.get("source"), "force_checkpoint": force.get("checkpoint"),
+            "dtype": c.get("dtype"), "integrator_dtype": c.get("integrator_dtype")}
+
+
+# --------------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------------
+def build_hamiltonian(cfg):
+    """HolsteinParams of the run: the electron temperature equals the bath temperature."""
+    from lattice_lab.physics.holstein import HolsteinParams
+
+    return HolsteinParams.from_config(_get(cfg, "hamiltonian"), temperature=float(cfg.dynamics.temperature))
+
+
+def _divergence_limit(cfg, hamiltonian) -> float:
+    explicit = _get(cfg, "divergence.max_abs_q")
+    if explicit is not None:
+        return _positive_float(cfg, "divergence.max_abs_q")
+    factor = float(_get(cfg, "divergence.scale_factor", 50.0))
+    return factor * equilibrium_q_scale(hamiltonian)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
+    """Run (or resume) the Langevin quench described by ``cfg``; return a summary dict.
+
+    ``force_provider`` injects a ready-made provider (tests: harmonic or failing forces) instead of
+    building one from ``cfg.force``. Keys of the result: ``run_dir, trajectory, checkpoint, config,
+    step, steps, frames, completed, wall_s, steps_per_s, site_steps_per_s, model_run_id,
+    mlflow_run_id, analysis``.
+    """
+
+    dyn = validate_dynamics(cfg)
+    L, R, steps, save_every = dyn["L"], dyn["replicas"], dyn["steps"], dyn["save_every"]
+    seed = int(_get(cfg, "seed", 0))
+    device = resolve_device(_get(cfg, "device", "auto"))
+    hamiltonian = build_hamiltonian(cfg)
+    provider = force_provider or make_force_provider(cfg.force, hamiltonian, device,
+                                                     _get(cfg, "dtype", "float32"), L=L)
+    state_dtype = resolve_dtype(_get(cfg, "integrator_dtype") or provider.dtype)
+    q_limit = _divergence_limit(cfg, hamiltonian)
+    check_every = _positive_int(cfg, "divergence.check_every") if _get(cfg, "divergence.check_every") else 1
+    ck_every_s = float(_get(cfg, "checkpoint_every_s", 300.0))
+    ck_every_steps = _get(cfg, "checkpoint_every_steps")
+    stop_after = _get(cfg, "stop_after_steps")
+    for key, val in (("checkpoint_every_steps", ck_every_steps), ("stop_after_steps", stop_after)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ConfigError(f"{key}={val!r}: expected a positive integer or null")
+
+    run_name = run_name_of(cfg)
+    run_dir = _to_abs(_get(cfg, "output_root", "runs/trajectories")) / run_name
+    traj_path, ck_path, cfg_path = run_dir / TRAJECTORY_FILE, run_dir / CHECKPOINT_FILE, run_dir / CONFIG_FILE
+    resume = bool(_get(cfg, "resume", False))
+    fingerprint = _fingerprint(cfg)
+
+    checkpoint = None
+    if resume and ck_path.exists():
+        checkpoint = torch.load(ck_path, map_location="cpu", weights_only=False)
+        _check_resumable(checkpoint, fingerprint, ck_path)
+    elif resume:
+        log.warning("resume=true but %s does not exist: starting a new run", ck_path)
+    elif ck_path.exists() or traj_path.exists() or partial_path(traj_path).exists():
+        if not bool(_get(cfg, "overwrite", False)):
+            raise ConfigError(f"run_name={run_name!r}: {run_dir} already holds a run; pass resume=true to "
+                              f"continue it, overwrite=true to replace it, or choose another run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write_text(cfg_path, config_yaml)
+
+    lp = LangevinParams(mass=dyn["mass"], gamma=dyn["gamma"], dt=dyn["dt"], temperature=dyn["temperature"])
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    integrator = LangevinIntegrator(provider, lp, generator)
+
+    attrs = {**{k: dyn[k] for k in ("dt", "mass", "gamma", "temperature", "init_temperature")},
+             **{k: v for k, v in hamiltonian.as_dict().items() if k != "temperature"},
+             **provider.describe(), "seed": seed, "save_every": save_every, "config": config_yaml}
+    tags = standard_tags("simulate", device=device, model_run_id=provider.model_run_id or None,
+                         force_source=provider.source, model_path=provider.model_path or None,
+                         run_dir=str(run_dir))
+    result: dict = {}
+    with contextlib.ExitStack() as stack:
+        if checkpoint is not None:
+            if int(checkpoint["state"]["step"]) > steps:
+                raise ConfigError(f"dynamics.steps={steps}: the checkpoint {ck_path} is already at step "
+                                  f"{int(checkpoint['state']['step'])}")
+            if traj_path.exists() and not partial_path(traj_path).exists():  # finished run, now extended
+                os.replace(traj_path, partial_path(traj_path))
+            writer = TrajectoryWriter.reopen(traj_path, int(checkpoint["n_frames"]))
+            stack.callback(writer.close)
+            writer.set_attrs(config=config_yaml)
+            generator.set_state(checkpoint["generator_state"])
+            st = checkpoint["state"]
+            state = LangevinState(Q=st["Q"].to(device, state_dtype), V=st["V"].to(device, state_dtype),
+                                  F=st["F"].to(device, state_dtype), step=int(st["step"]))
+            wall_before = float(checkpoint.get("wall_s", 0.0))
+            mlflow_run_id = checkpoint.get("mlflow_run_id")
+            log.info("resuming %s at step %d (%d frames)", run_name, state.step, writer.n_frames)
+        else:
+            Q0, V0 = random_hot_start(R, L, hamiltonian, dyn["mass"], dyn["init_temperature"], generator,
+                                      dtype=torch.float64, device=device)
+            state = integrator.init_state(Q0.to(device, state_dtype), V0.to(device, state_dtype))
+            writer = TrajectoryWriter(traj_path, L, R, attrs,
+                                      compression=str(_get(cfg, "trajectory.compression", "gzip")),
+                                      compression_opts=int(_get(cfg, "trajectory.compression_level", 4)))
+            stack.callback(writer.close)
+            wall_before = 0.0
+            mlflow_run_id = None
+
+        tracker = stack.enter_context(start_run(task="simulate", cfg=cfg, run_name=run_name, tags=tags,
+                                                run_id=mlflow_run_id))
+        tracker.log_params(cfg)
+        ck = _Checkpointer(ck_path, writer, generator, cfg, fingerprint, tracker)
+        _check_state(state, q_limit, ck)
+        if checkpoint is None:
+            writer.append(0, 0.0, state.Q, provider.density(state.Q, state.F))
+            ck.save(state, wall_before)
+
+        target = steps if stop_after is None else min(steps, state.step + int(stop_after))
+        start_step, site_count = state.step, R * L * L
+        synchronize(device)
+        t0 = last_ck = last_post = time.perf_counter()
+        bar = progress(total=steps, initial=state.step, desc=f"simulate {provider.source} L={L} R={R}",
+                       unit="step")
+        with bar:
+            while state.step < target:
+                state = integrator.step(state)
+                s = state.step
+                save = s % save_every == 0
+                now = time.perf_counter()
+                ck_due = (s == target or now - last_ck >= ck_every_s
+                          or (ck_every_steps is not None and s % int(ck_every_steps) == 0))
+                if save or ck_due or s % check_every == 0:
+                    _check_state(state, q_limit, ck)
+                if save:
+                    writer.append(s, s * dyn["dt"], state.Q, provider.density(state.Q, state.F))
+                if ck_due:
+                    ck.save(state, wall_before + now - t0)
+                    last_ck = time.perf_counter()
+                bar.update(1)
+                if now - last_post >= 1.0:
+                    rate = (s - start_step) / max(now - t0, 1e-12)
+                    bar.set_postfix_str(f"{rate * site_count:.3g} site-steps/s")
+                    last_post = now
+        synchronize(device)
+        loop_s = time.perf_counter() - t0
+        done = state.step - start_step
+        steps_per_s = done / loop_s if loop_s > 0 and done else 0.0
+        completed = state.step >= steps
+        if completed:
+            writer.finalize()
+        else:
+            writer.close()
+        result = {
+            "run_dir": str(run_dir), "trajectory": str(traj_path if completed else partial_path(traj_path)),
+            "checkpoint": str(ck_path), "config": str(cfg_path), "step": int(state.step), "steps": steps,
+            "frames": None, "completed": completed, "wall_s": wall_before + loop_s,
+            "steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
+            "model_run_id": provider.model_run_id, "mlflow_run_id": tracker.run_id, "analysis": None,
+        }
+        result["frames"] = _count_frames(Path(result["trajectory"]))
+        tracker.log_metrics({"steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
+                             "wall_time_s": result["wall_s"]}, step=int(state.step))
+        tracker.set_tags({"status": "completed" if completed else f"stopped at step {state.step}"})
+        if completed and bool(_get(cfg, "analyze", False)):
+            result["analysis"] = _analyze(traj_path, cfg, tracker)
+    log.info("%s: step %d/%d, %.3g steps/s, %.3g site-steps/s", run_name, result.get("step", -1), steps,
+             result.get("steps_per_s", 0.0), result.get("site_steps_per_s", 0.0))
+    return result
+
+
+def _count_frames(path: Path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f["step"].shape[0])
+
+
+def _analyze(traj_path: Path, cfg, tracker) -> dict:
+    """Coarsening analysis of the finished trajectory (into ``<run_dir>/analysis``), logged to this run:
+    L(t) and xi(t) as step metrics, the growth exponents as scalars, the PNGs as artifacts."""
+    import csv
+
+    from lattice_lab.analysis.pipeline import analyze_trajectory
+
+    acfg = OmegaConf.to_container(cfg.analysis, resolve=True) if _get(cfg, "analysis") is not None else {}
+    acfg["tracking"] = {**(acfg.get("tracking") or {}), "enabled": False}  # logged here, into this run
+    summary = analyze_trajectory(str(traj_path), acfg)
+    out = Path(summary["out_dir"])
+    for name, key in (("L_t.csv", "L"), ("xi_t.csv", "xi")):
+        if (out / name).exists():
+            with open(out / name, newline="") as f:
+                for row in csv.DictReader(f):
+                    value = float(row[key])
+                    if math.isfinite(value):
+                        tracker.log_metrics({key: value}, step=int(float(row["step"])))
+    scalars = {k: summary.get(k) for k in ("alpha", "alpha_err", "alpha_xi", "alpha_xi_err")}
+    tracker.log_metrics({k: v for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+    for png in sorted(out.glob("*.png")):
+        tracker.log_artifact(png, "analysis")
+    if (out / "summary.json").exists():
+        tracker.log_artifact(out / "summary.json", "analysis")
+    return summary
+
+
+def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path) -> None:
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(f"resume=true: {ck_path} has checkpoint version {checkpoint.get('version')}, "
+                          f"expected {CHECKPOINT_VERSION}")
+    old = checkpoint.get("fingerprint", {})
+    for key in sorted(set(old) | set(fingerprint)):
+        if old.get(key) != fingerprint.get(key):
+            raise ConfigError(f"resume=true: {key}={fingerprint.get(key)!r} differs from the checkpoint's "
+                              f"{old.get(key)!r} ({ck_path}); resume with the original settings or start a "
+                              f"new run (another run_name)")
+
+
+class _Checkpointer:
+    """Atomic checkpoints of the dynamics state, consistent with the frames already on disk."""
+
+    def __init__(self, path: Path, writer: TrajectoryWriter, generator: torch.Generator, cfg, fingerprint,
+                 tracker):
+        self.path, self.writer, self.generator = path, writer, generator
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.fingerprint = fingerprint
+        self.tracker = tracker
+        self.step: int | None = None
+        self.n_frames: int | None = None
+
+    def save(self, state, wall_s: float) -> None:
+        self.writer.flush()
+        atomic_torch_save({
+            "version": CHECKPOINT_VERSION,
+            "state": {"Q": state.Q.detach().cpu(), "V": state.V.detach().cpu(), "F": state.F.detach().cpu(),
+                      "step": int(state.step)},
+            "generator_state": self.generator.get_state(),
+            "n_frames": self.writer.n_frames,
+            "config": self.config,
+            "fingerprint": self.fingerprint,
+            "wall_s": float(wall_s),
+            "mlflow_run_id": self.tracker.run_id,
+        }, self.path)
+        self.step, self.n_frames = int(state.step), self.writer.n_frames
+
+    def diverged(self, message: str):
+        """Roll the trajectory back to the last checkpoint and raise SimulationDiverged."""
+        where = "no checkpoint was written"
+        if self.n_frames is not None:
+            self.writer.truncate(self.n_frames)
+            self.writer.flush()
+            where = (f"last good checkpoint {self.path} (step {self.step}); trajectory kept up to it in "
+                     f"{self.writer.partial}")
+        self.writer.close()
+        self.tracker.set_tags({"status": "diverged"})
+        raise SimulationDiverged(f"{message}; {where}. Reduce dynamics.dt or check the force field")
+
+
+def _check_state(state, q_limit: float, ck: _Checkpointer) -> None:
+    """NaN/inf anywhere in (Q, V, F) or max|Q| > q_limit -> SimulationDiverged naming the step."""
+    qmax, vmax, fmax = torch.stack([state.Q.abs().amax(), state.V.abs().amax(), state.F.abs().amax()]).tolist()
+    step = int(state.step)
+    bad = [f"max|{name}| = {val}" for name, val in (("Q", qmax), ("V", vmax), ("F", fmax)) if not math.isfinite(val)]
+    if bad:
+        ck.diverged(f"dynamics diverged at step {step}: {', '.join(bad)}")
+    if qmax > q_limit:
+        ck.diverged(f"dynamics diverged at step {step}: max|Q| = {qmax:.6g} exceeds "
+                    f"divergence.max_abs_q = {q_limit:.6g}")

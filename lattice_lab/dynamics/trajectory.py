@@ -1,0 +1,223 @@
+"""Trajectory files of Langevin runs: HDF5 writer (atomic, resumable) and a lazy reader.
+
+Format (docs/ARCHITECTURE.md): datasets ``Q`` and ``n`` float32 ``[S, R, L, L]`` (the lattice
+distortions and electron densities of R replicas at S saved frames; chunked one frame per chunk,
+compressed), ``step`` int64 ``[S]`` and ``time`` float64 ``[S]`` (= step * dt); file attributes
+``L, R, dt, mass, gamma, temperature, init_temperature, force_source, model_path, model_run_id,
+seed, version, config`` and the Hamiltonian parameters.
+
+While a run is in progress the file lives at ``<path>.partial``; :meth:`TrajectoryWriter.finalize`
+renames it to ``<path>`` atomically, so a ``trajectory.h5`` is always a finished run. A resumed run
+reopens the partial file and truncates it to the number of frames recorded in its checkpoint,
+so frames written after the checkpoint are rewritten identically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from lattice_lab.common.errors import ConfigError
+
+TRAJECTORY_VERSION = 1
+_COMPRESSIONS = ("gzip", "lzf", "none")
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where an unfinished trajectory for ``path`` is written."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def _attr_value(value):
+    """HDF5 attributes cannot hold None or nested containers: map them to strings."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+        return value
+    return str(value)
+
+
+def _decode(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _as_frame(x, R: int, L: int, key: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape != (R, L, L):
+        raise ValueError(f"trajectory frame {key}: expected shape {(R, L, L)}, got {x.shape}")
+    return x
+
+
+class TrajectoryWriter:
+    """Append frames (Q, n) of R replicas on an L x L lattice to ``<path>.partial``.
+
+    ``compression`` is ``"gzip"`` (level ``compression_opts``), ``"lzf"`` or ``"none"``.
+    Use :meth:`reopen` to continue a run from a checkpoint and :meth:`finalize` at the end.
+    """
+
+    def __init__(self, path: str | os.PathLike, L: int, R: int, attrs: dict | None = None, *,
+                 compression: str = "gzip", compression_opts: int = 4, _file: h5py.File | None = None):
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.L, self.R = int(L), int(R)
+        if _file is not None:  # reopened by :meth:`reopen`
+            self._f = _file
+            return
+        if compression not in _COMPRESSIONS:
+            raise ConfigError(f"trajectory compression={compression!r}: expected one of {_COMPRESSIONS}")
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._f = h5py.File(self.partial, "w")
+        kw = {}
+        if compression == "gzip":
+            kw = {"compression": "gzip", "compression_opts": int(compression_opts)}
+        elif compression == "lzf":
+            kw = {"compression": "lzf"}
+        frame = (self.R, self.L, self.L)
+        for key in ("Q", "n"):
+            self._f.create_dataset(key, shape=(0, *frame), maxshape=(None, *frame), dtype="float32",
+                                   chunks=(1, *frame), **kw)
+        self._f.create_dataset("step", shape=(0,), maxshape=(None,), dtype="int64", chunks=(1024,))
+        self._f.create_dataset("time", shape=(0,), maxshape=(None,), dtype="float64", chunks=(1024,))
+        all_attrs = {"version": TRAJECTORY_VERSION, **(attrs or {}), "L": self.L, "R": self.R}
+        for key, value in all_attrs.items():
+            self._f.attrs[key] = _attr_value(value)
+        self._f.flush()
+
+    @classmethod
+    def reopen(cls, path: str | os.PathLike, n_frames: int) -> TrajectoryWriter:
+        """Reopen the partial file of ``path`` and truncate it to its first ``n_frames`` frames."""
+        part = partial_path(path)
+        if not part.exists():
+            raise ConfigError(f"resume=true: the unfinished trajectory {part} is missing; "
+                              f"start again with resume=false")
+        f = h5py.File(part, "r+")
+        have = f["step"].shape[0]
+        if have < n_frames:
+            f.close()
+            raise ConfigError(f"resume=true: {part} holds {have} frames but the checkpoint expects "
+                              f"{n_frames}; the trajectory and checkpoint do not belong together")
+        for key in ("Q", "n", "step", "time"):
+            f[key].resize(n_frames, axis=0)
+        f.flush()
+        L, R = int(f.attrs["L"]), int(f.attrs["R"])
+        return cls(path, L, R, _file=f)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self._f["step"].shape[0])
+
+    def append(self, step: int, time: float, Q, n) -> int:
+        """Write one frame; returns the new number of frames."""
+        Qf = _as_frame(Q, self.R, self.L, "Q")
+        nf = _as_frame(n, self.R, self.L, "n")
+        i = self.n_frames
+        for key, val in (("Q", Qf), ("n", nf), ("step", step), ("time", time)):
+            self._f[key].resize(i + 1, axis=0)
+            self._f[key][i] = val
+        return i + 1
+
+    def truncate(self, n_frames: int) -> None:
+        """Drop frames beyond the first ``n_frames`` (e.g. back to the last good checkpoint)."""
+        for key in ("Q", "n", "step", "time"):
+            self._f[key].resize(min(n_frames, self.n_frames), axis=0)
+
+    def set_attrs(self, **attrs) -> None:
+        for key, value in attrs.items():
+            self._f.attrs[key] = _attr_value(value)
+
+    def flush(self) -> None:
+        """Make every frame written so far durable (called before each checkpoint)."""
+        self._f.flush()
+
+    def close(self) -> None:
+        """Close, leaving the partial file in place (an unfinished run)."""
+        if self._f.id.valid:
+            self._f.close()
+
+    def finalize(self) -> Path:
+        """Close and rename ``<path>.partial`` to ``<path>`` atomically; returns ``path``."""
+        self._f.flush()
+        self.close()
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Trajectory:
+    """Lazy view of a trajectory file: ``Q`` and ``n`` are h5py datasets read frame by frame.
+
+    ``traj.Q[i]`` is frame i as a float32 numpy array ``[R, L, L]``; ``step`` and ``time`` are
+    loaded (small). Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            hint = " (the run is unfinished: a .partial file exists)" if partial_path(path).exists() else ""
+            raise ConfigError(f"trajectory={self.path}: no such file{hint}")
+        self._f = h5py.File(self.path, "r")
+        missing = [k for k in ("Q", "n", "step", "time") if k not in self._f]
+        if missing:
+            self._f.close()
+            raise ConfigError(f"trajectory={self.path}: not a trajectory file (missing {missing})")
+        self.Q = self._f["Q"]
+        self.n = self._f["n"]
+        self.step = self._f["step"][...]
+        self.time = self._f["time"][...]
+        self.attrs = {k: _decode(v) for k, v in self._f.attrs.items()}
+        self.L = int(self.attrs["L"])
+        self.R = int(self.attrs["R"])
+
+    def __len__(self) -> int:
+        return int(self.step.shape[0])
+
+    @property
+    def n_frames(self) -> int:
+        return len(self)
+
+    def frame(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, n) of frame ``i``, each float32 ``[R, L, L]``."""
+        return self.Q[i], self.n[i]
+
+    def index_of_step(self, step: int) -> int:
+        """Frame index of MD step ``step``; ConfigError if that step was not saved."""
+        hits = np.nonzero(self.step == int(step))[0]
+        if hits.size == 0:
+            saved = f"{int(self.step[0])}..{int(self.step[-1])}" if len(self) else "none"
+            raise ConfigError(f"step={step}: not a saved frame of {self.path} (saved steps {saved})")
+        return int(hits[0])
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield int(self.step[i]), self.Q[i], self.n[i]
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_trajectory(path: str | os.PathLike) -> Trajectory:
+    """Open a trajectory file lazily (frames are read on demand)."""
+    return Trajectory(path)

@@ -1,0 +1,78 @@
+"""The one interface every force field implements: periodic Q [B, L, L] in, total force [B, L, L] out."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from lattice_lab.common.errors import ConfigError
+
+HAMILTONIAN_KEYS = ("t", "g", "k", "kappa")
+
+
+class ForceField(nn.Module):
+    """Base class of all learned force fields.
+
+    Subclasses implement :meth:`forward` (``Q [B, L, L] -> F [B, L, L]``, the total force, elastic
+    part included). Energy-based models set ``conservative = True`` and implement
+    :meth:`site_energy`; their ``forward`` returns ``-dE/dQ``.
+
+    Every model carries the Hamiltonian parameters and environment cutoff it was trained for, so
+    using it for another model is an error rather than silently wrong physics.
+    """
+
+    name: str = "force_field"
+    conservative: bool = False
+
+    def __init__(self, hamiltonian: dict, cutoff: float, receptive_field: int):
+        super().__init__()
+        self.hamiltonian = {k: hamiltonian[k] for k in hamiltonian}
+        self.cutoff = float(cutoff)
+        self.receptive_field = int(receptive_field)
+
+    # -- energy models override these -------------------------------------------------------
+    def site_energy(self, Q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError(f"{type(self).__name__} is a direct-force model and has no energy")
+
+    def energy(self, Q: torch.Tensor) -> torch.Tensor:
+        """Total energy per configuration [B] (energy-based models only)."""
+        return self.site_energy(Q).sum(dim=(-2, -1))
+
+    # -- data-dependent normalisation (called once by the trainer, before training) ---------
+    def fit_normalization(self, Q: torch.Tensor, F: torch.Tensor) -> None:
+        """Set input/output scale buffers from training data. Default: nothing to fit."""
+
+    # -- checks -----------------------------------------------------------------------------
+    def check_input(self, Q: torch.Tensor) -> None:
+        if Q.dim() != 3 or Q.shape[-1] != Q.shape[-2]:
+            raise ConfigError(f"force field input must be [B, L, L], got shape {tuple(Q.shape)}")
+        L = Q.shape[-1]
+        if L < 2 * math.ceil(self.receptive_field) + 1:
+            raise ConfigError(
+                f"lattice L={L} is smaller than the model's receptive field "
+                f"(needs L >= {2 * math.ceil(self.receptive_field) + 1})")
+
+    def check_compatible(self, hamiltonian: dict, cutoff: float | None = None) -> None:
+        """Raise ConfigError if ``hamiltonian`` (t, g, k, kappa) or ``cutoff`` differ from training.
+
+        ``hamiltonian`` is a mapping or a ``physics.holstein.HolsteinParams`` (anything with ``as_dict()``).
+        """
+        if hasattr(hamiltonian, "as_dict"):
+            hamiltonian = hamiltonian.as_dict()
+        for key in HAMILTONIAN_KEYS:
+            mine, theirs = self.hamiltonian.get(key), hamiltonian.get(key)
+            if mine is None or theirs is None:
+                continue
+            if not math.isclose(float(mine), float(theirs), rel_tol=1e-9, abs_tol=1e-12):
+                raise ConfigError(
+                    f"hamiltonian.{key}={theirs}: this force field was trained for {key}={mine}")
+        if cutoff is not None and not math.isclose(float(cutoff), self.cutoff, rel_tol=1e-9):
+            raise ConfigError(f"cutoff={cutoff}: this force field was trained with cutoff={self.cutoff}")
+        for key in ("temperature", "filling"):
+            mine, theirs = self.hamiltonian.get(key), hamiltonian.get(key)
+            if mine is not None and theirs is not None and mine != theirs:
+                warnings.warn(
+                    f"force field trained at {key}={mine}, used at {key}={theirs}", stacklevel=2)

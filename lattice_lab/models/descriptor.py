@@ -1,0 +1,75 @@
+"""D4-invariant descriptor of a site's environment (Behler-Parrinello-style baseline, gnn_paper Sec. III).
+
+From the irrep coefficients of the environment (:class:`~lattice_lab.symmetry.EnvironmentBasis`,
+default cutoff sqrt(13): 9 A1, 3 A2, 6 B1, 5 B2, 11 E channels) the descriptor keeps, per site:
+
+- the A1 coefficients themselves (already invariant),
+- the amplitude of every A2, B1, B2 coefficient and of every E doublet (power spectrum),
+  ``sqrt(y^2 + eps_n)`` / ``sqrt(|v|^2 + eps_n)``,
+- the relative phase of every A2, B1, B2 coefficient and every E doublet with respect to reference
+  coefficients of the same irrep taken from one reference shell (default r^2 = 5, the first 8-site
+  shell: one A2, one B1, one B2 and two E channels): ``y y_ref / (|y_ref| + eps)`` and, for E,
+  ``v . r_k / (|r_k| + eps)`` for both E references k = 1, 2.
+
+Each term is a product of two coefficients of the same irrep (an invariant) divided by an invariant,
+so the descriptor is exactly D4-invariant; the ``eps`` in the denominator makes it continuous where
+a reference vanishes (the value goes to 0 there). For sqrt(13) it has 9 + 2 * 14 + 3 * 11 = 70 features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.models.layers_equivariant import NORM_EPS, EnvironmentProjection
+
+ONE_D_NON_TRIVIAL = ("A2", "B1", "B2")
+
+
+class D4Descriptor(nn.Module):
+    """``Q [B, L, L]`` -> invariant features ``[B*L*L, n_features]`` (channels last, sites flattened)."""
+
+    def __init__(self, cutoff: float, reference_shell_r2: int = 5, phase_eps: float = 1e-2):
+        super().__init__()
+        if not phase_eps > 0:
+            raise ConfigError(f"model.phase_eps={phase_eps}: need a positive epsilon")
+        self.proj = EnvironmentProjection(cutoff)
+        basis = self.proj.basis
+        self.reference_shell_r2 = int(reference_shell_r2)
+        self.phase_eps = float(phase_eps)
+        orbits = {int(o) for o in basis.orbit[basis.shell_r2 == self.reference_shell_r2]}
+        need = {"A2": 1, "B1": 1, "B2": 1, "E": 2}
+        ref = {ir: [int(c) for c in (basis.channel_shell_r2[ir] == self.reference_shell_r2).nonzero()[0]]
+               for ir in need}
+        if len(orbits) != 1 or any(len(ref[ir]) != n for ir, n in need.items()):
+            raise ConfigError(
+                f"model.reference_shell_r2={reference_shell_r2}: need one 8-site shell |r|^2 inside the cutoff "
+                f"{basis.cutoff:.4g} (shells: {sorted(set(basis.shell_r2.tolist()))}; 8-site shells work, e.g. 5)")
+        self.ref = ref
+        c = basis.counts
+        self.counts = c
+        self.n_features = c["A1"] + 2 * sum(c[ir] for ir in ONE_D_NON_TRIVIAL) + 3 * c["E"]
+        names = [f"A1[{i}]" for i in range(c["A1"])]
+        for ir in ONE_D_NON_TRIVIAL:
+            names += [f"|{ir}[{i}]|" for i in range(c[ir])] + [f"{ir}[{i}].ref" for i in range(c[ir])]
+        names += [f"|E[{i}]|" for i in range(c["E"])]
+        names += [f"E[{i}].ref{k}" for i in range(c["E"]) for k in (1, 2)]
+        self.feature_names = names
+
+    def forward(self, Q: torch.Tensor) -> torch.Tensor:
+        x = self.proj.split(self.proj(Q))  # {ir: [N, c, d]}
+        eps = self.phase_eps
+        parts = [x["A1"][:, :, 0]]
+        for ir in ONE_D_NON_TRIVIAL:
+            y = x[ir][:, :, 0]  # [N, c]
+            y_ref = y[:, self.ref[ir][0]:self.ref[ir][0] + 1]  # [N, 1]
+            parts.append(torch.sqrt(y * y + NORM_EPS))
+            parts.append(y * y_ref / (torch.sqrt(y_ref * y_ref + NORM_EPS) + eps))
+        v = x["E"]  # [N, c, 2]
+        parts.append(torch.sqrt((v * v).sum(-1) + NORM_EPS))
+        r = v[:, self.ref["E"], :]  # [N, 2 refs, 2 comps]
+        r_norm = torch.sqrt((r * r).sum(-1) + NORM_EPS) + eps  # [N, 2]
+        phases = torch.einsum("nca,nka->nck", v, r) / r_norm[:, None, :]  # [N, c, 2 refs]
+        parts.append(phases.reshape(v.shape[0], -1))
+        return torch.cat(parts, dim=1)

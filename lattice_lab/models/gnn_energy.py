@@ -1,0 +1,201 @@
+"""Energy-based (conservative) graph network (gnn_paper Sec. V, DESIGN.md section 5).
+
+The network predicts a local energy e_i per site; the total energy is E = sum_i e_i and the force
+is its exact negative gradient, F_i = -dE/dQ_i, by automatic differentiation. Forces are therefore
+conservative by construction (curl-free, energy conserved by the dynamics at gamma = T = 0).
+
+Architecture, all per-site maps shared across sites (translation invariance) and one neighbour
+weight for all four neighbours (D4 invariance):
+
+    x_i   = (Q_i - q_mean) / q_std,      h_i^0 = x_i W_embed + b
+    block: m_i   = MLP_self(h_i) + AGG_{j in nn(i)} MLP_nn(h_j)      (messages before aggregation)
+           h_i' = LayerNorm(h_i P + MLP_update(m_i))                 (P: residual projection)
+    e_i   = f_std q_std MLP_readout(h_i) - f_mean Q_i  [+ k Q_i^2/2 + (kappa/2) Q_i sum_nn Q_j]
+
+Each block reaches one hop further, so e_i depends on Q within ``blocks`` hops and F_i (a sum of
+derivatives of the e_j around i) within ``2 * blocks`` hops: the receptive field.
+
+The optional elastic prior adds the exact elastic energy of the Holstein lattice
+(``physics.holstein.elastic_energy``, each bond once), so the network only learns the electronic
+part; the model still outputs the total force. The output scaling is chosen so that the learned
+part of the force is ``f_std * (-d readout / dx) + f_mean``, with ``f_mean``/``f_std`` fitted on
+the force minus its elastic part.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.lattice import nn_sum
+from lattice_lab.models.base import ForceField
+from lattice_lab.models.gnn import check_aggregation, make_activation, nn_sum_channels_last
+from lattice_lab.models.layers_equivariant import force_moments
+
+
+def _positive_int(value, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}={value!r}: expected a positive integer")
+    return int(value)
+
+
+def mlp(sizes: list[int], activation: str, last_bias: bool = True) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with the activation between them (not after the last)."""
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=last_bias or i < len(sizes) - 2))
+        if i < len(sizes) - 2:
+            layers.append(make_activation(activation))
+    return nn.Sequential(*layers)
+
+
+class EnergyBlock(nn.Module):
+    """One message-passing block on channels-last features ``[B, L, L, C]`` (see module docstring)."""
+
+    def __init__(self, width: int, hidden: int, neighbour_scale: float, activation: str, layer_norm: bool):
+        super().__init__()
+        self.neighbour_scale = float(neighbour_scale)
+        self.self_mlp = mlp([width, hidden, width], activation)
+        self.neighbour_mlp = mlp([width, hidden, width], activation)
+        self.update_mlp = mlp([width, hidden, width], activation)
+        self.residual = nn.Linear(width, width, bias=False)
+        self.norm = nn.LayerNorm(width) if layer_norm else nn.Identity()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.self_mlp(h) + self.neighbour_scale * nn_sum_channels_last(self.neighbour_mlp(h))
+        return self.norm(self.residual(h) + self.update_mlp(m))
+
+
+class EnergyGNN(ForceField):
+    """Conservative message-passing network: site energies, forces = -dE/dQ (autograd).
+
+    Args:
+        hamiltonian: Holstein parameters (t, g, k, kappa, ...); ``k`` and ``kappa`` feed the elastic prior.
+        cutoff: interaction range recorded for compatibility checks; default = receptive field
+            (``2 * blocks`` hops).
+        width: feature width of every block.
+        blocks: number of message-passing blocks.
+        hidden: hidden width of the message/update MLPs (default ``width``).
+        readout: hidden widths of the site-energy readout MLP (``width -> *readout -> 1``).
+        aggregation: ``"sum"`` or ``"mean"`` over the four nearest neighbours.
+        activation: smooth nonlinearity (default SiLU; forces are its derivative).
+        layer_norm: LayerNorm after every block.
+        elastic_prior: add the exact elastic energy k Q^2/2 + kappa sum_<ij> Q_i Q_j.
+    """
+
+    name = "gnn_energy"
+    conservative = True
+
+    def __init__(self, hamiltonian: dict, cutoff: float | None = None, width: int = 128, blocks: int = 4,
+                 hidden: int | None = None, readout=(64,), aggregation: str = "sum",
+                 activation: str = "silu", layer_norm: bool = True, elastic_prior: bool = True):
+        width = _positive_int(width, "model.width")
+        blocks = _positive_int(blocks, "model.blocks")
+        hidden = width if hidden is None else _positive_int(hidden, "model.hidden")
+        readout = list(readout) if isinstance(readout, (list, tuple)) else readout
+        if not isinstance(readout, list):
+            raise ConfigError(f"model.readout={readout!r}: expected a list of hidden widths")
+        for w in readout:
+            _positive_int(w, "model.readout[]")
+        scale = check_aggregation(aggregation)
+        make_activation(activation)
+        for key, flag in (("layer_norm", layer_norm), ("elastic_prior", elastic_prior)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"model.{key}={flag!r}: expected true or false")
+        receptive_field = 2 * blocks
+        if cutoff is None:
+            cutoff = float(receptive_field)
+        if not isinstance(cutoff, (int, float)) or isinstance(cutoff, bool) or not cutoff > 0:
+            raise ConfigError(f"model.cutoff={cutoff!r}: expected a positive number (or null)")
+        super().__init__(hamiltonian, float(cutoff), receptive_field)
+        k, kappa = 0.0, 0.0
+        if elastic_prior:
+            missing = [key for key in ("k", "kappa") if key not in self.hamiltonian]
+            if missing:
+                raise ConfigError(f"hamiltonian.{missing[0]} is missing: model.elastic_prior=true needs k and kappa")
+            k, kappa = float(self.hamiltonian["k"]), float(self.hamiltonian["kappa"])
+        self.elastic_k = k
+        self.elastic_kappa = kappa
+        self.use_elastic_prior = bool(elastic_prior)
+        self.model_cfg = {"name": self.name, "cutoff": float(cutoff), "width": width, "blocks": blocks,
+                          "hidden": hidden, "readout": list(readout), "aggregation": aggregation,
+                          "activation": activation, "layer_norm": layer_norm, "elastic_prior": elastic_prior}
+        self.embed = nn.Linear(1, width)
+        self.blocks = nn.ModuleList(
+            [EnergyBlock(width, hidden, scale, activation, layer_norm) for _ in range(blocks)])
+        # no bias on the energy output: a constant energy per site does not change the forces
+        self.readout = mlp([width, *readout, 1], activation, last_bias=False)
+        for name in ("q_mean", "f_mean"):
+            self.register_buffer(name, torch.tensor(0.0))
+        for name in ("q_std", "f_std"):
+            self.register_buffer(name, torch.tensor(1.0))
+        # readout scale: f_std * q_std, so that -d(e_scale * r)/dQ = -f_std * dr/dx
+        self.register_buffer("e_scale", torch.tensor(1.0))
+
+    # -- energies ---------------------------------------------------------------------------
+    def elastic_site_energy(self, Q: torch.Tensor) -> torch.Tensor:
+        """k Q_i^2 / 2 + (kappa / 2) Q_i sum_nn Q_j: sums to ``physics.holstein.elastic_energy``."""
+        return 0.5 * self.elastic_k * Q * Q + 0.5 * self.elastic_kappa * Q * nn_sum(Q)
+
+    def site_energy(self, Q: torch.Tensor) -> torch.Tensor:
+        """Local energies e_i ``[B, L, L]``; E = sum_i e_i."""
+        h = self.embed(((Q - self.q_mean) / self.q_std).unsqueeze(-1))
+        for block in self.blocks:
+            h = block(h)
+        e = self.e_scale * self.readout(h).squeeze(-1) - self.f_mean * Q
+        if self.use_elastic_prior:
+            e = e + self.elastic_site_energy(Q)
+        return e
+
+    def energy(self, Q: torch.Tensor) -> torch.Tensor:
+        """Total energy per configuration ``[B]``."""
+        return self.site_energy(Q).sum(dim=(-2, -1))
+
+    # -- forces -----------------------------------------------------------------------------
+    def compute_forces(self, Q: torch.Tensor) -> torch.Tensor:
+        """F = -dE/dQ without input checks (TorchScript-compatible; used by the exported module).
+
+        Enables grad locally (works under ``torch.no_grad()``). In training mode (and with grad
+        enabled by the caller) the graph of the gradient is kept (``create_graph=True``) so a force
+        loss can be back-propagated to the weights; in eval mode or under ``no_grad`` it is not, and
+        the returned forces carry no graph.
+        """
+        previous = torch.is_grad_enabled()
+        torch.set_grad_enabled(True)
+        F = self._autograd_forces(Q, self.training and previous)
+        torch.set_grad_enabled(previous)
+        return F
+
+    def _autograd_forces(self, Q: torch.Tensor, create_graph: bool) -> torch.Tensor:
+        q = Q if Q.requires_grad else Q.detach().requires_grad_(True)
+        E = self.site_energy(q).sum()
+        grad = torch.autograd.grad([E], [q], create_graph=create_graph)[0]
+        if grad is None:  # cannot happen (the readout always depends on Q); needed by TorchScript
+            return torch.zeros_like(Q)
+        return -grad
+
+    @torch.jit.unused
+    def forward(self, Q: torch.Tensor) -> torch.Tensor:
+        self.check_input(Q)
+        create_graph = self.training and torch.is_grad_enabled()
+        with torch.enable_grad():  # restores the caller's grad mode even if autograd raises
+            return self._autograd_forces(Q, create_graph)
+
+    @torch.no_grad()
+    def fit_normalization(self, Q, F) -> None:
+        """Input shift/scale from Q; output shift/scale from F minus its elastic part (if the prior is on)."""
+        Q = torch.as_tensor(Q).detach().to(device="cpu", dtype=torch.float64)
+        F = torch.as_tensor(F).detach().to(device="cpu", dtype=torch.float64)
+        if Q.shape != F.shape or Q.dim() < 2:
+            raise ConfigError(f"fit_normalization: Q {tuple(Q.shape)} and F {tuple(F.shape)} must be equal [..., L, L]")
+        residual = F
+        if self.use_elastic_prior:
+            residual = F + self.elastic_k * Q + self.elastic_kappa * nn_sum(Q)
+        q_mean, q_std = force_moments(Q)
+        f_mean, f_std = force_moments(residual)
+        self.q_mean.fill_(q_mean)
+        self.q_std.fill_(q_std)
+        self.f_mean.fill_(f_mean)
+        self.f_std.fill_(f_std)
+        self.e_scale.fill_(f_std * q_std)

@@ -1,0 +1,82 @@
+"""Descriptor + MLP force field (Behler-Parrinello-style baseline, gnn_paper Sec. III, DESIGN.md section 5).
+
+Every site's environment is mapped to the D4-invariant descriptor of
+:mod:`lattice_lab.models.descriptor`, standardised per feature, and fed to a ReLU multilayer
+perceptron (paper widths 4096-2048-750-592-256-127-69-1) that outputs the site force
+``F = out * F_std + F_mean``. The descriptor is invariant, so the force (an A1 scalar) is exactly
+D4- and translation-equivariant; the model is local and transfers to any L.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.models.base import ForceField
+from lattice_lab.models.descriptor import D4Descriptor
+from lattice_lab.models.enn import _check_hidden
+from lattice_lab.models.layers_equivariant import NORM_EPS, force_moments
+
+SITE_CHUNK = 1 << 14  # sites per chunk in forward (the widest layer has 4096 units)
+
+
+class DescriptorMLP(ForceField):
+    """Invariant environment descriptor -> ReLU MLP -> site force (direct force model)."""
+
+    name = "mlp"
+    conservative = False
+
+    def __init__(self, hamiltonian: dict, cutoff: float = math.sqrt(13.0),
+                 hidden: list[int] = (4096, 2048, 750, 592, 256, 127, 69), reference_shell_r2: int = 5,
+                 phase_eps: float = 1e-2):
+        cutoff = float(cutoff)
+        if not math.isfinite(cutoff) or cutoff < 1.0:
+            raise ConfigError(f"model.cutoff={cutoff}: need a finite cutoff >= 1")
+        widths = _check_hidden(hidden)
+        descriptor = D4Descriptor(cutoff, reference_shell_r2, phase_eps)
+        super().__init__(hamiltonian, cutoff, receptive_field=descriptor.proj.basis.radius)
+        self.descriptor = descriptor
+        self.hidden = widths
+        self.reference_shell_r2 = int(reference_shell_r2)
+        self.phase_eps = float(phase_eps)
+        n_in = descriptor.n_features
+        layers: list[nn.Module] = []
+        for w in widths:
+            layers += [nn.Linear(n_in, w), nn.ReLU()]
+            n_in = w
+        layers.append(nn.Linear(n_in, 1))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("feat_mean", torch.zeros(descriptor.n_features))
+        self.register_buffer("feat_std", torch.ones(descriptor.n_features))
+        self.register_buffer("out_scale", torch.tensor(1.0))
+        self.register_buffer("out_shift", torch.tensor(0.0))
+
+    @torch.no_grad()
+    def fit_normalization(self, Q: torch.Tensor, F: torch.Tensor, chunk: int = 16) -> None:
+        """Per-feature mean / std (epsilon-guarded) of the descriptor and the force mean / std."""
+        Q = torch.as_tensor(Q)
+        dev = self.feat_mean.device
+        s1 = torch.zeros(self.descriptor.n_features, dtype=torch.float64, device=dev)
+        s2 = torch.zeros_like(s1)
+        n = 0
+        for start in range(0, Q.shape[0], chunk):
+            d = self.descriptor(Q[start:start + chunk].to(device=dev, dtype=torch.float64))
+            s1 += d.sum(0)
+            s2 += (d * d).sum(0)
+            n += d.shape[0]
+        mean = s1 / n
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(torch.sqrt((s2 / n - mean * mean).clamp_min(0) + NORM_EPS))
+        f_mean, f_std = force_moments(F)
+        self.out_shift.fill_(f_mean)
+        self.out_scale.fill_(f_std)
+
+    def forward(self, Q: torch.Tensor) -> torch.Tensor:
+        self.check_input(Q)
+        B, L, _ = Q.shape
+        d = (self.descriptor(Q) - self.feat_mean.to(Q.dtype)) / self.feat_std.to(Q.dtype)
+        y = torch.cat([self.net(d[s:s + SITE_CHUNK])[:, 0] for s in range(0, d.shape[0], SITE_CHUNK)])
+        return y.view(B, L, L) * self.out_scale.to(y.dtype) + self.out_shift.to(y.dtype)

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: Optuna through Hydra multirun, one MLflow parent run per study."""

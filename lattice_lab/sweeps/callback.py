@@ -1,0 +1,89 @@
+"""Hydra callback that gives every sweep one MLflow parent run and a table of its trials.
+
+Configured by ``conf/hparams_search/*.yaml`` (``hydra.callbacks.mlflow_sweep``). In the launching
+process it
+
+* on multirun start: finds or creates the parent run for the Optuna study (the same parent is
+  reused when an interrupted sweep is resumed, matched by the study name) and publishes its id so
+  each trial's MLflow run is created as its child;
+* on multirun end: writes ``trials.csv`` (number, params, value, state, MLflow run id) and
+  ``best_config.yaml`` (the composed overrides of the best trial) into the sweep folder, logs both
+  to the parent run with the best value, and closes the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lattice_lab.sweeps.parent import publish_parent_run_id
+
+log = logging.getLogger(__name__)
+STUDY_TAG = "lattice_lab.study"
+
+
+def _study_name(config: DictConfig) -> str:
+    sweeper = config.hydra.sweeper
+    return str(sweeper.get("study_name") or "default")
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.parent_run_id: str | None = None
+
+    # ------------------------------------------------------------------ start
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if not self.enabled or not config.get("tracking", {}).get("enabled", True):
+            return
+        from lattice_lab.tracking.mlflow_utils import client_and_experiment
+
+        client, experiment_id = client_and_experiment(config)
+        study = _study_name(config)
+        existing = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'", max_results=1,
+            order_by=["attributes.start_time DESC"])
+        if existing:
+            self.parent_run_id = existing[0].info.run_id
+            client.update_run(self.parent_run_id, status="RUNNING")
+            log.info("sweep %s: resuming MLflow parent run %s", study, self.parent_run_id)
+        else:
+            run = client.create_run(experiment_id, run_name=f"sweep-{study}",
+                                    tags={STUDY_TAG: study, "lattice_lab.task": "sweep"})
+            self.parent_run_id = run.info.run_id
+            storage = config.hydra.sweeper.get("storage")
+            client.log_param(self.parent_run_id, "study_name", study)
+            client.log_param(self.parent_run_id, "storage", str(storage))
+            client.log_param(self.parent_run_id, "search_space",
+                             str(OmegaConf.to_container(config.hydra.sweeper.get("params") or {}))[:6000])
+            log.info("sweep %s: MLflow parent run %s", study, self.parent_run_id)
+        publish_parent_run_id(self.parent_run_id, sweep_dir)
+
+    # ------------------------------------------------------------------ end
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from lattice_lab.sweeps.report import write_study_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        storage = config.hydra.sweeper.get("storage")
+        report = None
+        if storage:
+            report = write_study_report(str(storage), _study_name(config), sweep_dir)
+        if self.parent_run_id is None:
+            return
+        from lattice_lab.tracking.mlflow_utils import client_and_experiment
+
+        client, _ = client_and_experiment(config)
+        if report is not None:
+            for path in report["files"]:
+                client.log_artifact(self.parent_run_id, str(path), artifact_path="sweep")
+            if report["best_value"] is not None:
+                client.log_metric(self.parent_run_id, "best/value", float(report["best_value"]))
+            client.log_metric(self.parent_run_id, "n_trials_complete", report["n_complete"])
+            client.log_metric(self.parent_run_id, "n_trials_failed", report["n_failed"])
+        client.set_terminated(self.parent_run_id, status="FINISHED")

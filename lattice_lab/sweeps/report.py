@@ -1,0 +1,53 @@
+"""Summaries of an Optuna study: a trials table (CSV) and the best configuration (YAML)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import optuna
+from omegaconf import OmegaConf
+
+from lattice_lab.common.io import atomic_write_text
+
+RUN_ID_ATTR = "mlflow_run_id"
+
+
+def trials_table(study: optuna.Study) -> list[dict]:
+    """One row per trial: number, state, value, every sampled parameter and the MLflow run id."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        row = {"number": trial.number, "state": trial.state.name,
+               "value": trial.value if trial.values is not None and len(trial.values) == 1 else None,
+               RUN_ID_ATTR: trial.user_attrs.get(RUN_ID_ATTR, "")}
+        row.update({f"param.{k}": v for k, v in sorted(trial.params.items())})
+        rows.append(row)
+    return rows
+
+
+def write_study_report(storage: str, study_name: str, out_dir: str | Path) -> dict:
+    """Write ``trials.csv`` and ``best_config.yaml`` for a study; return paths and counts."""
+    out_dir = Path(out_dir)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    rows = trials_table(study)
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    files = [atomic_write_text(out_dir / "trials.csv", buf.getvalue())]
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    best_value = None
+    if complete:
+        best = study.best_trial
+        best_value = best.value
+        best_cfg = {"study_name": study_name, "trial": best.number, "value": best.value,
+                    "params": dict(best.params),
+                    "overrides": [f"{k}={v}" for k, v in sorted(best.params.items())]}
+        files.append(atomic_write_text(out_dir / "best_config.yaml", OmegaConf.to_yaml(OmegaConf.create(best_cfg))))
+    n_failed = sum(t.state == optuna.trial.TrialState.FAIL for t in study.get_trials(deepcopy=False))
+    return {"files": files, "best_value": best_value, "n_complete": len(complete), "n_failed": n_failed,
+            "rows": rows}

@@ -1,0 +1,92 @@
+"""Force-accuracy figures: parity plot (F_ML vs F_ED) and error histogram, matplotlib Agg.
+
+Each function returns the figure; :func:`save_figure` writes it as PNG atomically (and the caller
+logs it to MLflow with ``Tracker.log_figure``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lattice_lab.common.io import atomic_path  # noqa: E402
+
+MAX_SCATTER_POINTS = 200_000  # per split; a seeded subsample keeps the PNG light
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64).ravel()
+
+
+def _subsample(n: int, seed: int = 0) -> np.ndarray:
+    if n <= MAX_SCATTER_POINTS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, MAX_SCATTER_POINTS, replace=False))
+
+
+def parity_plot(splits: dict, title: str = ""):
+    """Predicted vs exact force, one colour per split, y = x line, sigma = std(F_ML - F_ED) in the legend.
+
+    ``splits``: ``{"train": (pred, exact), "val": (pred, exact)}`` (arrays or tensors of any shape).
+    """
+    fig, ax = plt.subplots(figsize=(5.2, 5.0), dpi=120)
+    lo, hi = np.inf, -np.inf
+    colors = {"train": "tab:blue", "val": "tab:orange"}
+    for name, (pred, exact) in splits.items():
+        pred, exact = _np(pred), _np(exact)
+        err = pred - exact
+        idx = _subsample(pred.size)
+        ax.scatter(exact[idx], pred[idx], s=2, alpha=0.35, lw=0, color=colors.get(name),
+                   label=f"{name}: $\\sigma$ = {err.std():.4g}, RMSE = {np.sqrt(np.mean(err ** 2)):.4g}",
+                   rasterized=True)
+        lo, hi = min(lo, exact.min(), pred.min()), max(hi, exact.max(), pred.max())
+    pad = 0.03 * (hi - lo if hi > lo else 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k-", lw=0.8, label="$y = x$")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel(r"$F_\mathrm{ED}$ (exact)")
+    ax.set_ylabel(r"$F_\mathrm{ML}$ (predicted)")
+    ax.set_title(title or "force parity")
+    leg = ax.legend(loc="upper left", fontsize=8, markerscale=4)
+    for h in leg.legend_handles:
+        h.set_alpha(1.0)
+    fig.tight_layout()
+    return fig
+
+
+def error_histogram(splits: dict, bins: int = 100, title: str = ""):
+    """Histogram of F_ML - F_ED per split (log y), sigma in the legend."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=120)
+    errs = {name: _np(pred) - _np(exact) for name, (pred, exact) in splits.items()}
+    m = max(float(np.abs(e).max()) for e in errs.values()) or 1.0
+    edges = np.linspace(-m, m, bins + 1)
+    colors = {"train": "tab:blue", "val": "tab:orange"}
+    for name, err in errs.items():
+        ax.hist(err, bins=edges, histtype="step", lw=1.2, color=colors.get(name),
+                label=f"{name}: $\\sigma$ = {err.std():.4g}, max |err| = {np.abs(err).max():.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel(r"$F_\mathrm{ML} - F_\mathrm{ED}$")
+    ax.set_ylabel("sites")
+    ax.set_title(title or "force error distribution")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike, close: bool = False) -> Path:
+    """Write ``fig`` as PNG atomically; optionally close it."""
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    if close:
+        plt.close(fig)
+    return path

@@ -1,0 +1,206 @@
+"""Train a force field on an ED force dataset: ``python -m lattice_lab.train model=NAME dataset=NAME``.
+
+Reads ``runs/data/<dataset>.h5``, builds the model for the dataset's Hamiltonian, minimises the
+force MSE (:mod:`lattice_lab.training.trainer`), evaluates the best model on train and validation
+sets, and writes ``runs/checkpoints/<run_name>/`` (best.pt, last.pt, config.yaml, metrics.csv,
+parity.png, error_hist.png). Everything is logged to MLflow (experiment ``lattice_lab/train``).
+The Hydra task function returns the best validation RMSE, the objective of Optuna sweeps.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import time
+from pathlib import Path
+
+import hydra
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.io import atomic_write_text
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
+
+
+def _choice(group: str) -> str | None:
+    """The preset chosen for a config group (``model=enn_small`` -> ``enn_small``), if Hydra knows it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return HydraConfig.get().runtime.choices.get(group)
+    except Exception:  # noqa: BLE001 - composed without the hydra node
+        pass
+    return None
+
+
+def _job_num() -> int | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return int(HydraConfig.get().job.num)
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def dataset_name(cfg: DictConfig) -> str:
+    return str(cfg.dataset.get("name") or _choice("dataset") or Path(str(cfg.dataset.path)).stem)
+
+
+def model_label(cfg: DictConfig) -> str:
+    """The model preset name when known (``enn_small``), else the model family (``enn``)."""
+    return str(_choice("model") or cfg.model.name)
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """``<output_root>/<run_name>``; run_name defaults to ``<model>_<dataset>_<time>`` (``_<job>`` in sweeps).
+
+    ``resume=true`` without run_name picks the newest run of this model and dataset that has ``last.pt``.
+    """
+    root = Path(to_absolute_path(str(cfg.output_root)))
+    prefix = f"{model_label(cfg)}_{dataset_name(cfg)}_"
+    if cfg.run_name:
+        name = str(cfg.run_name)
+        if not RUN_NAME_RE.match(name):
+            raise ConfigError(f"run_name={name!r}: use only letters, digits and _ . + = -")
+        return root / name
+    if cfg.resume:
+        candidates = sorted((p for p in root.glob(prefix + "*") if (p / "last.pt").is_file()),
+                            key=lambda p: (p / "last.pt").stat().st_mtime)
+        if not candidates:
+            raise ConfigError(f"resume=true: no run {root / (prefix + '*')}/last.pt to resume "
+                              "(set run_name=... to pick one)")
+        return candidates[-1]
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    job = _job_num()
+    name = prefix + stamp + (f"_{job}" if job is not None else "")
+    path, i = root / name, 1
+    while path.exists():
+        path, i = root / f"{name}_{i}", i + 1
+    return path
+
+
+def _dataset_path(cfg: DictConfig) -> Path:
+    if "path" not in cfg.dataset or not cfg.dataset.path:
+        raise ConfigError("dataset.path is not set (the dataset preset must say where its HDF5 file is)")
+    path = Path(to_absolute_path(str(cfg.dataset.path)))
+    if not path.is_file():
+        raise ConfigError(f"dataset.path={str(cfg.dataset.path)!r}: file not found; generate it with "
+                          f"`python -m lattice_lab.generate dataset={_choice('dataset') or dataset_name(cfg)}`")
+    return path
+
+
+def _optional_flops(model) -> float | None:
+    for module in ("lattice_lab.models.flops", "lattice_lab.models.registry"):
+        try:
+            mod = __import__(module, fromlist=["flops_per_site"])
+            fn = getattr(mod, "flops_per_site", None)
+            if fn is not None:
+                return float(fn(model))
+        except Exception:  # noqa: BLE001 - optional extra
+            continue
+    return None
+
+
+def run(cfg: DictConfig) -> float:
+    """Train, evaluate, log; return the best validation RMSE."""
+    import torch
+
+    from lattice_lab.common.device import resolve_device, resolve_dtype
+    from lattice_lab.common.seeding import seed_everything
+    from lattice_lab.data.h5io import read_force_dataset
+    from lattice_lab.models.checkpoint import load_checkpoint
+    from lattice_lab.models.registry import build_model, count_parameters
+    from lattice_lab.sweeps.parent import current_parent_run_id
+    from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
+    from lattice_lab.training.metrics import METRIC_KEYS
+    from lattice_lab.training.trainer import Trainer
+
+    t_start = time.perf_counter()
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    data_path = _dataset_path(cfg)
+    run_dir = resolve_run_dir(cfg)
+    if not cfg.resume and (run_dir / "last.pt").exists():
+        raise ConfigError(f"run_name={run_dir.name!r}: {run_dir} already holds a run "
+                          "(resume=true continues it, or choose another run_name)")
+    seed_everything(int(cfg.seed))
+    data = read_force_dataset(data_path)
+    model = build_model(cfg.model, data.hamiltonian())
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write_text(run_dir / ("config.yaml" if not cfg.resume else "config_resume.yaml"), cfg_yaml)
+
+    run_id = load_checkpoint(run_dir / "last.pt").get("mlflow_run_id") if cfg.resume else None
+    parent = cfg.tracking.get("parent_run_id") or current_parent_run_id()
+    tags = standard_tags("train", model_family=str(cfg.model.name), dataset_path=data_path, device=device,
+                         model_preset=model_label(cfg), dataset=dataset_name(cfg), run_dir=str(run_dir),
+                         dtype=str(cfg.dtype))
+    with start_run(task="train", cfg=cfg, run_name=run_dir.name, tags=tags, run_id=run_id,
+                   parent_run_id=parent) as tracker:
+        tracker.log_params(cfg)
+        tracker.log_artifact(run_dir / ("config.yaml" if not cfg.resume else "config_resume.yaml"))
+        static = {"n_params": count_parameters(model), "n_train_configs": int((~data.is_val).sum()),
+                  "n_val_configs": int(data.is_val.sum()), "L": data.L}
+        flops = _optional_flops(model)
+        if flops is not None:
+            static["flops_per_site"] = flops
+        tracker.log_metrics(static, step=0)
+
+        trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir, tracker=tracker,
+                          seed=int(cfg.seed), resume=bool(cfg.resume),
+                          meta={"config": cfg_yaml, "dataset_path": str(data_path),
+                                "dataset_name": dataset_name(cfg)})
+        best_val = trainer.fit()
+
+        # the best model, evaluated afresh on both splits
+        trainer.load_best()
+        pred = {"train": (trainer.predict(trainer.Q_train), trainer.F_train),
+                "val": (trainer.predict(trainer.Q_val), trainer.F_val)}
+        from lattice_lab.training.metrics import force_metrics
+
+        final = {}
+        for split, (p, f) in pred.items():
+            final.update({f"final/{split}_{k}": v for k, v in force_metrics(p, f).items() if k in METRIC_KEYS})
+        final["final/best_epoch"] = trainer.best_epoch
+        final["final/epochs"] = trainer.epoch
+        final["final/train_time_s"] = trainer.elapsed
+        tracker.log_metrics(final, step=trainer.epoch)
+        tracker.set_tags({"stop_reason": trainer.stop_reason, "best_epoch": trainer.best_epoch})
+        atomic_write_text(run_dir / "final_metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(final)))
+
+        if cfg.get("plots", True):
+            from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
+
+            label = f"{model_label(cfg)} on {dataset_name(cfg)}"
+            for fname, fn in (("parity.png", parity_plot), ("error_hist.png", error_histogram)):
+                fig = fn({k: (p.cpu(), f.cpu()) for k, (p, f) in pred.items()}, title=label)
+                save_figure(fig, run_dir / fname, close=True)
+                tracker.log_artifact(run_dir / fname, "plots")
+        tracker.log_artifact(run_dir / "metrics.csv")
+        tracker.log_artifact(run_dir / "final_metrics.yaml")
+        tracker.log_artifact(run_dir / "best.pt", "checkpoints")
+        del pred
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print(f"[train] {model_label(cfg)} on {dataset_name(cfg)}: best val RMSE {best_val:.5g} "
+          f"(sigma {final['final/val_sigma']:.5g}) at epoch {trainer.best_epoch}/{trainer.epoch} "
+          f"[{trainer.stop_reason}], {time.perf_counter() - t_start:.1f} s -> {run_dir}")
+    if tracker.run_id:
+        print(f"[train] MLflow run {tracker.run_id} ({tracker.uri})")
+    return float(best_val)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
+@friendly_errors
+def main(cfg: DictConfig) -> float:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

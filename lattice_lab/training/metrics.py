@@ -1,0 +1,69 @@
+"""Force-error metrics, identical for every model: RMSE, MAE, sigma and maximum error.
+
+With the error e = F_ML - F_ED over all sites of all configurations:
+
+- ``rmse``    = sqrt(mean(e^2))
+- ``mae``     = mean(|e|)
+- ``sigma``   = std(e) = sqrt(mean(e^2) - mean(e)^2), the papers' "standard deviation of F_ML - F_ED"
+- ``max_err`` = max(|e|)
+
+:class:`ForceErrorStats` accumulates the sums (in float64) over batches, so metrics over a whole
+data set never need all predictions in memory; :func:`force_metrics` is the one-shot form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+METRIC_KEYS = ("rmse", "mae", "sigma", "max_err")
+
+
+class ForceErrorStats:
+    """Running sums of the force error; ``update`` per batch, ``compute`` at the end.
+
+    The sums stay on the tensors' device (float64) so accumulating over a training epoch costs no
+    host synchronisation; ``compute`` transfers them once.
+    """
+
+    def __init__(self) -> None:
+        self._acc: torch.Tensor | None = None  # [count, sum, sum_sq, sum_abs]
+        self._max: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        err = (pred.detach() - target.detach()).to(torch.float64)
+        if err.numel() == 0:
+            return
+        abs_err = err.abs()
+        acc = torch.stack([err.new_tensor(float(err.numel())), err.sum(), err.square().sum(), abs_err.sum()])
+        mx = abs_err.max()
+        self._acc = acc if self._acc is None else self._acc + acc
+        self._max = mx if self._max is None else torch.maximum(self._max, mx)
+
+    def compute(self) -> dict[str, float]:
+        if self._acc is None:
+            raise ValueError("no samples: cannot compute force metrics of an empty set")
+        count, s, s2, sa = self._acc.cpu().tolist()
+        mean, mean_sq = s / count, s2 / count
+        return {
+            "rmse": math.sqrt(mean_sq),
+            "mae": sa / count,
+            "sigma": math.sqrt(max(mean_sq - mean * mean, 0.0)),
+            "max_err": float(self._max.cpu()),
+        }
+
+
+def force_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Metrics (``rmse``, ``mae``, ``sigma``, ``max_err``) of ``pred - target`` over all elements."""
+    stats = ForceErrorStats()
+    stats.update(pred, target)
+    return stats.compute()
+
+
+def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """``{"rmse": x}`` -> ``{"<prefix>/rmse": x}`` (the names logged to MLflow and metrics.csv)."""
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}

@@ -1,0 +1,393 @@
+"""Analysis functions on synthetic fields with known answers (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from lattice_lab.analysis import (
+    cdw_order_parameter,
+    cdw_peak,
+    circular_average,
+    compare_curves,
+    correlation_function,
+    correlation_length,
+    distance_bins,
+    domain_size,
+    domain_wall_fraction,
+    fit_power_law,
+    growth_exponent,
+    normalized_correlation,
+    replica_mean_sem,
+    structure_factor,
+)
+from lattice_lab.analysis.pipeline import analyze_trajectory, compare_trajectories, select_frames
+from lattice_lab.analysis.scaling import collapse_correlation, collapse_quality, collapse_structure_factor
+from lattice_lab.analysis.stats import jackknife_error, leave_one_out_means
+from lattice_lab.analysis.structure_factor import distance_from_Q
+from lattice_lab.common.errors import ConfigError
+
+
+def checkerboard_np(L):
+    x = np.arange(L)
+    return (1 - 2 * ((x[:, None] + x[None, :]) % 2)).astype(np.float64)
+
+
+def wall_density(L, profile):
+    """n = 1/2 + (1/2) s(x) (-1)^(x+y) for a domain profile s(x) along x."""
+    return 0.5 + 0.5 * np.asarray(profile, dtype=np.float64)[:, None] * checkerboard_np(L)
+
+
+def brute_force_correlation(f, r_bins_r2):
+    """Mean of f_i f_j over all ordered pairs at each minimum-image r^2 (O(N^2) reference)."""
+    L = f.shape[-1]
+    x, y = np.meshgrid(np.arange(L), np.arange(L), indexing="ij")
+    x, y = x.ravel(), y.ravel()
+    dx = np.abs(x[:, None] - x[None, :])
+    dy = np.abs(y[:, None] - y[None, :])
+    dx, dy = np.minimum(dx, L - dx), np.minimum(dy, L - dy)
+    r2 = dx**2 + dy**2
+    prod = f.reshape(-1)[:, None] * f.reshape(-1)[None, :]
+    return np.array([prod[r2 == v].mean() for v in r_bins_r2])
+
+
+def smooth_field(rng, R, L, s):
+    """Gaussian-filtered white noise (kernel exp(-r^2 / 2 s^2)): correlation exp(-r^2 / 4 s^2)."""
+    white = rng.standard_normal((R, L, L))
+    k = 2 * np.pi * np.fft.fftfreq(L)
+    kern = np.exp(-0.5 * s**2 * (k[:, None] ** 2 + k[None, :] ** 2))
+    return np.fft.ifft2(np.fft.fft2(white) * kern).real
+
+
+# ---------------------------------------------------------------------------------------- C(r)
+def test_correlation_matches_brute_force_random_field():
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((3, 8, 8))
+    r, C = correlation_function(f)
+    bins = distance_bins(8)
+    assert np.allclose(r**2, np.round(r**2))
+    for b in range(3):
+        ref = brute_force_correlation(f[b], np.round(r**2).astype(int))
+        np.testing.assert_allclose(C[b], ref, rtol=0, atol=1e-12)
+    # shells: r^2 = 0 (1), 1 (4), 2 (4), 4 (4), 5 (8), 8 (4), 9 (4), 10 (8), 13 (8), 16 (2 at dx or dy = 4)...
+    assert bins.counts[:5].tolist() == [1, 4, 4, 4, 8]
+    assert r.max() <= 4 + 1e-12
+
+
+def test_correlation_integer_bins_and_torch_input():
+    rng = np.random.default_rng(2)
+    f = rng.standard_normal((2, 10, 10))
+    r_e, C_e = correlation_function(f, binning="exact")
+    r_i, C_i = correlation_function(torch.as_tensor(f), binning="integer")
+    bins_e, bins_i = distance_bins(10), distance_bins(10, binning="integer")
+    # integer bins are count-weighted averages of the exact shells they contain
+    key = np.floor(r_e + 0.5).astype(int)
+    for j, kval in enumerate(np.unique(key)):
+        sel = key == kval
+        ref = (C_e[:, sel] * bins_e.counts[sel]).sum(-1) / bins_e.counts[sel].sum()
+        np.testing.assert_allclose(C_i[:, j], ref, atol=1e-12)
+        np.testing.assert_allclose(r_i[j], (r_e[sel] * bins_e.counts[sel]).sum() / bins_e.counts[sel].sum())
+    assert bins_i.counts.sum() == bins_e.counts.sum()
+    with pytest.raises(ConfigError, match="correlation.binning"):
+        distance_bins(10, binning="log")
+
+
+def test_correlation_plane_wave_analytic():
+    L, m = 12, 2
+    x = np.arange(L)
+    f = np.cos(2 * np.pi * m * x / L)[:, None] * np.ones(L)[None, :]  # cos(k x), k = 2 pi m / L
+    r, C = correlation_function(f)
+    k = 2 * np.pi * m / L
+    assert C[0] == pytest.approx(0.5, abs=1e-12)  # <cos^2> = 1/2
+    assert C[1] == pytest.approx(0.25 * (np.cos(k) + 1), abs=1e-12)  # shell (+-1, 0), (0, +-1)
+    assert C[2] == pytest.approx(0.5 * np.cos(k), abs=1e-12)  # shell (+-1, +-1)
+    # every displacement d: A(d) = cos(k dx) / 2, so the shell average is analytic
+    bins = distance_bins(L)
+    dx = np.minimum(np.arange(L), L - np.arange(L))
+    A = 0.5 * np.cos(k * dx)[:, None] * np.ones(L)[None, :]
+    expected = np.bincount(bins.index, weights=A.ravel(), minlength=bins.nbins + 1)[:-1] / bins.counts
+    np.testing.assert_allclose(C, expected, atol=1e-12)
+
+
+def test_replica_error_bars_shrink_like_inverse_sqrt_R():
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((256, 8, 8))
+    _, C = correlation_function(f)
+    _, sem16 = replica_mean_sem(C[:16])
+    _, sem64 = replica_mean_sem(C[:64])
+    _, sem256 = replica_mean_sem(C)
+    ratio1 = np.mean(sem16[1:]) / np.mean(sem64[1:])
+    ratio2 = np.mean(sem64[1:]) / np.mean(sem256[1:])
+    assert ratio1 == pytest.approx(2.0, rel=0.2)
+    assert ratio2 == pytest.approx(2.0, rel=0.2)
+    mean, sem = replica_mean_sem(np.array([[1.0], [3.0]]))
+    assert mean[0] == 2.0 and sem[0] == pytest.approx(1.0)  # std(ddof=1) = sqrt(2), / sqrt(2)
+
+
+# ---------------------------------------------------------------------------------- phi, walls
+def test_checkerboard_order_parameter_and_structure_factor():
+    L = 8
+    cb = checkerboard_np(L)
+    for sign in (1, -1):
+        n = 0.5 + 0.5 * sign * cb
+        phi = cdw_order_parameter(n)
+        np.testing.assert_allclose(phi, sign * np.ones((L, L)), atol=1e-14)
+        assert domain_wall_fraction(phi) == 0.0
+        S = structure_factor(n)
+        assert cdw_peak(S) == pytest.approx(L * L / 4, abs=1e-10)  # N/4
+        assert S.sum() == pytest.approx(L * L / 4, abs=1e-10)  # all weight at Q
+        assert np.abs(np.delete(S.ravel(), (L // 2) * L + L // 2)).max() < 1e-20
+        assert np.isinf(domain_size(S))  # a single perfect domain
+    # without subtracting the mean, S(0) = N nbar^2 = N/4 appears
+    S0 = structure_factor(0.5 + 0.5 * cb, subtract_mean=False)
+    assert S0[0, 0] == pytest.approx(L * L / 4)
+    assert np.isnan(domain_size(np.zeros((L, L))))
+
+
+def test_site_centred_domain_wall():
+    L = 8
+    # domains s = +1 (x = 1..3), wall row x = 4 (n = 1/2), s = -1 (x = 5..7), wall row x = 0
+    profile = np.array([0, 1, 1, 1, 0, -1, -1, -1])
+    n = wall_density(L, profile)
+    phi = cdw_order_parameter(n)
+    expected_rows = np.array([0, 7 / 8, 1, 7 / 8, 0, -7 / 8, -1, -7 / 8])
+    np.testing.assert_allclose(phi, expected_rows[:, None] * np.ones(L), atol=1e-14)
+    assert domain_wall_fraction(phi, 0.5) == pytest.approx(2 / L)
+    S = structure_factor(n)
+    off_line = np.delete(S, L // 2, axis=1)
+    assert np.abs(off_line).max() < 1e-20  # all weight on the line k_y = pi
+    line = S[:, L // 2]
+    assert line[L // 2] == pytest.approx(0.0, abs=1e-20)  # balanced domains: nothing at Q itself
+    assert np.argmax(line) in (L // 2 - 1, L // 2 + 1)  # peaks at k_x = pi +- 2 pi / L
+
+
+def test_sharp_domain_wall():
+    L = 10
+    profile = np.where(np.arange(L) < L // 2, 1, -1)  # walls between x = 4|5 and 9|0
+    phi = cdw_order_parameter(wall_density(L, profile))
+    expected = np.array([0.75, 1, 1, 1, 0.75, -0.75, -1, -1, -1, -0.75])
+    np.testing.assert_allclose(phi, expected[:, None] * np.ones(L), atol=1e-14)
+    assert domain_wall_fraction(phi, 0.8) == pytest.approx(4 / L)
+    S = structure_factor(wall_density(L, profile))
+    assert np.abs(np.delete(S, L // 2, axis=1)).max() < 1e-20
+    line = S[:, L // 2]
+    m = np.arange(L) - L // 2  # k_x - pi in units of 2 pi / L
+    # square wave: only odd harmonics around Q
+    assert np.abs(line[(m % 2) == 0]).max() < 1e-20
+    assert np.all(line[(m % 2) == 1] > 0)
+    assert np.argmax(line) in (L // 2 - 1, L // 2 + 1)
+
+
+# ------------------------------------------------------------------------------ S(k), L(t)
+def test_domain_size_of_a_single_modulation_is_wavelength_over_2pi():
+    L = 12
+    for lam in (12, 6, 4):
+        n = 0.5 + 0.3 * np.cos(2 * np.pi * np.arange(L) / lam)[:, None] * checkerboard_np(L)
+        S = structure_factor(n)
+        assert domain_size(S) == pytest.approx(lam / (2 * np.pi), rel=1e-12)
+    # Parseval: sum_k S(k) = sum_r (n - nbar)^2 for any field; translation invariance
+    rng = np.random.default_rng(4)
+    n = rng.random((3, L, L))
+    S = structure_factor(n)
+    np.testing.assert_allclose(S.sum((-2, -1)), ((n - n.mean((-2, -1), keepdims=True)) ** 2).sum((-2, -1)))
+    np.testing.assert_allclose(structure_factor(np.roll(n, (2, 5), (-2, -1))), S, atol=1e-12)
+    dq = distance_from_Q(L)
+    assert dq[L // 2, L // 2] == 0 and dq[0, 0] == pytest.approx(np.pi * np.sqrt(2))
+    assert dq.max() <= np.pi * np.sqrt(2) + 1e-12
+
+
+def test_circular_average():
+    L = 10
+    q, Sq = circular_average(np.full((2, L, L), 3.0))
+    np.testing.assert_allclose(Sq, 3.0)
+    assert q[0] == 0 and len(q) == L // 2 + 1
+    np.testing.assert_allclose(np.diff(q) > 0, True)
+    # S = |k - Q|^2 averages to the mean of q^2 in each shell (>= q^2 by Jensen)
+    dq = distance_from_Q(L)
+    q, Sq = circular_average(dq)
+    np.testing.assert_allclose(Sq, q, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ G(r), xi
+def test_correlation_length_on_analytic_curves():
+    r = np.arange(0, 10, 0.5)
+    G = np.exp(-r / 3.0)  # G = 1/2 at r = 3 ln 2
+    xi, ok = correlation_length(G, r)
+    assert ok
+    # linear interpolation between the bracketing bins (2.0, 2.5)
+    expected = 2.0 + (np.exp(-2 / 3) - 0.5) * 0.5 / (np.exp(-2 / 3) - np.exp(-2.5 / 3))
+    assert xi == pytest.approx(expected, abs=1e-12)
+    assert xi == pytest.approx(3 * np.log(2), abs=0.02)
+    # batch: one never crosses, one NaN, one crosses
+    Gb = np.stack([np.ones_like(r), np.full_like(r, np.nan), G])
+    xi, ok = correlation_length(Gb, r)
+    assert ok.tolist() == [False, False, True]
+    assert np.isnan(xi[0]) and np.isnan(xi[1]) and np.isfinite(xi[2])
+
+
+def test_correlation_length_recovers_planted_length():
+    rng = np.random.default_rng(5)
+    s = 2.5  # C(r) = exp(-r^2 / 4 s^2) -> G = 1/2 at r = 2 s sqrt(ln 2)
+    phi = smooth_field(rng, 8, 64, s)
+    r, G = normalized_correlation(phi)
+    np.testing.assert_allclose(G[:, 0], 1.0, atol=1e-12)
+    Gm, _ = replica_mean_sem(G)
+    xi, ok = correlation_length(Gm, r)
+    assert ok
+    assert xi == pytest.approx(2 * s * np.sqrt(np.log(2)), rel=0.08)
+    r_uniform, G_uniform = normalized_correlation(np.ones((1, 8, 8)))
+    assert np.isnan(G_uniform).all()
+
+
+def test_jackknife_of_mean_equals_standard_error():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((20, 3))
+    _, sem = replica_mean_sem(x)
+    # for the plain mean the delete-one jackknife reproduces std(ddof=1)/sqrt(R) exactly
+    np.testing.assert_allclose(jackknife_error(leave_one_out_means(x)), sem, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- growth
+def test_power_law_fit_exact_and_noisy():
+    t = np.geomspace(1, 1000, 30)
+    fit = fit_power_law(t, 2.0 * t**0.3)
+    assert fit.alpha == pytest.approx(0.3, abs=1e-12)
+    assert fit.amplitude == pytest.approx(2.0, rel=1e-12)
+    assert fit.alpha_err < 1e-10
+    assert fit.t_min == pytest.approx(100.0) and fit.n_points == 10  # default window: last decade
+    rng = np.random.default_rng(7)
+    R, a = 12, 0.155
+    reps = 1.5 * t**a * np.exp(0.05 * rng.standard_normal((R, t.size)))
+    res = growth_exponent(t, reps.mean(0), reps, t_min=10, t_max=1000)
+    for key in ("alpha_fit_err", "alpha_replica_err"):
+        assert 0 < res[key] < 0.05
+    assert abs(res["alpha"] - a) < 4 * res["alpha_err"]
+    assert abs(res["alpha_replica_mean"] - a) < 4 * res["alpha_replica_err"]
+    assert res["n_replicas_fitted"] == R
+    with pytest.raises(ConfigError, match="fit.t_min"):
+        fit_power_law(t, t**0.5, t_min=900, t_max=1000)
+
+
+# --------------------------------------------------------------------------------- scaling
+def test_scaling_collapse_quality():
+    q = np.linspace(0, np.pi, 40)
+    Ls = np.array([3.0, 5.0, 8.0, 12.0])
+    S = Ls[:, None] ** 2 / (1 + (q[None, :] * Ls[:, None]) ** 2) ** 1.5  # S = L^2 f(qL)
+    x, y = collapse_structure_factor(q, S, Ls)
+    assert collapse_quality(x, y, log_y=True) < 0.02
+    x_bad, y_bad = collapse_structure_factor(q, S, Ls**0.5)
+    assert collapse_quality(x_bad, y_bad, log_y=True) > 0.15
+    r = np.arange(0, 20, 0.5)
+    xis = np.array([2.0, 3.0, 5.0])
+    G = np.exp(-r[None, :] / xis[:, None])
+    xr, yr = collapse_correlation(r, G, xis)
+    assert collapse_quality(xr, yr, x_range=(0, 3)) < 0.01
+    xr, yr = collapse_correlation(r, G, np.ones(3))
+    assert collapse_quality(xr, yr, x_range=(0, 3)) > 0.05  # 0.12: ten times the exact collapse
+
+
+# --------------------------------------------------------------------------------- compare
+def test_compare_statistic():
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((30, 10))
+    res = compare_curves(a, a.copy())
+    assert res["max_abs_z"] == 0.0 and res["chi2"] == 0.0
+    shifted = compare_curves(a, a + 1.0)  # shift of ~5.5 combined standard errors
+    assert shifted["max_abs_z"] > 4.5
+    np.testing.assert_allclose(np.abs(shifted["z"]), 1.0 / shifted["combined_se"])
+    same_dist = compare_curves(a, rng.standard_normal((30, 10)))
+    assert same_dist["max_abs_z"] < 4.0
+    with pytest.raises(ValueError):
+        compare_curves(a[:1], a)
+
+
+# ------------------------------------------------------------------------------ pipeline
+def write_trajectory(path, Q, n, steps, dt=0.05, **attrs):
+    """A trajectory file in the docs/ARCHITECTURE.md format, written directly with h5py."""
+    S, R, L, _ = n.shape
+    with h5py.File(path, "w") as f:
+        for key, val in (("Q", Q), ("n", n)):
+            f.create_dataset(key, data=val.astype(np.float32), chunks=(1, R, L, L), compression="gzip")
+        f["step"] = np.asarray(steps, dtype=np.int64)
+        f["time"] = np.asarray(steps, dtype=np.float64) * dt
+        base = {"L": L, "R": R, "dt": dt, "mass": 5.0, "gamma": 0.2, "temperature": 0.1, "init_temperature": 5.0,
+                "force_source": "ml", "model_path": "", "model_run_id": "abc123", "seed": 0, "version": 1,
+                "config": "{}", "t": 1.0, "g": 3.5, "k": 1.0, "kappa": 0.18}
+        for k, v in {**base, **attrs}.items():
+            f.attrs[k] = v
+    return path
+
+
+def coarsening_frames(rng, R, L, steps, dt=0.05, a=0.5, c=0.6):
+    """Domains of size ~ c t^a: sign of a smoothed random field times the checkerboard."""
+    white = rng.standard_normal((R, L, L))
+    k = 2 * np.pi * np.fft.fftfreq(L)
+    k2 = k[:, None] ** 2 + k[None, :] ** 2
+    n, Q = [], []
+    for s in steps:
+        ell = c * max(s * dt, 1.0) ** a
+        field = np.fft.ifft2(np.fft.fft2(white) * np.exp(-0.5 * ell**2 * k2)).real
+        amp = np.tanh(field / field.std())
+        n.append(0.5 + 0.5 * amp * checkerboard_np(L))
+        Q.append(-3.5 * 0.5 * amp * checkerboard_np(L))
+    return np.stack(Q), np.stack(n)
+
+
+def test_pipeline_on_synthetic_trajectory(tmp_path):
+    rng = np.random.default_rng(9)
+    steps = [0, 100, 200, 400, 800, 1200, 1600]  # planted domain size 0.6 t^0.5 < L/6
+    Q, n = coarsening_frames(rng, 4, 32, steps)
+    (tmp_path / "run").mkdir()
+    path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    cfg = {"correlation_steps": [200, 1000, 1600], "fit": {"t_min": 4}, "device": "cpu",
+           "tracking": {"enabled": False}}
+    summary = analyze_trajectory(path, cfg)
+    out = tmp_path / "run" / "analysis"
+    for name in ("L_t.csv", "xi_t.csv", "order_t.csv", "C_r.csv", "S_q_collapse.csv", "G_r_collapse.csv",
+                 "phi_snapshots.png", "S_k_maps.png", "C_r.png", "growth.png", "collapse_S.png", "collapse_G.png",
+                 "summary.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["alpha"] == pytest.approx(summary["alpha"])
+    assert on_disk["L"] == 32 and on_disk["R"] == 4 and on_disk["T"] == 0.1 and on_disk["model_run_id"] == "abc123"
+    assert on_disk["fit_window"] == [4.0, 80.0]
+    # 1000 is not saved: nearest frame (800) is used and reported
+    used = {s["requested"]: (s["step"], s["exact"]) for s in on_disk["correlation_steps"]}
+    assert used == {200: (200, True), 1000: (800, False), 1600: (1600, True)}
+    Lt = np.genfromtxt(out / "L_t.csv", delimiter=",", names=True)
+    assert Lt.shape == (len(steps),)
+    assert np.all(np.diff(Lt["L"]) > 0)  # domains grow
+    assert 0.3 < summary["alpha"] < 0.6  # planted domain size ~ t^0.5 (0.41 here: finite L, few frames)
+    assert summary["growth_L"]["n_points"] == 6
+    for key in ("alpha_fit_err", "alpha_replica_err", "alpha_jackknife_err"):
+        assert np.isfinite(summary["growth_L"][key]) and summary["growth_L"][key] > 0
+    C = np.genfromtxt(out / "C_r.csv", delimiter=",", names=True)
+    assert set(C["step"].astype(int)) == {200, 800, 1600}
+    assert np.all(C["C_sem"] >= 0)
+    # C(0) = <Q^2> from the replicas directly
+    c0 = C["C"][(C["step"] == 1600) & (C["r"] == 0)][0]
+    assert c0 == pytest.approx(float((Q[-1].astype(np.float32).astype(np.float64) ** 2).mean()), rel=1e-6)
+
+
+def test_select_frames_and_compare_trajectories(tmp_path):
+    assert select_frames([0, 10, 20], [9, 11, 20]) == [{"requested": 9, "step": 10, "index": 1, "exact": False},
+                                                        {"requested": 20, "step": 20, "index": 2, "exact": True}]
+    rng = np.random.default_rng(10)
+    steps = [0, 200, 1000]
+    Q, n = coarsening_frames(rng, 6, 12, steps)
+    (tmp_path / "ed").mkdir()
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml2").mkdir()
+    ed = write_trajectory(tmp_path / "ed" / "trajectory.h5", Q, n, steps, force_source="ed")
+    ml = write_trajectory(tmp_path / "ml" / "trajectory.h5", Q, n, steps)
+    shifted = write_trajectory(tmp_path / "ml2" / "trajectory.h5", Q + 2.0, n, steps)  # C(r) -> C(r) + 4
+    same = compare_trajectories(ed, ml, [200, 1000], {"tracking": {"enabled": False}, "device": "cpu"})
+    assert same["max_abs_z"] == 0.0
+    assert (tmp_path / "ml" / "analysis" / "compare" / "compare_C_r.png").is_file()
+    diff = compare_trajectories(ed, shifted, [200, 1000], {"tracking": {"enabled": False}, "device": "cpu"})
+    assert diff["max_abs_z"] > 8
+    assert [s["step_b"] for s in diff["steps"]] == [200, 1000]

@@ -1,0 +1,98 @@
+"""`python -m lattice_lab.analyze`: config composition, errors, outputs, MLflow logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from test_analysis import coarsening_frames, write_trajectory  # tests/ is on sys.path (rootdir conftest)
+
+from lattice_lab.analyze import run
+from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="analyze", overrides=list(overrides))
+
+
+@pytest.fixture
+def trajectories(tmp_path):
+    steps = [0, 100, 200, 400, 800, 1200]
+    Q, n = coarsening_frames(np.random.default_rng(0), 3, 16, steps)
+    Q2, n2 = coarsening_frames(np.random.default_rng(1), 3, 16, steps)
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ed").mkdir()
+    ml = write_trajectory(tmp_path / "ml" / "trajectory.h5", Q, n, steps)
+    ed = write_trajectory(tmp_path / "ed" / "trajectory.h5", Q2, n2, steps, force_source="ed", model_run_id="")
+    return ml, ed
+
+
+def test_missing_or_invalid_trajectory_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="trajectory="):
+        run(make_cfg())  # trajectory=??? not given
+    with pytest.raises(ConfigError, match="no such file"):
+        run(make_cfg(f"trajectory={tmp_path / 'nope.h5'}", "tracking.enabled=false"))
+    junk = tmp_path / "junk.h5"
+    junk.write_text("not hdf5")
+    with pytest.raises(ConfigError, match="not a readable trajectory"):
+        run(make_cfg(f"trajectory={junk}", "tracking.enabled=false"))
+    import h5py
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["F"] = np.zeros(3)
+    with pytest.raises(ConfigError, match="not a trajectory"):
+        run(make_cfg(f"trajectory={tmp_path / 'other.h5'}", "tracking.enabled=false"))
+
+
+def test_bad_fit_window_is_a_config_error(trajectories):
+    ml, _ = trajectories
+    with pytest.raises(ConfigError, match="fit.t_min"):
+        run(make_cfg(f"trajectory={ml}", "fit.t_min=59", "tracking.enabled=false", "device=cpu"))
+
+
+def test_run_with_comparison_and_mlflow(trajectories, tmp_mlflow, tmp_path):
+    ml, ed = trajectories
+    out = tmp_path / "out"
+    summary = run(make_cfg(f"trajectory={ml}", f"compare_with={ed}", f"out_dir={out}", "fit.t_min=4",
+                           "correlation_steps=[200,1000]", "device=cpu", "tracking.enabled=true"))
+    assert (out / "summary.json").is_file() and (out / "analyze_config.yaml").is_file()
+    assert (out / "compare" / "compare_C_r.png").is_file() and (out / "compare" / "compare.json").is_file()
+    comp = summary["comparison"]
+    assert comp["names"] == ["ED", "ML"]  # the ED run is the reference even when given as compare_with
+    assert [s["step_b"] for s in comp["steps"]] == [200, 800]  # 1000: tie between 800 and 1200 -> earlier
+    assert np.isfinite(comp["max_abs_z"])
+    assert np.isfinite(summary["alpha"]) and summary["fit_window"] == [4.0, 60.0]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tmp_mlflow)
+    run_ = client.get_run(summary["mlflow_run_id"])
+    assert run_.data.tags["model_run_id"] == "abc123"
+    assert run_.data.metrics["alpha"] == pytest.approx(summary["alpha"])
+    assert "alpha_replica_err" in run_.data.metrics
+    history = client.get_metric_history(run_.info.run_id, "L")
+    assert sorted(m.step for m in history) == [0, 100, 200, 400, 800, 1200]
+    names = {a.path for a in client.list_artifacts(run_.info.run_id, "analysis")}
+    assert {"analysis/growth.png", "analysis/L_t.csv", "analysis/summary.json"} <= names
+    assert json.loads((out / "summary.json").read_text())["mlflow_run_id"] == run_.info.run_id
+
+
+def test_cli_missing_file_exits_cleanly(tmp_path):
+    env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-m", "lattice_lab.analyze", f"trajectory={tmp_path / 'missing.h5'}",
+                          "tracking.enabled=false"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: trajectory=")
+    assert "Traceback" not in res.stderr

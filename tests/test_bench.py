@@ -1,0 +1,175 @@
+"""The speed benchmark: end to end on tiny sizes (outputs, columns, skips), and its arithmetic.
+
+No timing assertions: the machine is shared. The arithmetic (fits, crossover, interpolation,
+targets) is checked on synthetic numbers whose answers are known in closed form.
+"""
+
+import csv
+import json
+import math
+
+import matplotlib.image
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from lattice_lab.bench import run
+from lattice_lab.bench import summary as S
+from lattice_lab.bench.report import CSV_COLUMNS
+from lattice_lab.bench.timing import memory_method, peak_memory, plan_repeats, time_call
+from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.errors import ConfigError
+
+
+def _cfg(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="bench", overrides=list(overrides))
+
+
+def test_default_config_composes():
+    cfg = _cfg()
+    assert list(cfg.sizes) == [32, 64, 128, 256, 512]
+    assert list(cfg.ed_sizes) == [8, 12, 16, 24, 32, 40]
+    assert cfg.presets is None and cfg.device == "auto" and cfg.dtype == "float32"
+    assert cfg.compile is False and cfg.tracking.enabled is False
+    quick = _cfg("bench_preset=quick")
+    assert list(quick.sizes) == [8, 10, 12] and "enn_small" in quick.presets
+
+
+def test_quick_end_to_end(tmp_path, tmp_mlflow):
+    out = tmp_path / "bench"
+    cfg = _cfg("bench_preset=quick", f"output_dir={out}", "tracking.enabled=true", "threads=1")
+    result = run(cfg)
+    for name in ("bench.json", "bench.csv", "bench.png", "bench.txt", "config.yaml"):
+        assert (out / name).is_file(), name
+
+    data = json.loads((out / "bench.json").read_text())
+    assert data["ceiling"]["float32"]["gflops"] > 0 and data["ceiling"]["float64"]["gflops"] > 0
+    assert data["machine"]["threads"] == 1
+    presets = [m["preset"] for m in data["models"]]
+    assert presets == ["enn_small", "gnn_small", "gnn_energy_small", "mlp_small"]
+    for m in data["models"]:
+        assert m["error"] is None, m
+        assert m["params"] > 0 and m["flops_per_site"] > 0
+    # every preset measured at L = 10 and 12 (force, step, memory); the gnn presets skip L = 8
+    for r in data["rows"]:
+        if r["set"] != "scaling":
+            continue
+        if r["preset"].startswith("gnn") and r["L"] == 8:
+            assert r["status"] == "skipped" and "receptive-field" in r["note"]
+            continue
+        assert r["status"] == "ok", r
+        assert r["force_s"] > 0 and r["step_s"] > 0 and r["gflops"] > 0
+        assert math.isclose(r["force_s_per_site"], r["force_s"] / r["N"])
+        assert math.isclose(r["site_steps_per_s"], r["N"] / r["step_s"])
+        assert math.isclose(r["langevin_overhead"], r["step_s"] / r["force_s"] - 1)
+        assert math.isclose(r["ceiling_fraction"], r["gflops"] / data["ceiling_gflops"])
+        if data["machine"]["memory_method"] != "unavailable":
+            assert r["peak_mem_step_bytes"] is not None and r["peak_mem_step_bytes"] >= 0
+    assert [r["L"] for r in data["ed"]] == [4, 6, 10] and all(r["ed_force_s"] > 0 for r in data["ed"])
+    cmp_ = data["ed_comparison"]
+    assert cmp_["ed_a_seconds_per_N3"] > 0
+    for p in presets:
+        assert cmp_["models"][p]["crossover_L"] > 0
+        at10 = S.speedup_at(cmp_, p, 10)
+        assert at10["how"] == "measured" and at10["speedup"] > 0
+    assert data["memory_target"]["total_bytes"] > data["memory_target"]["param_bytes"]
+    assert {t["passed"] for t in data["targets"]} <= {True, False, None}
+    assert len(data["targets"]) == 4 * 3 + 2 + 1 + 1  # scaling, overhead, vs-ED per preset; 2 ceilings; enn 50x; memory
+
+    with open(out / "bench.csv") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        rows = list(reader)
+    assert {r["kind"] for r in rows} == {"model", "ed"}
+    assert len([r for r in rows if r["kind"] == "model"]) == len(data["rows"])
+    assert all(float(r["force_s"]) > 0 for r in rows if r["kind"] == "model" and r["status"] == "ok")
+
+    img = matplotlib.image.imread(out / "bench.png")
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+    assert "targets" in (out / "bench.txt").read_text()
+    assert result["paths"]["json"] == str(out / "bench.json")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tmp_mlflow)
+    exp = client.get_experiment_by_name("lattice_lab/bench")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["ceiling_gflops_float32"] > 0
+    assert "enn_small/ed_crossover_L" in runs[0].data.metrics
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sizes=[1,12]", "sizes"), ("ed_sizes=[5]", "ed_sizes"), ("presets=[nope]", "presets"),
+    ("repeats=0", "repeats"), ("device=tpu", "device"), ("dtype=int3", "dtype"),
+])
+def test_bad_config_names_the_key(tmp_path, override, key):
+    cfg = _cfg("bench_preset=quick", f"output_dir={tmp_path}", override)
+    with pytest.raises(ConfigError, match=key):
+        run(cfg)
+
+
+def test_power_fit_crossover_and_interpolation():
+    a, b = 2e-10, 3e-6
+    Ls = [8, 16, 24, 40]
+    assert math.isclose(S.power_coefficient(Ls, [a * (L * L) ** 3 for L in Ls], 3.0), a, rel_tol=1e-12)
+    ed_rows = [{"L": L, "N": L * L, "ed_force_s": a * (L * L) ** 3} for L in Ls]
+    rows = [{"status": "ok", "set": "scaling", "L": L, "N": L * L, "force_s": b * L * L * (L / 32) ** 0.5,
+             "force_s_per_site": b * (L / 32) ** 0.5, "gflops": 1e3 / (b * (L / 32) ** 0.5) / 1e9}
+            for L in (32, 64, 128)]
+    s = S.summarize_model({"preset": "m", "model": "M", "params": 1, "flops_per_site": 1e3,
+                           "conservative": False, "rows": rows}, ceiling_gflops=10.0, large_L=64)
+    assert math.isclose(s["scaling_ratio_all"], 2.0, rel_tol=1e-12)  # per-site time ~ L^(1/2): 128/32 -> 2
+    assert math.isclose(s["scaling_ratio_ge64"], math.sqrt(2), rel_tol=1e-12)
+    b_fit = b * math.sqrt(math.sqrt(2) * 2)  # geometric mean over L = 64, 128 of b (L/32)^(1/2)
+    assert math.isclose(s["b_seconds_per_site"], b_fit, rel_tol=1e-12)
+    assert math.isclose(rows[0]["ceiling_fraction"], 1e3 / b / 1e9 / 10.0, rel_tol=1e-12)
+    # log-log interpolation is exact for a power law; outside the range the per-site time is held
+    t40, how = S.model_time_at(s, 40)
+    assert how == "interpolated" and math.isclose(t40, b * (40 / 32) ** 0.5 * 1600, rel_tol=1e-12)
+    t16, how = S.model_time_at(s, 16)
+    assert how == "extrapolated" and math.isclose(t16, b * 256, rel_tol=1e-12)
+    cmp_ = S.ed_comparison(ed_rows, [s], fit_min_L=16)
+    assert math.isclose(cmp_["models"]["m"]["crossover_L"], (b_fit / a) ** 0.25, rel_tol=1e-12)
+    assert math.isclose(S.speedup_at(cmp_, "m", 40)["speedup"], a * 1600 ** 3 / t40, rel_tol=1e-12)
+
+
+def test_targets_pass_and_fail():
+    def summ(preset, frac, overhead, ratio):
+        return {"preset": preset, "scaling_ratio_all": ratio, "sizes_measured": [32, 128],
+                "ceiling_fraction_large": frac, "large_L_measured": True, "large_sizes": [128],
+                "langevin_overhead_large": overhead}
+
+    summaries = [summ("enn", 0.30, 0.05, 1.1), summ("gnn", 0.50, 0.2, 1.3)]
+    comparison = {"models": {"enn": {"speedups": [{"L": 40, "speedup": 60.0, "how": "measured"}]},
+                             "gnn": {"speedups": [{"L": 40, "speedup": 0.5, "how": "measured"}]}}}
+    memory = {"total_bytes": 2e9, "param_bytes": 1, "state_bytes": 1, "peak_step_bytes": 2e9}
+    targets = {"scaling_tolerance": 0.25, "enn_ceiling_fraction": 0.25, "gnn_ceiling_fraction": 0.6,
+               "large_L": 128, "langevin_overhead": 0.1, "ed_compare_L": 40, "enn_ed_speedup": 50,
+               "memory_preset": "enn", "memory_L": 200, "enn_memory_gb": 1.0}
+    res = {t["target"]: t["passed"] for t in S.evaluate_targets(summaries, comparison, memory, targets, "cpu")}
+    assert res["linear scaling enn: time/site max/min <= 1.25"] is True
+    assert res["linear scaling gnn: time/site max/min <= 1.25"] is False
+    assert res["enn >= 25% of matmul ceiling on cpu at L >= 128"] is True
+    assert res["gnn >= 60% of matmul ceiling on cpu at L >= 128"] is False
+    assert res["Langevin step <= 10% over force enn"] is True
+    assert res["Langevin step <= 10% over force gnn"] is False
+    assert res["enn faster than ED at L = 40"] is True and res["gnn faster than ED at L = 40"] is False
+    assert res["enn >= 50x faster than ED at L = 40"] is True
+    assert res["enn full step at L = 200 under 1 GB"] is False
+
+
+def test_timing_and_memory_helpers():
+    calls = []
+    t = time_call(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=3)
+    assert len(calls) == 5 and t.repeats == 3 and t.min <= t.median <= t.max
+    assert plan_repeats(None, 5.0, 5, 2) == (5, 2)
+    assert plan_repeats(1.0, 5.0, 5, 2) == (4, 1)  # 5 s budget, 1 s per call: 1 warm-up + 4 timed
+    assert plan_repeats(10.0, 5.0, 5, 2) == (1, 1)  # never fewer than one of each
+    cpu = torch.device("cpu")
+    peak = peak_memory(lambda: torch.ones(10_000_000).add_(1.0), cpu)  # 40 MB float32
+    if memory_method(cpu) == "unavailable":
+        assert peak is None
+    else:
+        assert 38e6 <= peak <= 60e6

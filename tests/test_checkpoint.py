@@ -1,0 +1,185 @@
+"""Checkpoints round-trip exactly; TorchScript exports run with plain torch at any lattice size."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.models import (
+    build_model,
+    export_force_field,
+    load_checkpoint,
+    load_force_field,
+    save_checkpoint,
+)
+from lattice_lab.models.registry import load_preset
+
+HAM = {"t": 1.0, "g": 3.5, "k": 1.0, "kappa": 0.18, "temperature": 0.1, "filling": "canonical"}
+PRESETS = ["gnn_small", "gnn_energy_small"]
+
+
+def trained_like(preset: str, dtype=torch.float64):
+    """A model with non-default weights and normalisation buffers (as after training)."""
+    model = build_model(load_preset(preset), HAM).to(dtype)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    Q = 0.4 + 1.2 * torch.randn(2, 8, 8, generator=gen, dtype=torch.float64)
+    model.fit_normalization(Q, -0.2 + 1.8 * torch.randn(2, 8, 8, generator=gen, dtype=torch.float64))
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_save_load_round_trip(tmp_path, preset):
+    model = trained_like(preset)
+    path = save_checkpoint(tmp_path / "run" / "best.pt", model, load_preset(preset),
+                           extra={"epoch": 3, "best_val": 0.25, "optimizer": {"lr": 1e-3}})
+    ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 3 and ckpt["optimizer"] == {"lr": 1e-3} and ckpt["dtype"] == "float64"
+    assert ckpt["hamiltonian"] == HAM and ckpt["model_cfg"]["name"] == model.name and "version" in ckpt
+    Q = torch.randn(2, 11, 11, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(Q)
+        for source in (path, tmp_path / "run", str(path)):  # file, folder with best.pt, string
+            loaded = load_force_field(source, device="cpu")
+            assert not loaded.training and next(loaded.parameters()).dtype == torch.float64
+            assert torch.equal(loaded(Q), ref)
+        as32 = load_force_field(path, device="cpu", dtype="float32")
+        assert next(as32.parameters()).dtype == torch.float32
+        torch.testing.assert_close(as32(Q.float()).double(), ref, rtol=1e-4, atol=1e-4)
+    assert not list(tmp_path.glob("run/.*"))  # atomic write left no temporary file
+
+
+def test_checkpoint_without_explicit_config(tmp_path):
+    model = trained_like("gnn_small", dtype=torch.float32)
+    save_checkpoint(tmp_path / "a.pt", model)  # config recorded by build_model
+    save_checkpoint(tmp_path / "b.pt", model, {"epoch": 9})  # architecture form (path, model, extra)
+    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 9
+    Q = torch.randn(1, 9, 9)
+    with torch.no_grad():
+        for name in ("a.pt", "b.pt"):
+            loaded = load_force_field(tmp_path / name, device="cpu")
+            assert next(loaded.parameters()).dtype == torch.float32  # the saved dtype is the default
+            assert torch.equal(loaded(Q), model(Q))
+    with pytest.raises(ConfigError, match="model.name='enn'"):
+        save_checkpoint(tmp_path / "c.pt", model, {"name": "enn"})
+
+
+def test_missing_checkpoint_is_config_error(tmp_path):
+    missing = tmp_path / "nope" / "best.pt"
+    with pytest.raises(ConfigError, match=str(missing)):
+        load_force_field(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="best.pt"):
+        load_force_field(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="file not found"):
+        load_checkpoint(missing)
+
+
+_STANDALONE = r"""
+import json, sys, torch
+out, names = sys.argv[1], sys.argv[2:]
+res = {}
+for name in names:
+    extra = {"lattice_lab.json": ""}
+    m = torch.jit.load(f"{out}/{name}.ts.pt", _extra_files=extra)
+    meta = json.loads(extra["lattice_lab.json"])
+    res[name] = meta
+    for L in (9, 12):
+        Q = torch.load(f"{out}/Q{L}.pt")
+        with torch.no_grad():           # energy models enable grad inside
+            F = m(Q)
+        torch.save(F, f"{out}/{name}_F{L}.pt")
+        if meta["conservative"]:
+            torch.save(m.energy(Q), f"{out}/{name}_E{L}.pt")
+res["lattice_lab_imported"] = any(k.startswith("lattice_lab") for k in sys.modules)
+print(json.dumps(res))
+"""
+
+
+def test_export_runs_without_lattice_lab(tmp_path):
+    """The exported files run in a fresh interpreter with only torch, at two lattice sizes."""
+    models = {p: trained_like(p) for p in PRESETS}
+    for name, model in models.items():
+        export_force_field(model, tmp_path / f"{name}.ts.pt", example_L=9)
+    inputs = {L: torch.randn(2, L, L, dtype=torch.float64) for L in (9, 12)}
+    for L, Q in inputs.items():
+        torch.save(Q, tmp_path / f"Q{L}.pt")
+    proc = subprocess.run([sys.executable, "-c", _STANDALONE, str(tmp_path), *PRESETS],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["lattice_lab_imported"] is False
+    for name, model in models.items():
+        meta = res[name]
+        assert meta["hamiltonian"] == HAM and meta["cutoff"] == model.cutoff
+        assert meta["conservative"] == model.conservative and meta["name"] == model.name
+        with torch.no_grad():
+            for L, Q in inputs.items():
+                torch.testing.assert_close(torch.load(tmp_path / f"{name}_F{L}.pt"), model(Q),
+                                           rtol=1e-12, atol=1e-12)
+                if model.conservative:
+                    torch.testing.assert_close(torch.load(tmp_path / f"{name}_E{L}.pt"), model.energy(Q),
+                                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_load_force_field_accepts_export(tmp_path, preset):
+    model = trained_like(preset)
+    path = export_force_field(model, tmp_path / "model.ts.pt")
+    loaded = load_force_field(path, device="cpu")
+    assert loaded.hamiltonian == model.hamiltonian and loaded.cutoff == model.cutoff
+    assert loaded.receptive_field == model.receptive_field and loaded.conservative == model.conservative
+    for L in (9, 13):
+        Q = torch.randn(1, L, L, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(Q), model(Q), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ConfigError, match="shape"):
+        loaded(torch.zeros(9, 9, dtype=torch.float64))
+    loaded.check_compatible(HAM)
+    with pytest.raises(ConfigError, match="hamiltonian.kappa"):
+        loaded.check_compatible(dict(HAM, kappa=0.1))
+    if model.conservative:  # autograd inside the exported module, also without no_grad
+        Q = torch.randn(1, 9, 9, dtype=torch.float64)
+        torch.testing.assert_close(loaded(Q), model(Q), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(loaded.energy(Q), model.energy(Q).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_load_from_mlflow_run(tmp_path, monkeypatch):
+    """Run ids and runs:/ URIs download checkpoints/best.pt from the tracking server in
+    MLFLOW_TRACKING_URI. (MLflow's download is replaced by a local copy: creating a real sqlite
+    store takes ~12 s; the fake checks its arguments against the real function's signature.)"""
+    import inspect
+    import shutil
+
+    import mlflow.artifacts
+
+    model = trained_like("gnn_small")
+    ckpt = save_checkpoint(tmp_path / "store" / "checkpoints" / "best.pt", model)
+    run_id = "0123456789abcdef0123456789abcdef"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    calls = []
+    real = mlflow.artifacts.download_artifacts
+
+    def fake_download(**kwargs):
+        inspect.signature(real).bind(**kwargs)  # a call the real function accepts
+        calls.append(kwargs)
+        if kwargs["run_id"] != run_id:
+            raise RuntimeError(f"Run '{kwargs['run_id']}' not found")
+        src = tmp_path / "store" / kwargs["artifact_path"]
+        return shutil.copy(src, kwargs["dst_path"])
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", fake_download)
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        for ref in (run_id, f"runs:/{run_id}", f"runs:/{run_id}/checkpoints/best.pt"):
+            assert torch.equal(load_force_field(ref, device="cpu")(Q), model(Q))
+    assert all(c["tracking_uri"] == uri and c["artifact_path"] == "checkpoints/best.pt" for c in calls)
+    assert ckpt.is_file()
+    with pytest.raises(ConfigError, match="fedcba9876543210fedcba9876543210"):
+        load_force_field("fedcba9876543210fedcba9876543210")

@@ -1,0 +1,156 @@
+"""`python -m lattice_lab.generate`: the tiny preset end to end, exact resume, overwrite protection, errors."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.data import generation, read_force_dataset
+from lattice_lab.dynamics import LangevinIntegrator, LangevinParams, random_hot_start
+from lattice_lab.generate import run
+from lattice_lab.physics import ExactForces
+
+REPO = Path(CONFIG_DIR).parent
+
+
+def _cfg(path, *extra):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose("generate", overrides=["dataset=holstein_L8_tiny", f"dataset.path={path}", "device=cpu",
+                                              *extra])
+
+
+def _file_contents(path):
+    """Every dataset and attribute of an HDF5 file (attribute `created` excluded)."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        for name in f:
+            out[name] = f[name][()]
+        for key, value in f.attrs.items():
+            if key != "created":
+                out[f"@{key}"] = value
+    return out
+
+
+def _assert_same_file(a, b):
+    ca, cb = _file_contents(a), _file_contents(b)
+    assert sorted(ca) == sorted(cb)
+    for key in ca:
+        if isinstance(ca[key], np.ndarray):
+            assert np.array_equal(ca[key], cb[key]), key  # bit for bit
+        else:
+            assert ca[key] == cb[key], key
+
+
+def test_tiny_preset_writes_a_valid_consistent_file(tmp_path):
+    path = run(_cfg(tmp_path / "tiny.h5"))
+    d = read_force_dataset(path)
+    cfg = d.attrs
+    assert d.L == 8 and len(d) == 24
+    assert np.array_equal(d.kind, [0] * 12 + [1] * 12)
+    assert np.array_equal(d.is_val, np.arange(24) % 3 == 2)
+    assert cfg["name"] == "holstein_L8_tiny" and "holstein_L8_tiny" in cfg["config"] and cfg["seed"] == 0
+    p = d.hamiltonian()
+    assert (p.g, p.kappa, p.temperature, p.filling) == (3.5, 0.18, 0.1, "canonical")
+    # the stored forces and densities are the exact ones for the stored configurations
+    res = ExactForces(p).compute(torch.from_numpy(d.Q))
+    assert np.allclose(res.forces.numpy(), d.F, atol=1e-12, rtol=0)
+    assert np.allclose(res.density.numpy(), d.n, atol=1e-12, rtol=0)
+    assert np.allclose(d.n.sum(axis=(1, 2)), 32, atol=1e-11)
+    # random configurations follow the hot-start distribution (variance T_init / kappa = 27.8)
+    assert 15 < d.split("random").Q.var() < 45
+    # the first quench snapshot is the ED Langevin state after burn_in steps from the seed + 1 hot start
+    gen = torch.Generator().manual_seed(1)
+    Q0, V0 = random_hot_start(4, 8, p, 5.0, 5.0, gen, dtype=torch.float64)
+    integ = LangevinIntegrator(ExactForces(p), LangevinParams(temperature=0.1), gen)
+    state = integ.step(integ.init_state(Q0, V0), 6)
+    assert np.array_equal(state.Q.numpy(), d.Q[12:16])
+    state = integ.step(state, 3)
+    assert np.array_equal(state.Q.numpy(), d.Q[16:20])
+    assert not generation.partial_path(path).exists()
+
+
+# ED calls of the tiny build: 3 random chunks of 4, the quench initial force, then one per Langevin step
+# (snapshots after steps 6, 9, 12). Interrupt in the random phase, at the start of the quench, and in the
+# middle of the quench (resumes from the saved integrator state and noise generator).
+@pytest.mark.parametrize("fail_after_calls, expect_done", [(2, 8), (5, 12), (12, 16)])
+def test_interrupted_build_resumes_to_the_identical_file(tmp_path, monkeypatch, fail_after_calls, expect_done):
+    ref = run(_cfg(tmp_path / "ds.h5"))
+    os.replace(ref, tmp_path / "reference.h5")
+
+    original = ExactForces.compute
+    calls = {"n": 0}
+
+    def flaky(self, Q, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > fail_after_calls:
+            raise RuntimeError("injected interruption")
+        return original(self, Q, *args, **kwargs)
+
+    monkeypatch.setattr(ExactForces, "compute", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(_cfg(tmp_path / "ds.h5"))
+    partial = generation.partial_path(tmp_path / "ds.h5")
+    assert partial.exists() and not (tmp_path / "ds.h5").exists()
+    done = len(torch.load(partial, weights_only=False)["kind"])
+    assert done == expect_done
+    monkeypatch.setattr(ExactForces, "compute", original)
+    path = run(_cfg(tmp_path / "ds.h5"))
+    _assert_same_file(path, tmp_path / "reference.h5")
+    assert not partial.exists()
+
+
+def test_existing_file_is_not_overwritten(tmp_path):
+    path = run(_cfg(tmp_path / "x.h5"))
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match=f"dataset.path='{path}': file exists"):
+        run(_cfg(path))
+    assert path.read_bytes() == before
+    run(_cfg(path, "overwrite=true", "seed=3"))
+    assert read_force_dataset(path).attrs["seed"] == 3
+
+
+def test_partial_build_with_other_settings_is_not_mixed_in(tmp_path):
+    target = tmp_path / "p.h5"
+    torch.save({"fingerprint": {"other": 1}, "kind": [0]}, generation.partial_path(target))
+    with pytest.raises(ConfigError, match="unfinished build with different settings"):
+        run(_cfg(target))
+    run(_cfg(target, "overwrite=true"))
+    assert len(read_force_dataset(target)) == 24
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["hamiltonian.kappa=0.3"], "hamiltonian.kappa=0.3: need |kappa| < k/4"),
+    (["dataset.L=7"], "dataset.L=7: half filling needs an even number of sites"),
+    (["dataset.L=6"], "dataset.L=6: must be >= 2 * min_cutoff = 7.21"),
+    (["dataset.temperature=-1"], "dataset.temperature=-1.0: must be >= 0"),
+    (["+dataset.n_snapshots=5"], "dataset.n_snapshots=5: unknown key"),
+    (["+hamiltonian.lam=2"], "hamiltonian.lam=2: unknown key"),
+    (["+replicas=3"], "replicas=3: unknown key"),
+    (["dataset.replicas=0"], "dataset.replicas=0: expected an integer >= 1"),
+])
+def test_bad_inputs_raise_one_line_config_errors(tmp_path, overrides, fragment):
+    with pytest.raises(ConfigError) as exc:
+        run(_cfg(tmp_path / "bad.h5", *overrides))
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_entrypoint_prints_one_line_error_without_traceback(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LATTICE_LAB_NO_PROGRESS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lattice_lab.generate", "dataset=holstein_L8_tiny", "hamiltonian.kappa=0.3",
+         f"dataset.path={tmp_path / 'e.h5'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: hamiltonian.kappa=0.3: need |kappa| < k/4 = 0.25 "
+                      "(otherwise the elastic energy is unbounded below)"]

@@ -1,0 +1,181 @@
+"""Checks every force field must pass, run on every small preset ``conf/model/*_small.yaml``.
+
+Exact symmetries (D4, translations), locality (receptive field), transfer to a tiled lattice,
+compatibility checks and input validation; float64, random weights and random normalisation.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.lattice import translate
+from lattice_lab.models import ForceField, available_presets, build_model, count_parameters, flops_per_site
+from lattice_lab.models.registry import load_preset
+from lattice_lab.symmetry.field_ops import apply_group_element
+
+HAM = {"t": 1.0, "g": 3.5, "k": 1.0, "kappa": 0.18, "temperature": 0.1, "filling": "canonical"}
+SMALL_PRESETS = [p for p in available_presets() if p.endswith("_small")]
+
+
+def lattice_size(model: ForceField) -> int:
+    """Smallest L >= 8 on which the receptive field does not wrap around (L >= 2 r + 1)."""
+    return max(8, 2 * model.receptive_field + 1)
+
+
+def random_model(preset: str) -> ForceField:
+    """Preset in float64 with perturbed weights and a non-trivial fitted normalisation, eval mode."""
+    model = build_model(load_preset(preset), HAM).double()
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    Q = 0.3 + 1.7 * torch.randn(3, 10, 10, generator=gen, dtype=torch.float64)
+    F = -0.4 + 2.5 * torch.randn(3, 10, 10, generator=gen, dtype=torch.float64)
+    model.fit_normalization(Q, F)
+    return model.eval()
+
+
+def random_field(B: int, L: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return 0.2 + torch.randn(B, L, L, generator=gen, dtype=torch.float64)
+
+
+def assert_close(a, b, tol=1e-10):
+    scale = max(1.0, float(b.abs().max()))
+    err = float((a - b).abs().max())
+    assert err <= tol * scale, f"max deviation {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+@pytest.fixture(autouse=True)
+def _inference_mode_no_grad():
+    """Models are used under no_grad at inference; energy models must still produce forces."""
+    with torch.no_grad():
+        yield
+
+
+def test_small_presets_found():
+    assert {"gnn_small", "gnn_energy_small"} <= set(SMALL_PRESETS)
+
+
+@pytest.fixture(scope="module", params=SMALL_PRESETS)
+def model(request):
+    return random_model(request.param)
+
+
+def test_d4_equivariance(model):
+    L = lattice_size(model)
+    Q = random_field(2, L)
+    F = model(Q)
+    assert F.shape == Q.shape and F.dtype == torch.float64
+    assert float(F.std()) > 1e-3  # a non-trivial output, so the checks below can fail
+    for i in range(8):
+        assert_close(model(apply_group_element(Q, i)), apply_group_element(F, i))
+
+
+def test_translation_equivariance(model):
+    L = lattice_size(model)
+    Q = random_field(2, L, seed=1)
+    F = model(Q)
+    for shift in [(1, 0), (0, 3), (2, 5), (L - 1, L - 2)]:
+        assert_close(model(translate(Q, shift)), translate(F, shift))
+
+
+def test_tiled_lattice_gives_same_site_forces(model):
+    """Transfer across L: forces on a 2L x 2L lattice tiled from an L x L one are the tiled forces.
+
+    L >= 2 r + 1, so on the small lattice no site sees its own periodic image (a model that is not
+    local, or that depends on L, fails this test).
+    """
+    L = lattice_size(model)
+    Q = random_field(2, L, seed=2)
+    F = model(Q)
+    assert_close(model(Q.repeat(1, 2, 2)), F.repeat(1, 2, 2))
+
+
+def test_receptive_field_is_exact(model):
+    """F at the origin ignores Q at distance r + 1 along an axis and depends on Q at distance r."""
+    r = model.receptive_field
+    L = 2 * (2 * r + 1)
+    Q = random_field(1, L, seed=3)
+    F0 = model(Q)[0, 0, 0]
+    far, near = Q.clone(), Q.clone()
+    far[0, r + 1, 0] += 1.0
+    near[0, r, 0] += 1.0
+    assert abs(float(model(far)[0, 0, 0] - F0)) < 1e-12 * max(1.0, abs(float(F0)))
+    assert abs(float(model(near)[0, 0, 0] - F0)) > 1e-8
+
+
+def test_batch_is_independent(model):
+    L = lattice_size(model)
+    Q = random_field(3, L, seed=4)
+    F = model(Q)
+    for b in range(3):
+        assert_close(model(Q[b:b + 1])[0], F[b], tol=1e-12)
+
+
+def test_check_compatible(model):
+    model.check_compatible(dict(HAM))
+    for key, bad in (("t", 1.5), ("g", 3.0), ("k", 1.2), ("kappa", 0.1)):
+        with pytest.raises(ConfigError, match=f"hamiltonian.{key}={bad}"):
+            model.check_compatible(dict(HAM, **{key: bad}))
+    with pytest.raises(ConfigError, match="cutoff"):
+        model.check_compatible(dict(HAM), cutoff=model.cutoff + 0.5)
+    model.check_compatible(dict(HAM), cutoff=model.cutoff)
+    with pytest.warns(UserWarning, match="temperature"):
+        model.check_compatible(dict(HAM, temperature=0.3))
+
+
+def test_check_compatible_accepts_holstein_params(model):
+    from lattice_lab.physics.holstein import HolsteinParams
+
+    model.check_compatible(HolsteinParams(**HAM))
+    with pytest.raises(ConfigError, match="hamiltonian.g"):
+        model.check_compatible(HolsteinParams(**dict(HAM, g=2.0)))
+
+
+def test_bad_input_shapes(model):
+    L = lattice_size(model)
+    for shape in [(L, L), (1, L, L + 1), (1, 1, L, L)]:
+        with pytest.raises(ConfigError, match="shape"):
+            model(torch.zeros(shape, dtype=torch.float64))
+    small = 2 * model.receptive_field
+    with pytest.raises(ConfigError, match=f"L={small}"):
+        model(torch.zeros(1, small, small, dtype=torch.float64))
+
+
+def test_counts_and_defaults(model):
+    assert count_parameters(model) > 0
+    assert flops_per_site(model) > count_parameters(model)  # every weight is used once per site
+    assert model.receptive_field >= 1 and math.isfinite(model.cutoff)
+    assert model.hamiltonian["g"] == HAM["g"]
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
+def test_default_dtype_is_float32(preset):
+    model = build_model(load_preset(preset), HAM)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.model_cfg["name"] == load_preset(preset)["name"]
+
+
+def test_build_model_errors():
+    with pytest.raises(ConfigError, match="model.name='transformer'"):
+        build_model({"name": "transformer"}, HAM)
+    with pytest.raises(ConfigError, match="model.name is missing"):
+        build_model({"widths": [1, 1]}, HAM)
+    with pytest.raises(ConfigError, match="model.depth=3"):
+        build_model({"name": "gnn", "widths": [1, 4, 1], "depth": 3}, HAM)
+    with pytest.raises(ConfigError, match="model.aggregation='max'"):
+        build_model({"name": "gnn", "widths": [1, 4, 1], "aggregation": "max"}, HAM)
+
+
+def test_build_model_accepts_dictconfig_and_params():
+    from omegaconf import OmegaConf
+
+    from lattice_lab.physics.holstein import HolsteinParams
+
+    model = build_model(OmegaConf.create({"name": "gnn", "widths": [1, 4, 1]}), HolsteinParams(**HAM))
+    assert model.hamiltonian["kappa"] == HAM["kappa"]
+    assert model.model_cfg == {"name": "gnn", "cutoff": None, "widths": [1, 4, 1],
+                               "aggregation": "sum", "activation": "relu"}

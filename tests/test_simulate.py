@@ -1,0 +1,347 @@
+"""simulate: ED/ML-driven Langevin runs, trajectories, checkpoints, exact resume, divergence, refusals."""
+
+import math
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.errors import ConfigError, SimulationDiverged
+from lattice_lab.dynamics.compare_run import run_comparison
+from lattice_lab.dynamics.forces import EDForceProvider, ForceProvider, make_force_provider
+from lattice_lab.dynamics.runner import build_hamiltonian, run_simulation
+from lattice_lab.dynamics.trajectory import partial_path
+from lattice_lab.physics.ed import ExactForces
+from lattice_lab.physics.holstein import HolsteinParams, density_from_force
+from lattice_lab.simulate import run
+
+L, R = 8, 2
+BASE = ["device=cpu", "tracking.enabled=false", "analyze=false", f"dynamics.L={L}", f"dynamics.replicas={R}",
+        "dynamics.steps=20", "dynamics.save_every=5", "dynamics.temperature=0.1", "seed=3"]
+
+
+def make_cfg(tmp_path, *overrides, config_name="simulate"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name=config_name, overrides=[f"output_root={tmp_path}", *BASE, *overrides])
+
+
+def read_all(path):
+    with h5py.File(path, "r") as f:
+        return {k: f[k][...] for k in ("Q", "n", "step", "time")}, dict(f.attrs)
+
+
+@pytest.fixture(scope="module")
+def gnn_checkpoint(tmp_path_factory):
+    """A small GNN with random weights for the default Hamiltonian, saved as a checkpoint."""
+    from lattice_lab.models.checkpoint import save_checkpoint
+    from lattice_lab.models.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"name": "gnn", "widths": [1, 8, 8, 1]}, HolsteinParams().as_dict())
+    path = tmp_path_factory.mktemp("model") / "gnn_small.pt"
+    save_checkpoint(path, model, {})
+    return path, model
+
+
+class Harmonic(ForceProvider):
+    """F = -stiffness * Q on every replica; records the batch shape of every call."""
+
+    source = "harmonic"
+
+    def __init__(self, stiffness=1.0, nan_at_call=None):
+        super().__init__(HolsteinParams(), "cpu", torch.float64)
+        self.stiffness, self.nan_at_call, self.shapes = stiffness, nan_at_call, []
+
+    def _evaluate(self, Q):
+        self.shapes.append(tuple(Q.shape))
+        F = -self.stiffness * Q
+        if self.nan_at_call is not None and len(self.shapes) >= self.nan_at_call:
+            F = F * float("nan")
+        return F
+
+
+class Crashing:
+    """Wrap a provider and raise at the given force call (simulates a killed job)."""
+
+    def __init__(self, inner, at_call):
+        self.inner, self.at_call, self.calls = inner, at_call, 0
+
+    def __call__(self, Q):
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise RuntimeError("injected crash")
+        return self.inner(Q)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+# -- valid trajectories -------------------------------------------------------------------------
+def test_ed_run_writes_valid_trajectory(tmp_path):
+    cfg = make_cfg(tmp_path, "force=ed")
+    res = run(cfg)
+    assert res["completed"] and res["step"] == 20 and res["frames"] == 5
+    assert res["steps_per_s"] > 0 and res["site_steps_per_s"] == pytest.approx(res["steps_per_s"] * R * L * L)
+    data, attrs = read_all(res["trajectory"])
+    assert data["Q"].shape == (5, R, L, L) and data["n"].shape == (5, R, L, L)
+    assert data["Q"].dtype == np.float32 and data["n"].dtype == np.float32
+    np.testing.assert_array_equal(data["step"], [0, 5, 10, 15, 20])
+    np.testing.assert_allclose(data["time"], 0.05 * data["step"], rtol=0, atol=1e-12)
+    assert np.isfinite(data["Q"]).all() and np.isfinite(data["n"]).all()
+    assert ((data["n"] >= 0) & (data["n"] <= 1)).all()
+    assert attrs["force_source"] == "ed" and attrs["L"] == L and attrs["R"] == R and attrs["seed"] == 3
+    for key, val in (("dt", 0.05), ("mass", 5.0), ("gamma", 0.2), ("temperature", 0.1), ("g", 3.5),
+                     ("kappa", 0.18), ("init_temperature", 5.0)):
+        assert attrs[key] == pytest.approx(val), key
+    assert "force:" in attrs["config"] and (tmp_path / "ed_L8_R2_T0.1_seed3" / "config.yaml").exists()
+    assert not partial_path(res["trajectory"]).exists()
+    # the saved density is the ED density at the saved configuration (final state from the checkpoint)
+    ck = torch.load(res["checkpoint"], weights_only=False)
+    assert ck["state"]["step"] == 20 and ck["n_frames"] == 5
+    Q = ck["state"]["Q"]
+    np.testing.assert_array_equal(data["Q"][-1], Q.numpy().astype(np.float32))
+    ed = ExactForces(HolsteinParams(temperature=0.1)).compute(Q)
+    np.testing.assert_allclose(data["n"][-1], ed.density.numpy(), atol=1e-6)
+    torch.testing.assert_close(ck["state"]["F"], ed.forces, rtol=0, atol=1e-12)
+    # the hot start: Q ~ N(0, T_init/kappa) -> sample variance near 5/0.18 = 27.8
+    assert 15 < float(np.var(data["Q"][0])) < 45
+
+
+def test_ml_run_writes_valid_trajectory(tmp_path, gnn_checkpoint):
+    path, model = gnn_checkpoint
+    cfg = make_cfg(tmp_path, "force=ml", f"force.checkpoint={path}", "dtype=float64")
+    res = run(cfg)
+    assert res["completed"] and res["frames"] == 5
+    data, attrs = read_all(res["trajectory"])
+    assert attrs["force_source"] == "ml" and attrs["model_path"] == str(path)
+    assert np.isfinite(data["Q"]).all() and np.isfinite(data["n"]).all()
+    ck = torch.load(res["checkpoint"], weights_only=False)
+    Q = ck["state"]["Q"]
+    with torch.no_grad():
+        F = model.double()(Q)
+    torch.testing.assert_close(ck["state"]["F"], F, rtol=1e-12, atol=1e-12)
+    n = density_from_force(F, Q, HolsteinParams())
+    np.testing.assert_allclose(data["n"][-1], n.numpy(), rtol=1e-6, atol=1e-5)
+
+
+def test_ml_float32_default_and_chunking(tmp_path, gnn_checkpoint):
+    path, _ = gnn_checkpoint
+    ham = HolsteinParams()
+    full = make_force_provider({"source": "ml", "checkpoint": str(path)}, ham, "cpu", "float32")
+    chunked = make_force_provider({"source": "ml", "checkpoint": str(path), "chunk_replicas": 2}, ham, "cpu",
+                                  "float32")
+    assert full.dtype == torch.float32
+    Q = torch.randn(5, L, L, dtype=torch.float64)
+    F1, F2 = full(Q), chunked(Q)
+    assert F1.dtype == torch.float64 and F1.shape == Q.shape  # returned in the caller's dtype
+    torch.testing.assert_close(F1, F2, rtol=1e-5, atol=1e-5)
+
+
+def test_energy_model_forces_need_autograd(tmp_path):
+    from lattice_lab.models.checkpoint import save_checkpoint
+    from lattice_lab.models.registry import build_model, load_preset
+
+    model = build_model(load_preset("gnn_energy_small"), HolsteinParams().as_dict()).double().eval()
+    path = tmp_path / "energy.pt"
+    save_checkpoint(path, model, {"mlflow_run_id": "0123456789abcdef0123456789abcdef"})
+    prov = make_force_provider({"source": "ml", "checkpoint": str(path)}, HolsteinParams(), "cpu", "float64")
+    assert prov.conservative and prov.model_run_id == "0123456789abcdef0123456789abcdef"
+    Q = torch.randn(2, 10, 10, dtype=torch.float64)
+    with torch.no_grad():  # the integrator's context: the provider must re-enable autograd itself
+        F = prov(Q)
+    q = Q.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model.energy(q).sum(), q)
+    torch.testing.assert_close(F, -grad, rtol=1e-12, atol=1e-12)
+    assert not F.requires_grad
+
+
+def test_compile_failure_falls_back_to_eager(gnn_checkpoint, monkeypatch):
+    path, model = gnn_checkpoint
+
+    def broken_compile(fn, *a, **k):
+        def call(*args):
+            raise RuntimeError("no compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    prov = make_force_provider({"source": "ml", "checkpoint": str(path), "compile": True}, HolsteinParams(),
+                               "cpu", "float64")
+    Q = torch.randn(2, L, L, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        F = prov(Q)
+    with torch.no_grad():
+        torch.testing.assert_close(F, model.double()(Q))
+
+
+# -- resume -------------------------------------------------------------------------------------
+def test_resume_is_bit_identical(tmp_path):
+    over = ["force=ed", "dynamics.steps=30", "checkpoint_every_steps=10", "divergence.check_every=1"]
+    ref = run(make_cfg(tmp_path / "a", *over))
+
+    # invocation 1: stop after 13 steps (checkpoint at 10 and 13)
+    cfg = make_cfg(tmp_path / "b", *over, "stop_after_steps=13")
+    part = run(cfg)
+    assert not part["completed"] and part["step"] == 13
+    assert partial_path(part["trajectory"].removesuffix(".partial")).exists()
+    # invocation 2: resumes at 13, crashes at step 22 after writing the frame of step 20 (checkpoint 20)
+    cfg2 = make_cfg(tmp_path / "b", *over, "resume=true")
+    provider = make_force_provider(cfg2.force, build_hamiltonian(cfg2), "cpu", L=L)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_simulation(cfg2, force_provider=Crashing(provider, at_call=9))
+    ck = torch.load(tmp_path / "b" / "ed_L8_R2_T0.1_seed3" / "checkpoint.pt", weights_only=False)
+    assert ck["state"]["step"] == 20
+    # invocation 3: resumes at 20 and finishes
+    done = run(make_cfg(tmp_path / "b", *over, "resume=true"))
+    assert done["completed"] and done["step"] == 30
+    a, _ = read_all(ref["trajectory"])
+    b, _ = read_all(done["trajectory"])
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    ca = torch.load(ref["checkpoint"], weights_only=False)["state"]
+    cb = torch.load(done["checkpoint"], weights_only=False)["state"]
+    for key in ("Q", "V", "F"):
+        assert torch.equal(ca[key], cb[key]), key
+
+
+def test_resume_refuses_other_settings_and_existing_runs(tmp_path):
+    run(make_cfg(tmp_path, "force=ed", "stop_after_steps=5"))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(make_cfg(tmp_path, "force=ed"))
+    with pytest.raises(ConfigError, match="dynamics"):
+        run(make_cfg(tmp_path, "force=ed", "resume=true", "dynamics.gamma=0.3"))
+    done = run(make_cfg(tmp_path, "force=ed", "resume=true"))
+    assert done["completed"] and done["frames"] == 5
+
+
+# -- divergence ---------------------------------------------------------------------------------
+def test_divergence_stops_with_last_good_checkpoint(tmp_path):
+    cfg = make_cfg(tmp_path, "dynamics.steps=200", "checkpoint_every_steps=5", "divergence.check_every=1",
+                   "dynamics.save_every=2", "run_name=blowup")
+    with pytest.raises(SimulationDiverged, match=r"step (\d+): max\|Q\|") as info:
+        run_simulation(cfg, force_provider=Harmonic(stiffness=-100.0))  # anti-restoring: exponential growth
+    msg = str(info.value)
+    bad_step = int(msg.split("step ")[1].split(":")[0])
+    assert "divergence.max_abs_q" in msg and "last good checkpoint" in msg
+    ck = torch.load(tmp_path / "blowup" / "checkpoint.pt", weights_only=False)
+    good = ck["state"]["step"]
+    assert good < bad_step and good % 5 == 0 and bad_step - good <= 5
+    limit = 50 * 3.5 / 2 / (1 - 4 * 0.18)
+    assert torch.isfinite(ck["state"]["Q"]).all() and float(ck["state"]["Q"].abs().max()) <= limit
+    part = partial_path(tmp_path / "blowup" / "trajectory.h5")
+    with h5py.File(part, "r") as f:
+        assert f["step"].shape[0] == ck["n_frames"] and int(f["step"][-1]) <= good
+        assert np.isfinite(f["Q"][...]).all()
+
+
+def test_divergence_on_nan(tmp_path):
+    cfg = make_cfg(tmp_path, "run_name=nan", "divergence.check_every=1")
+    with pytest.raises(SimulationDiverged, match=r"step 7: .*max\|F\| = nan"):
+        run_simulation(cfg, force_provider=Harmonic(nan_at_call=8))  # call 1 is the initial force
+
+
+# -- refusals -----------------------------------------------------------------------------------
+def test_ed_refused_above_max_L(tmp_path):
+    with pytest.raises(ConfigError, match=r"dynamics.L=50: .*force.max_L=48.*force=ml"):
+        run(make_cfg(tmp_path, "force=ed", "dynamics.L=50"))
+    with pytest.raises(ConfigError, match="force.max_L=6"):
+        run(make_cfg(tmp_path, "force=ed", "force.max_L=6"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_model_for_other_hamiltonian_refused(tmp_path):
+    from lattice_lab.models.checkpoint import save_checkpoint
+    from lattice_lab.models.registry import build_model
+
+    model = build_model({"name": "gnn", "widths": [1, 4, 1]}, HolsteinParams(g=3.0).as_dict())
+    path = tmp_path / "other.pt"
+    save_checkpoint(path, model, {})
+    with pytest.raises(ConfigError, match=r"hamiltonian.g=3.5: .*trained for g=3.0"):
+        run(make_cfg(tmp_path / "out", "force=ml", f"force.checkpoint={path}"))
+    with pytest.raises(ConfigError, match="force.checkpoint"):
+        run(make_cfg(tmp_path / "out", "force=ml"))
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, build_model({"name": "gnn", "widths": [1, 4, 4, 4, 4, 1]}, HolsteinParams().as_dict()), {})
+    with pytest.raises(ConfigError, match=r"dynamics.L=8: .*receptive field.*L >= 11"):
+        run(make_cfg(tmp_path / "out", "force=ml", f"force.checkpoint={good}"))
+
+
+def test_entrypoint_prints_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lattice_lab.simulate", "force=ed", "dynamics.L=64",
+                           f"output_root={tmp_path}", "tracking.enabled=false", f"hydra.run.dir={tmp_path}/h"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: dynamics.L=64") and "force=ml" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+# -- batching -----------------------------------------------------------------------------------
+def test_replicas_are_one_batch(tmp_path):
+    h = Harmonic(stiffness=1.0)
+    res = run_simulation(make_cfg(tmp_path, "dynamics.replicas=3", "run_name=h"), force_provider=h)
+    assert res["completed"]
+    assert h.shapes == [(3, L, L)] * 21  # initial force + one batched call per step, no loop over replicas
+    ed = EDForceProvider(HolsteinParams(), "cpu")
+    Q = torch.randn(3, L, L, dtype=torch.float64)
+    F = ed(Q)
+    single = torch.stack([ExactForces(HolsteinParams())(Q[i:i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(F, single, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ed.density(Q, F), ExactForces(HolsteinParams()).compute(Q).density)
+
+
+# -- tracking + analysis ------------------------------------------------------------------------
+def test_mlflow_and_analysis(tmp_path, tmp_mlflow, gnn_checkpoint):
+    from mlflow.tracking import MlflowClient
+
+    path, _ = gnn_checkpoint
+    over = ["force=ml", f"force.checkpoint={path}", "tracking.enabled=true", "analyze=true", "dynamics.steps=40",
+            "analysis.correlation_steps=[0,20,40]"]
+    first = run(make_cfg(tmp_path, *over, "stop_after_steps=20"))
+    assert not first["completed"] and first["analysis"] is None
+    res = run(make_cfg(tmp_path, *over, "resume=true"))
+    assert res["mlflow_run_id"] == first["mlflow_run_id"]  # the resumed run continues the same MLflow run
+    assert res["analysis"] is not None and (tmp_path / res["run_dir"] / "analysis" / "summary.json").exists()
+    client = MlflowClient(tracking_uri=tmp_mlflow)
+    exp = client.get_experiment_by_name("lattice_lab/simulate")
+    run_info = client.get_run(res["mlflow_run_id"])
+    assert run_info.info.experiment_id == exp.experiment_id
+    assert run_info.data.params["dynamics.L"] == str(L) and run_info.data.params["force.source"] == "ml"
+    assert run_info.data.metrics["steps_per_s"] > 0 and "site_steps_per_s" in run_info.data.metrics
+    assert run_info.data.tags["force_source"] == "ml" and run_info.data.tags["status"] == "completed"
+    history = client.get_metric_history(res["mlflow_run_id"], "L")
+    assert sorted(m.step for m in history) == [0, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert all(math.isfinite(m.value) for m in history)
+
+
+# -- ED vs ML comparison ------------------------------------------------------------------------
+def test_comparison_same_initial_states_and_noise(tmp_path, gnn_checkpoint):
+    """With exact forces on the 'ML' side the two runs must coincide bit for bit (same hot start,
+    same noise) and the agreement statistic is exactly 0; with the random GNN they differ."""
+    path, _ = gnn_checkpoint
+    cfg = make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[5,20]", "compare.name=cmp",
+                   config_name="simulate_compare")
+    res = run_comparison(cfg, ml_provider=EDForceProvider(HolsteinParams(temperature=0.1), "cpu"))
+    a, _ = read_all(res["ed"]["trajectory"])
+    b, _ = read_all(res["ml"]["trajectory"])
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert res["comparison"]["max_abs_z"] == 0.0
+    assert (tmp_path / "cmp" / "comparison.json").exists()
+    assert (tmp_path / "cmp" / "comparison" / "compare_C_r.png").exists()
+
+    cfg = make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[5,20]", "compare.name=cmp_ml",
+                   config_name="simulate_compare")
+    res = run(cfg)
+    a, _ = read_all(res["ed"]["trajectory"])
+    b, attrs = read_all(res["ml"]["trajectory"])
+    assert attrs["force_source"] == "ml"
+    np.testing.assert_array_equal(a["Q"][0], b["Q"][0])  # same hot start
+    assert not np.array_equal(a["Q"][-1], b["Q"][-1])
+    assert res["comparison"]["max_abs_z"] > 0
+    with pytest.raises(ConfigError, match="compare.steps"):
+        run(make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[7]", config_name="simulate_compare"))

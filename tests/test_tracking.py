@@ -1,0 +1,161 @@
+"""MLflow tracking helpers (temporary store) and the force-accuracy plots."""
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lattice_lab.tracking import mlflow_utils as mu
+from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def _empty_store(tmp_path_factory):
+    """An MLflow sqlite store with its schema migrated once (creating one costs ~5-10 s)."""
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    mu.setup_tracking({"uri": f"sqlite:///{db}"})
+    mu.get_or_create_experiment("Default-init", f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def store(tmp_mlflow, _empty_store):
+    """``tmp_mlflow`` pre-filled with the migrated empty schema; returns the tracking URI."""
+    shutil.copy(_empty_store, tmp_mlflow[len("sqlite:///"):])
+    return tmp_mlflow
+
+
+def test_flatten_config_dotted_keys_lists_and_limits():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": {"name": "enn", "hidden": [32, 8, 4], "opt": None},
+                            "trainer": {"lr": 1e-3, "nested": {"deep": True}}, "empty": {},
+                            "long": "x" * 7000, "hydra": {"run": {"dir": "ignored"}}})
+    flat = mu.flatten_config(cfg)
+    assert flat["model.name"] == "enn" and flat["model.hidden"] == "[32, 8, 4]"
+    assert flat["model.opt"] == "null" and flat["trainer.lr"] == "0.001"
+    assert flat["trainer.nested.deep"] == "True" and flat["empty"] == "{}"
+    assert len(flat["long"]) == mu.MAX_PARAM_LENGTH and flat["long"].endswith("...")
+    assert not any(k.startswith("hydra") for k in flat)
+
+
+def test_uri_precedence_and_artifact_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mu.resolve_tracking_uri().startswith("sqlite:///") and mu.resolve_tracking_uri().endswith("runs/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////env/x.db")
+    assert mu.resolve_tracking_uri() == "sqlite:////env/x.db"
+    assert mu.resolve_tracking_uri("sqlite:////cfg/y.db") == "sqlite:////cfg/y.db"  # config wins
+    assert mu.default_artifact_root(f"sqlite:///{tmp_path}/m.db") == (tmp_path / "mlartifacts").as_uri()
+    assert mu.default_artifact_root("http://host:5000") is None
+    assert mu.experiment_name("simulate") == "lattice_lab/simulate"
+    assert mu.experiment_name("simulate", {"tracking": {"experiment": "mine"}}) == "mine"
+
+
+def test_run_with_params_metrics_artifacts_and_nesting(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = {"model": {"name": "gnn", "widths": [1, 4, 1]}, "seed": 0,
+           "tracking": {"enabled": True, "tags": {"who": "test"}}}
+    tags = mu.standard_tags("train", model_family="gnn", dataset_path=__file__, device="cpu")
+    assert {"task", "model_family", "dataset_sha256", "device", "torch_version", "host"} <= set(tags)
+    assert tags["dataset_sha256"] == mu.file_sha256(__file__)[:12] and len(tags["dataset_sha256"]) == 12
+
+    with mu.start_run(task="train", cfg=cfg, run_name="parent", tags=tags) as parent:
+        assert parent.enabled
+        parent.log_params(cfg)
+        for step in range(1, 4):
+            parent.log_metrics({"val/rmse": 1.0 / step, "lr": 1e-3, "note": "not a number"}, step=step)
+        fig = parity_plot({"train": (np.arange(5.0), np.arange(5.0) + 0.1)})
+        parent.log_figure(fig, "plots/parity.png")
+        parent.log_dict_csv({"r": [0, 1, 2], "C": [1.0, 0.5, 0.25]}, "tables/corr.csv")
+        parent.log_dict_csv([{"a": 1, "b": 2}, {"a": 3, "b": 4}], "tables/rows.csv")
+        (tmp_path / "note.txt").write_text("hello")
+        parent.log_artifact(tmp_path / "note.txt", "files")
+    with mu.start_run(task="train", cfg=cfg, run_name="child", parent_run_id=parent.run_id) as child:
+        child.log_metrics({"x": 1.0}, step=0)
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("lattice_lab/train")
+    db_dir = Path(store[len("sqlite:///"):]).parent
+    assert exp.artifact_location == (db_dir / "mlartifacts").as_uri()
+    run = client.get_run(parent.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "parent"
+    assert run.data.params["model.widths"] == "[1, 4, 1]" and run.data.params["seed"] == "0"
+    assert run.data.tags["who"] == "test" and run.data.tags["task"] == "train"
+    hist = client.get_metric_history(parent.run_id, "val/rmse")
+    assert [(m.step, m.value) for m in hist] == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    assert "note" not in run.data.metrics
+    arts = {a.path for d in ("plots", "tables", "files") for a in client.list_artifacts(parent.run_id, d)}
+    assert arts == {"plots/parity.png", "tables/corr.csv", "tables/rows.csv", "files/note.txt"}
+    local = client.download_artifacts(parent.run_id, "tables/corr.csv", str(tmp_path))
+    assert Path(local).read_text().splitlines() == ["r,C", "0,1.0", "1,0.5", "2,0.25"]
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+
+    # resume: same run continues; unchanged params are fine, a changed one becomes a tag
+    with mu.start_run(task="train", cfg=cfg, run_id=parent.run_id) as again:
+        assert again.run_id == parent.run_id
+        again.log_params({**cfg, "seed": 1})
+        again.log_metrics({"val/rmse": 0.25}, step=4)
+    run = client.get_run(parent.run_id)
+    assert run.data.params["seed"] == "0" and run.data.tags["param_changed.seed"] == "1"
+    assert len(client.get_metric_history(parent.run_id, "val/rmse")) == 4
+
+
+def test_failed_body_marks_run_failed(store):
+    from mlflow.tracking import MlflowClient
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with mu.start_run(task="bench", run_name="bad") as tr:
+            raise RuntimeError("boom")
+    assert MlflowClient(store).get_run(tr.run_id).info.status == "FAILED"
+
+
+def test_disabled_tracking_is_a_no_op(tmp_path, monkeypatch):
+    db = tmp_path / "never.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    with mu.start_run(task="train", cfg={"tracking": {"enabled": False}}) as tr:
+        assert not tr.enabled and tr.run_id is None
+        tr.log_params({"a": 1})
+        tr.log_metrics({"b": 2.0}, step=1)
+        tr.log_artifact(__file__)
+    assert not db.exists()
+
+
+def test_tracking_failures_warn_and_the_run_goes_on(store, monkeypatch):
+    with mu.start_run(task="train") as tr:
+        def broken(*a, **k):
+            raise ConnectionError("store down")
+
+        monkeypatch.setattr(tr.client, "log_batch", broken)
+        with pytest.warns(RuntimeWarning, match="log_metrics failed"):
+            tr.log_metrics({"a": 1.0}, step=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once per kind of call, not on every call
+            tr.log_metrics({"a": 2.0}, step=2)
+    monkeypatch.setattr(mu, "get_or_create_experiment", lambda *a, **k: (_ for _ in ()).throw(OSError("no db")))
+    ran = False
+    with pytest.warns(RuntimeWarning, match="running without tracking"):
+        with mu.start_run(task="train") as tr2:
+            ran = True
+            assert not tr2.enabled
+            tr2.log_metrics({"a": 1.0})
+    assert ran
+
+
+def test_plots_are_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    exact = rng.normal(size=(3, 6, 6))
+    splits = {"train": (exact + 0.01 * rng.normal(size=exact.shape), exact),
+              "val": (exact[:1] + 0.02 * rng.normal(size=(1, 6, 6)), exact[:1])}
+    fig = parity_plot(splits, title="tiny")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    sigma_val = float(np.std(splits["val"][0] - splits["val"][1]))
+    assert any(f"{sigma_val:.4g}" in s and s.startswith("val") for s in labels) and "$y = x$" in labels
+    for name, f in (("parity.png", fig), ("hist.png", error_histogram(splits))):
+        path = save_figure(f, tmp_path / name, close=True)
+        assert path.read_bytes()[:8] == PNG_MAGIC
+    assert error_histogram(splits).axes[0].get_yscale() == "log"

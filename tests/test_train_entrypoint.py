@@ -1,0 +1,146 @@
+"""``python -m lattice_lab.train`` end to end on a tiny dataset: outputs, MLflow contents, resume, errors."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from lattice_lab import load_force_field
+from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.data.h5io import read_force_dataset, write_force_dataset
+from lattice_lab.physics.ed import ExactForces
+from lattice_lab.physics.holstein import HolsteinParams
+from lattice_lab.tracking import mlflow_utils as mu
+from lattice_lab.train import run
+from lattice_lab.training.metrics import force_metrics
+
+REPO = Path(CONFIG_DIR).parent
+L = 10  # gnn_small has a receptive field of 4 hops: needs L >= 9
+
+
+@pytest.fixture(scope="module")
+def dataset_file(tmp_path_factory):
+    """6 configurations of 10x10 with ED forces (2 for validation), written in the dataset format."""
+    ham = HolsteinParams(temperature=0.1)
+    gen = torch.Generator().manual_seed(2)
+    Q = torch.randn(6, L, L, generator=gen, dtype=torch.float64) * 1.5
+    res = ExactForces(ham).compute(Q)
+    path = tmp_path_factory.mktemp("data") / "tiny.h5"
+    write_force_dataset(path, {"Q": Q.numpy(), "F": res.forces.numpy(), "n": res.density.numpy(),
+                               "kind": np.zeros(6, np.uint8), "is_val": np.arange(6) >= 4},
+                        attrs={**ham.as_dict(), "name": "tiny"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def _empty_store(tmp_path_factory):
+    """An MLflow sqlite store with its schema migrated once (creating one costs ~5-10 s)."""
+    db = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    mu.get_or_create_experiment("Default-init", mu.setup_tracking({"uri": f"sqlite:///{db}"}))
+    return db
+
+
+@pytest.fixture
+def store(tmp_mlflow, _empty_store):
+    shutil.copy(_empty_store, tmp_mlflow[len("sqlite:///"):])
+    return tmp_mlflow
+
+
+def _cfg(dataset_path, out_root, *extra):
+    overrides = ["model=gnn_small", "dataset=holstein_L8_tiny", f"dataset.path={dataset_path}", "trainer=quick",
+                 "trainer.max_epochs=3", "trainer.progress=false", "trainer.lr=3e-3", "device=cpu",
+                 "dtype=float64", f"output_root={out_root}", *extra]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_defaults_compose():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(config_name="train")
+    assert cfg.model.name == "enn" and cfg.dataset.name == "holstein_L16" and cfg.trainer.lr == 1e-3
+    assert cfg.trainer.batch_size == 4 and cfg.trainer.max_epochs == 200 and cfg.tracking.enabled
+
+
+def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
+    from mlflow.tracking import MlflowClient
+
+    best = run(_cfg(dataset_file, tmp_path, "run_name=e2e"))
+    assert isinstance(best, float) and np.isfinite(best)
+    run_dir = tmp_path / "e2e"
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.csv", "parity.png", "error_hist.png"):
+        assert (run_dir / name).is_file(), name
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert len(rows) == 3 and best == min(float(r["val/rmse"]) for r in rows)
+
+    # MLflow: params, per-epoch history, final metrics, artifacts
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("lattice_lab/train")
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.info.run_name == "e2e" and r.info.status == "FINISHED"
+    p = r.data.params
+    assert p["model.widths"] == "[1, 16, 32, 16, 1]" and p["trainer.max_epochs"] == "3" and p["dtype"] == "float64"
+    assert r.data.tags["task"] == "train" and r.data.tags["model_family"] == "gnn"
+    assert r.data.tags["dataset_sha256"] == mu.file_sha256(dataset_file)[:12]
+    hist = client.get_metric_history(r.info.run_id, "val/rmse")
+    assert [m.step for m in hist] == [1, 2, 3] and min(m.value for m in hist) == best
+    for key in ("train/rmse", "train/mae", "train/sigma", "train/max_err", "val/mae", "val/sigma",
+                "val/max_err", "lr", "epoch_time", "final/val_sigma", "final/train_rmse", "n_params"):
+        assert key in r.data.metrics, key
+    assert r.data.metrics["final/val_rmse"] == pytest.approx(best, rel=1e-12)
+    arts = {a.path for d in ("", "plots", "checkpoints") for a in client.list_artifacts(r.info.run_id, d or None)}
+    assert {"config.yaml", "metrics.csv", "checkpoints/best.pt", "plots/parity.png", "plots/error_hist.png"} <= arts
+
+    # the checkpoint fetched by MLflow run id reproduces the validation RMSE
+    ff = load_force_field(r.info.run_id, device="cpu")
+    val = read_force_dataset(dataset_file).split("val")
+    with torch.no_grad():
+        rmse = force_metrics(ff(torch.from_numpy(val.Q)), torch.from_numpy(val.F))["rmse"]
+    assert rmse == pytest.approx(best, rel=1e-12)
+
+    # an existing run is not overwritten; resume continues it (same MLflow run, more epochs)
+    with pytest.raises(ConfigError, match="resume=true"):
+        run(_cfg(dataset_file, tmp_path, "run_name=e2e"))
+    best2 = run(_cfg(dataset_file, tmp_path, "run_name=e2e", "resume=true", "trainer.max_epochs=5"))
+    assert best2 <= best
+    (r2,) = client.search_runs([exp.experiment_id])
+    assert r2.info.run_id == r.info.run_id and r2.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "val/rmse")] == [1, 2, 3, 4, 5]
+    assert len(list(csv.DictReader((run_dir / "metrics.csv").open()))) == 5
+
+
+def test_tracking_disabled_still_trains_and_resumes_newest_run(dataset_file, tmp_path, monkeypatch):
+    db = tmp_path / "unused.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    off = ("tracking.enabled=false", "plots=false")
+    best = run(_cfg(dataset_file, tmp_path, *off, "trainer.max_epochs=1"))
+    assert isinstance(best, float) and not db.exists()
+    # composed without Hydra's runtime the preset name is unknown: the run is named after the model family
+    (run_dir,) = tmp_path.glob("gnn_holstein_L8_tiny_*")
+    assert (run_dir / "best.pt").is_file() and not (run_dir / "parity.png").exists()
+    run(_cfg(dataset_file, tmp_path, *off, "resume=true", "trainer.max_epochs=2"))  # newest run of model+data
+    assert [p.name for p in tmp_path.glob("gnn_holstein_L8_tiny_*")] == [run_dir.name]
+    assert len(list(csv.DictReader((run_dir / "metrics.csv").open()))) == 2
+    assert (run_dir / "config_resume.yaml").is_file()
+
+
+def test_missing_dataset_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"python -m lattice_lab.generate dataset=holstein_L8_tiny"):
+        run(_cfg(tmp_path / "nope.h5", tmp_path))
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path):
+    env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lattice_lab.train", "dataset=holstein_L8_tiny",
+                           f"dataset.path={tmp_path / 'missing.h5'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset.path=")
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,162 @@
+"""Trainer: force metrics, learning, exact resume, checkpoints, conservative models, config errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lattice_lab import load_force_field
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.data.h5io import ForceData
+from lattice_lab.models.registry import build_model
+from lattice_lab.physics.ed import ExactForces
+from lattice_lab.physics.holstein import HolsteinParams
+from lattice_lab.training.metrics import ForceErrorStats, force_metrics
+from lattice_lab.training.trainer import EPOCH_METRICS, Trainer
+
+HAM = HolsteinParams(temperature=0.1)
+TINY_GNN = {"name": "gnn", "widths": [1, 8, 8, 1]}
+TINY_ENERGY = {"name": "gnn_energy", "width": 8, "blocks": 1, "readout": [8]}
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    """6 configurations of 8x8 with exact (ED) forces; the last 2 are the validation set."""
+    gen = torch.Generator().manual_seed(1)
+    Q = torch.randn(6, 8, 8, generator=gen, dtype=torch.float64) * 1.2
+    Q += 1.5 * torch.tensor([[(-1.0) ** (x + y) for y in range(8)] for x in range(8)], dtype=torch.float64)
+    res = ExactForces(HAM).compute(Q)
+    return ForceData(Q=Q.numpy(), F=res.forces.numpy(), n=res.density.numpy(), kind=np.zeros(6, np.uint8),
+                     is_val=np.array([0, 0, 0, 0, 1, 1], bool), attrs=HAM.as_dict())
+
+
+def _cfg(**kw):
+    base = {"lr": 1e-2, "batch_size": 2, "max_epochs": 6, "patience": None, "lr_patience": 2,
+            "eval_batch_size": 1, "progress": False}
+    base.update(kw)
+    return base
+
+
+def _model(seed=0, cfg=TINY_GNN):
+    torch.manual_seed(seed)
+    return build_model(cfg, HAM)
+
+
+def test_force_metrics_match_numpy_and_accumulate():
+    gen = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(5, 6, 6, generator=gen), torch.randn(5, 6, 6, generator=gen) + 0.3
+    err = (pred - target).double().numpy().ravel()
+    m = force_metrics(pred, target)
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean(err ** 2)), rel=1e-12)
+    assert m["mae"] == pytest.approx(np.mean(np.abs(err)), rel=1e-12)
+    assert m["sigma"] == pytest.approx(np.std(err), rel=1e-10)
+    assert m["max_err"] == pytest.approx(np.max(np.abs(err)), rel=1e-12)
+    stats = ForceErrorStats()
+    for i in range(5):  # per-batch accumulation equals the one-shot metrics
+        stats.update(pred[i:i + 1], target[i:i + 1])
+    for k, v in stats.compute().items():
+        assert v == pytest.approx(m[k], rel=1e-12)
+    with pytest.raises(ValueError):
+        ForceErrorStats().compute()
+
+
+def test_training_lowers_val_loss_and_logs_all_metrics(tiny_data, tmp_path):
+    trainer = Trainer(_model(), tiny_data, _cfg(max_epochs=8), device="cpu", dtype="float64", out_dir=tmp_path)
+    initial = trainer.evaluate("val")["rmse"]
+    best = trainer.fit()
+    assert best < 0.7 * initial, (best, initial)
+    assert best == min(h["val/rmse"] for h in trainer.history)
+    assert len(trainer.history) == 8 and trainer.stop_reason == "max_epochs"
+    for h in trainer.history:
+        assert set(h) == {"epoch", *EPOCH_METRICS}
+        assert all(math.isfinite(v) for v in h.values())
+        assert h["val/sigma"] <= h["val/rmse"] + 1e-15 and h["val/max_err"] >= h["val/rmse"]
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",") == ["epoch", *EPOCH_METRICS] and len(lines) == 9
+
+    # best.pt rebuilds the model and reproduces the trainer's best validation RMSE
+    ff = load_force_field(tmp_path / "best.pt", device="cpu")
+    assert not ff.training and next(ff.parameters()).dtype == torch.float64
+    with torch.no_grad():
+        pred = ff(torch.from_numpy(tiny_data.split("val").Q))
+    assert force_metrics(pred, torch.from_numpy(tiny_data.split("val").F))["rmse"] == pytest.approx(best, rel=1e-12)
+    trainer.load_best()
+    assert trainer.evaluate("val")["rmse"] == pytest.approx(best, rel=1e-12)
+
+
+def test_resume_is_bit_identical(tiny_data, tmp_path):
+    full = Trainer(_model(0), tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path / "a", seed=5)
+    full.fit()
+
+    part = Trainer(_model(0), tiny_data, _cfg(max_epochs=3), device="cpu", dtype="float64", out_dir=tmp_path / "b",
+                   seed=5)
+    part.fit()
+    assert part.epoch == 3
+    torch.manual_seed(123)  # the global RNG state must come from the checkpoint, not from here
+    resumed = Trainer(_model(7), tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path / "b",
+                      seed=999, resume=True)  # different init and seed: everything must come from last.pt
+    assert resumed.epoch == 3
+    resumed.fit()
+
+    def strip(hist):
+        return [{k: v for k, v in h.items() if k != "epoch_time"} for h in hist]
+
+    assert strip(resumed.history) == strip(full.history)  # exact float equality, every metric, every epoch
+    assert resumed.best_val == full.best_val and resumed.best_epoch == full.best_epoch
+    sa, sb = full.model.state_dict(), resumed.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    for group in ("best.pt", "last.pt"):
+        a = torch.load(tmp_path / "a" / group, weights_only=False)["state_dict"]
+        b = torch.load(tmp_path / "b" / group, weights_only=False)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a), group
+
+
+def test_resume_needs_last_checkpoint_and_same_dtype(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="resume"):
+        Trainer(_model(), tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
+    Trainer(_model(), tiny_data, _cfg(max_epochs=1), device="cpu", dtype="float64", out_dir=tmp_path).fit()
+    with pytest.raises(ConfigError, match="dtype=float32"):
+        Trainer(_model(), tiny_data, _cfg(), device="cpu", dtype="float32", out_dir=tmp_path, resume=True)
+
+
+def test_conservative_model_trains_and_evaluates_with_autograd(tiny_data):
+    model = _model(0, TINY_ENERGY)
+    assert model.conservative
+    trainer = Trainer(model, tiny_data, _cfg(max_epochs=2), device="cpu", dtype="float64", out_dir=None)
+    best = trainer.fit()
+    assert math.isfinite(best) and len(trainer.history) == 2
+    pred = trainer.predict(trainer.Q_val)
+    assert not pred.requires_grad and pred.shape == trainer.F_val.shape
+    assert force_metrics(pred, trainer.F_val)["rmse"] == pytest.approx(trainer.evaluate("val")["rmse"], rel=1e-12)
+
+
+def test_stopping_rules(tiny_data):
+    t = Trainer(_model(), tiny_data, _cfg(max_time=1e-9), device="cpu", dtype="float64")
+    t.fit()
+    assert t.epoch == 1 and t.stop_reason == "max_time"
+    # a validation error that never improves after epoch 1: early stopping after `patience` more epochs
+    t = Trainer(_model(), tiny_data, _cfg(patience=2, max_epochs=50), device="cpu", dtype="float64")
+    t.evaluate = lambda split="val": {"rmse": 1.0, "mae": 1.0, "sigma": 1.0, "max_err": 1.0}
+    t.fit()
+    assert t.stop_reason == "early_stopping" and t.epoch == 3 and t.best_epoch == 1 and t.bad_epochs == 2
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("lr", -1.0, "trainer.lr=-1.0"),
+    ("batch_size", 0, "trainer.batch_size=0"),
+    ("lr_factor", 1.5, "trainer.lr_factor=1.5"),
+    ("bogus", 1, "trainer.bogus"),
+])
+def test_bad_trainer_config(tiny_data, key, value, match):
+    with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
+        Trainer(_model(), tiny_data, _cfg(**{key: value}), device="cpu", dtype="float64")
+
+
+def test_dataset_without_validation_is_a_config_error(tiny_data):
+    data = tiny_data.subset(np.arange(4))
+    with pytest.raises(ConfigError, match="validation"):
+        Trainer(_model(), data, _cfg(), device="cpu", dtype="float64")
