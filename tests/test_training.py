@@ -121,6 +121,9 @@ def test_resume_needs_last_checkpoint_and_same_dtype(tiny_data, tmp_path):
     Trainer(_model(), tiny_data, _cfg(max_epochs=1), device="cpu", dtype="float64", out_dir=tmp_path).fit()
     with pytest.raises(ConfigError, match="dtype=float32"):
         Trainer(_model(), tiny_data, _cfg(), device="cpu", dtype="float32", out_dir=tmp_path, resume=True)
+    other = _model(0, {"name": "gnn", "widths": [1, 4, 1]})
+    with pytest.raises(ConfigError, match=r"model\.widths=\[1, 4, 1\]: the run being resumed was trained with .*widths=\[1, 8, 8, 1\]"):
+        Trainer(other, tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
 
 
 def test_conservative_model_trains_and_evaluates_with_autograd(tiny_data):

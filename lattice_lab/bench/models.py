@@ -111,7 +111,7 @@ class _Budget:
 def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.device, dtype: torch.dtype,
                  batch: int = 1, repeats: int = 5, warmup: int = 2, max_seconds: float = 5.0,
                  max_bytes: float | None = None, langevin: dict | None = None, measure_memory: bool = True,
-                 compile: bool = False, seed: int = 0) -> dict:
+                 compile: bool = False, seed: int = 0, statistic: str = "median") -> dict:
     """Benchmark preset ``name``: returns ``{"preset", "model", "params", "flops_per_site", "rows", ...}``.
 
     ``sizes`` are the scaling sizes (force, step, memory); ``compare_sizes`` (the ED sizes) get the
@@ -152,7 +152,7 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
             _measure_size(row, provider, compiled, budget, hamiltonian=hamiltonian, device=device, dtype=dtype,
                           batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
                           langevin=langevin or {}, measure_memory=measure_memory and role == "scaling",
-                          full=role == "scaling", seed=seed + L, info=info)
+                          full=role == "scaling", seed=seed + L, info=info, statistic=statistic)
         except torch.OutOfMemoryError as exc:
             row.update(status="skipped", note=f"out of memory: {str(exc).splitlines()[0]}")
             if device.type == "cuda":
@@ -166,7 +166,7 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
 
 
 def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype, batch, repeats, warmup,
-                  max_seconds, langevin, measure_memory, full, seed, info):
+                  max_seconds, langevin, measure_memory, full, seed, info, statistic="median"):
     N, sites = row["N"], row["batch"] * row["N"]
     Q, V = random_configuration(batch, row["L"], device, dtype, seed)
     est_s, _ = budget.estimate(N)
@@ -176,31 +176,32 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
         est_s = probe.median
     r, w = plan_repeats(est_s, max_seconds, repeats, warmup)
     force = time_call(lambda: provider(Q), device, warmup=w - (probe is not None), repeats=r)
-    row.update(force_s=force.median, force_s_min=force.min, force_repeats=force.repeats,
-               force_s_per_site=force.median / sites,
-               gflops=info["flops_per_site"] * sites / force.median / 1e9)
+    t_force = getattr(force, statistic)
+    row.update(force_s=t_force, force_s_min=force.min, force_repeats=force.repeats,
+               force_s_per_site=t_force / sites, gflops=info["flops_per_site"] * sites / t_force / 1e9)
     mem_force = peak_memory(lambda: provider(Q), device) if measure_memory else None
     if not full:
         return
-    budget.update(N, force.median, mem_force)
+    budget.update(N, t_force, mem_force)
     row.update(peak_mem_force_bytes=mem_force,
                mem_per_site_force=mem_force / sites if mem_force is not None else None)
     integrator = make_integrator(provider, langevin, device, seed)
     state = integrator.init_state(Q.clone(), V.clone())
-    r, w = plan_repeats(force.median, max_seconds, repeats, warmup)
+    r, w = plan_repeats(t_force, max_seconds, repeats, warmup)
     step = time_call(lambda: integrator.step(state, 1), device, warmup=w, repeats=r)
-    row.update(step_s=step.median, step_s_min=step.min, step_repeats=step.repeats,
-               step_s_per_site=step.median / sites, site_steps_per_s=sites / step.median,
-               langevin_overhead=step.median / force.median - 1.0)
+    t_step = getattr(step, statistic)
+    row.update(step_s=t_step, step_s_min=step.min, step_repeats=step.repeats,
+               step_s_per_site=t_step / sites, site_steps_per_s=sites / t_step,
+               langevin_overhead=t_step / t_force - 1.0)
     if measure_memory:
         mem_step = peak_memory(lambda: integrator.step(state, 1), device)
         row.update(peak_mem_step_bytes=mem_step,
                    mem_per_site_step=mem_step / sites if mem_step is not None else None)
-        budget.update(N, force.median, max(mem_force or 0, mem_step or 0) or None)
+        budget.update(N, t_force, max(mem_force or 0, mem_step or 0) or None)
     if compiled is not None and info.get("compile_error") is None:
         try:
             comp = time_call(lambda: compiled(Q), device, warmup=max(2, w), repeats=r)
-            row.update(compiled_force_s=comp.median, compiled_speedup=force.median / comp.median)
+            row.update(compiled_force_s=getattr(comp, statistic), compiled_speedup=t_force / getattr(comp, statistic))
         except Exception as exc:  # noqa: BLE001 - torch.compile failures are reported, not fatal
             info["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 

@@ -136,9 +136,9 @@ def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dic
     if ed:
         ax.plot(*zip(*ed), "ks-", lw=2, label="ED (exact)")
         a = comparison.get("ed_a_seconds_per_N3")
-        all_L = [r["L"] for r in model_rows] + [r["L"] for r in ed_rows]
-        if a and all_L:
-            Ls = [min(all_L) * (max(all_L) / min(all_L)) ** (i / 50) for i in range(51)]
+        lo, hi = ed[0][0], 2 * ed[-1][0]  # the fit, drawn to twice the largest ED size
+        if a:
+            Ls = [lo * (hi / lo) ** (i / 50) for i in range(51)]
             ax.plot(Ls, [a * (L * L) ** 2 for L in Ls], "k--", lw=1, alpha=0.5, label=r"ED fit $a N^3$")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -14,7 +14,7 @@ Implementation: features are channels-last ``[B, L, L, C]`` and each layer is ON
 stacked weight ``[W_self; W_nn]``. Aggregation is done on the narrower side: before the matmul
 (``[h, nn_sum(h)] @ [[W_self], [W_nn]]``) when ``c_out >= c_in``, after it
 (``y = h @ [W_self, W_nn]``; ``y_self + nn_sum(y_nn)``) when ``c_out < c_in`` -- identical by
-linearity. Measured on 2 CPU cores, paper preset, L = 64, float32: 0.53 s per forward, vs
+linearity. Measured on 2 idle CPU cores, paper preset, L = 64, float32: 0.53 s per forward, vs
 0.60 s for two matmuls without the narrow-side trick and 1.06 s for a cross-kernel ``conv2d``
 with circular padding (which wastes the 4 zero corners of the 3 x 3 kernel).
 

@@ -20,10 +20,32 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lattice_lab.sweeps.parent import FILE_NAME as PARENT_FILE
 from lattice_lab.sweeps.parent import publish_parent_run_id
 
 log = logging.getLogger(__name__)
 STUDY_TAG = "lattice_lab.study"
+
+
+def client_and_experiment(config: DictConfig):
+    """MLflow client and experiment id of the swept task (``lattice_lab/<hydra job name>``)."""
+    from mlflow.tracking import MlflowClient
+
+    from lattice_lab.tracking.mlflow_utils import (
+        TrackingSettings,
+        experiment_name,
+        get_or_create_experiment,
+        quiet_mlflow,
+        resolve_tracking_uri,
+    )
+
+    quiet_mlflow()
+    section = config.get("tracking") or {}
+    settings = TrackingSettings.from_config(section)
+    uri = resolve_tracking_uri(settings.uri)
+    task = str(config.hydra.job.name).split(".")[-1]
+    exp_id = get_or_create_experiment(experiment_name(task, section), uri, settings.artifact_root)
+    return MlflowClient(tracking_uri=uri), exp_id
 
 
 def _study_name(config: DictConfig) -> str:
@@ -42,8 +64,6 @@ class MlflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if not self.enabled or not config.get("tracking", {}).get("enabled", True):
             return
-        from lattice_lab.tracking.mlflow_utils import client_and_experiment
-
         client, experiment_id = client_and_experiment(config)
         study = _study_name(config)
         existing = client.search_runs(
@@ -60,8 +80,9 @@ class MlflowSweepCallback(Callback):
             storage = config.hydra.sweeper.get("storage")
             client.log_param(self.parent_run_id, "study_name", study)
             client.log_param(self.parent_run_id, "storage", str(storage))
-            client.log_param(self.parent_run_id, "search_space",
-                             str(OmegaConf.to_container(config.hydra.sweeper.get("params") or {}))[:6000])
+            params = config.hydra.sweeper.get("params")
+            space = OmegaConf.to_container(params) if params is not None else {}
+            client.log_param(self.parent_run_id, "search_space", str(space)[:6000])
             log.info("sweep %s: MLflow parent run %s", study, self.parent_run_id)
         publish_parent_run_id(self.parent_run_id, sweep_dir)
 
@@ -70,15 +91,22 @@ class MlflowSweepCallback(Callback):
         from lattice_lab.sweeps.report import write_study_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        id_file = sweep_dir / PARENT_FILE  # Hydra may call start and end on different callback instances
+        if self.parent_run_id is None and id_file.is_file():
+            self.parent_run_id = id_file.read_text().strip() or None
+        client, run_params = None, {}
+        if self.parent_run_id is not None:
+            client, experiment_id = client_and_experiment(config)
+            children = client.search_runs(
+                [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+                max_results=5000)
+            run_params = {run.info.run_id: dict(run.data.params) for run in children}
         storage = config.hydra.sweeper.get("storage")
         report = None
         if storage:
-            report = write_study_report(str(storage), _study_name(config), sweep_dir)
-        if self.parent_run_id is None:
+            report = write_study_report(str(storage), _study_name(config), sweep_dir, run_params=run_params)
+        if client is None:
             return
-        from lattice_lab.tracking.mlflow_utils import client_and_experiment
-
-        client, _ = client_and_experiment(config)
         if report is not None:
             for path in report["files"]:
                 client.log_artifact(self.parent_run_id, str(path), artifact_path="sweep")

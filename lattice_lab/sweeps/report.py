@@ -13,24 +13,35 @@ from lattice_lab.common.io import atomic_write_text
 
 RUN_ID_ATTR = "mlflow_run_id"
 
+def match_run(trial_params: dict, run_params: dict[str, dict]) -> str:
+    """The MLflow run whose logged (flattened-config) params equal the trial's sampled values."""
+    want = {k: str(v) for k, v in trial_params.items()}
+    hits = [rid for rid, params in run_params.items() if all(params.get(k) == v for k, v in want.items())]
+    return hits[0] if len(hits) == 1 else ""
 
-def trials_table(study: optuna.Study) -> list[dict]:
-    """One row per trial: number, state, value, every sampled parameter and the MLflow run id."""
+
+def trials_table(study: optuna.Study, run_params: dict[str, dict] | None = None) -> list[dict]:
+    """One row per trial: number, state, value, every sampled parameter and the MLflow run id.
+
+    ``run_params`` maps the sweep's MLflow child run ids to their params; a trial is linked to the
+    run whose params equal its sampled values (left empty when none or several match).
+    """
     rows = []
     for trial in study.get_trials(deepcopy=False):
         row = {"number": trial.number, "state": trial.state.name,
                "value": trial.value if trial.values is not None and len(trial.values) == 1 else None,
-               RUN_ID_ATTR: trial.user_attrs.get(RUN_ID_ATTR, "")}
+               RUN_ID_ATTR: match_run(trial.params, run_params or {})}
         row.update({f"param.{k}": v for k, v in sorted(trial.params.items())})
         rows.append(row)
     return rows
 
 
-def write_study_report(storage: str, study_name: str, out_dir: str | Path) -> dict:
+def write_study_report(storage: str, study_name: str, out_dir: str | Path,
+                       run_params: dict[str, dict] | None = None) -> dict:
     """Write ``trials.csv`` and ``best_config.yaml`` for a study; return paths and counts."""
     out_dir = Path(out_dir)
     study = optuna.load_study(study_name=study_name, storage=storage)
-    rows = trials_table(study)
+    rows = trials_table(study, run_params)
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]

@@ -36,22 +36,34 @@ def parity_plot(splits: dict, title: str = ""):
     """Predicted vs exact force, one colour per split, y = x line, sigma = std(F_ML - F_ED) in the legend.
 
     ``splits``: ``{"train": (pred, exact), "val": (pred, exact)}`` (arrays or tensors of any shape).
+    The frame spans the exact forces (plus 10 %); predictions beyond it are drawn clipped to the
+    edge as crosses and counted in the legend, so a few wild outliers do not hide the bulk.
     """
     fig, ax = plt.subplots(figsize=(5.2, 5.0), dpi=120)
-    lo, hi = np.inf, -np.inf
+    data = {name: (_np(pred), _np(exact)) for name, (pred, exact) in splits.items()}
+    lo = min(float(e.min()) for _, e in data.values())
+    hi = max(float(e.max()) for _, e in data.values())
+    pad = 0.1 * (hi - lo if hi > lo else 1.0)
+    lo, hi = lo - pad, hi + pad
     colors = {"train": "tab:blue", "val": "tab:orange"}
-    for name, (pred, exact) in splits.items():
-        pred, exact = _np(pred), _np(exact)
+    n_out = 0
+    for name, (pred, exact) in data.items():
         err = pred - exact
         idx = _subsample(pred.size)
-        ax.scatter(exact[idx], pred[idx], s=2, alpha=0.35, lw=0, color=colors.get(name),
+        p, e = pred[idx], exact[idx]
+        inside = (p >= lo) & (p <= hi)
+        n_out += int(((pred < lo) | (pred > hi)).sum())
+        ax.scatter(e[inside], p[inside], s=2, alpha=0.35, lw=0, color=colors.get(name),
                    label=f"{name}: $\\sigma$ = {err.std():.4g}, RMSE = {np.sqrt(np.mean(err ** 2)):.4g}",
                    rasterized=True)
-        lo, hi = min(lo, exact.min(), pred.min()), max(hi, exact.max(), pred.max())
-    pad = 0.03 * (hi - lo if hi > lo else 1.0)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k-", lw=0.8, label="$y = x$")
-    ax.set_xlim(lo - pad, hi + pad)
-    ax.set_ylim(lo - pad, hi + pad)
+        if (~inside).any():
+            ax.scatter(e[~inside], np.clip(p[~inside], lo, hi), s=14, marker="x", lw=0.8, color=colors.get(name),
+                       clip_on=False)
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="$y = x$")
+    if n_out:
+        ax.plot([], [], "kx", ms=1.5, label=f"{n_out} predictions outside the frame (clipped)")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
     ax.set_xlabel(r"$F_\mathrm{ED}$ (exact)")
     ax.set_ylabel(r"$F_\mathrm{ML}$ (predicted)")
@@ -63,7 +75,7 @@ def parity_plot(splits: dict, title: str = ""):
     return fig
 
 
-def error_histogram(splits: dict, bins: int = 100, title: str = ""):
+def error_histogram(splits: dict, bins: int = 200, title: str = ""):
     """Histogram of F_ML - F_ED per split (log y), sigma in the legend."""
     fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=120)
     errs = {name: _np(pred) - _np(exact) for name, (pred, exact) in splits.items()}

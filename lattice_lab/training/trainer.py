@@ -170,6 +170,12 @@ class Trainer:
         if saved_dtype is not None and saved_dtype != str(self.dtype).removeprefix("torch."):
             raise ConfigError(f"dtype={str(self.dtype).removeprefix('torch.')}: the run being resumed "
                               f"was trained in {saved_dtype}")
+        saved_cfg = ckpt.get("model_cfg")
+        if self.model_cfg and saved_cfg and dict(saved_cfg) != self.model_cfg:
+            diff = sorted(k for k in set(saved_cfg) | set(self.model_cfg) if saved_cfg.get(k) != self.model_cfg.get(k))
+            now = ", ".join(f"model.{k}={self.model_cfg.get(k)!r}" for k in diff)
+            then = ", ".join(f"{k}={saved_cfg.get(k)!r}" for k in diff)
+            raise ConfigError(f"{now}: the run being resumed was trained with {then}")
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.to(device=self.device, dtype=self.dtype)
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -211,7 +217,11 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the shuffled training configurations; returns running train metrics."""
+        """One pass over the shuffled training configurations.
+
+        Returns the train metrics accumulated over the epoch's batches (each batch's prediction
+        before its optimiser step), which costs no extra forward pass.
+        """
         cfg = self.cfg
         self.model.train()
         n = self.Q_train.shape[0]

@@ -1,0 +1,86 @@
+"""Optuna sweeps through Hydra multirun: persistent study, resume, failed trials, one MLflow parent."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import optuna
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """4 configurations of 8x8 with exact ED forces, in the documented HDF5 format."""
+    import torch
+
+    from lattice_lab.data.h5io import ForceData, write_force_dataset
+    from lattice_lab.physics.ed import ExactForces
+    from lattice_lab.physics.holstein import HolsteinParams
+
+    params = HolsteinParams(temperature=0.1)
+    Q = torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
+    res = ExactForces(params).compute(Q)
+    data = ForceData(Q=Q.numpy(), F=res.forces.numpy(), n=res.density.numpy(),
+                     kind=np.zeros(6, np.uint8), is_val=(np.arange(6) % 3 == 2), attrs={})
+    path = tmp_path_factory.mktemp("data") / "tiny.h5"
+    write_force_dataset(path, data, {**params.as_dict(), "L": 8, "seed": 0, "name": "tiny"})
+    with h5py.File(path) as f:
+        assert f["F"].shape == (6, 8, 8)
+    return path
+
+
+def _sweep(tmp, dataset, n_trials, tag):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "LATTICE_LAB_NO_PROGRESS": "1",
+           "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    cmd = [sys.executable, "-m", "lattice_lab.train", "-m", "hparams_search=enn_optuna", "model=enn_small",
+           "model.hidden=[2,2,2]", f"dataset.path={dataset}", "dataset.name=tiny", "trainer=quick",
+           "trainer.max_epochs=1", "plots=false", f"output_root={tmp / 'ckpt'}",
+           f"hydra.sweeper.storage=sqlite:///{tmp / 'optuna.db'}", "hydra.sweeper.study_name=test_study",
+           f"hydra.sweeper.n_trials={n_trials}", "hydra/sweeper/sampler=grid", "hydra.sweeper.params=null",
+           "trainer.lr=choice(0.001,-1.0)", "trainer.batch_size=choice(1,2)",
+           f"hydra.sweep.dir={tmp / ('sweep_' + tag)}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp / ("sweep_" + tag)
+
+
+def test_sweep_records_trials_failures_resumes_and_shares_parent(tmp_path, tiny_dataset):
+    import mlflow
+
+    # grid of 4 points (lr in {1e-3, -1} x batch in {1, 2}); 3 trials must contain a failing lr = -1
+    sweep1 = _sweep(tmp_path, tiny_dataset, 3, "a")
+    study = optuna.load_study(study_name="test_study", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 3
+    assert optuna.trial.TrialState.FAIL in states, "the invalid lr must be recorded as a failed trial"
+    assert optuna.trial.TrialState.COMPLETE in states, "the sweep must go on after a failure"
+    for t in study.trials:
+        assert (t.state == optuna.trial.TrialState.FAIL) == (t.params["trainer.lr"] < 0)
+    table = (sweep1 / "trials.csv").read_text().splitlines()
+    assert len(table) == 4 and table[0].startswith("number,state,value,mlflow_run_id")
+    assert (sweep1 / "best_config.yaml").is_file()
+
+    # resume: the same study gets one more trial (the last grid point)
+    sweep2 = _sweep(tmp_path, tiny_dataset, 1, "b")
+    study = optuna.load_study(study_name="test_study", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 4
+    parent = (sweep1 / "mlflow_parent_run_id.txt").read_text().strip()
+    assert (sweep2 / "mlflow_parent_run_id.txt").read_text().strip() == parent, "resume reuses the parent run"
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    n_complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == n_complete, "every completed trial is an MLflow child of the one parent"
+    linked = [line.split(",")[3] for line in (sweep2 / "trials.csv").read_text().splitlines()[1:]
+              if ",COMPLETE," in line]
+    assert linked and all(rid in {r.info.run_id for r in finished} for rid in linked)
+    parent_run = client.get_run(parent)
+    assert parent_run.data.metrics["n_trials_complete"] == n_complete
+    assert parent_run.info.status == "FINISHED"
