@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="analyze")
+@hydra.main(config_path=CONFIG_DIR, config_name="analyze")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     run(cfg)

@@ -94,7 +94,7 @@ def _print_summary(cfg: DictConfig, s: dict, analysis: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="demo")
+@hydra.main(config_path=CONFIG_DIR, config_name="demo")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     run(cfg)

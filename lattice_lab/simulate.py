@@ -29,7 +29,7 @@ def run(cfg: DictConfig) -> dict:
     return run_simulation(cfg)
 
 
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="simulate")
+@hydra.main(config_path=CONFIG_DIR, config_name="simulate")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     result = run(cfg)

@@ -196,7 +196,7 @@ def run(cfg: DictConfig) -> float:
     return float(best_val)
 
 
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
+@hydra.main(config_path=CONFIG_DIR, config_name="train")
 @friendly_errors
 def main(cfg: DictConfig) -> float:
     return run(cfg)

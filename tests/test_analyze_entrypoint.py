@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_cfg(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         return compose(config_name="analyze", overrides=list(overrides))
 
 

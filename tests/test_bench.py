@@ -22,7 +22,7 @@ from lattice_lab.common.errors import ConfigError
 
 
 def _cfg(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         return compose(config_name="bench", overrides=list(overrides))
 
 

@@ -36,7 +36,7 @@ def test_every_group_and_experiment_is_covered():
 def test_group_option_composes(group, option, primary):
     append = primary.startswith("+")
     primary = primary.lstrip("+")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose(primary, overrides=[f"{'+' if append else ''}{group}={option}"], return_hydra_config=True)
     container = OmegaConf.to_container(cfg, resolve=False)
     assert container
@@ -46,7 +46,7 @@ def test_group_option_composes(group, option, primary):
 
 @pytest.mark.parametrize("name,primary", sorted(EXPERIMENTS.items()))
 def test_experiment_composes(name, primary):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose(primary, overrides=[f"+experiment={name}"], return_hydra_config=True)
     body = {k: v for k, v in cfg.items() if k != "hydra"}
     OmegaConf.to_container(OmegaConf.create(body), resolve=True)
@@ -54,6 +54,6 @@ def test_experiment_composes(name, primary):
 
 @pytest.mark.parametrize("primary", sorted({p.stem for p in CONF.glob("*.yaml")}))
 def test_primary_configs_compose(primary):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose(primary, return_hydra_config=True)
     assert cfg.hydra.run.dir.startswith("runs/hydra/")

@@ -26,7 +26,7 @@ BASE = ["device=cpu", "tracking.enabled=false", "analyze=false", f"dynamics.L={L
 
 
 def make_cfg(tmp_path, *overrides, config_name="simulate"):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         return compose(config_name=config_name, overrides=[f"output_root={tmp_path}", *BASE, *overrides])
 
 

@@ -58,12 +58,12 @@ def _cfg(dataset_path, out_root, *extra):
     overrides = ["model=gnn_small", "dataset=holstein_L8_tiny", f"dataset.path={dataset_path}", "trainer=quick",
                  "trainer.max_epochs=3", "trainer.progress=false", "trainer.lr=3e-3", "device=cpu",
                  "dtype=float64", f"output_root={out_root}", *extra]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         return compose(config_name="train", overrides=overrides)
 
 
 def test_defaults_compose():
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose(config_name="train")
     assert cfg.model.name == "enn" and cfg.dataset.name == "holstein_L16" and cfg.trainer.lr == 1e-3
     assert cfg.trainer.batch_size == 4 and cfg.trainer.max_epochs == 200 and cfg.tracking.enabled

@@ -7,7 +7,7 @@ from lattice_lab.bench.runner import run
 from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
 
 
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="bench")
+@hydra.main(config_path=CONFIG_DIR, config_name="bench")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     run(cfg)

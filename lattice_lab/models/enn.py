@@ -8,6 +8,12 @@ quadratic product) and maps it linearly per irrep to the next hidden widths, fol
 equivariant amplitude nonlinearity; the last auxiliary layer is read out linearly on A1. The force
 (an A1 scalar) is ``out * F_std + F_mean``. Sites are the batch dimension; one environment, no
 message passing, so the model is exactly D4- and translation-equivariant and transfers to any L.
+
+Evaluation is chunked over sites (``chunk_sites``): the lattice is cut into bands of rows (or groups
+of whole configurations), each band is projected by the convolution (with a halo of ``radius``
+rows) straight into the packed feature layout of :mod:`lattice_lab.models.layers_equivariant`
+(one row per irrep component, zero-padded channels) and pushed through all layers, so memory is
+O(chunk) besides Q and F, and the time per site does not depend on L.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.models.base import ForceField
@@ -25,10 +32,12 @@ from lattice_lab.models.layers_equivariant import (
     QuadraticIrrepLayer,
     auxiliary_layer_counts,
     force_moments,
+    packed_rows,
 )
+from lattice_lab.symmetry.field_ops import periodic_pad
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
-SITE_CHUNK = 1 << 15  # sites per chunk in forward: bounds peak memory on large lattices
+DEFAULT_CHUNK_SITES = 1 << 14  # sites per chunk in forward: bounds peak memory, independent of L
 
 
 def auxiliary_counts(input_counts: dict[str, int], hidden: list[int]) -> list[dict[str, int]]:
@@ -41,6 +50,16 @@ def auxiliary_counts(input_counts: dict[str, int], hidden: list[int]) -> list[di
     for h in hidden:
         out.append(auxiliary_layer_counts({ir: int(h) for ir in IRREPS}))
     return out
+
+
+def _check_chunk(chunk_sites) -> int:
+    try:
+        ok = int(chunk_sites) == float(chunk_sites) and int(chunk_sites) >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or isinstance(chunk_sites, bool):
+        raise ConfigError(f"model.chunk_sites={chunk_sites!r}: expected a positive integer (sites per chunk)")
+    return int(chunk_sites)
 
 
 def _check_hidden(hidden) -> list[int]:
@@ -60,8 +79,9 @@ class ENN(ForceField):
     conservative = False
 
     def __init__(self, hamiltonian: dict, cutoff: float = math.sqrt(13.0), hidden: list[int] = (32, 8, 4),
-                 activation: str = "gate"):
+                 activation: str = "gate", chunk_sites: int = DEFAULT_CHUNK_SITES):
         cutoff = float(cutoff)
+        chunk_sites = _check_chunk(chunk_sites)
         if not math.isfinite(cutoff) or cutoff < 1.0:
             raise ConfigError(f"model.cutoff={cutoff}: need a finite cutoff >= 1 (nearest neighbours)")
         widths = _check_hidden(hidden)
@@ -71,6 +91,7 @@ class ENN(ForceField):
         super().__init__(hamiltonian, cutoff, receptive_field=proj.basis.radius)
         self.hidden = widths
         self.activation = activation
+        self.chunk_sites = chunk_sites
         self.proj = proj
         counts = proj.counts
         self.input_counts = counts
@@ -91,6 +112,10 @@ class ENN(ForceField):
         self.register_buffer("in_shift_A1", torch.zeros(counts["A1"]))
         self.register_buffer("out_scale", torch.tensor(1.0))
         self.register_buffer("out_shift", torch.tensor(0.0))
+        # packed input layout (rows A1, A2, B1, B2, E_0, E_1, padded to cp_in channels)
+        self.in_rows = packed_rows(counts)
+        self.cp_in = self.layers[0].cp
+        self.register_buffer("_pack_src", torch.as_tensor(proj.packed_index(self.cp_in)), persistent=False)
 
     # -- normalisation -----------------------------------------------------------------------------
     def _flat_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,17 +148,58 @@ class ENN(ForceField):
         self.out_scale.fill_(f_std)
 
     # -- forward -----------------------------------------------------------------------------------
+    def packed_projection(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv weights ``[R * cp_in, 1, K, K]`` and bias mapping Q to normalised packed input rows.
+
+        The equivariant normalisation ``(x - shift) / scale`` is folded into the environment kernels
+        (built from their float64 master copy), which are then permuted into the packed layout;
+        padding channels get zero kernels, so they are exactly zero.
+        """
+        shift, scale = self._flat_norm()
+        scale = scale.to(dtype=dtype, device=device)
+        w = self.proj.kernel(dtype, device) / scale[:, None, None, None]
+        b = -shift.to(dtype=dtype, device=device) / scale
+        w = torch.cat([w, w.new_zeros(1, *w.shape[1:])])[self._pack_src]
+        b = torch.cat([b, b.new_zeros(1)])[self._pack_src]
+        return w, b
+
+    def packed_weights(self) -> list:
+        """Packed weights of every layer and the readout (built once per forward, cached in eval)."""
+        return [layer.packed_weights() for layer in self.layers] + [self.readout.packed_weights()]
+
+    def packed_forward(self, X: torch.Tensor, packed: list | None = None) -> torch.Tensor:
+        """Packed normalised input rows ``[n, R, cp_in]`` -> network output ``[n]`` (before the force scale)."""
+        packed = self.packed_weights() if packed is None else packed
+        for layer, act, pw in zip(self.layers, self.acts, packed):
+            X = act.forward_packed(layer.forward_packed(X, pw))
+        return self.readout.forward_packed(X, packed[-1])[:, 0, 0]
+
     def site_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised irrep channels ``[N, M]`` -> network output ``[N]`` (before the force scale)."""
-        feats = self.proj.split(x)
-        for layer, act in zip(self.layers, self.acts):
-            feats = act(layer(feats))
-        return self.readout(feats)["A1"][:, 0, 0]
+        """Normalised irrep channels ``[N, M]`` (basis layout) -> network output ``[N]`` (before the force scale)."""
+        X = torch.cat([x, x.new_zeros(x.shape[0], 1)], 1)[:, self._pack_src]
+        return self.packed_forward(X.view(x.shape[0], len(self.in_rows), self.cp_in))
 
     def forward(self, Q: torch.Tensor) -> torch.Tensor:
         self.check_input(Q)
         B, L, _ = Q.shape
-        shift, scale = self._flat_norm()
-        x = self.proj(Q, shift, scale)  # [B*L*L, M]
-        y = torch.cat([self.site_features(x[s:s + SITE_CHUNK]) for s in range(0, x.shape[0], SITE_CHUNK)])
-        return y.view(B, L, L) * self.out_scale.to(y.dtype) + self.out_shift.to(y.dtype)
+        w, b = self.packed_projection(Q.dtype, Q.device)
+        packed = self.packed_weights()
+        R = self.proj.basis.radius
+        n_rows, cp = len(self.in_rows), self.cp_in
+        Qp = periodic_pad(Q.unsqueeze(1), R)  # [B, 1, L + 2R, L + 2R]
+
+        def run(q: torch.Tensor) -> torch.Tensor:  # padded band [b, 1, h + 2R, L + 2R] -> output [b, h, L]
+            x = F.conv2d(q, w, b)  # [b, R * cp, h, L]: packed channels of every site of the band
+            nb, _, h, width = x.shape
+            X = x.permute(0, 2, 3, 1).reshape(nb * h * width, n_rows, cp)
+            return self.packed_forward(X, packed).view(nb, h, width)
+
+        chunk = self.chunk_sites
+        if L * L <= chunk:  # whole configurations per chunk
+            per = max(1, chunk // (L * L))
+            y = torch.cat([run(Qp[i:i + per]) for i in range(0, B, per)]) if B > per else run(Qp)
+        else:  # bands of rows (with a halo of R rows) of one configuration per chunk
+            rows = max(1, chunk // L)
+            y = torch.stack([torch.cat([run(Qp[i:i + 1, :, r:min(r + rows, L) + 2 * R]) for r in range(0, L, rows)], 1)[0]
+                             for i in range(B)])
+        return y * self.out_scale.to(y.dtype) + self.out_shift.to(y.dtype)

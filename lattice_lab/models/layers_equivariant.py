@@ -1,8 +1,11 @@
 """D4-equivariant building blocks for irrep-valued features on lattice sites.
 
 Features of one layer are a dict ``{irrep: x [N, c, d]}`` (N sites as the batch dim, c channels,
-d = 1 for A1, A2, B1, B2 and d = 2 for E). A :class:`QuadraticIrrepLayer` implements one layer of
-the equivariant network (enn_paper, DESIGN.md section 5):
+d = 1 for A1, A2, B1, B2 and d = 2 for E), or, on the fast path, one *packed* tensor
+``X [N, R, cp]``: one row per irrep component in the order A1, A2, B1, B2, E_0, E_1 (irreps with
+channels only, see :func:`packed_rows`), each row zero-padded to ``cp`` channels. A
+:class:`QuadraticIrrepLayer` implements one layer of the equivariant network (enn_paper,
+DESIGN.md section 5):
 
     auxiliary = copies of the input features
               + every symmetry-allowed product of two features coupled with Clebsch-Gordan
@@ -12,10 +15,10 @@ the equivariant network (enn_paper, DESIGN.md section 5):
 
 with one weight per (auxiliary channel, output channel), shared by both components of E. The
 auxiliary layer is never materialised: each (a, b -> o) block is the bilinear form
-``y[n, k, g] = sum_{i j a b} W[i, j, k] C[g, a, b] x_a[n, i, a] x_b[n, j, b]``, evaluated as one
-matmul per left irrep (``x_a @ W.reshape(c_a, c_b * out)``, all blocks with the same left irrep
-concatenated) followed by a batched contraction with ``x_b``. Same-irrep blocks store only the
-strictly upper-triangular weights, so parameter counts equal (auxiliary count) x (output width).
+``y[n, k, g] = sum_{i j a b} W[i, j, k] C[g, a, b] x_a[n, i, a] x_b[n, j, b]``, evaluated for all
+blocks of a layer at once by one batched matmul and one per-site contraction per output irrep
+(:meth:`QuadraticIrrepLayer.forward_packed`). Same-irrep blocks store only the strictly
+upper-triangular weights, so parameter counts equal (auxiliary count) x (output width).
 """
 
 from __future__ import annotations
@@ -54,8 +57,57 @@ def auxiliary_layer_counts(counts: dict[str, int]) -> dict[str, int]:
     return aux
 
 
+def packed_rows(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Rows ``(irrep, component)`` of the packed layout: A1, A2, B1, B2, E_0, E_1 (present irreps only)."""
+    return [(ir, g) for ir in IRREPS if counts.get(ir, 0) for g in range(IRREP_DIM[ir])]
+
+
+def pack_features(x: dict[str, torch.Tensor], counts: dict[str, int], cp: int) -> torch.Tensor:
+    """``{irrep: [N, c, d]}`` -> packed ``[N, R, cp]`` (rows of :func:`packed_rows`, zero padding)."""
+    rows = [F.pad(x[ir][:, :, g], (0, cp - counts[ir])) for ir, g in packed_rows(counts)]
+    return torch.stack(rows, 1)
+
+
+def unpack_features(X: torch.Tensor, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Packed ``[N, R, cp]`` -> ``{irrep: [N, c, d]}`` (inverse of :func:`pack_features`)."""
+    out, r = {}, 0
+    for ir in IRREPS:
+        c, d = counts.get(ir, 0), IRREP_DIM[ir]
+        if c:
+            out[ir] = X[:, r:r + d, :c].transpose(1, 2)
+            r += d
+    return out
+
+
 class QuadraticIrrepLayer(nn.Module):
-    """Copies + CG-coupled quadratic products, then one linear map per irrep (bias on A1 only)."""
+    """Copies + CG-coupled quadratic products, then one linear map per irrep (bias on A1 only).
+
+    Parameters (names and shapes are the checkpoint format): ``copy[o] [c_o, out_o]``, one
+    ``weights[k]`` per product block ``blocks[k] = (a, b, o)`` (``[c_a * (c_a - 1) / 2, out_o]`` for
+    a == b, pairs i < j in ``triu_indices`` order; ``[c_a, c_b, out_o]`` otherwise) and ``bias [out_A1]``.
+
+    **Packed evaluation** (:meth:`forward_packed`). Features are one tensor ``X [n, R, cp]``: one row
+    per irrep component (A1, A2, B1, B2, E_0, E_1, present irreps only), each zero-padded to
+    ``cp = max(c_a)`` channels. Every block (a, b -> o) and left component alpha is a *term*
+    ``t = (a_alpha, b, o)``; the layer is
+
+        T_t[n, j, k]   = sum_i X[n, a_alpha, i] W_t[i, j, k]                 (batched GEMM over terms)
+        Z[n, g, t, j]  = C_o[g, alpha, beta] X[n, b_beta, j]                   (signed gather)
+        y[n, o_g, k]   = b_o + sum_i X[n, o_g, i] Wcopy_o[i, k] + sum_{t in o} sum_j Z[n, g, t, j] T_t[n, j, k]
+
+    For D4 every Clebsch-Gordan slice ``C_o[g, alpha, :]`` has a single non-zero entry beta (a
+    signed permutation, times 1/sqrt(2) for E x E), so Z is a gather of rows times a constant. The
+    first step is ONE ``bmm`` over all terms (the CG-free block weights packed as ``W_t [cp, cp * kp]``,
+    strict upper triangle for a == b, zeros in the padding), written straight into a sites-first
+    buffer ``[n, terms, cp * kp]``; the second is one per-site ``baddbmm`` per output irrep
+    (terms of one output are contiguous; both E components share T, as they share the weights).
+    The auxiliary layer ``[n, sum aux]`` is never materialised and the largest intermediate, T,
+    is ``cp * kp`` per term and site; sites are processed in sub-chunks of ``cache_bytes`` of T so
+    it stays in cache. The packed weights are built from the parameters once per forward (by an
+    index gather, so gradients flow to the parameters) and cached in eval mode without autograd.
+    """
+
+    cache_bytes = 1 << 21  # sub-chunk size: T of one sub-chunk ~ this many bytes (CPU cache)
 
     def __init__(self, in_counts: dict[str, int], out_counts: dict[str, int]):
         super().__init__()
@@ -68,28 +120,93 @@ class QuadraticIrrepLayer(nn.Module):
                 self.copy[o] = nn.Parameter(torch.randn(self.in_counts[o], self.out_counts[o]) / math.sqrt(aux[o]))
         self.blocks: list[tuple[str, str, str]] = []
         self._cg_np: list = []
-        self._cg_cache: dict = {}
         self.weights = nn.ParameterList()
         for k, (a, b, o) in enumerate(
                 [blk for blk in product_blocks() if self.out_counts[blk[2]] and n_pairs(blk[0], blk[1], self.in_counts)]):
             self.blocks.append((a, b, o))
             shape = (n_pairs(a, b, self.in_counts),) if a == b else (self.in_counts[a], self.in_counts[b])
             self.weights.append(nn.Parameter(torch.randn(*shape, self.out_counts[o]) / math.sqrt(aux[o])))
-            self._cg_np.append(clebsch_gordan(a, b)[o])  # float64; cast per dtype in cg()
+            self._cg_np.append(clebsch_gordan(a, b)[o])  # float64
             if a == b:
                 iu = torch.triu_indices(self.in_counts[a], self.in_counts[a], offset=1)
                 self.register_buffer(f"triu{k}", iu, persistent=False)
         self.bias = nn.Parameter(torch.zeros(self.out_counts["A1"])) if self.out_counts["A1"] else None
-        self.left_groups: dict[str, list[int]] = {}
-        for k, (a, _, _) in enumerate(self.blocks):
-            self.left_groups.setdefault(a, []).append(k)
+        self._build_plan()
+        self._packed_cache: tuple | None = None
 
+    # -- packing plan (index tables, built once) --------------------------------------------------
+    def _build_plan(self) -> None:
+        self.in_rows = packed_rows(self.in_counts)
+        self.out_rows = packed_rows(self.out_counts)
+        row_in = {r: n for n, r in enumerate(self.in_rows)}
+        self.cp = max([c for c in self.in_counts.values()] + [1])
+        self.kp = max([c for c in self.out_counts.values()] + [1])
+        cp, kp = self.cp, self.kp
+        offsets = np.cumsum([0] + [w.numel() for w in self.weights])
+        terms, left, zrow, zcoef, self.groups = [], [], [], [], []
+        w_index = []  # per term: [cp, cp, kp] index into 1 + cat(weights) (0 = zero)
+        for o in IRREPS:
+            if not self.out_counts[o]:
+                continue
+            t0 = len(terms)
+            for k, (a, b, oo) in enumerate(self.blocks):
+                if oo != o:
+                    continue
+                ca, cb, co = self.in_counts[a], self.in_counts[b], self.out_counts[o]
+                raw = np.zeros((cp, cp, kp), dtype=np.int64)
+                if a == b:
+                    iu = np.triu_indices(ca, 1)
+                    raw[iu[0], iu[1], :co] = 1 + offsets[k] + np.arange(len(iu[0]) * co).reshape(-1, co)
+                else:
+                    raw[:ca, :cb, :co] = 1 + offsets[k] + np.arange(ca * cb * co).reshape(ca, cb, co)
+                for alpha in range(IRREP_DIM[a]):
+                    terms.append((k, alpha))
+                    left.append(row_in[(a, alpha)])
+                    w_index.append(raw)
+            t1 = len(terms)
+            z0 = len(zrow)
+            for g in range(IRREP_DIM[o]):
+                for k, alpha in terms[t0:t1]:
+                    C = self._cg_np[k][g, alpha]
+                    nz = np.nonzero(np.abs(C) > 1e-14)[0]
+                    if len(nz) > 1:  # pragma: no cover - D4 Clebsch-Gordan slices are monomial
+                        raise NotImplementedError(f"CG slice {self.blocks[k]}[{g}, {alpha}] has {len(nz)} entries")
+                    beta = int(nz[0]) if len(nz) else 0
+                    zrow.append(row_in[(self.blocks[k][1], beta)])
+                    zcoef.append(float(C[beta]) if len(nz) else 0.0)
+            self.groups.append((o, t0, t1, z0, len(zrow), self.out_rows.index((o, 0))))
+        self.terms = terms
+        self.n_terms = len(terms)
+        # copy weights: one [cp, kp] matrix per output row (input row of the same irrep component)
+        copy_index, copy_in = [], []
+        poffs, start = {}, 1
+        for o, p in self.copy.items():
+            poffs[o] = start
+            start += p.numel()
+        for (o, g) in self.out_rows:
+            raw = np.zeros((cp, kp), dtype=np.int64)
+            if o in poffs:
+                co = self.out_counts[o]
+                raw[:self.in_counts[o], :co] = poffs[o] + np.arange(self.in_counts[o] * co).reshape(-1, co)
+            copy_index.append(raw)
+            copy_in.append(row_in.get((o, g), 0))
+        bias_index = np.zeros((len(self.out_rows), kp), dtype=np.int64)
+        if self.bias is not None:  # after the copy weights in the same flat vector; A1 is output row 0
+            bias_index[0, :self.out_counts["A1"]] = start + np.arange(self.out_counts["A1"])
+        as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+        self.register_buffer("_left_rows", as_t(left), persistent=False)
+        self.register_buffer("_z_rows", as_t(zrow), persistent=False)
+        self.register_buffer("_z_coef", torch.tensor(zcoef, dtype=torch.float64), persistent=False)
+        self.register_buffer("_w_index", as_t(np.stack(w_index) if w_index else np.zeros((0, cp, cp, kp))).reshape(-1),
+                             persistent=False)
+        self.register_buffer("_copy_index", as_t(np.stack(copy_index)).reshape(-1), persistent=False)
+        self.register_buffer("_copy_rows", as_t(copy_in), persistent=False)
+        self.register_buffer("_bias_index", as_t(bias_index).reshape(-1), persistent=False)
+
+    # -- weights --------------------------------------------------------------------------------
     def cg(self, k: int, like: torch.Tensor) -> torch.Tensor:
-        """Clebsch-Gordan tensor of block k in the dtype/device of ``like`` (built from float64)."""
-        key = (k, like.dtype, like.device)
-        if key not in self._cg_cache:
-            self._cg_cache[key] = torch.as_tensor(self._cg_np[k], dtype=like.dtype, device=like.device)
-        return self._cg_cache[key]
+        """Clebsch-Gordan tensor ``C [d_o, d_a, d_b]`` of block k in the dtype/device of ``like``."""
+        return torch.as_tensor(self._cg_np[k], dtype=like.dtype, device=like.device)
 
     def dense_weight(self, k: int) -> torch.Tensor:
         """Weights of block k as ``[c_a, c_b, out]`` (zero on and below the diagonal for a == b)."""
@@ -102,39 +219,81 @@ class QuadraticIrrepLayer(nn.Module):
         dense = W.new_zeros(c, c, self.out_counts[o])
         return dense.index_put((iu[0], iu[1]), W)
 
-    def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        N = next(iter(x.values())).shape[0]
-        acc: dict[str, list[torch.Tensor]] = {o: [] for o in IRREPS if self.out_counts[o]}
-        for o, W in self.copy.items():
-            d = x[o].shape[2]
-            acc[o].append((x[o].transpose(1, 2).reshape(N * d, -1) @ W).view(N, d, -1))  # [N, d, out]
-        for a, ks in self.left_groups.items():
-            widths = [self.in_counts[self.blocks[k][1]] * self.out_counts[self.blocks[k][2]] for k in ks]
-            Wa = torch.cat([self.dense_weight(k).reshape(self.in_counts[a], w) for k, w in zip(ks, widths)], 1)
-            d_a = x[a].shape[2]  # one matmul per left irrep: [N * d_a, c_a] @ [c_a, sum widths]
-            T = (x[a].transpose(1, 2).reshape(N * d_a, -1) @ Wa).view(N, d_a, -1)
-            off = 0
-            for k, w in zip(ks, widths):
-                _, b, o = self.blocks[k]
-                Tk = T[..., off:off + w].unflatten(-1, (self.in_counts[b], self.out_counts[o]))  # [N, da, cb, out]
-                off += w
-                C = self.cg(k, x[b])  # [d_o, d_a, d_b]
-                d_o, d_a, d_b = C.shape
-                if C.numel() == 1:  # 1-d x 1-d: the CG coefficient is +-1
-                    z = (x[b] * C.reshape(())).transpose(1, 2)[:, None]  # [N, 1, 1, c_b]
-                else:  # z[n, g, a, j] = sum_b C[g, a, b] x_b[n, j, b], one small mm
-                    z = (x[b].reshape(-1, d_b) @ C.permute(2, 0, 1).reshape(d_b, d_o * d_a))
-                    z = z.view(N, -1, d_o, d_a).permute(0, 2, 3, 1)
-                acc[o].append(torch.einsum("ngaj,najk->ngk", z, Tk))  # per-site contraction: one bmm
-        out = {}
-        for o, terms in acc.items():
-            y = terms[0] if terms else x[next(iter(x))].new_zeros(N, IRREP_DIM[o], self.out_counts[o])
-            for t in terms[1:]:
-                y = y + t
-            if o == "A1" and self.bias is not None:
-                y = y + self.bias
-            out[o] = y.transpose(1, 2)  # [N, out, d]
+    def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W_t [terms, cp, cp * kp], Wcopy [rows_out, cp, kp], bias [rows_out, 1, kp], zcoef [nz])``.
+
+        One gather from the concatenated parameters (differentiable). In eval mode without
+        autograd the result is cached and rebuilt when any parameter changes (version counter);
+        after writing to ``p.data`` directly call :meth:`clear_cache`.
+        """
+        params = list(self.parameters())
+        ref = params[0]
+        cacheable = not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        key = (ref.dtype, ref.device, tuple((p.data_ptr(), p._version) for p in params))
+        if cacheable and self._packed_cache is not None and self._packed_cache[0] == key:
+            return self._packed_cache[1]
+        zero = ref.new_zeros(1)
+        flat = torch.cat([zero] + [w.reshape(-1) for w in self.weights])
+        Wt = flat[self._w_index].view(self.n_terms, self.cp, self.cp * self.kp)
+        small = torch.cat([zero] + [p.reshape(-1) for p in self.copy.values()]
+                          + ([self.bias] if self.bias is not None else []))
+        Wc = small[self._copy_index].view(len(self.out_rows), self.cp, self.kp)
+        bias = small[self._bias_index].view(len(self.out_rows), 1, self.kp)
+        out = (Wt, Wc, bias, self._z_coef.to(ref.dtype))
+        if cacheable:
+            self._packed_cache = (key, out)
         return out
+
+    def clear_cache(self) -> None:
+        self._packed_cache = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .double() / .cuda(): drop cached packed weights
+        self._packed_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def sub_chunk(self, X: torch.Tensor) -> int:
+        """Sites per sub-chunk: T ``[sites, terms, cp * kp]`` of about ``cache_bytes`` on CPU; all on GPU."""
+        if X.device.type != "cpu":
+            return max(1, X.shape[0])
+        per_site = max(1, self.n_terms * self.cp * self.kp * X.element_size())
+        return max(16, self.cache_bytes // per_site)
+
+    def forward_packed(self, X: torch.Tensor, packed=None) -> torch.Tensor:
+        """Packed features ``X [n, rows_in, cp]`` -> ``Y [n, rows_out, kp]`` (see the class docstring)."""
+        Wt, Wc, bias, zcoef = self.packed_weights() if packed is None else packed
+        n = X.shape[0]
+        base = torch.baddbmm(bias, X.index_select(1, self._copy_rows).transpose(0, 1), Wc)  # [rows_out, n, kp]
+        if not self.n_terms:
+            return base.transpose(0, 1).contiguous()
+        need_grad = torch.is_grad_enabled() and (X.requires_grad or Wt.requires_grad)
+        step = self.sub_chunk(X)
+        cp, kp, nt = self.cp, self.kp, self.n_terms
+        pieces = []
+        for s in range(0, n, step):
+            Xs = X[s:s + step]
+            m = Xs.shape[0]
+            XL = Xs.index_select(1, self._left_rows).transpose(0, 1)  # [terms, m, cp]
+            if need_grad:  # autograd cannot record out=: same product, then a sites-first copy
+                T = torch.bmm(XL, Wt).transpose(0, 1).contiguous()
+            else:
+                T = X.new_empty(m, nt, cp * kp)
+                torch.bmm(XL, Wt, out=T.transpose(0, 1))  # [m, terms, cp * kp], no copy
+            Z = Xs.index_select(1, self._z_rows) * zcoef[:, None]  # [m, nz, cp]
+            base_s = base[:, s:s + step].transpose(0, 1)  # [m, rows_out, kp]
+            ys = []
+            for o, t0, t1, z0, z1, r0 in self.groups:
+                d = IRREP_DIM[o]
+                Tt = T[:, t0:t1].reshape(m, (t1 - t0) * cp, kp)
+                Zt = Z[:, z0:z1].reshape(m, d, (t1 - t0) * cp)
+                ys.append(torch.baddbmm(base_s[:, r0:r0 + d], Zt, Tt))
+            pieces.append(torch.cat(ys, 1) if len(ys) > 1 else ys[0])
+        return torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0]
+
+    def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{irrep: [N, c, d]}`` -> ``{irrep: [N, out, d]}`` (packs, :meth:`forward_packed`, unpacks)."""
+        Y = self.forward_packed(pack_features(x, self.in_counts, self.cp))
+        return unpack_features(Y, self.out_counts)
 
 
 class IrrepActivation(nn.Module):
@@ -156,8 +315,47 @@ class IrrepActivation(nn.Module):
         if kind not in ACTIVATIONS:
             raise ConfigError(f"model.activation={kind!r}: expected one of {list(ACTIVATIONS)}")
         self.kind = kind
+        self.counts = {ir: int(counts.get(ir, 0)) for ir in IRREPS}
         gated = [ir for ir in IRREPS if counts.get(ir, 0) and (ir != "A1" or kind == "authors") and kind != "tanh"]
         self.gate_bias = nn.ParameterDict({ir: nn.Parameter(torch.zeros(counts[ir])) for ir in gated})
+        # packed layout: 1-d rows [0, n1) (A1 first if present), then the two E rows
+        self.kp = max(list(self.counts.values()) + [1])
+        self.n1 = sum(1 for ir in IRREPS if ir != "E" and self.counts[ir])
+        self.has_a1 = bool(self.counts["A1"])
+        self.has_e = bool(self.counts["E"])
+
+    def _row_bias(self, irreps: list[str], like: torch.Tensor) -> torch.Tensor:
+        """Gate biases of ``irreps`` as ``[len, kp]`` rows (zero-padded, differentiable)."""
+        return torch.stack([F.pad(self.gate_bias[ir], (0, self.kp - self.counts[ir])) for ir in irreps]).to(like.dtype)
+
+    def forward_packed(self, Y: torch.Tensor) -> torch.Tensor:
+        """The same nonlinearity on packed features ``[N, R, kp]`` (:func:`packed_rows` layout).
+
+        Padded channels are zero and stay zero (every activation maps 0 to 0).
+        """
+        parts = []
+        one_d = Y[:, :self.n1]
+        if self.n1:
+            if self.kind == "tanh":
+                parts.append(torch.tanh(one_d))
+            elif self.kind == "authors":
+                b = self._row_bias([ir for ir in IRREPS[:4] if self.counts[ir]], Y)
+                parts.append(torch.sign(one_d) * torch.sigmoid(one_d.abs() + b))
+            else:  # gate: SiLU on A1, odd gate on A2, B1, B2
+                odd = [ir for ir in IRREPS[1:4] if self.counts[ir]]
+                if self.has_a1:
+                    parts.append(F.silu(Y[:, :1]))
+                if odd:
+                    y = Y[:, int(self.has_a1):self.n1]
+                    parts.append(y * torch.sigmoid(y.abs() + self._row_bias(odd, Y)))
+        if self.has_e:
+            y = Y[:, self.n1:self.n1 + 2]
+            norm = torch.sqrt((y * y).sum(1, keepdim=True) + NORM_EPS)
+            if self.kind == "tanh":
+                parts.append(y * (torch.tanh(norm) / norm))
+            else:
+                parts.append(y * torch.sigmoid(norm + self._row_bias(["E"], Y)))
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -222,6 +420,16 @@ class EnvironmentProjection(nn.Module):
             bias = -shift.to(Q.dtype) / (scale.to(Q.dtype) if scale is not None else 1.0)
         x = F.conv2d(periodic_pad(Q.unsqueeze(1), w.shape[-1] // 2), w, bias)  # [B, M, L, L]
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+    def packed_index(self, cp: int) -> np.ndarray:
+        """Source channel of every slot of the packed layout ``[R * cp]`` (:func:`packed_rows`,
+        rows padded to ``cp``); ``M`` marks a zero-padding slot."""
+        counts = self.counts
+        idx = []
+        for ir, g in packed_rows(counts):
+            d, start = IRREP_DIM[ir], self.layout[ir].start
+            idx.extend([start + ch * d + g for ch in range(counts[ir])] + [self.basis.M] * (cp - counts[ir]))
+        return np.asarray(idx, dtype=np.int64)
 
     def split(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[N, M]`` -> ``{irrep: [N, c, d]}`` (views)."""
