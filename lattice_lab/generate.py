@@ -33,7 +33,7 @@ def run(cfg: DictConfig):
     return path
 
 
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="generate")
+@hydra.main(config_path=CONFIG_DIR, config_name="generate")
 @friendly_errors
 def main(cfg: DictConfig):
     return run(cfg)

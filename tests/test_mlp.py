@@ -111,6 +111,7 @@ def test_bad_configuration():
 def test_presets_build(preset):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{preset}.yaml"))
     assert cfg.pop("name") == "mlp"
+    cfg.pop("elastic_prior", None)  # a registry-level wrapper (models/prior.py), not a constructor argument
     model = DescriptorMLP(hamiltonian=HAM, **cfg)
     widths = [m.out_features for m in model.net if isinstance(m, torch.nn.Linear)]
     if preset == "mlp":

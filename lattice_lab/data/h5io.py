@@ -177,11 +177,4 @@ def write_force_dataset(path: str | os.PathLike, data: ForceData | Mapping, attr
                 if value is None:
                     value = ""
                 f.attrs[key] = value
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a dataset is meant to be shared
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -164,7 +164,7 @@ def export_force_field(model: ForceField, path, example_L: int | None = None) ->
     checked against the eager model on a random ``[2, L, L]`` configuration before it is written.
     The model needs a TorchScript-compatible ``compute_forces(Q)`` (the graph networks have one).
     """
-    if not hasattr(model, "compute_forces"):
+    if not hasattr(getattr(model, "network", model), "compute_forces"):
         raise ConfigError(f"model.name={model.name!r}: export needs a compute_forces(Q) method (not available)")
     was_training = model.training
     model.eval()

@@ -64,6 +64,7 @@ def mlp_flops(model) -> int:
 
 def flops_per_site(model) -> float:
     """FLOPs per lattice site for one force evaluation of ``model`` (see the module docstring)."""
+    model = getattr(model, "network", model)  # an ElasticPrior adds ~5 FLOPs/site: negligible
     name = getattr(model, "name", None)
     if hasattr(model, "metadata") and "flops_per_site" in getattr(model, "metadata", {}):
         return float(model.metadata["flops_per_site"])  # an exported force field

@@ -36,6 +36,7 @@ from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
 NORM_EPS = 1e-8  # guards every vector norm (gradient finite at v = 0)
 ACTIVATIONS = ("gate", "tanh", "authors")
+LAYER_MODES = ("auto", "bilinear", "explicit")
 
 
 def product_blocks() -> list[tuple[str, str, str]]:
@@ -109,8 +110,10 @@ class QuadraticIrrepLayer(nn.Module):
 
     cache_bytes = 1 << 21  # sub-chunk size: T of one sub-chunk ~ this many bytes (CPU cache)
 
-    def __init__(self, in_counts: dict[str, int], out_counts: dict[str, int]):
+    def __init__(self, in_counts: dict[str, int], out_counts: dict[str, int], mode: str = "auto"):
         super().__init__()
+        if mode not in LAYER_MODES:
+            raise ConfigError(f"model.layer_mode={mode!r}: expected one of {list(LAYER_MODES)}")
         self.in_counts = {ir: int(in_counts.get(ir, 0)) for ir in IRREPS}
         self.out_counts = {ir: int(out_counts.get(ir, 0)) for ir in IRREPS}
         aux = auxiliary_layer_counts(self.in_counts)
@@ -132,6 +135,8 @@ class QuadraticIrrepLayer(nn.Module):
                 self.register_buffer(f"triu{k}", iu, persistent=False)
         self.bias = nn.Parameter(torch.zeros(self.out_counts["A1"])) if self.out_counts["A1"] else None
         self._build_plan()
+        self._build_explicit_plan()
+        self.mode = self.auto_mode() if mode == "auto" else mode
         self._packed_cache: tuple | None = None
 
     # -- packing plan (index tables, built once) --------------------------------------------------
@@ -142,7 +147,7 @@ class QuadraticIrrepLayer(nn.Module):
         self.cp = max([c for c in self.in_counts.values()] + [1])
         self.kp = max([c for c in self.out_counts.values()] + [1])
         cp, kp = self.cp, self.kp
-        offsets = np.cumsum([0] + [w.numel() for w in self.weights])
+        offsets = np.cumsum([0] + [w.numel() for w in self.weights])  # + 1 below: slot 0 is the zero
         terms, left, zrow, zcoef, self.groups = [], [], [], [], []
         w_index = []  # per term: [cp, cp, kp] index into 1 + cat(weights) (0 = zero)
         for o in IRREPS:
@@ -179,10 +184,9 @@ class QuadraticIrrepLayer(nn.Module):
         self.n_terms = len(terms)
         # copy weights: one [cp, kp] matrix per output row (input row of the same irrep component)
         copy_index, copy_in = [], []
-        poffs, start = {}, 1
-        for o, p in self.copy.items():
-            poffs[o] = start
-            start += p.numel()
+        offs = self._flat_offsets()
+        poffs = {o: offs[("copy", o)] for o in self.copy}
+        start = offs["bias"]
         for (o, g) in self.out_rows:
             raw = np.zeros((cp, kp), dtype=np.int64)
             if o in poffs:
@@ -202,6 +206,92 @@ class QuadraticIrrepLayer(nn.Module):
         self.register_buffer("_copy_index", as_t(np.stack(copy_index)).reshape(-1), persistent=False)
         self.register_buffer("_copy_rows", as_t(copy_in), persistent=False)
         self.register_buffer("_bias_index", as_t(bias_index).reshape(-1), persistent=False)
+
+    def _flat_offsets(self) -> dict:
+        """Offsets of every parameter in ``cat([0], weights..., copy..., bias)`` (index 0 = zero)."""
+        offs, start = {}, 1
+        for k, w in enumerate(self.weights):
+            offs[("w", k)] = start
+            start += w.numel()
+        for o, p in self.copy.items():
+            offs[("copy", o)] = start
+            start += p.numel()
+        offs["bias"] = start
+        return offs
+
+    def _build_explicit_plan(self) -> None:
+        """Index tables of the explicit auxiliary layer (see :meth:`_forward_explicit`).
+
+        Per output irrep o, one column per auxiliary product ``x[left] * (+-x[right])`` with a weight
+        row ``scale * param[src : src + out_o]``: copies (right = the constant 1), the A1 bias
+        (constant x constant) and every CG-coupled pair; an E x E -> 1-d channel is the sum of two
+        products (alpha = 0, 1), so it gets two columns with the same weight row. E outputs have one
+        column list per component g, with identical weight rows (shared weights).
+        """
+        cp, kp = self.cp, self.kp
+        row_in = {r: n for n, r in enumerate(self.in_rows)}
+        const = len(self.in_rows) * cp  # slot of the constant 1 in [X.flatten(), 1]
+        neg = const + 1  # right slots >= neg index the negated copy
+        slot = lambda ir, g, i: row_in[(ir, g)] * cp + i  # noqa: E731
+        offs = self._flat_offsets()
+        self.explicit_groups = []  # (o, d_o, column start, columns per component)
+        left, right, wsrc, wscale = [], [], [], []
+        for o in IRREPS:
+            co = self.out_counts[o]
+            if not co:
+                continue
+            start = len(left)
+            for g in range(IRREP_DIM[o]):
+                rows = []  # (left slot, signed right slot, param src, scale)
+                if o in self.copy:
+                    rows += [(slot(o, g, i), const, offs[("copy", o)] + i * co, 1.0) for i in range(self.in_counts[o])]
+                if o == "A1" and self.bias is not None:
+                    rows.append((const, const, offs["bias"], 1.0))
+                for k, (a, b, oo) in enumerate(self.blocks):
+                    if oo != o:
+                        continue
+                    ca, cb = self.in_counts[a], self.in_counts[b]
+                    pairs = zip(*np.triu_indices(ca, 1)) if a == b else ((i, j) for i in range(ca) for j in range(cb))
+                    C = self._cg_np[k][g]
+                    for p, (i, j) in enumerate(pairs):
+                        for alpha in range(IRREP_DIM[a]):
+                            for beta in np.nonzero(np.abs(C[alpha]) > 1e-14)[0]:
+                                c = float(C[alpha, beta])
+                                r = slot(b, int(beta), j) + (neg if c < 0 else 0)
+                                rows.append((slot(a, alpha, i), r, offs[("w", k)] + p * co, abs(c)))
+                for lt, rt, s, sc in rows:
+                    left.append(lt)
+                    right.append(rt)
+                    wsrc.append(s)
+                    wscale.append(sc)
+            self.explicit_groups.append((o, IRREP_DIM[o], start, (len(left) - start) // IRREP_DIM[o]))
+        self.n_explicit = len(left)
+        w_index = np.zeros((len(wsrc), kp), dtype=np.int64)
+        for o, d, s, m in self.explicit_groups:  # weight rows: those of component 0 (g = 1 is identical)
+            if d == 2 and (wsrc[s:s + m] != wsrc[s + m:s + 2 * m] or wscale[s:s + m] != wscale[s + m:s + 2 * m]):
+                raise RuntimeError(f"E output {o}: the two components need the same weight rows")  # pragma: no cover
+            w_index[s:s + m, :self.out_counts[o]] = np.asarray(wsrc[s:s + m], dtype=np.int64)[:, None] + np.arange(
+                self.out_counts[o])
+        as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+        self.register_buffer("_x_left", as_t(left), persistent=False)
+        self.register_buffer("_x_right", as_t(right), persistent=False)
+        self.register_buffer("_xw_index", as_t(w_index), persistent=False)
+        self.register_buffer("_xw_scale", torch.tensor(wscale, dtype=torch.float64)[:, None], persistent=False)
+
+    def auto_mode(self) -> str:
+        """Cheaper evaluation for this layer's shape, by a simple cost model (flops + memory traffic).
+
+        Units: flops, memory traffic converted at the rates measured on CPU (float32, see docs/enn_speed.md).
+        bilinear: GEMM ``2 terms cp^2 kp`` + the intermediate T (``terms cp kp``) written and read
+        + a fixed per-site cost of the small per-site contractions (one per output irrep);
+        explicit: GEMM ``2 columns kp`` + building the product columns (two gathers and a multiply).
+        Wide inputs / narrow outputs (the 32 -> 8 layer) favour bilinear, narrow inputs / wide
+        outputs (the first layer) and small layers explicit.
+        """
+        bilinear = (2 * self.n_terms * self.cp ** 2 * self.kp + 12 * self.n_terms * self.cp * self.kp
+                    + 6000 * len(self.groups))
+        explicit = 2 * self.n_explicit * self.kp + 24 * self.n_explicit
+        return "explicit" if explicit < bilinear else "bilinear"
 
     # -- weights --------------------------------------------------------------------------------
     def cg(self, k: int, like: torch.Tensor) -> torch.Tensor:
@@ -232,14 +322,15 @@ class QuadraticIrrepLayer(nn.Module):
         key = (ref.dtype, ref.device, tuple((p.data_ptr(), p._version) for p in params))
         if cacheable and self._packed_cache is not None and self._packed_cache[0] == key:
             return self._packed_cache[1]
-        zero = ref.new_zeros(1)
-        flat = torch.cat([zero] + [w.reshape(-1) for w in self.weights])
-        Wt = flat[self._w_index].view(self.n_terms, self.cp, self.cp * self.kp)
-        small = torch.cat([zero] + [p.reshape(-1) for p in self.copy.values()]
-                          + ([self.bias] if self.bias is not None else []))
-        Wc = small[self._copy_index].view(len(self.out_rows), self.cp, self.kp)
-        bias = small[self._bias_index].view(len(self.out_rows), 1, self.kp)
-        out = (Wt, Wc, bias, self._z_coef.to(ref.dtype))
+        flat = torch.cat([ref.new_zeros(1)] + [w.reshape(-1) for w in self.weights]
+                         + [p.reshape(-1) for p in self.copy.values()] + ([self.bias] if self.bias is not None else []))
+        if self.mode == "explicit":
+            out = (flat[self._xw_index] * self._xw_scale.to(ref.dtype),)
+        else:
+            Wt = flat[self._w_index].view(self.n_terms, self.cp, self.cp * self.kp)
+            Wc = flat[self._copy_index].view(len(self.out_rows), self.cp, self.kp)
+            bias = flat[self._bias_index].view(len(self.out_rows), 1, self.kp)
+            out = (Wt, Wc, bias, self._z_coef.to(ref.dtype))
         if cacheable:
             self._packed_cache = (key, out)
         return out
@@ -261,7 +352,10 @@ class QuadraticIrrepLayer(nn.Module):
 
     def forward_packed(self, X: torch.Tensor, packed=None) -> torch.Tensor:
         """Packed features ``X [n, rows_in, cp]`` -> ``Y [n, rows_out, kp]`` (see the class docstring)."""
-        Wt, Wc, bias, zcoef = self.packed_weights() if packed is None else packed
+        packed = self.packed_weights() if packed is None else packed
+        if self.mode == "explicit":
+            return self._forward_explicit(X, packed[0])
+        Wt, Wc, bias, zcoef = packed
         n = X.shape[0]
         base = torch.baddbmm(bias, X.index_select(1, self._copy_rows).transpose(0, 1), Wc)  # [rows_out, n, kp]
         if not self.n_terms:
@@ -289,6 +383,33 @@ class QuadraticIrrepLayer(nn.Module):
                 ys.append(torch.baddbmm(base_s[:, r0:r0 + d], Zt, Tt))
             pieces.append(torch.cat(ys, 1) if len(ys) > 1 else ys[0])
         return torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0]
+
+    def _forward_explicit(self, X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """Explicit auxiliary layer, chunk by chunk, sites last: the product columns
+        ``P^T = x[left] * (+-x[right])`` are two row gathers from ``[X^T; 1; -X^T; -1]`` (contiguous
+        rows of sites, so the products vectorise over sites), then one matmul per output irrep
+        ``W_o^T @ P_o^T`` (both E components in one batched matmul with the shared weights).
+        Cheaper than the bilinear form when the inputs are narrow and the outputs wide (first layer).
+        """
+        n = X.shape[0]
+        # the three [columns, sites] tensors of a chunk: about 2 cache_bytes together
+        step = n if X.device.type != "cpu" else max(16, 2 * self.cache_bytes // (3 * self.n_explicit * X.element_size()))
+        WT = W.t()
+        need_grad = torch.is_grad_enabled() and (X.requires_grad or W.requires_grad)
+        pieces = []
+        for s in range(0, n, step):
+            XT = X[s:s + step].reshape(-1, len(self.in_rows) * self.cp).t()
+            m = XT.shape[1]
+            Xe = torch.cat([XT, XT.new_ones(1, m)], 0)  # [slots + 1, m]
+            PT = Xe.index_select(0, self._x_left)
+            right = torch.cat([Xe, -Xe], 0).index_select(0, self._x_right)
+            PT = PT * right if need_grad else PT.mul_(right)  # in place: saves an allocation per chunk
+            ys = []
+            for _, d, c0, mcols in self.explicit_groups:
+                Wo = WT[:, c0:c0 + mcols]  # [kp, columns]
+                ys.append((Wo @ PT[c0:c0 + mcols])[None] if d == 1 else Wo @ PT[c0:c0 + d * mcols].view(d, mcols, m))
+            pieces.append((torch.cat(ys, 0) if len(ys) > 1 else ys[0]).permute(2, 0, 1))  # [m, rows_out, kp]
+        return torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0].contiguous()
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{irrep: [N, c, d]}`` -> ``{irrep: [N, out, d]}`` (packs, :meth:`forward_packed`, unpacks)."""

@@ -82,6 +82,9 @@ def constructor_keys(cls: type) -> list[str]:
 def build_model(model_cfg, hamiltonian) -> ForceField:
     """Instantiate the force field described by ``model_cfg`` (``name`` + constructor kwargs).
 
+    ``elastic_prior: true`` on a direct-force model wraps it in
+    :class:`~lattice_lab.models.prior.ElasticPrior` (the network learns only the electronic force).
+
     The full resolved config (defaults filled in) is recorded on the model as ``model.model_cfg``
     so checkpoints can rebuild it exactly. Unknown names or keys raise :class:`ConfigError`.
     """
@@ -94,6 +97,8 @@ def build_model(model_cfg, hamiltonian) -> ForceField:
     name = cfg.pop("name")
     cls = model_class(name)
     allowed = constructor_keys(cls)
+    # elastic_prior: the model's own option (energy models) or the generic ElasticPrior wrapper
+    wrap_prior = bool(cfg.pop("elastic_prior", False)) if "elastic_prior" not in allowed else False
     for key in cfg:
         if key not in allowed:
             raise ConfigError(f"model.{key}={cfg[key]!r}: unknown key for model {name!r} (allowed: {allowed})")
@@ -103,6 +108,12 @@ def build_model(model_cfg, hamiltonian) -> ForceField:
     bound.apply_defaults()
     full = {k: to_plain(v) for k, v in bound.arguments.items() if k not in ("self", "hamiltonian")}
     full = {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
+    if "elastic_prior" not in allowed:
+        full["elastic_prior"] = wrap_prior
+        if wrap_prior:
+            from lattice_lab.models.prior import ElasticPrior
+
+            model = ElasticPrior(model)
     model.model_cfg = {"name": name, **full}
     return model
 
