@@ -216,3 +216,126 @@ def test_presets_build(preset):
     assert model.cutoff == pytest.approx(SQRT13)
     if preset == "enn_small":
         assert model(torch.randn(1, 8, 8)).shape == (1, 8, 8)
+
+
+# -- fast (packed, chunked) evaluation -------------------------------------------------------------
+UNEVEN = {"A1": 3, "A2": 2, "B1": 1, "B2": 0, "E": 3}
+
+
+@pytest.mark.parametrize("out_counts", [{ir: 2 for ir in IRREPS}, {"A1": 3, "B2": 1, "E": 2}, {"A1": 1}])
+def test_layer_modes_and_subchunks_match_explicit_reference(out_counts):
+    """Bilinear and explicit packed evaluation, several sub-chunks, with and without autograd, all equal
+    the channel-by-channel auxiliary layer (uneven and missing irreps, padding, subset of outputs)."""
+    ref_layer = QuadraticIrrepLayer(UNEVEN, out_counts).double()
+    with torch.no_grad():
+        for p in ref_layer.parameters():
+            p.normal_()
+    x = {ir: torch.randn(37, c, IRREP_DIM[ir], dtype=torch.float64) for ir, c in UNEVEN.items() if c}
+    ref = _explicit_layer(ref_layer, x)
+    for mode in ("bilinear", "explicit"):
+        layer = QuadraticIrrepLayer(UNEVEN, out_counts, mode=mode).double()
+        layer.load_state_dict(ref_layer.state_dict())
+        layer.cache_bytes = 64  # many sub-chunks of 16 sites (37 = 16 + 16 + 5)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                got = layer(x)
+            assert sorted(got) == sorted(ref)
+            for ir in ref:
+                torch.testing.assert_close(got[ir], ref[ir], atol=1e-12, rtol=0)
+
+
+def test_packed_layer_gradients_match_modes():
+    layers = [QuadraticIrrepLayer(UNEVEN, {ir: 2 for ir in IRREPS}, mode=m).double() for m in ("bilinear", "explicit")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x0 = {ir: torch.randn(9, c, IRREP_DIM[ir], dtype=torch.float64) for ir, c in UNEVEN.items() if c}
+    grads = []
+    for layer in layers:
+        x = {ir: v.clone().requires_grad_(True) for ir, v in x0.items()}
+        sum((y ** 2).sum() for y in layer(x).values()).backward()
+        grads.append([x[ir].grad for ir in sorted(x)] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["gate", "tanh", "authors"])
+def test_packed_activation_matches_dict(kind):
+    from lattice_lab.models.layers_equivariant import IrrepActivation, pack_features, unpack_features
+
+    counts = {"A1": 3, "A2": 2, "B1": 1, "B2": 0, "E": 4}
+    act = IrrepActivation(counts, kind).double()
+    with torch.no_grad():
+        for p in act.parameters():
+            p.normal_()
+    x = {ir: torch.randn(11, c, IRREP_DIM[ir], dtype=torch.float64) for ir, c in counts.items() if c}
+    X = pack_features(x, counts, 4)
+    Y = act.forward_packed(X)
+    ref = act(x)
+    got = unpack_features(Y, counts)
+    for ir in ref:
+        torch.testing.assert_close(got[ir], ref[ir], atol=1e-14, rtol=0)
+    pad = torch.ones_like(Y, dtype=torch.bool)
+    rows = [name for name in IRREPS if counts[name] for _ in range(IRREP_DIM[name])]
+    for r, name in enumerate(rows):
+        pad[:, r, :counts[name]] = False
+    assert torch.all(Y[pad] == 0)  # zero padding stays zero
+
+
+def test_chunking_does_not_change_forces_or_gradients():
+    """Row bands, partial bands, groups of configurations and one chunk give the same forces and
+    input gradients; eval mode (cached packed weights, no autograd) agrees with training mode."""
+    model = _randomise(ENN(HAM, SQRT13, [4, 3, 2]).double())
+    Q = torch.randn(3, 9, 9, dtype=torch.float64)
+    model.chunk_sites = 10 ** 6
+    Qg = Q.clone().requires_grad_(True)
+    F_ref = model(Qg)
+    (F_ref ** 2).sum().backward()
+    for chunk in (1, 20, 81, 100, 200):  # 1 row, 2 rows + remainder, 1 config, 1 config, 2 configs
+        model.chunk_sites = chunk
+        Qc = Q.clone().requires_grad_(True)
+        F = model(Qc)
+        (F ** 2).sum().backward()
+        torch.testing.assert_close(F, F_ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(Qc.grad, Qg.grad, atol=1e-10, rtol=0)
+        model.eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(model(Q), F_ref.detach(), atol=1e-12, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(model(Q), F_ref.detach(), atol=1e-12, rtol=0)
+        model.train()
+
+
+def test_cached_weights_follow_parameter_changes():
+    model = _randomise(ENN(HAM, SQRT13, [4, 3, 2]).double()).eval()
+    Q = torch.randn(1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        F0 = model(Q)
+        for p in model.parameters():
+            p.mul_(1.1)
+        F1 = model(Q)  # parameters changed in place: the cache must be rebuilt
+    fresh = ENN(HAM, SQRT13, [4, 3, 2]).double()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(F1, fresh(Q), atol=1e-12, rtol=0)
+    assert (F1 - F0).abs().max() > 1e-3
+    F32 = model.float()(Q.float())  # dtype change drops the float64 cache
+    torch.testing.assert_close(F32.double(), F1, atol=1e-3, rtol=1e-4)
+
+
+def test_state_dict_names_unchanged():
+    """Checkpoint format: only the layer weights, gate biases and normalisation buffers are saved."""
+    import re
+
+    model = ENN(HAM, SQRT13, [32, 8, 4])
+    pat = re.compile(r"^((layers\.\d+|readout)\.(copy\.(A1|A2|B1|B2|E)|weights\.\d+|bias)|acts\.\d+\.gate_bias\.\w+"
+                     r"|in_scale_(A1|A2|B1|B2|E)|in_shift_A1|out_scale|out_shift)$")
+    keys = list(model.state_dict())
+    assert keys and all(pat.match(k) for k in keys), [k for k in keys if not pat.match(k)]
+    assert sum(v.numel() for k, v in model.state_dict().items() if "scale" not in k and "shift" not in k) == 143135
+
+
+def test_bad_chunk_sites():
+    for bad in (0, -5, 2.5, "many", True):
+        with pytest.raises(ConfigError, match="model.chunk_sites"):
+            ENN(HAM, SQRT13, [2], chunk_sites=bad)
+    with pytest.raises(ConfigError, match="model.layer_mode"):
+        QuadraticIrrepLayer(UNEVEN, {"A1": 1}, mode="fast")
