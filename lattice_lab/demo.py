@@ -47,7 +47,8 @@ def run(cfg: DictConfig) -> dict:
 
     train_name = f"demo_{cfg.model}_{stamp}"
     times["train"] = _stage("train", [f"model={cfg.model}", f"dataset={cfg.dataset}", f"trainer={cfg.trainer}",
-                                      f"trainer.max_time={cfg.train_max_time}", f"run_name={train_name}",
+                                      f"trainer.max_time={cfg.train_max_time}",
+                                      f"trainer.max_epochs={cfg.train_max_epochs}", f"run_name={train_name}",
                                       f"device={cfg.device}", f"seed={cfg.seed}", *cfg.extra_train])
     ckpt = REPO / "runs" / "checkpoints" / train_name / "best.pt"
 
@@ -61,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
 
     final = OmegaConf.to_container(OmegaConf.load(ckpt.parent / "final_metrics.yaml"))
     sim_dir = REPO / "runs" / "trajectories" / sim_name
-    sim_summary = json.loads((sim_dir / "summary.json").read_text()) if (sim_dir / "summary.json").is_file() else {}
+    sim_summary = json.loads((sim_dir / "run_summary.json").read_text())
     analysis = json.loads((sim_dir / "analysis" / "summary.json").read_text())
     summary = {"train_run": str(ckpt.parent), "trajectory_run": str(sim_dir), "times_s": times,
                "val_sigma": final.get("final/val_sigma"), "val_rmse": final.get("final/val_rmse"),
@@ -84,7 +85,7 @@ def _print_summary(cfg: DictConfig, s: dict, analysis: dict) -> None:
         f"dynamics      {sim.L}x{sim.L}, {sim.replicas} replicas, {sim.steps} steps to T = {sim.temperature}: "
         f"{_fmt(s['steps_per_s'], '.3g')} steps/s, {_fmt(s['site_steps_per_s'], '.3g')} site-steps/s",
         f"coarsening    alpha = {_fmt(s['alpha'], '.3f')} +- {_fmt(s['alpha_err'], '.3f')} "
-        f"(fit window t = {_fmt(analysis.get('fit_t_min'), '.3g')}..{_fmt(analysis.get('fit_t_max'), '.3g')}; "
+        f"(fit window t = {_fmt(analysis['fit_window'][0], '.3g')}..{_fmt(analysis['fit_window'][1], '.3g')}; "
         "Allen-Cahn 0.5; papers at T=0.1: 0.059 on 200x200, t=1250)",
         "stage times   " + ", ".join(f"{k} {v:.0f} s" for k, v in s["times_s"].items()),
         f"plots         {s['trajectory_run']}/analysis/*.png and {s['train_run']}/parity.png",

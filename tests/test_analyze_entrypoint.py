@@ -82,9 +82,25 @@ def test_run_with_comparison_and_mlflow(trajectories, tmp_mlflow, tmp_path):
     assert "alpha_replica_err" in run_.data.metrics
     history = client.get_metric_history(run_.info.run_id, "L")
     assert sorted(m.step for m in history) == [0, 100, 200, 400, 800, 1200]
+    assert sorted(m.step for m in client.get_metric_history(run_.info.run_id, "xi")) == [0, 100, 200, 400, 800, 1200]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+        np.loadtxt(out / "L_t.csv", delimiter=",", skiprows=1, usecols=2))  # L(t) logged = L(t) written (column L)
+    assert run_.data.metrics["alpha_err"] == pytest.approx(summary["alpha_err"])
+    assert client.get_experiment(run_.info.experiment_id).name == "lattice_lab/analyze"
+    assert run_.info.status == "FINISHED"
     names = {a.path for a in client.list_artifacts(run_.info.run_id, "analysis")}
-    assert {"analysis/growth.png", "analysis/L_t.csv", "analysis/summary.json"} <= names
+    assert {"analysis/growth.png", "analysis/L_t.csv", "analysis/xi_t.csv", "analysis/summary.json"} <= names
     assert json.loads((out / "summary.json").read_text())["mlflow_run_id"] == run_.info.run_id
+
+    # nested under tracking.parent_run_id (a parent that is not active in this process)
+    parent = client.create_run(client.create_experiment("sweep_parent")).info.run_id
+    child = run(make_cfg(f"trajectory={ed}", f"out_dir={tmp_path / 'out2'}", "fit.t_min=4", "device=cpu",
+                         "tracking.enabled=true", f"+tracking.parent_run_id={parent}"))
+    crun = client.get_run(child["mlflow_run_id"])
+    assert crun.data.tags["mlflow.parentRunId"] == parent
+    assert client.get_experiment(crun.info.experiment_id).name == "lattice_lab/analyze"
+    assert len(client.get_metric_history(crun.info.run_id, "xi")) == 6 and "alpha" in crun.data.metrics
+    assert "analysis/growth.png" in {a.path for a in client.list_artifacts(crun.info.run_id, "analysis")}
 
 
 def test_cli_missing_file_exits_cleanly(tmp_path):

@@ -19,6 +19,7 @@ from lattice_lab.models.registry import load_preset
 
 HAM = {"t": 1.0, "g": 3.5, "k": 1.0, "kappa": 0.18, "temperature": 0.1, "filling": "canonical"}
 PRESETS = ["gnn_small", "gnn_energy_small"]
+EXPORT_PRESETS = [*PRESETS, "enn_small", "mlp_small"]  # enn/mlp presets: ElasticPrior(network)
 
 
 def trained_like(preset: str, dtype=torch.float64):
@@ -103,13 +104,14 @@ print(json.dumps(res))
 
 def test_export_runs_without_lattice_lab(tmp_path):
     """The exported files run in a fresh interpreter with only torch, at two lattice sizes."""
-    models = {p: trained_like(p) for p in PRESETS}
+    models = {p: trained_like(p) for p in EXPORT_PRESETS}
+    assert {type(models[p]).__name__ for p in ("enn_small", "mlp_small")} == {"ElasticPrior"}
     for name, model in models.items():
         export_force_field(model, tmp_path / f"{name}.ts.pt", example_L=9)
     inputs = {L: torch.randn(2, L, L, dtype=torch.float64) for L in (9, 12)}
     for L, Q in inputs.items():
         torch.save(Q, tmp_path / f"Q{L}.pt")
-    proc = subprocess.run([sys.executable, "-c", _STANDALONE, str(tmp_path), *PRESETS],
+    proc = subprocess.run([sys.executable, "-c", _STANDALONE, str(tmp_path), *EXPORT_PRESETS],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -127,7 +129,7 @@ def test_export_runs_without_lattice_lab(tmp_path):
                                                rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", EXPORT_PRESETS)
 def test_load_force_field_accepts_export(tmp_path, preset):
     model = trained_like(preset)
     path = export_force_field(model, tmp_path / "model.ts.pt")
@@ -147,6 +149,33 @@ def test_load_force_field_accepts_export(tmp_path, preset):
         Q = torch.randn(1, 9, 9, dtype=torch.float64)
         torch.testing.assert_close(loaded(Q), model(Q), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(loaded.energy(Q), model.energy(Q).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_enn_export_bands_layer_modes_and_dtype(tmp_path):
+    """The scripted ENN fast path: bands of rows (chunk_sites < L^2), batches split into chunks,
+    sub-chunked layers, both layer modes (explicit and bilinear); the exported model is a frozen
+    copy (the eager model is not modified) and casts to float32 on load like the eager model."""
+    cfg = dict(load_preset("enn_small"), hidden=[12, 3], activation="gate", chunk_sites=40)
+    model = build_model(cfg, HAM).to(torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    net = model.network
+    net.layers[1].mode = "bilinear"  # one layer of each mode
+    assert {layer.mode for layer in net.layers} == {"explicit", "bilinear"}
+    for layer in [*net.layers, net.readout]:
+        layer.cache_bytes = 256  # many sub-chunks per band
+    model.eval()
+    path = export_force_field(model, tmp_path / "enn.ts.pt", example_L=7)
+    assert net.layers[0]._ts_packed0.numel() == 0 and net._ts_conv_w.numel() == 0  # original untouched
+    loaded = load_force_field(path, device="cpu")
+    with torch.no_grad():
+        for B, L in ((3, 7), (1, 11), (2, 13)):  # 7 x 7 < 40 < 11 x 11: whole configs, then bands
+            Q = torch.randn(B, L, L, dtype=torch.float64, generator=gen)
+            torch.testing.assert_close(loaded(Q), model(Q), rtol=1e-12, atol=1e-12)
+        as32 = load_force_field(path, device="cpu", dtype="float32")
+        torch.testing.assert_close(as32(Q.float()), model.float()(Q.float()), rtol=1e-5, atol=1e-5)
 
 
 def test_load_from_mlflow_run(tmp_path, monkeypatch):

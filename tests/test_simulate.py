@@ -345,3 +345,21 @@ def test_comparison_same_initial_states_and_noise(tmp_path, gnn_checkpoint):
     assert res["comparison"]["max_abs_z"] > 0
     with pytest.raises(ConfigError, match="compare.steps"):
         run(make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[7]", config_name="simulate_compare"))
+
+
+def test_ml_run_from_torchscript_export(tmp_path):
+    """force.checkpoint may be a TorchScript export (here an ENN with the elastic prior)."""
+    from lattice_lab.models.checkpoint import export_force_field
+    from lattice_lab.models.registry import build_model, load_preset
+
+    torch.manual_seed(1)
+    model = build_model(load_preset("enn_small"), HolsteinParams().as_dict()).double().eval()
+    path = export_force_field(model, tmp_path / "enn.ts.pt")
+    res = run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={path}", "dtype=float64"))
+    assert res["completed"] and res["frames"] == 5
+    data, attrs = read_all(res["trajectory"])
+    assert attrs["force_source"] == "ml" and attrs["model_path"] == str(path)
+    assert np.isfinite(data["Q"]).all()
+    state = torch.load(res["checkpoint"], weights_only=False)["state"]
+    with torch.no_grad():
+        torch.testing.assert_close(state["F"], model(state["Q"]), rtol=1e-12, atol=1e-12)

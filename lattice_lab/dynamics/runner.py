@@ -283,9 +283,22 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
         tracker.set_tags({"status": "completed" if completed else f"stopped at step {state.step}"})
         if completed and bool(_get(cfg, "analyze", False)):
             result["analysis"] = _analyze(traj_path, cfg, tracker)
+        _write_run_summary(run_dir / "run_summary.json", result)
     log.info("%s: step %d/%d, %.3g steps/s, %.3g site-steps/s", run_name, result.get("step", -1), steps,
              result.get("steps_per_s", 0.0), result.get("site_steps_per_s", 0.0))
     return result
+
+
+def _write_run_summary(path: Path, result: dict) -> None:
+    """``run_summary.json``: steps done, speed, paths and the analysis' headline numbers."""
+    import json
+
+    from lattice_lab.common.io import atomic_write_text
+
+    summary = {k: v for k, v in result.items() if k != "analysis"}
+    analysis = result.get("analysis") or {}
+    summary.update({k: analysis.get(k) for k in ("alpha", "alpha_err", "alpha_xi", "alpha_xi_err") if k in analysis})
+    atomic_write_text(path, json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def _count_frames(path: Path) -> int:

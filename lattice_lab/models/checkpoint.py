@@ -17,6 +17,7 @@ size L and batch size, and energy models keep their autograd force) with a JSON 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -162,13 +163,22 @@ def export_force_field(model: ForceField, path, example_L: int | None = None) ->
     models compute F = -dE/dQ with autograd inside the scripted code (also under ``no_grad``) and
     additionally export ``site_energy`` and ``energy``. If ``example_L`` is given, the export is
     checked against the eager model on a random ``[2, L, L]`` configuration before it is written.
-    The model needs a TorchScript-compatible ``compute_forces(Q)`` (the graph networks have one).
+    The model needs a TorchScript-compatible ``compute_forces(Q)`` (all four families have one;
+    ``ElasticPrior`` forwards to its network's). Modules with a ``freeze_for_export()`` method (the
+    ENN's packed layers, whose weights TorchScript cannot gather from a ParameterDict) freeze their
+    derived weights into buffers on a private copy first; ``model`` itself is not modified.
     """
     if not hasattr(getattr(model, "network", model), "compute_forces"):
         raise ConfigError(f"model.name={model.name!r}: export needs a compute_forces(Q) method (not available)")
     was_training = model.training
     model.eval()
-    wrapper = (_EnergyExport if model.conservative else _DirectExport)(model)
+    frozen = model
+    if any(callable(getattr(type(m), "freeze_for_export", None)) for m in model.modules()):
+        frozen = copy.deepcopy(model).eval()
+        for m in frozen.modules():
+            if callable(getattr(type(m), "freeze_for_export", None)):
+                m.freeze_for_export()
+    wrapper = (_EnergyExport if model.conservative else _DirectExport)(frozen)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)

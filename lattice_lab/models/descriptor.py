@@ -56,20 +56,34 @@ class D4Descriptor(nn.Module):
         names += [f"|E[{i}]|" for i in range(c["E"])]
         names += [f"E[{i}].ref{k}" for i in range(c["E"]) for k in (1, 2)]
         self.feature_names = names
+        # plain-int channel layout for the TorchScript-compatible features()
+        self.channel_start = {ir: int(basis.layout[ir].start) for ir in c}
+        self.channel_count = {ir: int(n) for ir, n in c.items()}
+        self.register_buffer("_ref_e", torch.tensor(ref["E"], dtype=torch.long), persistent=False)
+        self.norm_eps = NORM_EPS  # instance attributes: TorchScript cannot read global floats / tuples
+        self.one_d_irreps = list(ONE_D_NON_TRIVIAL)
 
-    def forward(self, Q: torch.Tensor) -> torch.Tensor:
-        x = self.proj.split(self.proj(Q))  # {ir: [N, c, d]}
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Irrep channels ``[N, M]`` (basis layout) -> invariant features ``[N, n_features]``."""
         eps = self.phase_eps
-        parts = [x["A1"][:, :, 0]]
-        for ir in ONE_D_NON_TRIVIAL:
-            y = x[ir][:, :, 0]  # [N, c]
-            y_ref = y[:, self.ref[ir][0]:self.ref[ir][0] + 1]  # [N, 1]
-            parts.append(torch.sqrt(y * y + NORM_EPS))
-            parts.append(y * y_ref / (torch.sqrt(y_ref * y_ref + NORM_EPS) + eps))
-        v = x["E"]  # [N, c, 2]
-        parts.append(torch.sqrt((v * v).sum(-1) + NORM_EPS))
-        r = v[:, self.ref["E"], :]  # [N, 2 refs, 2 comps]
-        r_norm = torch.sqrt((r * r).sum(-1) + NORM_EPS) + eps  # [N, 2]
+        n = x.shape[0]
+        s, c = self.channel_start["A1"], self.channel_count["A1"]
+        parts = [x[:, s:s + c]]
+        for ir in self.one_d_irreps:
+            s, c = self.channel_start[ir], self.channel_count[ir]
+            y = x[:, s:s + c]  # [N, c]
+            k = self.ref[ir][0]
+            y_ref = y[:, k:k + 1]  # [N, 1]
+            parts.append(torch.sqrt(y * y + self.norm_eps))
+            parts.append(y * y_ref / (torch.sqrt(y_ref * y_ref + self.norm_eps) + eps))
+        s, c = self.channel_start["E"], self.channel_count["E"]
+        v = x[:, s:s + 2 * c].reshape(n, c, 2)  # [N, c, 2]
+        parts.append(torch.sqrt((v * v).sum(-1) + self.norm_eps))
+        r = v.index_select(1, self._ref_e)  # [N, 2 refs, 2 comps]
+        r_norm = torch.sqrt((r * r).sum(-1) + self.norm_eps) + eps  # [N, 2]
         phases = torch.einsum("nca,nka->nck", v, r) / r_norm[:, None, :]  # [N, c, 2 refs]
         parts.append(phases.reshape(v.shape[0], -1))
         return torch.cat(parts, dim=1)
+
+    def forward(self, Q: torch.Tensor) -> torch.Tensor:
+        return self.features(self.proj.project(Q))

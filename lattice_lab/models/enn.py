@@ -116,6 +116,11 @@ class ENN(ForceField):
         self.in_rows = packed_rows(counts)
         self.cp_in = self.layers[0].cp
         self.register_buffer("_pack_src", torch.as_tensor(proj.packed_index(self.cp_in)), persistent=False)
+        self.radius = int(proj.basis.radius)
+        self.n_in_rows = len(self.in_rows)
+        # TorchScript path (export): packed, normalised conv weights frozen by freeze_for_export
+        self.register_buffer("_ts_conv_w", torch.zeros(0), persistent=False)
+        self.register_buffer("_ts_conv_b", torch.zeros(0), persistent=False)
 
     # -- normalisation -----------------------------------------------------------------------------
     def _flat_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,27 +184,70 @@ class ENN(ForceField):
         X = torch.cat([x, x.new_zeros(x.shape[0], 1)], 1)[:, self._pack_src]
         return self.packed_forward(X.view(x.shape[0], len(self.in_rows), self.cp_in))
 
-    def forward(self, Q: torch.Tensor) -> torch.Tensor:
-        self.check_input(Q)
-        B, L, _ = Q.shape
-        w, b = self.packed_projection(Q.dtype, Q.device)
-        packed = self.packed_weights()
-        R = self.proj.basis.radius
-        n_rows, cp = len(self.in_rows), self.cp_in
+    @torch.no_grad()
+    def freeze_for_export(self) -> None:
+        """Freeze the packed projection (and every layer's packed weights) for the TorchScript
+        export: ``torch.jit.script`` runs :meth:`compute_forces` from these buffers."""
+        p = self.out_scale
+        dtype = next(iter(self.parameters())).dtype
+        w, b = self.packed_projection(dtype, p.device)
+        self._ts_conv_w, self._ts_conv_b = w.detach().clone(), b.detach().clone()
+        for m in [*self.layers, self.readout, *self.acts]:
+            m.freeze_for_export()
+
+    def _run_band(self, q: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                  packed: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Padded band ``[b, 1, h + 2R, L + 2R]`` -> network output ``[b, h, L]``."""
+        x = F.conv2d(q, w, b)  # [b, R * cp, h, L]: packed channels of every site of the band
+        nb, h, width = x.shape[0], x.shape[2], x.shape[3]
+        X = x.permute(0, 2, 3, 1).reshape(nb * h * width, self.n_in_rows, self.cp_in)
+        i = 0
+        for layer, act in zip(self.layers, self.acts):
+            X = act.forward_packed(layer.forward_packed(X, packed[i]))
+            i += 1
+        return self.readout.forward_packed(X, packed[i])[:, 0, 0].view(nb, h, width)
+
+    def compute_forces(self, Q: torch.Tensor) -> torch.Tensor:
+        """Forces ``[B, L, L]`` without input checks (TorchScript-compatible, any L and B).
+
+        Chunked over whole configurations (or bands of rows with a halo of R rows when one
+        configuration exceeds ``chunk_sites``). Scripted (export), the packed weights are the ones
+        frozen by :meth:`freeze_for_export`.
+        """
+        B, L = Q.shape[0], Q.shape[-1]
+        packed: list[list[torch.Tensor]] = []
+        if torch.jit.is_scripting():
+            w, b = self._ts_conv_w.to(Q.dtype), self._ts_conv_b.to(Q.dtype)
+            for layer in self.layers:
+                packed.append(layer.frozen_weights())
+            packed.append(self.readout.frozen_weights())
+        else:
+            w, b = self.packed_projection(Q.dtype, Q.device)
+            packed = [list(pw) for pw in self.packed_weights()]
+        R = self.radius
         Qp = periodic_pad(Q.unsqueeze(1), R)  # [B, 1, L + 2R, L + 2R]
-
-        def run(q: torch.Tensor) -> torch.Tensor:  # padded band [b, 1, h + 2R, L + 2R] -> output [b, h, L]
-            x = F.conv2d(q, w, b)  # [b, R * cp, h, L]: packed channels of every site of the band
-            nb, _, h, width = x.shape
-            X = x.permute(0, 2, 3, 1).reshape(nb * h * width, n_rows, cp)
-            return self.packed_forward(X, packed).view(nb, h, width)
-
         chunk = self.chunk_sites
         if L * L <= chunk:  # whole configurations per chunk
             per = max(1, chunk // (L * L))
-            y = torch.cat([run(Qp[i:i + per]) for i in range(0, B, per)]) if B > per else run(Qp)
+            if B > per:
+                ys: list[torch.Tensor] = []
+                for i in range(0, B, per):
+                    ys.append(self._run_band(Qp[i:i + per], w, b, packed))
+                y = torch.cat(ys)
+            else:
+                y = self._run_band(Qp, w, b, packed)
         else:  # bands of rows (with a halo of R rows) of one configuration per chunk
             rows = max(1, chunk // L)
-            y = torch.stack([torch.cat([run(Qp[i:i + 1, :, r:min(r + rows, L) + 2 * R]) for r in range(0, L, rows)], 1)[0]
-                             for i in range(B)])
+            outs: list[torch.Tensor] = []
+            for i in range(B):
+                bands: list[torch.Tensor] = []
+                for r in range(0, L, rows):
+                    bands.append(self._run_band(Qp[i:i + 1, :, r:min(r + rows, L) + 2 * R], w, b, packed))
+                outs.append(torch.cat(bands, 1)[0])
+            y = torch.stack(outs)
         return y * self.out_scale.to(y.dtype) + self.out_shift.to(y.dtype)
+
+    @torch.jit.unused
+    def forward(self, Q: torch.Tensor) -> torch.Tensor:
+        self.check_input(Q)
+        return self.compute_forces(Q)

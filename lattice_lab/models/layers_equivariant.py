@@ -32,6 +32,7 @@ from torch import nn
 
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.symmetry.clebsch_gordan import clebsch_gordan, product_decomposition
+from lattice_lab.symmetry.field_ops import periodic_pad
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
 NORM_EPS = 1e-8  # guards every vector norm (gradient finite at v = 0)
@@ -109,6 +110,8 @@ class QuadraticIrrepLayer(nn.Module):
     """
 
     cache_bytes = 1 << 21  # sub-chunk size: T of one sub-chunk ~ this many bytes (CPU cache)
+    # Python-only state that TorchScript must not try to convert (export scripts this module)
+    __jit_ignored_attributes__ = ["_packed_cache", "_cg_np", "blocks", "terms"]  # noqa: RUF012
 
     def __init__(self, in_counts: dict[str, int], out_counts: dict[str, int], mode: str = "auto"):
         super().__init__()
@@ -138,6 +141,11 @@ class QuadraticIrrepLayer(nn.Module):
         self._build_explicit_plan()
         self.mode = self.auto_mode() if mode == "auto" else mode
         self._packed_cache: tuple | None = None
+        # TorchScript path (export): packed weights frozen by freeze_for_export (non-persistent)
+        self.group_dims = [IRREP_DIM[g[0]] for g in self.groups]
+        self._ts_cache_bytes = int(self.cache_bytes)
+        for i in range(4):
+            self.register_buffer(f"_ts_packed{i}", torch.zeros(0), persistent=False)
 
     # -- packing plan (index tables, built once) --------------------------------------------------
     def _build_plan(self) -> None:
@@ -338,6 +346,27 @@ class QuadraticIrrepLayer(nn.Module):
     def clear_cache(self) -> None:
         self._packed_cache = None
 
+    @torch.no_grad()
+    def freeze_for_export(self) -> None:
+        """Store the current packed weights (and ``cache_bytes``) in the buffers the TorchScript
+        path reads (``torch.jit.script`` cannot gather from a ParameterDict). Export only: the
+        frozen copy does not follow later parameter updates."""
+        packed = list(self.packed_weights())
+        for i in range(4):
+            setattr(self, f"_ts_packed{i}", packed[i].detach().clone() if i < len(packed) else torch.zeros(0))
+        self._ts_cache_bytes = int(self.cache_bytes)
+
+    def frozen_weights(self) -> list[torch.Tensor]:
+        """The weights frozen by :meth:`freeze_for_export`, in the form of :meth:`packed_weights`."""
+        if self.mode == "explicit":
+            return [self._ts_packed0]
+        return [self._ts_packed0, self._ts_packed1, self._ts_packed2, self._ts_packed3]
+
+    def _cache_bytes(self) -> int:
+        if torch.jit.is_scripting():
+            return self._ts_cache_bytes
+        return int(self.cache_bytes)
+
     def _apply(self, fn, *args, **kwargs):  # .to() / .double() / .cuda(): drop cached packed weights
         self._packed_cache = None
         return super()._apply(fn, *args, **kwargs)
@@ -348,14 +377,22 @@ class QuadraticIrrepLayer(nn.Module):
         if X.device.type != "cpu":
             return max(1, X.shape[0])
         per_site = max(1, self.n_terms * self.cp * self.kp * X.element_size())
-        return max(16, self.cache_bytes // per_site)
+        return max(16, self._cache_bytes() // per_site)
 
-    def forward_packed(self, X: torch.Tensor, packed=None) -> torch.Tensor:
-        """Packed features ``X [n, rows_in, cp]`` -> ``Y [n, rows_out, kp]`` (see the class docstring)."""
-        packed = self.packed_weights() if packed is None else packed
+    def forward_packed(self, X: torch.Tensor, packed: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Packed features ``X [n, rows_in, cp]`` -> ``Y [n, rows_out, kp]`` (see the class docstring).
+
+        TorchScript-compatible; scripted without ``packed`` it uses the frozen export weights.
+        """
+        if packed is not None:
+            pw = packed
+        elif torch.jit.is_scripting():
+            pw = self.frozen_weights()
+        else:
+            pw = list(self.packed_weights())
         if self.mode == "explicit":
-            return self._forward_explicit(X, packed[0])
-        Wt, Wc, bias, zcoef = packed
+            return self._forward_explicit(X, pw[0])
+        Wt, Wc, bias, zcoef = pw[0], pw[1], pw[2], pw[3]
         n = X.shape[0]
         base = torch.baddbmm(bias, X.index_select(1, self._copy_rows).transpose(0, 1), Wc)  # [rows_out, n, kp]
         if not self.n_terms:
@@ -363,7 +400,7 @@ class QuadraticIrrepLayer(nn.Module):
         need_grad = torch.is_grad_enabled() and (X.requires_grad or Wt.requires_grad)
         step = self.sub_chunk(X)
         cp, kp, nt = self.cp, self.kp, self.n_terms
-        pieces = []
+        pieces: list[torch.Tensor] = []
         for s in range(0, n, step):
             Xs = X[s:s + step]
             m = Xs.shape[0]
@@ -375,9 +412,9 @@ class QuadraticIrrepLayer(nn.Module):
                 torch.bmm(XL, Wt, out=T.transpose(0, 1))  # [m, terms, cp * kp], no copy
             Z = Xs.index_select(1, self._z_rows) * zcoef[:, None]  # [m, nz, cp]
             base_s = base[:, s:s + step].transpose(0, 1)  # [m, rows_out, kp]
-            ys = []
-            for o, t0, t1, z0, z1, r0 in self.groups:
-                d = IRREP_DIM[o]
+            ys: list[torch.Tensor] = []
+            for gi, (_o, t0, t1, z0, z1, r0) in enumerate(self.groups):
+                d = self.group_dims[gi]
                 Tt = T[:, t0:t1].reshape(m, (t1 - t0) * cp, kp)
                 Zt = Z[:, z0:z1].reshape(m, d, (t1 - t0) * cp)
                 ys.append(torch.baddbmm(base_s[:, r0:r0 + d], Zt, Tt))
@@ -393,10 +430,10 @@ class QuadraticIrrepLayer(nn.Module):
         """
         n = X.shape[0]
         # the three [columns, sites] tensors of a chunk: about 2 cache_bytes together
-        step = n if X.device.type != "cpu" else max(16, 2 * self.cache_bytes // (3 * self.n_explicit * X.element_size()))
+        step = n if X.device.type != "cpu" else max(16, 2 * self._cache_bytes() // (3 * self.n_explicit * X.element_size()))
         WT = W.t()
         need_grad = torch.is_grad_enabled() and (X.requires_grad or W.requires_grad)
-        pieces = []
+        pieces: list[torch.Tensor] = []
         for s in range(0, n, step):
             XT = X[s:s + step].reshape(-1, len(self.in_rows) * self.cp).t()
             m = XT.shape[1]
@@ -404,13 +441,14 @@ class QuadraticIrrepLayer(nn.Module):
             PT = Xe.index_select(0, self._x_left)
             right = torch.cat([Xe, -Xe], 0).index_select(0, self._x_right)
             PT = PT * right if need_grad else PT.mul_(right)  # in place: saves an allocation per chunk
-            ys = []
+            ys: list[torch.Tensor] = []
             for _, d, c0, mcols in self.explicit_groups:
                 Wo = WT[:, c0:c0 + mcols]  # [kp, columns]
                 ys.append((Wo @ PT[c0:c0 + mcols])[None] if d == 1 else Wo @ PT[c0:c0 + d * mcols].view(d, mcols, m))
             pieces.append((torch.cat(ys, 0) if len(ys) > 1 else ys[0]).permute(2, 0, 1))  # [m, rows_out, kp]
         return torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0].contiguous()
 
+    @torch.jit.unused
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{irrep: [N, c, d]}`` -> ``{irrep: [N, out, d]}`` (packs, :meth:`forward_packed`, unpacks)."""
         Y = self.forward_packed(pack_features(x, self.in_counts, self.cp))
@@ -444,40 +482,67 @@ class IrrepActivation(nn.Module):
         self.n1 = sum(1 for ir in IRREPS if ir != "E" and self.counts[ir])
         self.has_a1 = bool(self.counts["A1"])
         self.has_e = bool(self.counts["E"])
+        self.n_odd = sum(1 for ir in IRREPS[1:4] if self.counts[ir])
+        self.norm_eps = NORM_EPS  # instance attribute: TorchScript cannot read a global float
+        # TorchScript path (export): gate-bias rows frozen by freeze_for_export (non-persistent)
+        self.register_buffer("_ts_b1", torch.zeros(0), persistent=False)
+        self.register_buffer("_ts_bE", torch.zeros(0), persistent=False)
 
     def _row_bias(self, irreps: list[str], like: torch.Tensor) -> torch.Tensor:
         """Gate biases of ``irreps`` as ``[len, kp]`` rows (zero-padded, differentiable)."""
         return torch.stack([F.pad(self.gate_bias[ir], (0, self.kp - self.counts[ir])) for ir in irreps]).to(like.dtype)
 
+    def _gated_irreps(self) -> tuple[list[str], list[str]]:
+        """Irreps whose gate biases are used on the 1-d rows and on the E rows."""
+        if self.kind == "tanh":
+            return [], []
+        one_d = IRREPS[:4] if self.kind == "authors" else IRREPS[1:4]
+        return [ir for ir in one_d if self.counts[ir]], (["E"] if self.has_e else [])
+
+    def _gate_rows(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate-bias rows ``([n_gated_1d, kp], [1, kp])`` (frozen copies when scripted)."""
+        if torch.jit.is_scripting():
+            return self._ts_b1.to(like.dtype), self._ts_bE.to(like.dtype)
+        one_d, e = self._gated_irreps()
+        empty = like.new_zeros(0, self.kp)
+        return (self._row_bias(one_d, like) if one_d else empty), (self._row_bias(e, like) if e else empty)
+
+    @torch.no_grad()
+    def freeze_for_export(self) -> None:
+        """Store the gate-bias rows for the TorchScript path (export only, see QuadraticIrrepLayer)."""
+        p = next(iter(self.gate_bias.values()), None)
+        like = p if p is not None else self._ts_b1
+        self._ts_b1, self._ts_bE = (t.detach().clone() for t in self._gate_rows(like))
+
     def forward_packed(self, Y: torch.Tensor) -> torch.Tensor:
         """The same nonlinearity on packed features ``[N, R, kp]`` (:func:`packed_rows` layout).
 
-        Padded channels are zero and stay zero (every activation maps 0 to 0).
+        Padded channels are zero and stay zero (every activation maps 0 to 0). TorchScript-compatible.
         """
-        parts = []
+        parts: list[torch.Tensor] = []
         one_d = Y[:, :self.n1]
-        if self.n1:
+        b1, bE = self._gate_rows(Y)
+        if self.n1 > 0:
             if self.kind == "tanh":
                 parts.append(torch.tanh(one_d))
             elif self.kind == "authors":
-                b = self._row_bias([ir for ir in IRREPS[:4] if self.counts[ir]], Y)
-                parts.append(torch.sign(one_d) * torch.sigmoid(one_d.abs() + b))
+                parts.append(torch.sign(one_d) * torch.sigmoid(one_d.abs() + b1))
             else:  # gate: SiLU on A1, odd gate on A2, B1, B2
-                odd = [ir for ir in IRREPS[1:4] if self.counts[ir]]
                 if self.has_a1:
                     parts.append(F.silu(Y[:, :1]))
-                if odd:
+                if self.n_odd > 0:
                     y = Y[:, int(self.has_a1):self.n1]
-                    parts.append(y * torch.sigmoid(y.abs() + self._row_bias(odd, Y)))
+                    parts.append(y * torch.sigmoid(y.abs() + b1))
         if self.has_e:
             y = Y[:, self.n1:self.n1 + 2]
-            norm = torch.sqrt((y * y).sum(1, keepdim=True) + NORM_EPS)
+            norm = torch.sqrt((y * y).sum(1, keepdim=True) + self.norm_eps)
             if self.kind == "tanh":
                 parts.append(y * (torch.tanh(norm) / norm))
             else:
-                parts.append(y * torch.sigmoid(norm + self._row_bias(["E"], Y)))
+                parts.append(y * torch.sigmoid(norm + bE))
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
+    @torch.jit.unused
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for ir, y in x.items():
@@ -507,6 +572,9 @@ class EnvironmentProjection(nn.Module):
     affine map ``(x - shift) / scale`` is folded into the kernel and a conv bias.
     """
 
+    __jit_ignored_attributes__ = ["_kernel_cache", "kernel_np", "basis", "layout"]  # noqa: RUF012 - Python-only
+    __jit_unused_properties__ = ["counts"]  # noqa: RUF012
+
     def __init__(self, cutoff: float):
         super().__init__()
         from lattice_lab.symmetry.environment import EnvironmentBasis
@@ -517,6 +585,9 @@ class EnvironmentProjection(nn.Module):
         self.kernel_np = np.zeros((self.basis.M, 1, K, K))  # float64 master copy
         self.kernel_np[:] = self.basis.kernels(torch.float64)[0].numpy()
         self._kernel_cache: dict = {}
+        # the same kernels as a (non-persistent) buffer for the TorchScript path; .to() rounds it
+        # from float64 exactly like kernel() does
+        self.register_buffer("_ts_kernel", torch.as_tensor(self.kernel_np.copy()), persistent=False)
 
     def kernel(self, dtype: torch.dtype, device) -> torch.Tensor:
         """Conv weights ``[M, 1, K, K]`` in ``dtype`` on ``device`` (exactly rounded from float64)."""
@@ -529,10 +600,18 @@ class EnvironmentProjection(nn.Module):
     def counts(self) -> dict[str, int]:
         return dict(self.basis.counts)
 
+    def project(self, Q: torch.Tensor) -> torch.Tensor:
+        """``Q [B, L, L]`` -> unnormalised channels ``[B*L*L, M]`` (TorchScript-compatible)."""
+        if torch.jit.is_scripting():
+            w = self._ts_kernel.to(Q.dtype)
+        else:
+            w = self.kernel(Q.dtype, Q.device)
+        x = F.conv2d(periodic_pad(Q.unsqueeze(1), w.shape[-1] // 2), w)  # [B, M, L, L]
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+    @torch.jit.unused
     def forward(self, Q: torch.Tensor, shift: torch.Tensor | None = None,
                 scale: torch.Tensor | None = None) -> torch.Tensor:
-        from lattice_lab.symmetry.field_ops import periodic_pad
-
         w = self.kernel(Q.dtype, Q.device)
         bias = None
         if scale is not None:

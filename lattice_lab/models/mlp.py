@@ -53,6 +53,7 @@ class DescriptorMLP(ForceField):
         self.register_buffer("feat_std", torch.ones(descriptor.n_features))
         self.register_buffer("out_scale", torch.tensor(1.0))
         self.register_buffer("out_shift", torch.tensor(0.0))
+        self.site_chunk = SITE_CHUNK  # instance attribute: TorchScript cannot read a global int
 
     @torch.no_grad()
     def fit_normalization(self, Q: torch.Tensor, F: torch.Tensor, chunk: int = 16) -> None:
@@ -74,9 +75,17 @@ class DescriptorMLP(ForceField):
         self.out_shift.fill_(f_mean)
         self.out_scale.fill_(f_std)
 
+    def compute_forces(self, Q: torch.Tensor) -> torch.Tensor:
+        """Forces ``[B, L, L]`` without input checks (TorchScript-compatible, any L and B)."""
+        B, L = Q.shape[0], Q.shape[-1]
+        d = (self.descriptor(Q) - self.feat_mean.to(Q.dtype)) / self.feat_std.to(Q.dtype)
+        ys: list[torch.Tensor] = []
+        for s in range(0, d.shape[0], self.site_chunk):
+            ys.append(self.net(d[s:s + self.site_chunk])[:, 0])
+        y = torch.cat(ys)
+        return y.view(B, L, L) * self.out_scale.to(y.dtype) + self.out_shift.to(y.dtype)
+
+    @torch.jit.unused
     def forward(self, Q: torch.Tensor) -> torch.Tensor:
         self.check_input(Q)
-        B, L, _ = Q.shape
-        d = (self.descriptor(Q) - self.feat_mean.to(Q.dtype)) / self.feat_std.to(Q.dtype)
-        y = torch.cat([self.net(d[s:s + SITE_CHUNK])[:, 0] for s in range(0, d.shape[0], SITE_CHUNK)])
-        return y.view(B, L, L) * self.out_scale.to(y.dtype) + self.out_shift.to(y.dtype)
+        return self.compute_forces(Q)
