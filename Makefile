@@ -9,6 +9,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 # Overrides passed to every entrypoint, e.g. make train ARGS="model=gnn_small trainer.max_epochs=5"
 ARGS ?=
+SEARCH ?= enn_optuna
 
 .PHONY: help install test demo data train simulate analyze sweep ui bench paper lint clean
 
@@ -42,8 +43,8 @@ simulate: $(STAMP)  ## Langevin quench with ML or ED forces (ARGS="force=ml forc
 analyze: $(STAMP)  ## analyse a trajectory (ARGS="trajectory=runs/trajectories/.../trajectory.h5")
 	$(PY) -m lattice_lab.analyze $(ARGS)
 
-sweep: $(STAMP)  ## Optuna hyperparameter sweep through Hydra multirun (ARGS="hparams_search=enn_optuna")
-	$(PY) -m lattice_lab.train -m hparams_search=enn_optuna $(ARGS)
+sweep: $(STAMP)  ## Optuna sweep through Hydra multirun (SEARCH=gnn_optuna ARGS="model=gnn_small" for others)
+	$(PY) -m lattice_lab.train -m hparams_search=$(SEARCH) $(ARGS)
 
 ui: $(STAMP)  ## MLflow UI on the local store (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db --default-artifact-root runs/mlartifacts --host 127.0.0.1 --port 5000
@@ -54,7 +55,7 @@ bench: $(STAMP)  ## speed benchmark: matmul ceiling, models, Langevin step, ED c
 paper: $(STAMP)  ## full reproduction of both papers' figures (GPU recommended, hours)
 	$(PY) -m lattice_lab.generate dataset=holstein_L40
 	$(PY) -m lattice_lab.train +experiment=paper_force_accuracy
-	$(PY) -m lattice_lab.simulate +experiment=paper_ed_vs_ml
+	$(PY) -m lattice_lab.simulate --config-name simulate_compare +experiment=paper_ed_vs_ml
 	$(PY) -m lattice_lab.simulate -m +experiment=paper_coarsening
 
 lint: $(STAMP)  ## ruff

@@ -95,7 +95,7 @@ def test_run_with_comparison_and_mlflow(trajectories, tmp_mlflow, tmp_path):
     # nested under tracking.parent_run_id (a parent that is not active in this process)
     parent = client.create_run(client.create_experiment("sweep_parent")).info.run_id
     child = run(make_cfg(f"trajectory={ed}", f"out_dir={tmp_path / 'out2'}", "fit.t_min=4", "device=cpu",
-                         "tracking.enabled=true", f"+tracking.parent_run_id={parent}"))
+                         "tracking.enabled=true", f"tracking.parent_run_id={parent}"))
     crun = client.get_run(child["mlflow_run_id"])
     assert crun.data.tags["mlflow.parentRunId"] == parent
     assert client.get_experiment(crun.info.experiment_id).name == "lattice_lab/analyze"

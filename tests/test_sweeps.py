@@ -13,9 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    """4 configurations of 8x8 with exact ED forces, in the documented HDF5 format."""
+def _write_tiny_dataset(path):
+    """6 configurations of 8x8 with exact ED forces, in the documented HDF5 format."""
     import torch
 
     from lattice_lab.data.h5io import ForceData, write_force_dataset
@@ -27,11 +26,15 @@ def tiny_dataset(tmp_path_factory):
     res = ExactForces(params).compute(Q)
     data = ForceData(Q=Q.numpy(), F=res.forces.numpy(), n=res.density.numpy(),
                      kind=np.zeros(6, np.uint8), is_val=(np.arange(6) % 3 == 2), attrs={})
-    path = tmp_path_factory.mktemp("data") / "tiny.h5"
     write_force_dataset(path, data, {**params.as_dict(), "L": 8, "seed": 0, "name": "tiny"})
     with h5py.File(path) as f:
         assert f["F"].shape == (6, 8, 8)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    return _write_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny.h5")
 
 
 def _sweep(tmp, dataset, n_trials, tag):

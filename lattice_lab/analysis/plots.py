@@ -111,11 +111,22 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
         ax.plot(tt, anchor[1] * (tt / anchor[0]) ** 0.5, "k--", lw=1, label=r"Allen-Cahn $t^{1/2}$")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     ax.set_xlabel(r"time $t$ = step $\times$ dt (model units, $\hbar = t_{hop} = 1$)")
     ax.set_ylabel("length (lattice spacings)")
     ax.set_title(f"domain growth ({label})")
     ax.legend(fontsize=8)
     return fig
+
+
+def _plain_log_ticks(ax) -> None:
+    """Log axes over less than a few decades: label major ticks plainly, leave minor ticks unlabelled."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
 
 
 def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool = False, logx: bool = False):
