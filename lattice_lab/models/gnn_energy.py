@@ -32,6 +32,7 @@ from lattice_lab.lattice import nn_sum
 from lattice_lab.models.base import ForceField
 from lattice_lab.models.gnn import check_aggregation, make_activation, nn_sum_channels_last
 from lattice_lab.models.layers_equivariant import force_moments
+from lattice_lab.physics.holstein import linear_elastic_force
 
 
 def _positive_int(value, key: str) -> int:
@@ -191,7 +192,7 @@ class EnergyGNN(ForceField):
             raise ConfigError(f"fit_normalization: Q {tuple(Q.shape)} and F {tuple(F.shape)} must be equal [..., L, L]")
         residual = F
         if self.use_elastic_prior:
-            residual = F + self.elastic_k * Q + self.elastic_kappa * nn_sum(Q)
+            residual = F - linear_elastic_force(Q, self.elastic_k, self.elastic_kappa)
         q_mean, q_std = force_moments(Q)
         f_mean, f_std = force_moments(residual)
         self.q_mean.fill_(q_mean)

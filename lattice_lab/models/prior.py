@@ -15,8 +15,8 @@ No ``from __future__ import annotations`` here: TorchScript must read the annota
 
 import torch
 
-from lattice_lab.lattice.periodic import nn_sum
 from lattice_lab.models.base import ForceField
+from lattice_lab.physics.holstein import linear_elastic_force
 
 
 class ElasticPrior(ForceField):
@@ -47,7 +47,7 @@ class ElasticPrior(ForceField):
             return getattr(super().__getattr__("network"), attr)
 
     def elastic_force(self, Q: torch.Tensor) -> torch.Tensor:
-        return -self.k * Q - self.kappa * nn_sum(Q)
+        return linear_elastic_force(Q, self.k, self.kappa)
 
     @torch.no_grad()
     def fit_normalization(self, Q: torch.Tensor, F: torch.Tensor) -> None:

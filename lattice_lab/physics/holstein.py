@@ -134,11 +134,16 @@ def _check_field(Q: torch.Tensor) -> None:
         raise ConfigError(f"lattice field must have shape [..., L, L], got {tuple(Q.shape)}")
 
 
+def linear_elastic_force(Q: torch.Tensor, k: float, kappa: float) -> torch.Tensor:
+    """-k Q_i - kappa sum_{j in nn(i)} Q_j: the one implementation (TorchScript-compatible, used by models)."""
+    return -k * Q - kappa * nn_sum(Q)
+
+
 def elastic_force(Q: torch.Tensor, params: HolsteinParams | Mapping | None = None) -> torch.Tensor:
     """Elastic force -dE_el/dQ_i = -k Q_i - kappa sum_{j in nn(i)} Q_j, shape of ``Q``."""
     p = as_params(params)
     _check_field(Q)
-    return -p.k * Q - p.kappa * nn_sum(Q)
+    return linear_elastic_force(Q, p.k, p.kappa)
 
 
 def elastic_energy(Q: torch.Tensor, params: HolsteinParams | Mapping | None = None) -> torch.Tensor:
