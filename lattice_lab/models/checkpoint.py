@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import tempfile
 import warnings
@@ -35,7 +34,6 @@ from lattice_lab.common.io import atomic_path, atomic_torch_save
 from lattice_lab.models.base import ForceField
 
 METADATA_FILE = "lattice_lab.json"
-DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 BEST_ARTIFACT = "checkpoints/best.pt"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -242,7 +240,10 @@ def load_exported(path, device="cpu") -> ExportedForceField:
 
 # -- one entry point for every kind of saved model ----------------------------------------------
 def _tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The project's one tracking-store rule (``tracking.mlflow_utils.resolve_tracking_uri``)."""
+    from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
+
+    return resolve_tracking_uri()
 
 
 def _download_from_mlflow(ref: str) -> Path:
