@@ -45,6 +45,18 @@ class ForceField(nn.Module):
     def fit_normalization(self, Q: torch.Tensor, F: torch.Tensor) -> None:
         """Set input/output scale buffers from training data. Default: nothing to fit."""
 
+    @torch.no_grad()
+    def fill_scalar_normalization(self, Q: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+        """Set the scalar buffers ``q_mean, q_std`` (input) and ``f_mean, f_std`` (fitted force target)
+        from data moments (float64, epsilon-guarded); return ``(q_std, f_std)``."""
+        from lattice_lab.models.layers_equivariant import force_moments
+
+        q_mean, q_std = force_moments(Q)
+        f_mean, f_std = force_moments(target)
+        for name, value in (("q_mean", q_mean), ("q_std", q_std), ("f_mean", f_mean), ("f_std", f_std)):
+            getattr(self, name).fill_(value)
+        return q_std, f_std
+
     # -- checks -----------------------------------------------------------------------------
     def check_input(self, Q: torch.Tensor) -> None:
         if Q.dim() != 3 or Q.shape[-1] != Q.shape[-2]:

@@ -33,7 +33,6 @@ from torch import nn
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.lattice import nn_sum
 from lattice_lab.models.base import ForceField
-from lattice_lab.models.layers_equivariant import force_moments
 
 PAPER_WIDTHS = (1, 128, 512, 1024, 2048, 1024, 512, 128, 1)
 AGGREGATIONS = ("sum", "mean")
@@ -147,12 +146,7 @@ class GNN(ForceField):
     @torch.no_grad()
     def fit_normalization(self, Q, F) -> None:
         """Scalar input shift/scale from Q and output shift/scale from the total force F."""
-        q_mean, q_std = force_moments(Q)
-        f_mean, f_std = force_moments(F)
-        self.q_mean.fill_(q_mean)
-        self.q_std.fill_(q_std)
-        self.f_mean.fill_(f_mean)
-        self.f_std.fill_(f_std)
+        self.fill_scalar_normalization(Q, F)
 
     def compute_forces(self, Q: torch.Tensor) -> torch.Tensor:
         """Forces without input checks (TorchScript-compatible; used by the exported module)."""

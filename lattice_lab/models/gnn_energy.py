@@ -31,7 +31,6 @@ from lattice_lab.common.errors import ConfigError
 from lattice_lab.lattice import nn_sum
 from lattice_lab.models.base import ForceField
 from lattice_lab.models.gnn import check_aggregation, make_activation, nn_sum_channels_last
-from lattice_lab.models.layers_equivariant import force_moments
 from lattice_lab.physics.holstein import linear_elastic_force
 
 
@@ -193,10 +192,5 @@ class EnergyGNN(ForceField):
         residual = F
         if self.use_elastic_prior:
             residual = F - linear_elastic_force(Q, self.elastic_k, self.elastic_kappa)
-        q_mean, q_std = force_moments(Q)
-        f_mean, f_std = force_moments(residual)
-        self.q_mean.fill_(q_mean)
-        self.q_std.fill_(q_std)
-        self.f_mean.fill_(f_mean)
-        self.f_std.fill_(f_std)
+        q_std, f_std = self.fill_scalar_normalization(Q, residual)
         self.e_scale.fill_(f_std * q_std)
