@@ -67,3 +67,66 @@ def test_periodic_helpers_match_explicit_indexing():
     assert torch.equal(translate(f, (1, 2))[:, (x + 1) % L, (y + 2) % L], f[:, x, y])
     cb = checkerboard(4)
     assert cb[0, 0] == 1 and cb[0, 1] == -1 and cb[1, 1] == 1 and cb.sum() == 0
+
+
+def test_periodic_band_is_a_slice_of_the_padded_lattice():
+    from lattice_lab.symmetry.field_ops import periodic_band, periodic_pad
+
+    x = torch.randn(2, 1, 7, 7)
+    for r0, r1, pad in [(0, 7, 3), (2, 5, 3), (6, 7, 2), (0, 1, 9)]:
+        torch.testing.assert_close(periodic_band(x, r0, r1, pad), periodic_pad(x, pad)[..., r0:r1 + 2 * pad, :],
+                                   atol=0, rtol=0)
+
+
+def test_run_pieces_on_threads():
+    from lattice_lab.common.threads import run_pieces, shutdown_pool
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = torch.zeros(6)
+        seen = []
+
+        def piece(i):
+            def run():
+                seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+                out[i] = torch.ones(3).sum() * i  # each piece writes its own result
+            return run
+
+        with torch.no_grad():
+            run_pieces([piece(i) for i in range(6)], 2)
+        assert out.tolist() == [3.0 * i for i in range(6)]
+        assert set(seen) == {(1, False, False)}  # one torch thread each, the caller's grad mode
+        assert torch.get_num_threads() == 2  # the caller's setting is untouched
+        seen.clear()
+        with torch.inference_mode():
+            run_pieces([piece(0), piece(1)], 2)
+        assert set(seen) == {(1, True, False)}
+
+        def bad():
+            raise ValueError("piece 3 failed")
+
+        with pytest.raises(ValueError, match="piece 3 failed"):
+            run_pieces([piece(0), bad, piece(2)], 2)
+        calls = []
+        run_pieces([lambda: calls.append(torch.get_num_threads())], 1)  # sequential, in this thread
+        assert calls == [2]
+    finally:
+        torch.set_num_threads(previous)
+        shutdown_pool()
+
+
+def test_tune_malloc_is_idempotent_and_can_be_disabled(monkeypatch):
+    from lattice_lab.common import allocator
+
+    monkeypatch.setitem(allocator._state, "tuned", None)
+    monkeypatch.setenv("LATTICE_LAB_MALLOC", "default")
+    assert allocator.tune_malloc() is False  # disabled: glibc defaults kept
+    monkeypatch.setitem(allocator._state, "tuned", None)
+    monkeypatch.delenv("LATTICE_LAB_MALLOC")
+    first = allocator.tune_malloc()
+    assert isinstance(first, bool) and allocator.tune_malloc() is first
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first is True

@@ -339,3 +339,85 @@ def test_bad_chunk_sites():
             ENN(HAM, SQRT13, [2], chunk_sites=bad)
     with pytest.raises(ConfigError, match="model.layer_mode"):
         QuadraticIrrepLayer(UNEVEN, {"A1": 1}, mode="fast")
+
+
+@pytest.fixture
+def two_threads():
+    """torch with 2 intra-op threads for one test (CI runs the suite with 1)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+    from lattice_lab.common.threads import shutdown_pool
+
+    shutdown_pool()
+
+
+@pytest.mark.parametrize(("B", "L", "chunk"), [(1, 24, 10 ** 6), (3, 17, 10 ** 6), (4, 16, 10 ** 6), (1, 40, 300),
+                                               (5, 16, 100)])
+def test_pieces_on_threads_match_sequential_forces(two_threads, B, L, chunk):
+    """cpu_parallel: pieces of the lattice on 2 threads give the forces of the sequential path,
+    for bands of one configuration, odd numbers of configurations and groups of them."""
+    from lattice_lab.models.enn import lattice_pieces
+
+    model = _randomise(ENN(HAM, SQRT13, [4, 3, 2], activation="tanh", chunk_sites=chunk).double()).eval()
+    Q = torch.randn(B, L, L, dtype=torch.float64)
+    with torch.inference_mode():
+        assert model.parallel_workers(Q) == 2
+        F_par = model(Q)
+        ref = model.compute_forces(Q)
+    torch.testing.assert_close(F_par, ref, atol=1e-12, rtol=0)
+    model.cpu_parallel = False
+    with torch.no_grad():
+        assert model.parallel_workers(Q) == 1
+        torch.testing.assert_close(model(Q), ref, atol=1e-12, rtol=0)
+    covered = torch.zeros(B, L, L, dtype=torch.int64)  # every site exactly once, pieces within the chunk
+    pieces = lattice_pieces(B, L, 2, chunk)
+    for i0, i1, r0, r1 in pieces:
+        covered[i0:i1, r0:r1] += 1
+        assert (i1 - i0) * (r1 - r0) * L <= max(chunk, L)
+    assert torch.all(covered == 1) and len(pieces) % 2 == 0
+
+
+def test_pieces_not_used_with_autograd_or_one_thread(two_threads):
+    model = _randomise(ENN(HAM, SQRT13, [4, 3, 2]).double())
+    Q = torch.randn(1, 24, 24, dtype=torch.float64)
+    assert model.parallel_workers(Q) == 1  # grad enabled (training)
+    with torch.no_grad():
+        assert model.parallel_workers(Q) == 2
+        assert model.parallel_workers(Q[:, :8, :8]) == 1  # 64 sites: not worth a second thread
+        torch.set_num_threads(1)
+        assert model.parallel_workers(Q) == 1
+    with pytest.raises(ConfigError, match="model.cpu_parallel"):
+        ENN(HAM, SQRT13, [2], cpu_parallel="yes")
+
+
+def test_projection_cache_follows_normalisation():
+    model = _randomise(ENN(HAM, SQRT13, [4, 3, 2]).double()).eval()
+    Q = torch.randn(2, 9, 9, dtype=torch.float64)
+    with torch.inference_mode():
+        F0 = model(Q)
+    model.fit_normalization(2.0 * Q + 1.0, torch.randn(2, 9, 9, dtype=torch.float64))  # new buffers
+    fresh = ENN(HAM, SQRT13, [4, 3, 2]).double().eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        F1 = model(Q)
+        torch.testing.assert_close(F1, fresh(Q), atol=1e-12, rtol=0)
+    assert (F1 - F0).abs().max() > 1e-3
+    w, _ = model.packed_projection(torch.float64, "cpu")
+    assert not w.is_inference()  # built outside inference mode: the cached copy also serves training
+
+
+def test_odd_tanh_and_inplace_activation():
+    from lattice_lab.models.layers_equivariant import IrrepActivation, odd_tanh
+
+    y = torch.linspace(-30, 30, 20001, dtype=torch.float32)
+    torch.testing.assert_close(odd_tanh(y.clone()), torch.tanh(y), atol=3e-7, rtol=0)
+    assert torch.equal(odd_tanh(-y), -odd_tanh(y))  # exactly odd: sign-flip equivariance
+    counts = {"A1": 3, "A2": 2, "B1": 1, "B2": 0, "E": 4}
+    act = IrrepActivation(counts, "tanh").double()
+    Y = torch.randn(7, 5, 4, dtype=torch.float64, requires_grad=True)
+    ref = act.forward_packed(Y)  # autograd path (torch.tanh)
+    with torch.no_grad():
+        got = act.forward_packed(Y.detach().clone())  # in-place fast path
+    torch.testing.assert_close(got, ref.detach(), atol=1e-15, rtol=0)

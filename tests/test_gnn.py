@@ -179,3 +179,19 @@ def test_energy_model_receptive_field_and_cutoff():
     model = build_model(load_preset("gnn_energy"), HAM)
     assert model.receptive_field == 8 and model.cutoff == 8.0 and model.conservative
     assert flops_per_site(model) > 0
+
+
+@pytest.mark.parametrize(("B", "L", "chunk"), [(3, 12, 100), (1, 13, 40), (2, 9, 1), (5, 9, 200)])
+def test_energy_model_chunked_forces_are_exact(energy_model, B, L, chunk):
+    """Inference in pieces (bands of rows with a halo, groups of configurations) = one graph."""
+    Q = torch.randn(B, L, L, dtype=torch.float64)
+    energy_model.chunk_sites = 10 ** 9
+    with torch.no_grad():
+        ref = energy_model(Q)
+    energy_model.chunk_sites = chunk
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(energy_model(Q), ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(energy_model(Q), ref, atol=1e-12, rtol=0)  # grad enabled, eval mode
+    finally:
+        energy_model.chunk_sites = 32768

@@ -28,6 +28,7 @@ from lattice_lab.bench.timing import memory_method
 from lattice_lab.common.device import resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
+from lattice_lab.common.threads import shutdown_pool
 from lattice_lab.common.seeding import seed_everything
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ def run(cfg: DictConfig) -> dict:
             print(f"  preset {name} FAILED: {type(exc).__name__}: {exc}")
             info = {"preset": name, "model": "", "params": None, "flops_per_site": None, "conservative": False,
                     "error": f"{type(exc).__name__}: {exc}", "rows": []}
+        finally:
+            shutdown_pool()  # a model's worker threads must not slow the next model (common/threads.py)
         infos.append(info)
     profiles = _profiles(cfg, infos, out_dir, hamiltonian=hamiltonian, device=device, dtype=dtype, batch=batch,
                          seed=seed) if cfg.get("profile", False) else {}

@@ -6,6 +6,7 @@ import functools
 import sys
 from pathlib import Path
 
+from lattice_lab.common.allocator import tune_malloc
 from lattice_lab.common.errors import LatticeLabError
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -25,10 +26,12 @@ def friendly_errors(fn):
     """Decorate a Hydra task function: a :class:`LatticeLabError` prints ``error: ...`` and exits 2.
 
     In multirun (sweeps) the exception propagates so the sweeper records the trial as failed.
+    Also tunes glibc malloc for tensor workloads (:mod:`lattice_lab.common.allocator`).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        tune_malloc()
         try:
             return fn(*args, **kwargs)
         except LatticeLabError as exc:

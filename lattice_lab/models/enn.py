@@ -34,10 +34,30 @@ from lattice_lab.models.layers_equivariant import (
     force_moments,
     packed_rows,
 )
-from lattice_lab.symmetry.field_ops import periodic_pad
+from lattice_lab.symmetry.field_ops import periodic_band, periodic_pad
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
 DEFAULT_CHUNK_SITES = 1 << 14  # sites per chunk in forward: bounds peak memory, independent of L
+MIN_PIECE_SITES = 256  # smallest piece worth a thread of its own (cpu_parallel)
+
+
+def lattice_pieces(B: int, L: int, workers: int, chunk_sites: int) -> list[tuple[int, int, int, int]]:
+    """Cut ``B`` configurations of ``L x L`` sites into pieces ``(i0, i1, r0, r1)`` (configurations
+    ``i0:i1``, rows ``r0:r1``) of at most ``chunk_sites`` sites (or one row each), their number a
+    multiple of ``workers`` where possible so that every thread gets the same work: groups of whole
+    configurations when they divide evenly, else bands of rows of each configuration."""
+    workers = max(1, workers)
+    n = max(workers, -(-B * L * L // max(1, chunk_sites)))
+    n = -(-n // workers) * workers
+    if B >= n and (B % n == 0 or B >= 4 * n):
+        edges = [round(k * B / n) for k in range(n + 1)]
+        return [(edges[k], edges[k + 1], 0, L) for k in range(n)]
+    bands = max(-(-n // B), -(-L * L // max(1, chunk_sites)))
+    while (B * bands) % workers and bands < L:
+        bands += 1
+    bands = min(bands, L)
+    edges = [round(k * L / bands) for k in range(bands + 1)]
+    return [(i, i + 1, edges[k], edges[k + 1]) for i in range(B) for k in range(bands)]
 
 
 def auxiliary_counts(input_counts: dict[str, int], hidden: list[int]) -> list[dict[str, int]]:
@@ -77,9 +97,10 @@ class ENN(ForceField):
 
     name = "enn"
     conservative = False
+    __jit_ignored_attributes__ = ["_proj_cache"]  # noqa: RUF012 - Python-only cache
 
     def __init__(self, hamiltonian: dict, cutoff: float = math.sqrt(13.0), hidden: list[int] = (32, 8, 4),
-                 activation: str = "gate", chunk_sites: int = DEFAULT_CHUNK_SITES):
+                 activation: str = "gate", chunk_sites: int = DEFAULT_CHUNK_SITES, cpu_parallel: bool = True):
         cutoff = float(cutoff)
         chunk_sites = _check_chunk(chunk_sites)
         if not math.isfinite(cutoff) or cutoff < 1.0:
@@ -92,6 +113,10 @@ class ENN(ForceField):
         self.hidden = widths
         self.activation = activation
         self.chunk_sites = chunk_sites
+        self._proj_cache: tuple | None = None  # (key, (w, b)) of packed_projection (normalisation is a buffer)
+        if not isinstance(cpu_parallel, bool):
+            raise ConfigError(f"model.cpu_parallel={cpu_parallel!r}: expected true or false")
+        self.cpu_parallel = cpu_parallel
         self.proj = proj
         counts = proj.counts
         self.input_counts = counts
@@ -154,18 +179,27 @@ class ENN(ForceField):
 
     # -- forward -----------------------------------------------------------------------------------
     def packed_projection(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conv weights ``[R * cp_in, 1, K, K]`` and bias mapping Q to normalised packed input rows.
+        """Conv weights ``[R * cp_in, 1, K, K]`` and bias mapping Q to normalised packed input rows
+        (cached until a normalisation buffer changes).
 
         The equivariant normalisation ``(x - shift) / scale`` is folded into the environment kernels
         (built from their float64 master copy), which are then permuted into the packed layout;
         padding channels get zero kernels, so they are exactly zero.
         """
-        shift, scale = self._flat_norm()
-        scale = scale.to(dtype=dtype, device=device)
-        w = self.proj.kernel(dtype, device) / scale[:, None, None, None]
-        b = -shift.to(dtype=dtype, device=device) / scale
-        w = torch.cat([w, w.new_zeros(1, *w.shape[1:])])[self._pack_src]
-        b = torch.cat([b, b.new_zeros(1)])[self._pack_src]
+        bufs = [getattr(self, f"in_scale_{ir}") for ir in IRREPS] + [self.in_shift_A1]
+        key = (dtype, torch.device(device), tuple((t.data_ptr(), t._version) for t in bufs))
+        if self._proj_cache is not None and self._proj_cache[0] == key:
+            return self._proj_cache[1]
+        # built from buffers only (no gradient); normal tensors even when called in inference mode,
+        # so the cached copy also serves training
+        with torch.inference_mode(False), torch.no_grad():
+            shift, scale = self._flat_norm()
+            scale = scale.to(dtype=dtype, device=device)
+            w = self.proj.kernel(dtype, device) / scale[:, None, None, None]
+            b = -shift.to(dtype=dtype, device=device) / scale
+            w = torch.cat([w, w.new_zeros(1, *w.shape[1:])])[self._pack_src]
+            b = torch.cat([b, b.new_zeros(1)])[self._pack_src]
+        self._proj_cache = (key, (w, b))
         return w, b
 
     def packed_weights(self) -> list:
@@ -250,4 +284,43 @@ class ENN(ForceField):
     @torch.jit.unused
     def forward(self, Q: torch.Tensor) -> torch.Tensor:
         self.check_input(Q)
+        workers = self.parallel_workers(Q)
+        if workers > 1:
+            return self._forces_in_pieces(Q, workers)
         return self.compute_forces(Q)
+
+    # -- CPU parallelism over pieces of the lattice --------------------------------------------------
+    @torch.jit.unused
+    def parallel_workers(self, Q: torch.Tensor) -> int:
+        """Threads for :meth:`_forces_in_pieces`: torch's intra-op thread count on CPU inference
+        (``cpu_parallel``, no autograd) when every thread gets at least ``MIN_PIECE_SITES``; else 1."""
+        if not self.cpu_parallel or Q.device.type != "cpu" or torch.is_grad_enabled():
+            return 1
+        return max(1, min(torch.get_num_threads(), Q.shape[0] * Q.shape[-1] ** 2 // MIN_PIECE_SITES))
+
+    @torch.jit.unused
+    def _forces_in_pieces(self, Q: torch.Tensor, workers: int) -> torch.Tensor:
+        """The forces of :meth:`compute_forces`, evaluated as independent pieces (groups of whole
+        configurations, or bands of rows with a halo of ``radius`` rows) on ``workers`` threads with
+        one torch thread each (:func:`lattice_lab.common.threads.run_pieces`); identical results.
+        Everything but the dispatch runs in the workers: an OpenMP region in the calling thread
+        would leave its own OpenMP threads spinning on the cores the workers need."""
+        from lattice_lab.common.threads import run_pieces
+
+        B, L = Q.shape[0], Q.shape[-1]
+        w, b = self.packed_projection(Q.dtype, Q.device)
+        packed = [list(pw) for pw in self.packed_weights()]
+        R = self.radius
+        y = Q.new_empty(B, L, L)
+        scale, shift = self.out_scale.to(Q.dtype), self.out_shift.to(Q.dtype)
+
+        def piece(i0: int, i1: int, r0: int, r1: int):
+            def run():
+                band = periodic_band(Q[i0:i1].unsqueeze(1), r0, r1, R)
+                out = self._run_band(band, w, b, packed)
+                torch.addcmul(shift, out, scale, out=y[i0:i1, r0:r1])
+            return run
+
+        pieces = [piece(*p) for p in lattice_pieces(B, L, workers, self.chunk_sites)]
+        run_pieces(pieces, workers)
+        return y

@@ -54,6 +54,15 @@ def periodic_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
     return x.index_select(-2, idx).index_select(-1, idx)
 
 
+def periodic_band(x: torch.Tensor, r0: int, r1: int, pad: int) -> torch.Tensor:
+    """Rows ``r0 - pad .. r1 + pad`` (periodic) of ``x [..., L, L]``, every row circularly padded by
+    ``pad`` columns: ``[..., r1 - r0 + 2 pad, L + 2 pad]``, the same values as
+    ``periodic_pad(x, pad)[..., r0 : r1 + 2 pad, :]`` without padding the whole lattice."""
+    L = x.shape[-1]
+    idx = torch.arange(-pad, L + pad, device=x.device) % L
+    return x.index_select(-2, idx[r0:r1 + 2 * pad]).index_select(-1, idx)
+
+
 def periodic_correlate(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Periodic cross-correlation ``out[b, c, r] = sum_{c', d} weight[c, c', R + d] x[b, c', r + d]``.
 
