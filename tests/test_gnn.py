@@ -195,3 +195,25 @@ def test_energy_model_chunked_forces_are_exact(energy_model, B, L, chunk):
         torch.testing.assert_close(energy_model(Q), ref, atol=1e-12, rtol=0)  # grad enabled, eval mode
     finally:
         energy_model.chunk_sites = 32768
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_gnn_bands_match_whole_lattice(activation):
+    """CPU inference in bands of rows (neighbour rows from the periodic ring) = the whole-lattice layer."""
+    from lattice_lab.models.gnn import CrossLayer
+
+    model = randomise(build_model(dict(load_preset("gnn_small"), widths=[1, 6, 3, 7, 2, 1], activation=activation),
+                                  HAM).double()).eval()
+    net = getattr(model, "network", model)
+    Q = torch.randn(2, 11, 11, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(Q)
+        try:
+            CrossLayer.band_bytes = 8  # one row per band, both aggregation orders (widths go up and down)
+            assert all(layer._use_bands(torch.zeros(2, 11, 11, layer.c_in, dtype=torch.float64))
+                       for layer in net.layers)
+            got = model(Q)
+        finally:
+            CrossLayer.band_bytes = 8 << 20
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    assert not net.layers[0]._use_bands(torch.zeros(2, 11, 11, 1, dtype=torch.float64, requires_grad=True))
