@@ -111,6 +111,8 @@ def test_run_pieces_on_threads():
         calls = []
         run_pieces([lambda: calls.append(torch.get_num_threads())], 1)  # sequential, in this thread
         assert calls == [2]
+        run_pieces([lambda: calls.append(torch.get_num_threads())], 2)  # one piece, on a pool thread
+        assert calls == [2, 1]
     finally:
         torch.set_num_threads(previous)
         shutdown_pool()

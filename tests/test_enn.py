@@ -362,14 +362,15 @@ def test_pieces_on_threads_match_sequential_forces(two_threads, B, L, chunk):
 
     model = _randomise(ENN(HAM, SQRT13, [4, 3, 2], activation="tanh", chunk_sites=chunk).double()).eval()
     Q = torch.randn(B, L, L, dtype=torch.float64)
+    model.flops_per_site = 1e9  # a tiny test network: pretend every piece is worth a thread
     with torch.inference_mode():
-        assert model.parallel_workers(Q) == 2
+        assert model.pool_threads(Q) == 2 and model.parallel_pieces(Q, 2) == 2
         F_par = model(Q)
         ref = model.compute_forces(Q)
     torch.testing.assert_close(F_par, ref, atol=1e-12, rtol=0)
     model.cpu_parallel = False
     with torch.no_grad():
-        assert model.parallel_workers(Q) == 1
+        assert model.pool_threads(Q) == 1
         torch.testing.assert_close(model(Q), ref, atol=1e-12, rtol=0)
     covered = torch.zeros(B, L, L, dtype=torch.int64)  # every site exactly once, pieces within the chunk
     pieces = lattice_pieces(B, L, 2, chunk)
@@ -382,12 +383,15 @@ def test_pieces_on_threads_match_sequential_forces(two_threads, B, L, chunk):
 def test_pieces_not_used_with_autograd_or_one_thread(two_threads):
     model = _randomise(ENN(HAM, SQRT13, [4, 3, 2]).double())
     Q = torch.randn(1, 24, 24, dtype=torch.float64)
-    assert model.parallel_workers(Q) == 1  # grad enabled (training)
+    assert model.pool_threads(Q) == 1  # grad enabled (training)
     with torch.no_grad():
-        assert model.parallel_workers(Q) == 2
-        assert model.parallel_workers(Q[:, :8, :8]) == 1  # 64 sites: not worth a second thread
+        assert model.pool_threads(Q) == 2
+        big = ENN(HAM, SQRT13, [32, 8, 4])  # 0.39 MFLOP/site: 256 sites make a piece
+        assert big.parallel_pieces(torch.zeros(1, 40, 40), 2) == 2
+        assert big.parallel_pieces(torch.zeros(1, 12, 12), 2) == 1  # 144 sites: one piece
+        assert model.parallel_pieces(Q, 2) == 1  # a tiny network: not split
         torch.set_num_threads(1)
-        assert model.parallel_workers(Q) == 1
+        assert model.pool_threads(Q) == 1
     with pytest.raises(ConfigError, match="model.cpu_parallel"):
         ENN(HAM, SQRT13, [2], cpu_parallel="yes")
 

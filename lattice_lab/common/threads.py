@@ -61,10 +61,11 @@ def shutdown_pool() -> None:
 
 
 def run_pieces(pieces: list[Callable[[], None]], workers: int) -> None:
-    """Run the callables ``pieces`` (independent, results written by the callables themselves) on
-    ``workers`` threads with one torch intra-op thread each; sequentially when ``workers <= 1``.
-    The first exception raised by a piece is re-raised here, after every piece has finished."""
-    if workers <= 1 or len(pieces) <= 1:
+    """Run the callables ``pieces`` (independent, results written by the callables themselves) on a
+    pool of ``workers`` threads with one torch intra-op thread each (also a single piece); in the
+    calling thread when ``workers <= 1``. The first exception raised by a piece is re-raised here,
+    after every piece has finished."""
+    if workers <= 1:
         for piece in pieces:
             piece()
         return

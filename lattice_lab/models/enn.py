@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.models.base import ForceField
+from lattice_lab.models.flops import enn_flops
 from lattice_lab.models.layers_equivariant import (
     NORM_EPS,
     EnvironmentProjection,
@@ -38,7 +39,8 @@ from lattice_lab.symmetry.field_ops import periodic_band, periodic_pad
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
 DEFAULT_CHUNK_SITES = 1 << 14  # sites per chunk in forward: bounds peak memory, independent of L
-MIN_PIECE_SITES = 256  # smallest piece worth a thread of its own (cpu_parallel)
+MIN_PIECE_FLOPS = 1e8  # smallest piece worth a thread of its own (cpu_parallel): ~1 ms of work,
+                       # against ~0.5 ms of Python glue per piece (enn: 255 sites, enn_small: 3400)
 
 
 def lattice_pieces(B: int, L: int, workers: int, chunk_sites: int) -> list[tuple[int, int, int, int]]:
@@ -128,6 +130,7 @@ class ENN(ForceField):
             layers.append(QuadraticIrrepLayer(prev, nxt))
             acts.append(IrrepActivation(nxt, activation))
             prev = nxt
+        self.flops_per_site = float(enn_flops(counts, self.hidden))
         self.layers = torch.nn.ModuleList(layers)
         self.acts = torch.nn.ModuleList(acts)
         self.readout = QuadraticIrrepLayer(prev, {"A1": 1})
@@ -284,25 +287,34 @@ class ENN(ForceField):
     @torch.jit.unused
     def forward(self, Q: torch.Tensor) -> torch.Tensor:
         self.check_input(Q)
-        workers = self.parallel_workers(Q)
+        threads = self.pool_threads(Q)
+        workers = self.parallel_pieces(Q, threads) if threads > 1 else 1
         if workers > 1:
-            return self._forces_in_pieces(Q, workers)
+            return self._forces_in_pieces(Q, threads, workers)
         return self.compute_forces(Q)
 
     # -- CPU parallelism over pieces of the lattice --------------------------------------------------
     @torch.jit.unused
-    def parallel_workers(self, Q: torch.Tensor) -> int:
-        """Threads for :meth:`_forces_in_pieces`: torch's intra-op thread count on CPU inference
-        (``cpu_parallel``, no autograd) when every thread gets at least ``MIN_PIECE_SITES``; else 1."""
+    def pool_threads(self, Q: torch.Tensor) -> int:
+        """Threads for :meth:`_forces_in_pieces`: torch's intra-op thread count on CPU inference with
+        ``cpu_parallel`` (no autograd); 1 (the plain path) otherwise."""
         if not self.cpu_parallel or Q.device.type != "cpu" or torch.is_grad_enabled():
             return 1
-        return max(1, min(torch.get_num_threads(), Q.shape[0] * Q.shape[-1] ** 2 // MIN_PIECE_SITES))
+        return torch.get_num_threads()
 
     @torch.jit.unused
-    def _forces_in_pieces(self, Q: torch.Tensor, workers: int) -> torch.Tensor:
-        """The forces of :meth:`compute_forces`, evaluated as independent pieces (groups of whole
-        configurations, or bands of rows with a halo of ``radius`` rows) on ``workers`` threads with
-        one torch thread each (:func:`lattice_lab.common.threads.run_pieces`); identical results.
+    def parallel_pieces(self, Q: torch.Tensor, threads: int) -> int:
+        """How many threads get a piece: at most ``threads``, each piece at least ``MIN_PIECE_FLOPS``
+        of work (1: too small to split; the plain path with torch's own threads is faster then)."""
+        min_sites = max(1, math.ceil(MIN_PIECE_FLOPS / self.flops_per_site))
+        return max(1, min(threads, Q.shape[0] * Q.shape[-1] ** 2 // min_sites))
+
+    @torch.jit.unused
+    def _forces_in_pieces(self, Q: torch.Tensor, threads: int, workers: int) -> torch.Tensor:
+        """The forces of :meth:`compute_forces`, evaluated as independent pieces for ``workers``
+        threads (groups of whole configurations, or bands of rows with a halo of ``radius`` rows) on a
+        pool of ``threads`` threads with one torch thread each
+        (:func:`lattice_lab.common.threads.run_pieces`); identical results.
         Everything but the dispatch runs in the workers: an OpenMP region in the calling thread
         would leave its own OpenMP threads spinning on the cores the workers need."""
         from lattice_lab.common.threads import run_pieces
@@ -322,5 +334,5 @@ class ENN(ForceField):
             return run
 
         pieces = [piece(*p) for p in lattice_pieces(B, L, workers, self.chunk_sites)]
-        run_pieces(pieces, workers)
+        run_pieces(pieces, threads)
         return y
