@@ -288,9 +288,8 @@ class ENN(ForceField):
     def forward(self, Q: torch.Tensor) -> torch.Tensor:
         self.check_input(Q)
         threads = self.pool_threads(Q)
-        workers = self.parallel_pieces(Q, threads) if threads > 1 else 1
-        if workers > 1:
-            return self._forces_in_pieces(Q, threads, workers)
+        if threads > 1:
+            return self._forces_in_pieces(Q, threads, self.parallel_pieces(Q, threads))
         return self.compute_forces(Q)
 
     # -- CPU parallelism over pieces of the lattice --------------------------------------------------
@@ -305,7 +304,8 @@ class ENN(ForceField):
     @torch.jit.unused
     def parallel_pieces(self, Q: torch.Tensor, threads: int) -> int:
         """How many threads get a piece: at most ``threads``, each piece at least ``MIN_PIECE_FLOPS``
-        of work (1: too small to split; the plain path with torch's own threads is faster then)."""
+        of work (1: too small to split; it then runs as one piece on one pool thread, since torch's
+        own OpenMP threads are unreliable for the ENN's medium-sized operations, docs/enn_speed.md)."""
         min_sites = max(1, math.ceil(MIN_PIECE_FLOPS / self.flops_per_site))
         return max(1, min(threads, Q.shape[0] * Q.shape[-1] ** 2 // min_sites))
 
