@@ -132,3 +132,37 @@ def test_tune_malloc_is_idempotent_and_can_be_disabled(monkeypatch):
 
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert first is True
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_piece_pool_works_in_a_forked_child():
+    from lattice_lab.common.threads import run_pieces, shutdown_pool
+
+    out = torch.zeros(2)
+    try:
+        run_pieces([lambda: out.__setitem__(0, 1.0), lambda: out.__setitem__(1, 2.0)], 2)  # pool exists
+        pid = os.fork()
+        if pid == 0:  # child: the parent's pool threads are gone; a new pool must run the pieces
+            code = 1
+            try:
+                res = torch.zeros(2)
+                run_pieces([lambda: res.__setitem__(0, 3.0), lambda: res.__setitem__(1, 4.0)], 2)
+                code = 0 if res.tolist() == [3.0, 4.0] else 1
+            finally:
+                os._exit(code)
+        import signal
+        import time
+
+        deadline, status = time.monotonic() + 60.0, None
+        while status is None and time.monotonic() < deadline:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            status = st if done else None
+            time.sleep(0.02)
+        if status is None:  # the child hangs on the parent's dead pool threads
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("run_pieces hangs in a forked child")
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert out.tolist() == [1.0, 2.0]
+    finally:
+        shutdown_pool()

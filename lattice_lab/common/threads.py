@@ -20,6 +20,7 @@ cores it shortens its spin-waits, which slows the *calling* thread's own multi-t
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,17 @@ import torch
 
 _lock = threading.Lock()
 _pool: dict = {"executor": None, "workers": 0}
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the parent's threads: start a fresh pool there when needed."""
+    global _lock
+    _lock = threading.Lock()
+    _pool["executor"], _pool["workers"] = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _init_worker(barrier: threading.Barrier) -> None:
