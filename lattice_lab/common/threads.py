@@ -88,10 +88,7 @@ def run_pieces(pieces: list[Callable[[], None]], workers: int) -> None:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):
             piece()
 
-    with _lock:
-        executor = _pool["executor"] if _pool["workers"] == workers else None
-    if executor is None:
-        executor = _executor(workers)
+    executor = _executor(workers)
     futures = [executor.submit(call, p) for p in pieces]
     errors = [f.exception() for f in futures]
     for exc in errors:

@@ -33,6 +33,7 @@ from torch import nn
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.lattice import nn_sum
 from lattice_lab.models.base import ForceField
+from lattice_lab.symmetry.field_ops import ring_index
 
 PAPER_WIDTHS = (1, 128, 512, 1024, 2048, 1024, 512, 128, 1)
 AGGREGATIONS = ("sum", "mean")
@@ -115,7 +116,7 @@ class CrossLayer(nn.Module):
         out = h.new_empty(B, L, L, c_out)
         w_nn = self.w_nn * self.neighbour_scale
         rows = max(1, min(L, self.band_bytes // (max(c_in, c_out) * h.element_size() * L)))
-        ring = torch.arange(-1, L + 1, device=h.device) % L
+        ring = ring_index(L, 1, h.device)
         y_nn = (h.reshape(-1, c_in) @ w_nn).view(B, L, L, c_out) if self.aggregate_after else None
         for b in range(B):
             for r0 in range(0, L, rows):
@@ -133,6 +134,7 @@ class CrossLayer(nn.Module):
                     flat.addmm_(nb.view(-1, c_in), w_nn)
                 _activation_(self.act, o)
         return out
+
 
 def _add_neighbour_sum(out: torch.Tensor, rows: torch.Tensor) -> None:
     """``out [B, h, L, C] += `` the 4-neighbour sum of the middle rows of ``rows [B, h + 2, L, C]``
@@ -225,9 +227,7 @@ class GNN(ForceField):
     @torch.jit.unused
     def forward(self, Q: torch.Tensor) -> torch.Tensor:
         self.check_input(Q)
-        if Q.device.type != "cpu" or torch.is_grad_enabled():
-            return self.compute_forces(Q)
-        h = self._features_in(Q)  # CPU inference: wide layers band by band
+        h = self._features_in(Q)  # as compute_forces; on CPU inference, wide layers band by band
         for layer in self.layers:
             h = layer._forward_bands(h) if layer._use_bands(h) else layer(h)
         return self._forces_out(h)

@@ -32,6 +32,7 @@ from lattice_lab.lattice import nn_sum
 from lattice_lab.models.base import ForceField
 from lattice_lab.models.gnn import check_aggregation, make_activation, nn_sum_channels_last
 from lattice_lab.physics.holstein import linear_elastic_force
+from lattice_lab.symmetry.field_ops import ring_index
 
 
 def _positive_int(value, key: str) -> int:
@@ -191,10 +192,10 @@ class EnergyGNN(ForceField):
 
     @torch.jit.unused
     def _chunked_forces(self, Q: torch.Tensor) -> torch.Tensor:
-        """The same forces, evaluated in pieces of about ``chunk_sites`` sites so that the autograd
-        graph stays cache-sized (CPU inference; a GPU runs one graph) (at L = 256, 2 threads: 14.5 us/site against 30.8 for one graph of
-        the whole lattice, measured): groups of whole configurations, or, for a large configuration, bands of
-        rows. A band carries a halo of ``blocks`` rows on each side (the reach of a site energy);
+        """The same forces on CPU inference, evaluated in pieces of about ``chunk_sites`` sites so that
+        the autograd graph stays cache-sized (L = 256, 2 threads: 14.5 us/site against 30.8 for one
+        graph of the whole lattice; a GPU runs one graph): groups of whole configurations, or, for a
+        large configuration, bands of rows. A band carries a halo of ``blocks`` rows on each side (the reach of a site energy);
         only the energies of its own rows are summed, and the gradient with respect to the whole
         padded band (halo included) is added back at the periodic row indices. The total is exactly
         -dE/dQ: every site energy is counted once, by the band that owns its row."""
@@ -204,7 +205,7 @@ class EnergyGNN(ForceField):
             return torch.cat([self._autograd_forces(Q[i:i + per], False) for i in range(0, B, per)])
         H = len(self.blocks)
         rows = max(1, self.chunk_sites // L)
-        ring = torch.arange(-H, L + H, device=Q.device) % L
+        ring = ring_index(L, H, Q.device)
         out = torch.zeros_like(Q)
         for i in range(B):
             for r0 in range(0, L, rows):

@@ -50,16 +50,20 @@ def periodic_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
     L = x.shape[-1]
     if pad <= L and x.dim() == 4:
         return F.pad(x, (pad, pad, pad, pad), mode="circular")
-    idx = torch.arange(-pad, L + pad, device=x.device) % L
-    return x.index_select(-2, idx).index_select(-1, idx)
+    return periodic_band(x, 0, L, pad)
+
+
+def ring_index(L: int, pad: int, device: torch.device) -> torch.Tensor:
+    """Periodic indices ``-pad, ..., L - 1 + pad`` (mod L): row or column ``k`` of a lattice padded by
+    ``pad`` on each side is row or column ``ring_index(L, pad)[k]`` of the lattice."""
+    return torch.arange(-pad, L + pad, device=device) % L
 
 
 def periodic_band(x: torch.Tensor, r0: int, r1: int, pad: int) -> torch.Tensor:
     """Rows ``r0 - pad .. r1 + pad`` (periodic) of ``x [..., L, L]``, every row circularly padded by
     ``pad`` columns: ``[..., r1 - r0 + 2 pad, L + 2 pad]``, the same values as
     ``periodic_pad(x, pad)[..., r0 : r1 + 2 pad, :]`` without padding the whole lattice."""
-    L = x.shape[-1]
-    idx = torch.arange(-pad, L + pad, device=x.device) % L
+    idx = ring_index(x.shape[-1], pad, x.device)
     return x.index_select(-2, idx[r0:r1 + 2 * pad]).index_select(-1, idx)
 
 
