@@ -175,7 +175,8 @@ def test_enn_export_bands_layer_modes_and_dtype(tmp_path):
             Q = torch.randn(B, L, L, dtype=torch.float64, generator=gen)
             torch.testing.assert_close(loaded(Q), model(Q), rtol=1e-12, atol=1e-12)
         as32 = load_force_field(path, device="cpu", dtype="float32")
-        torch.testing.assert_close(as32(Q.float()), model.float()(Q.float()), rtol=1e-5, atol=1e-5)
+        F32 = model.float()(Q.float())  # the eager float32 model runs the native kernel: another summation order
+        torch.testing.assert_close(as32(Q.float()), F32, rtol=1e-5, atol=2e-6 * float(F32.abs().max()))
 
 
 def test_load_from_mlflow_run(tmp_path, monkeypatch):

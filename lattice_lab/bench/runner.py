@@ -28,8 +28,8 @@ from lattice_lab.bench.timing import memory_method
 from lattice_lab.common.device import resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
-from lattice_lab.common.threads import shutdown_pool
 from lattice_lab.common.seeding import seed_everything
+from lattice_lab.common.threads import shutdown_pool
 
 log = logging.getLogger(__name__)
 

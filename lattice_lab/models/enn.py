@@ -39,6 +39,8 @@ from lattice_lab.symmetry.field_ops import periodic_band, periodic_pad
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
 DEFAULT_CHUNK_SITES = 1 << 14  # sites per chunk in forward: bounds peak memory, independent of L
+NATIVE_CHOICES = ("auto", True, False)
+NATIVE_SUB_CHUNK = 4096  # sites per pass through the native layers: features of a pass stay in the L2 cache
 MIN_PIECE_FLOPS = 1e8  # smallest piece worth a thread of its own (cpu_parallel): ~1 ms of work,
                        # against ~0.5 ms of Python glue per piece (enn: 255 sites, enn_small: 3400)
 
@@ -99,10 +101,11 @@ class ENN(ForceField):
 
     name = "enn"
     conservative = False
-    __jit_ignored_attributes__ = ["_proj_cache"]  # noqa: RUF012 - Python-only cache
+    __jit_ignored_attributes__ = ["_proj_cache", "_native"]  # noqa: RUF012 - Python-only caches
 
     def __init__(self, hamiltonian: dict, cutoff: float = math.sqrt(13.0), hidden: list[int] = (32, 8, 4),
-                 activation: str = "gate", chunk_sites: int = DEFAULT_CHUNK_SITES, cpu_parallel: bool = True):
+                 activation: str = "gate", chunk_sites: int = DEFAULT_CHUNK_SITES, cpu_parallel: bool = True,
+                 native_kernel: str | bool = "auto"):
         cutoff = float(cutoff)
         chunk_sites = _check_chunk(chunk_sites)
         if not math.isfinite(cutoff) or cutoff < 1.0:
@@ -119,6 +122,10 @@ class ENN(ForceField):
         if not isinstance(cpu_parallel, bool):
             raise ConfigError(f"model.cpu_parallel={cpu_parallel!r}: expected true or false")
         self.cpu_parallel = cpu_parallel
+        if native_kernel not in NATIVE_CHOICES or isinstance(native_kernel, int) and not isinstance(native_kernel, bool):
+            raise ConfigError(f"model.native_kernel={native_kernel!r}: expected auto, true or false")
+        self.native_kernel = native_kernel
+        self._native: dict = {}  # dtype -> [QuadraticKernel per layer + readout] or the reason it is unavailable
         self.proj = proj
         counts = proj.counts
         self.input_counts = counts
@@ -287,10 +294,64 @@ class ENN(ForceField):
     @torch.jit.unused
     def forward(self, Q: torch.Tensor) -> torch.Tensor:
         self.check_input(Q)
+        kernels = self.native_kernels(Q)
         threads = self.pool_threads(Q)
-        if threads > 1:
-            return self._forces_in_pieces(Q, threads, self.parallel_pieces(Q, threads))
+        if threads > 1 or kernels is not None:
+            return self._forces_in_pieces(Q, threads, self.parallel_pieces(Q, threads), kernels)
         return self.compute_forces(Q)
+
+    # -- native CPU kernels (lattice_lab.native) ---------------------------------------------------
+    @torch.jit.unused
+    def native_kernels(self, Q: torch.Tensor) -> list | None:
+        """The fused C++ kernels of every layer and the readout for CPU inference in Q's dtype, or
+        None (autograd, GPU, ``native_kernel: false``, or, with ``auto``, no working compiler).
+        Built on first use (``lattice_lab.native.build``); their weights follow parameter updates."""
+        from lattice_lab.native import NativeUnavailable
+        from lattice_lab.native.quadratic import SUPPORTED_DTYPES, QuadraticKernel
+
+        if (self.native_kernel is False or Q.device.type != "cpu" or torch.is_grad_enabled()
+                or Q.dtype not in SUPPORTED_DTYPES):
+            return None
+        got = self._native.get(Q.dtype)
+        if got is None:
+            try:
+                fused = self.activation == "tanh"  # applied in the kernel; other activations run after it
+                got = [QuadraticKernel(layer, Q.dtype, tanh=fused) for layer in self.layers]
+                got.append(QuadraticKernel(self.readout, Q.dtype))
+            except NativeUnavailable as exc:
+                if self.native_kernel is True:
+                    raise ConfigError(f"model.native_kernel=true but the kernel is unavailable: {exc}") from None
+                import warnings
+
+                warnings.warn(f"ENN: native CPU kernel unavailable, using the torch path ({exc})", stacklevel=2)
+                got = exc
+            self._native[Q.dtype] = got
+        if isinstance(got, Exception):
+            return None
+        for kernel in got:
+            kernel.prepare()
+        return got
+
+    @torch.jit.unused
+    def _run_band_native(self, q: torch.Tensor, w: torch.Tensor, b: torch.Tensor, kernels: list) -> torch.Tensor:
+        """:meth:`_run_band` with the native kernels: features sites-last ``[rows * channels, sites]``
+        (the conv's own layout), passes of ``NATIVE_SUB_CHUNK`` sites through all layers."""
+        x = F.conv2d(q, w, b)  # [b, R * cp, h, L]
+        nb, h, width = x.shape[0], x.shape[2], x.shape[3]
+        X = x.view(nb, x.shape[1], h * width)
+        X = X[0] if nb == 1 else X.transpose(0, 1).reshape(x.shape[1], nb * h * width)
+        n = X.shape[1]
+        out = x.new_empty(1, n)
+        for s in range(0, n, NATIVE_SUB_CHUNK):
+            Xs = X[:, s:s + NATIVE_SUB_CHUNK]
+            for kernel, act in zip(kernels, self.acts):
+                Xs = kernel(Xs)
+                if not kernel.tanh:  # the activation in the packed layout, on a sites-last view
+                    m = Xs.shape[1]
+                    Z = act.forward_packed(Xs.view(kernel.rows_out, kernel.kp, m).permute(2, 0, 1))
+                    Xs = Z.permute(1, 2, 0).contiguous().view(Xs.shape)
+            kernels[-1](Xs, out=out[:, s:s + NATIVE_SUB_CHUNK])
+        return out.view(nb, h, width)
 
     # -- CPU parallelism over pieces of the lattice --------------------------------------------------
     @torch.jit.unused
@@ -310,7 +371,8 @@ class ENN(ForceField):
         return max(1, min(threads, Q.shape[0] * Q.shape[-1] ** 2 // min_sites))
 
     @torch.jit.unused
-    def _forces_in_pieces(self, Q: torch.Tensor, threads: int, workers: int) -> torch.Tensor:
+    def _forces_in_pieces(self, Q: torch.Tensor, threads: int, workers: int,
+                          kernels: list | None = None) -> torch.Tensor:
         """The forces of :meth:`compute_forces`, evaluated as independent pieces for ``workers``
         threads (groups of whole configurations, or bands of rows with a halo of ``radius`` rows) on a
         pool of ``threads`` threads with one torch thread each
@@ -321,7 +383,7 @@ class ENN(ForceField):
 
         B, L = Q.shape[0], Q.shape[-1]
         w, b = self.packed_projection(Q.dtype, Q.device)
-        packed = [list(pw) for pw in self.packed_weights()]
+        packed = [list(pw) for pw in self.packed_weights()] if kernels is None else []
         R = self.radius
         y = Q.new_empty(B, L, L)
         scale, shift = self.out_scale.to(Q.dtype), self.out_shift.to(Q.dtype)
@@ -329,7 +391,10 @@ class ENN(ForceField):
         def piece(i0: int, i1: int, r0: int, r1: int):
             def run():
                 band = periodic_band(Q[i0:i1].unsqueeze(1), r0, r1, R)
-                out = self._run_band(band, w, b, packed)
+                if kernels is not None:
+                    out = self._run_band_native(band, w, b, kernels)
+                else:
+                    out = self._run_band(band, w, b, packed)
                 torch.addcmul(shift, out, scale, out=y[i0:i1, r0:r1])
             return run
 

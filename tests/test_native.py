@@ -1,0 +1,202 @@
+"""Native CPU kernel of the quadratic irrep layers (lattice_lab.native): the same numbers as the torch
+path in float64 (to 1e-12) and float32, exact equivariance, fused tanh, parameter updates, strided
+inputs, and the fallback to the torch path when no compiler is available."""
+
+import math
+
+import pytest
+import torch
+from test_enn import _equivariance_error, _randomise  # tests/ is on sys.path (rootdir conftest)
+
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.models.enn import ENN
+from lattice_lab.models.layers_equivariant import IrrepActivation, QuadraticIrrepLayer
+from lattice_lab.native import build
+from lattice_lab.native.quadratic import QuadraticKernel, channel_chunk
+from lattice_lab.symmetry import IRREPS, apply_group_element
+
+HAM = {"t": 1.0, "g": 3.5, "k": 1.0, "kappa": 0.18, "temperature": 0.1, "filling": "canonical"}
+SQRT13 = math.sqrt(13.0)
+ENV = {"A1": 9, "A2": 3, "B1": 6, "B2": 5, "E": 11}  # input irreps of the sqrt(13) environment
+
+
+def _random_layer(in_counts, out_counts, dtype, seed=0):
+    torch.manual_seed(seed)
+    layer = QuadraticIrrepLayer(in_counts, out_counts).to(dtype).eval()
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.normal_()
+    return layer
+
+
+def _packed_input(layer, n, dtype, scale=1.0):
+    X = scale * torch.randn(n, len(layer.in_rows), layer.cp, dtype=dtype)
+    for r, (ir, _g) in enumerate(layer.in_rows):
+        X[:, r, layer.in_counts[ir]:] = 0  # padding channels are zero in the packed layout
+    return X
+
+
+def _sites_last(X):
+    return X.permute(1, 2, 0).reshape(-1, X.shape[0]).contiguous()
+
+
+def _packed(Y, layer, n):
+    return Y.view(len(layer.out_rows), layer.kp, n).permute(2, 0, 1)
+
+
+LAYERS = [
+    (ENV, {ir: 6 for ir in IRREPS}),
+    ({ir: 5 for ir in IRREPS}, {ir: 3 for ir in IRREPS}),  # odd widths: kp = 3 -> one channel at a time
+    ({"A1": 3, "B1": 1, "E": 2}, {"A1": 2, "E": 4, "B2": 12}),  # missing irreps, kp = 12 -> chunks of 4
+    ({ir: 4 for ir in IRREPS}, {"A1": 1}),  # a readout
+    ({"A1": 2, "E": 3}, {"E": 2, "A2": 2}),  # no A1 output: no bias
+]
+
+
+@pytest.mark.parametrize(("in_counts", "out_counts"), LAYERS)
+@pytest.mark.parametrize("n", [1, 16, 37])
+def test_kernel_matches_torch_layer(in_counts, out_counts, n):
+    layer = _random_layer(in_counts, out_counts, torch.float64)
+    X = _packed_input(layer, n, torch.float64)
+    with torch.no_grad():
+        ref = layer.forward_packed(X)
+        got = _packed(QuadraticKernel(layer, torch.float64)(_sites_last(X)), layer, n)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    layer32 = layer.float()
+    with torch.no_grad():
+        got32 = _packed(QuadraticKernel(layer32, torch.float32)(_sites_last(X.float())), layer32, n)
+    torch.testing.assert_close(got32, ref.float(), atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+
+
+def test_kernel_fused_tanh_matches_activation():
+    layer = _random_layer(ENV, {ir: 8 for ir in IRREPS}, torch.float64)
+    n = 45
+    X = _packed_input(layer, n, torch.float64, scale=4.0)  # outputs from ~1e-3 up to |y| ~ 100: all tanh regimes
+    act = IrrepActivation({ir: 8 for ir in IRREPS}, "tanh")
+    with torch.no_grad():
+        pre = layer.forward_packed(X)
+        ref = act(dict(zip(["A1", "A2", "B1", "B2"], [pre[:, r:r + 1].transpose(1, 2) for r in range(4)]))
+                  | {"E": pre[:, 4:6].transpose(1, 2)})
+        got = _packed(QuadraticKernel(layer, torch.float64, tanh=True)(_sites_last(X)), layer, n)
+    assert pre.abs().max() > 20 and pre.abs().min() < 1e-2
+    for r, ir in enumerate(["A1", "A2", "B1", "B2"]):
+        torch.testing.assert_close(got[:, r], ref[ir][:, :, 0], atol=1e-14, rtol=0)
+    torch.testing.assert_close(got[:, 4:6].transpose(1, 2), ref["E"], atol=1e-14, rtol=0)
+
+
+def test_kernel_reads_strided_columns_and_writes_into_out():
+    layer = _random_layer({ir: 3 for ir in IRREPS}, {"A1": 1}, torch.float64)
+    X = _sites_last(_packed_input(layer, 50, torch.float64))
+    kernel = QuadraticKernel(layer, torch.float64)
+    out = torch.full((1, 100), 7.0, dtype=torch.float64)
+    kernel(X[:, 10:40], out=out[:, 20:50])  # a column slice (row stride 50), into a slice of out
+    torch.testing.assert_close(out[:, 20:50], kernel(X)[:, 10:40], atol=0, rtol=0)
+    assert torch.all(out[:, :20] == 7.0) and torch.all(out[:, 50:] == 7.0)  # nothing written outside
+    with pytest.raises(ValueError, match="unit stride"):
+        kernel(X.t().contiguous().t())
+    with pytest.raises(ValueError, match="expected a CPU"):
+        kernel(X.float())
+
+
+def test_channel_chunks():
+    assert [channel_chunk(k) for k in (1, 2, 3, 4, 6, 8, 12, 32)] == [1, 2, 1, 4, 2, 8, 4, 8]
+
+
+def _randomised_enn(hidden, activation, dtype, **kw):
+    return _randomise(ENN(HAM, SQRT13, hidden, activation=activation, **kw).to(dtype)).eval()
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gate", "authors"])
+@pytest.mark.parametrize(("B", "L", "chunk"), [(1, 9, 10 ** 6), (3, 12, 10 ** 6), (1, 24, 200)])
+def test_native_enn_matches_torch_path(activation, B, L, chunk):
+    model = _randomised_enn([5, 3, 2], activation, torch.float64, chunk_sites=chunk)
+    Q = torch.randn(B, L, L, dtype=torch.float64)
+    with torch.inference_mode():
+        assert model.native_kernels(Q) is not None
+        got = model(Q)
+        ref = model.compute_forces(Q)  # the torch path (also what the TorchScript export runs)
+    assert ref.std() > 1e-3  # non-trivial forces
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+
+
+def test_native_enn_float32_and_full_preset_widths():
+    model = _randomised_enn([32, 8, 4], "tanh", torch.float32)
+    Q = torch.randn(2, 10, 10)
+    with torch.inference_mode():
+        got, ref = model(Q), model.compute_forces(Q)
+    torch.testing.assert_close(got, ref, atol=2e-5 * float(ref.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_native_enn_exact_equivariance(dtype, tol):
+    """All 8 D4 operations and translations, through the native kernels (floating-point precision)."""
+    model = _randomised_enn([4, 3, 2], "tanh", dtype)
+    Q = torch.randn(2, 10, 10, dtype=dtype)
+    with torch.no_grad():
+        assert model.native_kernels(Q) is not None
+        err, F = _equivariance_error(model, Q)
+    assert F.std() > 1e-2 and not torch.allclose(F, apply_group_element(F, 1))
+    assert err < tol * float(F.abs().max())
+
+
+def test_native_weights_follow_parameter_updates():
+    model = _randomised_enn([4, 3, 2], "tanh", torch.float64)
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(Q)
+        for p in model.parameters():  # an optimizer step: in place
+            p.mul_(1.1).add_(0.01)
+        after = model(Q)
+        ref = model.compute_forces(Q)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, ref, atol=1e-12, rtol=0)
+
+
+def test_native_not_used_with_autograd_gpu_dtype_or_switched_off():
+    model = _randomised_enn([2], "tanh", torch.float64)
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    assert model.native_kernels(Q) is None  # autograd enabled: training uses the torch path
+    with torch.no_grad():
+        assert model.native_kernels(Q) is not None
+        assert model.native_kernels(Q.to(torch.bfloat16)) is None
+        model.native_kernel = False
+        assert model.native_kernels(Q) is None
+    for bad in ["yes", 1, None]:
+        with pytest.raises(ConfigError, match="model.native_kernel"):
+            ENN(HAM, SQRT13, [2], native_kernel=bad)
+
+
+def test_fallback_to_torch_path_without_compiler(monkeypatch):
+    def no_compiler():
+        raise build.NativeUnavailable("no C++ compiler found (test)")
+
+    monkeypatch.setattr(build, "compiler", no_compiler)
+    monkeypatch.setattr(build, "_loaded", {})
+    model = _randomised_enn([3, 2], "tanh", torch.float64)
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    with torch.no_grad(), pytest.warns(UserWarning, match="native CPU kernel unavailable"):
+        got = model(Q)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model.compute_forces(Q), atol=1e-12, rtol=0)
+        forced = _randomised_enn([3, 2], "tanh", torch.float64, native_kernel=True)
+        with pytest.raises(ConfigError, match="native_kernel=true.*no C\\+\\+ compiler"):
+            forced(Q)
+
+
+def test_build_is_cached_per_source_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("LATTICE_LAB_CACHE", str(tmp_path))
+    source = tmp_path / "tiny_kernel.cpp"
+    source.write_text('extern "C" int ll_answer(void) { return 42; }\n')
+    path = build._build(source)
+    assert path.parent == tmp_path / "native" and path.exists()
+    assert build._build(source) == path  # cached: not rebuilt
+    import ctypes
+
+    assert ctypes.CDLL(str(path)).ll_answer() == 42
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary files left
+    source.write_text('extern "C" int ll_answer(void) { return 43; }\n')
+    assert build._build(source) != path  # a changed source is a new library
+    source.write_text("this is not C++\n")
+    with pytest.raises(build.NativeUnavailable, match="could not compile tiny_kernel.cpp"):
+        build._build(source)
