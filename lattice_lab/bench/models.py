@@ -109,7 +109,7 @@ class _Budget:
 
 
 def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.device, dtype: torch.dtype,
-                 batch: int = 1, repeats: int = 5, warmup: int = 2, max_seconds: float = 5.0,
+                 batch: int = 1, repeats: int = 5, warmup: int = 2, max_seconds: float = 5.0, min_seconds: float = 0.0,
                  max_bytes: float | None = None, langevin: dict | None = None, measure_memory: bool = True,
                  compile: bool = False, seed: int = 0, statistic: str = "median") -> dict:
     """Benchmark preset ``name``: returns ``{"preset", "model", "params", "flops_per_site", "rows", ...}``.
@@ -150,7 +150,7 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
             continue
         try:
             _measure_size(row, provider, compiled, budget, hamiltonian=hamiltonian, device=device, dtype=dtype,
-                          batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
+                          batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds, min_seconds=min_seconds,
                           langevin=langevin or {}, measure_memory=measure_memory and role == "scaling",
                           full=role == "scaling", seed=seed + L, info=info, statistic=statistic)
         except torch.OutOfMemoryError as exc:
@@ -166,7 +166,7 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
 
 
 def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype, batch, repeats, warmup,
-                  max_seconds, langevin, measure_memory, full, seed, info, statistic="median"):
+                  max_seconds, langevin, measure_memory, full, seed, info, statistic="median", min_seconds=0.0):
     N, sites = row["N"], row["batch"] * row["N"]
     Q, V = random_configuration(batch, row["L"], device, dtype, seed)
     est_s, _ = budget.estimate(N)
@@ -174,7 +174,7 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
     if est_s is None:  # nothing measured yet: the first warm-up call is timed and gives the estimate
         probe = time_call(lambda: provider(Q), device, warmup=0, repeats=1)
         est_s = probe.median
-    r, w = plan_repeats(est_s, max_seconds, repeats, warmup)
+    r, w = plan_repeats(est_s, max_seconds, repeats, warmup, min_seconds)
     force = time_call(lambda: provider(Q), device, warmup=w - (probe is not None), repeats=r)
     t_force = getattr(force, statistic)
     row.update(force_s=t_force, force_s_min=force.min, force_repeats=force.repeats,
@@ -187,7 +187,7 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
                mem_per_site_force=mem_force / sites if mem_force is not None else None)
     integrator = make_integrator(provider, langevin, device, seed)
     state = integrator.init_state(Q.clone(), V.clone())
-    r, w = plan_repeats(t_force, max_seconds, repeats, warmup)
+    r, w = plan_repeats(t_force, max_seconds, repeats, warmup, min_seconds)
     step = time_call(lambda: integrator.step(state, 1), device, warmup=w, repeats=r)
     t_step = getattr(step, statistic)
     row.update(step_s=t_step, step_s_min=step.min, step_repeats=step.repeats,

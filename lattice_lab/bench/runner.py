@@ -125,6 +125,9 @@ def run(cfg: DictConfig) -> dict:
     warmup = int(_positive(cfg, "warmup", int, allow_zero=True))
     batch = int(_positive(cfg, "batch", int))
     max_seconds = _positive(cfg, "max_seconds_per_measurement")
+    min_seconds = 0.0
+    if cfg.get("min_seconds_per_measurement") is not None:
+        min_seconds = _positive(cfg, "min_seconds_per_measurement", allow_zero=True)
     statistic = str(cfg.get("statistic", "median"))
     if statistic not in ("median", "min"):
         raise ConfigError(f"statistic={statistic!r}: expected 'median' or 'min'")
@@ -151,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
             info = bench_models.bench_preset(
                 name, sizes=sizes, compare_sizes=compare_sizes, hamiltonian=hamiltonian, device=device,
                 dtype=dtype, batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
-                max_bytes=max_bytes, langevin=langevin, measure_memory=bool(cfg.get("measure_memory", True)),
+                min_seconds=min_seconds, max_bytes=max_bytes, langevin=langevin, measure_memory=bool(cfg.get("measure_memory", True)),
                 compile=bool(cfg.get("compile", False)), seed=seed, statistic=statistic)
         except ConfigError:
             raise

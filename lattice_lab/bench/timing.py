@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -64,15 +65,22 @@ def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int = 1
                   warmup=warmup, times=times)
 
 
-def plan_repeats(estimate_s: float | None, max_seconds: float, repeats: int, warmup: int) -> tuple[int, int]:
+MAX_REPEATS = 1000  # cap of the repeats that min_seconds adds to cheap calls
+
+
+def plan_repeats(estimate_s: float | None, max_seconds: float, repeats: int, warmup: int,
+                 min_seconds: float = 0.0) -> tuple[int, int]:
     """Repeats and warm-up calls that fit ``max_seconds`` given an estimated time per call.
 
     At least one warm-up call (the first call at a new size allocates) and one timed call; warm-up
-    gets at most a quarter of the calls that fit.
+    gets at most a quarter of the calls that fit. Cheap calls are repeated until about
+    ``min_seconds`` are timed (at most ``MAX_REPEATS``), so that the median of a ~1 ms call is not
+    decided by five samples of a noisy machine.
     """
     repeats, warmup = max(1, int(repeats)), max(1, int(warmup))
     if not estimate_s or estimate_s <= 0:
         return repeats, warmup
+    repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_seconds / estimate_s)))
     fit = int(max_seconds // estimate_s)
     warmup = min(warmup, max(1, fit // 4))
     return max(1, min(repeats, fit - warmup)), warmup
