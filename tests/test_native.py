@@ -200,3 +200,14 @@ def test_build_is_cached_per_source_and_atomic(tmp_path, monkeypatch):
     source.write_text("this is not C++\n")
     with pytest.raises(build.NativeUnavailable, match="could not compile tiny_kernel.cpp"):
         build._build(source)
+
+
+def test_build_falls_back_to_temp_dir_when_cache_not_writable(tmp_path, monkeypatch):
+    blocked = tmp_path / "file_not_folder"
+    blocked.write_text("")  # a file: the cache folder cannot be created below it
+    monkeypatch.setenv("LATTICE_LAB_CACHE", str(blocked))
+    monkeypatch.setattr(build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    source = tmp_path / "tiny_kernel.cpp"
+    source.write_text('extern "C" int ll_answer(void) { return 7; }\n')
+    path = build._build(source)
+    assert path.exists() and str(path).startswith(str(tmp_path / "tmp"))

@@ -3,7 +3,7 @@
 The kernels are plain C++ (no torch headers, no Python API), so a build takes ~1-2 s with the
 system compiler (``$CXX`` or ``g++``/``c++``/``clang++``), flags ``-O3 -march=native``. The library
 is cached under ``$LATTICE_LAB_CACHE`` (default ``$XDG_CACHE_HOME/lattice_lab`` or
-``~/.cache/lattice_lab``), keyed by a hash of the source, the compiler, the flags and the CPU, so a
+``~/.cache/lattice_lab``; the temporary directory if that is not writable), keyed by a hash of the source, the compiler, the flags and the CPU, so a
 home directory shared by different machines never loads a library built for another CPU. The build
 writes a temporary file and renames it (atomic), so concurrent processes never see a partial library.
 Functions called through ``ctypes.CDLL`` release the GIL, so pool threads run them concurrently.
@@ -72,6 +72,20 @@ def _version(cxx: str) -> str:
         raise NativeUnavailable(f"C++ compiler {cxx!r} does not run: {exc}") from None
 
 
+def _writable(folder: Path) -> Path:
+    """``folder`` (created), or a per-user folder in the temporary directory when it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"lattice_lab-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "native"
+    fallback.mkdir(parents=True, exist_ok=True)
+    log.info("cache folder %s is not writable; building in %s", folder, fallback)
+    return fallback
+
+
 def _build(source: Path) -> Path:
     cxx = compiler()
     version = _version(cxx)
@@ -80,10 +94,9 @@ def _build(source: Path) -> Path:
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([text, version.encode(), " ".join(flags).encode(),
                                          _cpu_identity().encode()])).hexdigest()[:20]
-        target = cache_dir() / "native" / f"{source.stem}-{key}.so"
+        target = _writable(cache_dir() / "native") / f"{source.stem}-{key}.so"
         if target.exists():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         cmd = [cxx, *flags, "-std=c++17", "-shared", "-fPIC", str(source), "-o", tmp]
