@@ -153,13 +153,16 @@ def test_native_weights_follow_parameter_updates():
     torch.testing.assert_close(after, ref, atol=1e-12, rtol=0)
 
 
-def test_native_not_used_with_autograd_gpu_dtype_or_switched_off():
+def test_native_not_used_with_autograd_gpu_dtype_or_switched_off(monkeypatch):
     model = _randomised_enn([2], "tanh", torch.float64)
     Q = torch.randn(1, 9, 9, dtype=torch.float64)
     assert model.native_kernels(Q) is None  # autograd enabled: training uses the torch path
     with torch.no_grad():
         assert model.native_kernels(Q) is not None
         assert model.native_kernels(Q.to(torch.bfloat16)) is None
+        monkeypatch.setenv("LATTICE_LAB_NATIVE", "0")  # the global switch (e.g. for a loaded checkpoint)
+        assert model.native_kernels(Q) is None
+        monkeypatch.delenv("LATTICE_LAB_NATIVE")
         model.native_kernel = False
         assert model.native_kernels(Q) is None
     for bad in ["yes", 1, None]:

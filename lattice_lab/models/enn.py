@@ -19,6 +19,7 @@ O(chunk) besides Q and F, and the time per site does not depend on L.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -293,6 +294,8 @@ class ENN(ForceField):
 
     @torch.jit.unused
     def forward(self, Q: torch.Tensor) -> torch.Tensor:
+        """Forces ``[B, L, L]``. CPU inference: native kernels and/or lattice pieces on the thread
+        pool; otherwise (autograd, GPU) :meth:`compute_forces`. All paths give the same forces."""
         self.check_input(Q)
         kernels = self.native_kernels(Q)
         threads = self.pool_threads(Q)
@@ -304,13 +307,14 @@ class ENN(ForceField):
     @torch.jit.unused
     def native_kernels(self, Q: torch.Tensor) -> list | None:
         """The fused C++ kernels of every layer and the readout for CPU inference in Q's dtype, or
-        None (autograd, GPU, ``native_kernel: false``, or, with ``auto``, no working compiler).
-        Built on first use (``lattice_lab.native.build``); their weights follow parameter updates."""
+        None (autograd, GPU, ``native_kernel: false``, the environment variable ``LATTICE_LAB_NATIVE=0``,
+        or, with ``auto``, no working compiler). Built on first use (``lattice_lab.native.build``);
+        their weights follow parameter updates."""
         from lattice_lab.native import NativeUnavailable
         from lattice_lab.native.quadratic import SUPPORTED_DTYPES, QuadraticKernel
 
         if (self.native_kernel is False or Q.device.type != "cpu" or torch.is_grad_enabled()
-                or Q.dtype not in SUPPORTED_DTYPES):
+                or Q.dtype not in SUPPORTED_DTYPES or os.environ.get("LATTICE_LAB_NATIVE", "1") == "0"):
             return None
         got = self._native.get(Q.dtype)
         if got is None:
@@ -376,7 +380,8 @@ class ENN(ForceField):
         """The forces of :meth:`compute_forces`, evaluated as independent pieces for ``workers``
         threads (groups of whole configurations, or bands of rows with a halo of ``radius`` rows) on a
         pool of ``threads`` threads with one torch thread each
-        (:func:`lattice_lab.common.threads.run_pieces`); identical results.
+        (:func:`lattice_lab.common.threads.run_pieces`; in the calling thread when ``threads`` is 1),
+        each piece through the native ``kernels`` when given; identical results.
         Everything but the dispatch runs in the workers: an OpenMP region in the calling thread
         would leave its own OpenMP threads spinning on the cores the workers need."""
         from lattice_lab.common.threads import run_pieces
