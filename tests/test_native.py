@@ -214,3 +214,15 @@ def test_build_falls_back_to_temp_dir_when_cache_not_writable(tmp_path, monkeypa
     source.write_text('extern "C" int ll_answer(void) { return 7; }\n')
     path = build._build(source)
     assert path.exists() and str(path).startswith(str(tmp_path / "tmp"))
+
+
+def test_native_enn_propagates_nan():
+    """A diverging simulation is detected by non-finite forces: the kernel must not hide a NaN."""
+    model = _randomised_enn([4, 3, 2], "tanh", torch.float32)
+    Q = torch.randn(1, 10, 10)
+    Q[0, 4, 5] = float("nan")
+    with torch.no_grad():
+        assert model.native_kernels(Q) is not None
+        F = model(Q)
+    assert torch.isnan(F[0, 4, 5]) and torch.isnan(F).sum() > 1  # the NaN reaches its neighbourhood
+    assert torch.isfinite(F[0, 0, 0])  # sites farther than the cutoff stay finite
