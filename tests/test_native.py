@@ -226,3 +226,28 @@ def test_native_enn_propagates_nan():
         F = model(Q)
     assert torch.isnan(F[0, 4, 5]) and torch.isnan(F).sum() > 1  # the NaN reaches its neighbourhood
     assert torch.isfinite(F[0, 0, 0])  # sites farther than the cutoff stay finite
+
+
+def test_native_single_piece_runs_in_calling_thread():
+    """With the native kernels a call too small to split runs in the calling thread (no pool wake-up);
+    a call worth two pieces uses the pool. Same forces either way."""
+    from lattice_lab.common import threads
+
+    model = _randomised_enn([4, 3, 2], "tanh", torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    threads.shutdown_pool()
+    try:
+        with torch.no_grad():
+            Q = torch.randn(1, 9, 9, dtype=torch.float64)
+            assert model.parallel_pieces(Q, 2) == 1
+            F = model(Q)
+            assert threads._pool["executor"] is None
+            torch.testing.assert_close(F, model.compute_forces(Q), atol=1e-12, rtol=0)
+            model.flops_per_site = 1e9  # pretend every piece is worth a thread
+            assert model.parallel_pieces(Q, 2) == 2
+            torch.testing.assert_close(model(Q), F, atol=1e-12, rtol=0)
+            assert threads._pool["executor"] is not None
+    finally:
+        torch.set_num_threads(previous)
+        threads.shutdown_pool()
