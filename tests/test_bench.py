@@ -168,9 +168,9 @@ def test_timing_and_memory_helpers():
     assert plan_repeats(None, 5.0, 5, 2) == (5, 2)
     assert plan_repeats(1.0, 5.0, 5, 2) == (4, 1)  # 5 s budget, 1 s per call: 1 warm-up + 4 timed
     assert plan_repeats(10.0, 5.0, 5, 2) == (1, 1)  # never fewer than one of each
-    assert plan_repeats(0.0625, 5.0, 5, 2, min_seconds=1.0) == (16, 2)  # cheap calls: ~1 s of repeats
-    assert plan_repeats(1e-6, 5.0, 5, 2, min_seconds=1.0) == (1000, 2)  # at most MAX_REPEATS
-    assert plan_repeats(0.125, 4.0, 5, 2, min_seconds=10.0) == (30, 2)  # and never beyond the budget
+    assert plan_repeats(0.0625, 5.0, 5, 2, min_seconds=1.0) == (16, 4)  # cheap calls: ~1 s of repeats, 1/4 s warm-up
+    assert plan_repeats(1e-6, 5.0, 5, 2, min_seconds=1.0) == (1000, 250)  # at most MAX_REPEATS
+    assert plan_repeats(0.125, 4.0, 5, 2, min_seconds=10.0) == (24, 8)  # and never beyond the budget
     cpu = torch.device("cpu")
     peak = peak_memory(lambda: torch.ones(10_000_000).add_(1.0), cpu)  # 40 MB float32
     if memory_method(cpu) == "unavailable":

@@ -74,13 +74,15 @@ def plan_repeats(estimate_s: float | None, max_seconds: float, repeats: int, war
 
     At least one warm-up call (the first call at a new size allocates) and one timed call; warm-up
     gets at most a quarter of the calls that fit. Cheap calls are repeated until about
-    ``min_seconds`` are timed (at most ``MAX_REPEATS``), so that the median of a ~1 ms call is not
-    decided by five samples of a noisy machine.
+    ``min_seconds`` are timed (at most ``MAX_REPEATS``), after a quarter of that as warm-up, so that
+    the median of a ~1 ms call is not decided by five samples of a noisy machine, nor by the first
+    calls after a thread pool started (new threads take a while to spread over the cores).
     """
     repeats, warmup = max(1, int(repeats)), max(1, int(warmup))
     if not estimate_s or estimate_s <= 0:
         return repeats, warmup
     repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_seconds / estimate_s)))
+    warmup = max(warmup, min(MAX_REPEATS // 4, math.ceil(0.25 * min_seconds / estimate_s)))
     fit = int(max_seconds // estimate_s)
     warmup = min(warmup, max(1, fit // 4))
     return max(1, min(repeats, fit - warmup)), warmup
