@@ -251,3 +251,16 @@ def test_native_single_piece_runs_in_calling_thread():
     finally:
         torch.set_num_threads(previous)
         threads.shutdown_pool()
+
+
+def test_kernel_executes_fewer_flops_than_the_architecture_count():
+    """The FLOP count quoted in docs/enn_speed.md: the paper's 32 -> 8 layer executes 246,144 FLOPs per
+    site (pairs i < j only, T shared by both E components) against 314,240 in the architecture count."""
+    from lattice_lab.models.flops import enn_flops
+
+    wide = {ir: 32 for ir in IRREPS}
+    layer = QuadraticIrrepLayer(wide, {ir: 8 for ir in IRREPS})
+    kernel = QuadraticKernel(layer, torch.float32)
+    arch = enn_flops(wide, [8]) - enn_flops({ir: 8 for ir in IRREPS}, [])  # the 32 -> 8 layer alone
+    assert kernel.flops_per_site == 246144
+    assert arch == 314240 and kernel.flops_per_site < 0.8 * arch

@@ -147,6 +147,10 @@ class QuadraticIrrepLayer(nn.Module):
         for i in range(4):
             self.register_buffer(f"_ts_packed{i}", torch.zeros(0), persistent=False)
 
+    def blocks_of_output(self, o: str) -> list[tuple[int, str, str]]:
+        """``(k, a, b)`` of the product blocks ``blocks[k] = (a, b, o)`` feeding output irrep ``o``, in order."""
+        return [(k, a, b) for k, (a, b, oo) in enumerate(self.blocks) if oo == o]
+
     # -- packing plan (index tables, built once) --------------------------------------------------
     def _build_plan(self) -> None:
         self.in_rows = packed_rows(self.in_counts)
@@ -162,9 +166,7 @@ class QuadraticIrrepLayer(nn.Module):
             if not self.out_counts[o]:
                 continue
             t0 = len(terms)
-            for k, (a, b, oo) in enumerate(self.blocks):
-                if oo != o:
-                    continue
+            for k, a, b in self.blocks_of_output(o):
                 ca, cb, co = self.in_counts[a], self.in_counts[b], self.out_counts[o]
                 raw = np.zeros((cp, cp, kp), dtype=np.int64)
                 if a == b:
@@ -255,9 +257,7 @@ class QuadraticIrrepLayer(nn.Module):
                     rows += [(slot(o, g, i), const, offs[("copy", o)] + i * co, 1.0) for i in range(self.in_counts[o])]
                 if o == "A1" and self.bias is not None:
                     rows.append((const, const, offs["bias"], 1.0))
-                for k, (a, b, oo) in enumerate(self.blocks):
-                    if oo != o:
-                        continue
+                for k, a, b in self.blocks_of_output(o):
                     ca, cb = self.in_counts[a], self.in_counts[b]
                     pairs = zip(*np.triu_indices(ca, 1)) if a == b else ((i, j) for i in range(ca) for j in range(cb))
                     C = self._cg_np[k][g]

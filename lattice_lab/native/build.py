@@ -3,8 +3,9 @@
 The kernels are plain C++ (no torch headers, no Python API), so a build takes ~1-2 s with the
 system compiler (``$CXX`` or ``g++``/``c++``/``clang++``), flags ``-O3 -march=native``. The library
 is cached under ``$LATTICE_LAB_CACHE`` (default ``$XDG_CACHE_HOME/lattice_lab`` or
-``~/.cache/lattice_lab``; the temporary directory if that is not writable), keyed by a hash of the source, the compiler, the flags and the CPU, so a
-home directory shared by different machines never loads a library built for another CPU. The build
+``~/.cache/lattice_lab``; the temporary directory if that is not writable), keyed by a hash of
+the source, the compiler, the flags and the CPU, so a home directory shared by different machines
+never loads a library built for another CPU. The build
 writes a temporary file and renames it (atomic), so concurrent processes never see a partial library.
 Functions called through ``ctypes.CDLL`` release the GIL, so pool threads run them concurrently.
 """
@@ -46,8 +47,9 @@ def cache_dir() -> Path:
 
 def compiler() -> str:
     for name in [os.environ.get("CXX"), "g++", "c++", "clang++"]:
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     raise NativeUnavailable("no C++ compiler found (set CXX, or install g++); the ENN uses its torch path")
 
 
@@ -89,12 +91,12 @@ def _writable(folder: Path) -> Path:
 def _build(source: Path) -> Path:
     cxx = compiler()
     version = _version(cxx)
-    text = source.read_bytes()
+    common = [source.read_bytes(), version.encode(), _cpu_identity().encode()]
+    folder = _writable(cache_dir() / "native")
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([text, version.encode(), " ".join(flags).encode(),
-                                         _cpu_identity().encode()])).hexdigest()[:20]
-        target = _writable(cache_dir() / "native") / f"{source.stem}-{key}.so"
+        key = hashlib.sha256(b"\0".join([*common, " ".join(flags).encode()])).hexdigest()[:20]
+        target = folder / f"{source.stem}-{key}.so"
         if target.exists():
             return target
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)

@@ -77,9 +77,7 @@ class QuadraticKernel:
             if not layer.out_counts[o]:
                 continue
             t0 = len(terms)
-            for k, (a, b, oo) in enumerate(layer.blocks):
-                if oo != o:
-                    continue
+            for k, a, b in layer.blocks_of_output(o):
                 C = layer._cg_np[k]  # [d_o, d_a, d_b]
                 ca, cb, tri = layer.in_counts[a], layer.in_counts[b], int(a == b)
                 if IRREP_DIM[a] == 1:  # kind 0: left row shared by the output components
