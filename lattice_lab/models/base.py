@@ -41,6 +41,14 @@ class ForceField(nn.Module):
         """Total energy per configuration [B] (energy-based models only)."""
         return self.site_energy(Q).sum(dim=(-2, -1))
 
+    # -- native CPU inference (lattice_lab.native) ---------------------------------------------
+    @torch.jit.unused
+    def native_forces(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor | None:
+        """``forward(Q) - k Q - kappa nn_sum(Q)`` in one call of the model's native CPU kernel, or
+        None when the model has none or it does not apply to ``Q`` (see ``lattice_lab.native.policy``);
+        :class:`~lattice_lab.models.prior.ElasticPrior` then adds the elastic force in torch."""
+        return None
+
     # -- data-dependent normalisation (called once by the trainer, before training) ---------
     def fit_normalization(self, Q: torch.Tensor, F: torch.Tensor) -> None:
         """Set input/output scale buffers from training data. Default: nothing to fit."""

@@ -1,7 +1,11 @@
 """Compile a C++ source of this package into a shared library once per machine and load it (ctypes).
 
 The kernels are plain C++ (no torch headers, no Python API), so a build takes ~1-2 s with the
-system compiler (``$CXX`` or ``g++``/``c++``/``clang++``), flags ``-O3 -march=native``. The library
+system compiler (``$CXX`` or ``g++``/``c++``/``clang++``), flags ``-O3 -march=native -fopenmp``.
+OpenMP: the library asks for ``libgomp.so.1``, and torch (always imported first) has already loaded
+its own ``libgomp.so.1``, so the dynamic loader hands the kernels torch's OpenMP runtime: one thread
+team for torch's operations and the kernels, no second set of spinning threads (an empty parallel
+region costs ~1 us). Kernels take their thread count as an argument (``torch.get_num_threads()``). The library
 is cached under ``$LATTICE_LAB_CACHE`` (default ``$XDG_CACHE_HOME/lattice_lab`` or
 ``~/.cache/lattice_lab``; the temporary directory if that is not writable), keyed by a hash of
 the source, the compiler, the flags and the CPU, so a home directory shared by different machines
@@ -26,9 +30,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | Exception] = {}
-FLAG_SETS = (
-    ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno"],
-    ["-O3", "-mcpu=native", "-ffp-contract=fast", "-fno-math-errno"],  # clang on arm64
+FLAG_SETS = (  # tried in order; without -fopenmp the kernels run on one thread (the pragmas are ignored)
+    ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"],
+    ["-O3", "-mcpu=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"],  # clang on arm64
+    ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno"],  # a compiler without OpenMP
     ["-O3", "-ffp-contract=fast"],
 )
 
@@ -91,7 +96,8 @@ def _writable(folder: Path) -> Path:
 def _build(source: Path) -> Path:
     cxx = compiler()
     version = _version(cxx)
-    common = [source.read_bytes(), version.encode(), _cpu_identity().encode()]
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # the shared headers it may include
+    common = [source.read_bytes(), *headers, version.encode(), _cpu_identity().encode()]
     folder = _writable(cache_dir() / "native")
     errors = []
     for flags in FLAG_SETS:
