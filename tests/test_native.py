@@ -114,6 +114,8 @@ def test_native_enn_matches_torch_path(activation, B, L, chunk):
     Q = torch.randn(B, L, L, dtype=torch.float64)
     with torch.inference_mode():
         assert model.native_kernels(Q) is not None
+        # tanh: the whole model in one native call; other activations: layer kernels + torch activations
+        assert (model.native_forces(Q) is not None) == (activation == "tanh")
         got = model(Q)
         ref = model.compute_forces(Q)  # the torch path (also what the TorchScript export runs)
     assert ref.std() > 1e-3  # non-trivial forces
@@ -134,7 +136,7 @@ def test_native_enn_exact_equivariance(dtype, tol):
     model = _randomised_enn([4, 3, 2], "tanh", dtype)
     Q = torch.randn(2, 10, 10, dtype=dtype)
     with torch.no_grad():
-        assert model.native_kernels(Q) is not None
+        assert model.native_forces(Q) is not None
         err, F = _equivariance_error(model, Q)
     assert F.std() > 1e-2 and not torch.allclose(F, apply_group_element(F, 1))
     assert err < tol * float(F.abs().max())
@@ -157,14 +159,16 @@ def test_native_not_used_with_autograd_gpu_dtype_or_switched_off(monkeypatch):
     model = _randomised_enn([2], "tanh", torch.float64)
     Q = torch.randn(1, 9, 9, dtype=torch.float64)
     assert model.native_kernels(Q) is None  # autograd enabled: training uses the torch path
+    assert model.native_forces(Q) is None
     with torch.no_grad():
-        assert model.native_kernels(Q) is not None
+        assert model.native_kernels(Q) is not None and model.native_forces(Q) is not None
         assert model.native_kernels(Q.to(torch.bfloat16)) is None
+        assert model.native_forces(Q.to(torch.bfloat16)) is None
         monkeypatch.setenv("LATTICE_LAB_NATIVE", "0")  # the global switch (e.g. for a loaded checkpoint)
-        assert model.native_kernels(Q) is None
+        assert model.native_kernels(Q) is None and model.native_forces(Q) is None
         monkeypatch.delenv("LATTICE_LAB_NATIVE")
         model.native_kernel = False
-        assert model.native_kernels(Q) is None
+        assert model.native_kernels(Q) is None and model.native_forces(Q) is None
     for bad in ["yes", 1, None]:
         with pytest.raises(ConfigError, match="model.native_kernel"):
             ENN(HAM, SQRT13, [2], native_kernel=bad)
@@ -222,18 +226,18 @@ def test_native_enn_propagates_nan():
     Q = torch.randn(1, 10, 10)
     Q[0, 4, 5] = float("nan")
     with torch.no_grad():
-        assert model.native_kernels(Q) is not None
+        assert model.native_forces(Q) is not None
         F = model(Q)
     assert torch.isnan(F[0, 4, 5]) and torch.isnan(F).sum() > 1  # the NaN reaches its neighbourhood
     assert torch.isfinite(F[0, 0, 0])  # sites farther than the cutoff stay finite
 
 
 def test_native_single_piece_runs_in_calling_thread():
-    """With the native kernels a call too small to split runs in the calling thread (no pool wake-up);
-    a call worth two pieces uses the pool. Same forces either way."""
+    """With the layer kernels (activations other than tanh) a call too small to split runs in the
+    calling thread (no pool wake-up); a call worth two pieces uses the pool. Same forces either way."""
     from lattice_lab.common import threads
 
-    model = _randomised_enn([4, 3, 2], "tanh", torch.float64)
+    model = _randomised_enn([4, 3, 2], "gate", torch.float64)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     threads.shutdown_pool()
@@ -264,3 +268,77 @@ def test_kernel_executes_fewer_flops_than_the_architecture_count():
     arch = enn_flops(wide, [8]) - enn_flops({ir: 8 for ir in IRREPS}, [])  # the 32 -> 8 layer alone
     assert kernel.flops_per_site == 246144
     assert arch == 314240 and kernel.flops_per_site < 0.8 * arch
+
+
+def test_whole_native_enn_with_elastic_prior_matches_torch_path():
+    """The registry-built presets (ENN wrapped in the elastic prior) in one native call: the network,
+    the force scale and -k Q - kappa nn_sum(Q), against the torch path, in float64 and float32."""
+    from lattice_lab.models.registry import build_model, load_preset
+
+    for preset in ("enn_small", "enn"):
+        model = build_model(load_preset(preset), HAM).double().eval()
+        _randomise(model.network)
+        with torch.no_grad():
+            model.network.out_scale.fill_(1.7)
+            model.network.out_shift.fill_(-0.3)
+        Q = torch.randn(3, 11, 11, dtype=torch.float64)
+        with torch.inference_mode():
+            assert model.network.native_forces(Q, model.k, model.kappa) is not None
+            got = model(Q)
+            ref = model.network.compute_forces(Q) + model.elastic_force(Q)
+            torch.testing.assert_close(got, ref, atol=1e-12 * float(ref.abs().max()), rtol=0)
+        model32 = model.float()
+        with torch.inference_mode():
+            got32 = model32(Q.float())
+        torch.testing.assert_close(got32.double(), ref, atol=3e-5 * float(ref.abs().max()), rtol=0)
+
+
+def test_whole_native_enn_is_independent_of_threads_and_tiles(monkeypatch):
+    """Every site's sums run in the same order whatever the tiling and the thread count: bitwise equal."""
+    import lattice_lab.native.enn as native_enn
+
+    model = _randomised_enn([4, 3, 2], "tanh", torch.float32)
+    Q = torch.randn(3, 13, 13)  # 507 sites: tiles cross configuration boundaries and end in partial vectors
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        with torch.no_grad():
+            for nt, max_tile in [(1, 256), (2, 256), (2, 16), (1, 1024)]:
+                torch.set_num_threads(nt)
+                monkeypatch.setattr(native_enn, "TILE_SITES", max_tile)
+                monkeypatch.setattr(native_enn.tile_size, "__defaults__", (max_tile,))
+                results.append(model(Q))
+    finally:
+        torch.set_num_threads(previous)
+    for F in results[1:]:
+        assert torch.equal(F, results[0])
+
+
+def test_tile_size():
+    from lattice_lab.native.enn import tile_size
+
+    assert tile_size(1024, 2) == 256 and tile_size(1024, 1) == 256
+    assert tile_size(100, 2) == 64  # two tiles of <= 64 sites (multiples of 16)
+    assert tile_size(1, 4) == 16
+    for sites, workers in [(1024, 2), (4096, 3), (999, 2), (262144, 2)]:
+        t = tile_size(sites, workers)
+        assert t % 16 == 0 and t <= 256 and -(-sites // t) >= min(workers, -(-sites // 16))
+
+
+def test_sparse_projection_reproduces_the_convolution():
+    from lattice_lab.native.enn import sparse_projection
+    from lattice_lab.symmetry.field_ops import periodic_pad
+
+    model = _randomised_enn([2], "tanh", torch.float64)
+    w, b = model.packed_projection(torch.float64, torch.device("cpu"))
+    offsets, prow, poff, pcoef, pbias = sparse_projection(w, b, model.radius)
+    assert offsets.shape[0] == 45  # the sqrt(13) environment
+    assert len(pcoef) == int((w != 0).sum()) <= 273  # every channel on one orbit: at most sum of orbit sizes^2
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(periodic_pad(Q.unsqueeze(1), model.radius), w, b)[0]  # [rows, L, L]
+    env = torch.stack([torch.roll(Q[0], (-int(dx), -int(dy)), (0, 1)) for dx, dy in offsets.tolist()])
+    got = pbias[:, None, None].expand_as(ref).clone()
+    for r in range(w.shape[0]):
+        for e in range(int(prow[r]), int(prow[r + 1])):
+            got[r] += pcoef[e] * env[poff[e]]
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)

@@ -19,7 +19,6 @@ O(chunk) besides Q and F, and the time per site does not depend on L.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from lattice_lab.models.layers_equivariant import (
     force_moments,
     packed_rows,
 )
+from lattice_lab.native.policy import applicable, build_or_fallback, check_setting
 from lattice_lab.symmetry.field_ops import periodic_band, periodic_pad
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
@@ -102,7 +102,7 @@ class ENN(ForceField):
 
     name = "enn"
     conservative = False
-    __jit_ignored_attributes__ = ["_proj_cache", "_native"]  # noqa: RUF012 - Python-only caches
+    __jit_ignored_attributes__ = ["_proj_cache", "_native", "_native_whole"]  # noqa: RUF012 - Python-only caches
 
     def __init__(self, hamiltonian: dict, cutoff: float = math.sqrt(13.0), hidden: list[int] = (32, 8, 4),
                  activation: str = "gate", chunk_sites: int = DEFAULT_CHUNK_SITES, cpu_parallel: bool = True,
@@ -123,10 +123,9 @@ class ENN(ForceField):
         if not isinstance(cpu_parallel, bool):
             raise ConfigError(f"model.cpu_parallel={cpu_parallel!r}: expected true or false")
         self.cpu_parallel = cpu_parallel
-        if not (native_kernel == "auto" or isinstance(native_kernel, bool)):
-            raise ConfigError(f"model.native_kernel={native_kernel!r}: expected auto, true or false")
-        self.native_kernel = native_kernel
+        self.native_kernel = check_setting(native_kernel)
         self._native: dict = {}  # dtype -> [QuadraticKernel per layer + readout] or the reason it is unavailable
+        self._native_whole: dict = {}  # dtype -> ENNForces (tanh: the whole model in one call) or the reason
         self.proj = proj
         counts = proj.counts
         self.input_counts = counts
@@ -159,6 +158,11 @@ class ENN(ForceField):
         self.register_buffer("_ts_conv_b", torch.zeros(0), persistent=False)
 
     # -- normalisation -----------------------------------------------------------------------------
+    @torch.jit.unused
+    def normalization_buffers(self) -> list[torch.Tensor]:
+        """The buffers :meth:`fit_normalization` sets (the input scales / shift and the force scale)."""
+        return [*(getattr(self, f"in_scale_{ir}") for ir in IRREPS), self.in_shift_A1, self.out_scale, self.out_shift]
+
     def _flat_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale = torch.cat([getattr(self, f"in_scale_{ir}").repeat_interleave(IRREP_DIM[ir]) for ir in IRREPS])
         shift = torch.cat([self.in_shift_A1, scale.new_zeros(scale.shape[0] - self.in_shift_A1.shape[0])])
@@ -197,7 +201,7 @@ class ENN(ForceField):
         (built from their float64 master copy), which are then permuted into the packed layout;
         padding channels get zero kernels, so they are exactly zero.
         """
-        bufs = [getattr(self, f"in_scale_{ir}") for ir in IRREPS] + [self.in_shift_A1]
+        bufs = self.normalization_buffers()[:-2]
         key = (dtype, torch.device(device), tuple((t.data_ptr(), t._version) for t in bufs))
         if self._proj_cache is not None and self._proj_cache[0] == key:
             return self._proj_cache[1]
@@ -297,6 +301,9 @@ class ENN(ForceField):
         """Forces ``[B, L, L]``. CPU inference: native kernels and/or lattice pieces on the thread
         pool; otherwise (autograd, GPU) :meth:`compute_forces`. All paths give the same forces."""
         self.check_input(Q)
+        F = self.native_forces(Q)
+        if F is not None:
+            return F
         kernels = self.native_kernels(Q)
         threads = self.pool_threads(Q)
         workers = self.parallel_pieces(Q, threads)
@@ -308,30 +315,41 @@ class ENN(ForceField):
 
     # -- native CPU kernels (lattice_lab.native) ---------------------------------------------------
     @torch.jit.unused
+    def native_forces(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor | None:
+        """``forward(Q) - k Q - kappa nn_sum(Q)`` in one call of the native kernel
+        (:class:`lattice_lab.native.enn.ENNForces`: tiles of sites over torch's OpenMP threads), for CPU
+        inference with the ``tanh`` activation; None otherwise (see :mod:`lattice_lab.native.policy`)."""
+        if self.activation != "tanh" or not applicable(self.native_kernel, Q):
+            return None
+        got = self._native_whole.get(Q.dtype)
+        if got is None:
+            from lattice_lab.native.enn import ENNForces
+
+            got = build_or_fallback(self.native_kernel, "ENN", lambda: ENNForces(self, Q.dtype))
+            self._native_whole[Q.dtype] = got
+        if isinstance(got, Exception):
+            return None
+        return got(Q, k, kappa)
+
+    @torch.jit.unused
     def native_kernels(self, Q: torch.Tensor) -> list | None:
         """The fused C++ kernels of every layer and the readout for CPU inference in Q's dtype, or
         None (autograd, GPU, ``native_kernel: false``, the environment variable ``LATTICE_LAB_NATIVE=0``,
         or, with ``auto``, no working compiler). Built on first use (``lattice_lab.native.build``);
-        their weights follow parameter updates."""
-        from lattice_lab.native import NativeUnavailable
-        from lattice_lab.native.quadratic import SUPPORTED_DTYPES, QuadraticKernel
+        their weights follow parameter updates. Used for activations other than ``tanh`` (applied
+        in torch between the kernels); with ``tanh``, :meth:`native_forces` runs the whole model."""
+        from lattice_lab.native.quadratic import QuadraticKernel
 
-        if (self.native_kernel is False or Q.device.type != "cpu" or torch.is_grad_enabled()
-                or Q.dtype not in SUPPORTED_DTYPES or os.environ.get("LATTICE_LAB_NATIVE", "1") == "0"):
+        if not applicable(self.native_kernel, Q):
             return None
         got = self._native.get(Q.dtype)
         if got is None:
-            try:
+            def build():
                 fused = self.activation == "tanh"  # applied in the kernel; other activations run after it
-                got = [QuadraticKernel(layer, Q.dtype, tanh=fused) for layer in self.layers]
-                got.append(QuadraticKernel(self.readout, Q.dtype))
-            except NativeUnavailable as exc:
-                if self.native_kernel is True:
-                    raise ConfigError(f"model.native_kernel=true but the kernel is unavailable: {exc}") from None
-                import warnings
+                kernels = [QuadraticKernel(layer, Q.dtype, tanh=fused) for layer in self.layers]
+                return [*kernels, QuadraticKernel(self.readout, Q.dtype)]
 
-                warnings.warn(f"ENN: native CPU kernel unavailable, using the torch path ({exc})", stacklevel=2)
-                got = exc
+            got = build_or_fallback(self.native_kernel, "ENN", build)
             self._native[Q.dtype] = got
         if isinstance(got, Exception):
             return None

@@ -15,6 +15,8 @@ compare them to floating-point precision.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import os
 import warnings
 from collections.abc import Callable
@@ -27,6 +29,8 @@ from lattice_lab.native.build import NativeUnavailable
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 T = TypeVar("T")
+_VERSION = operator.attrgetter("_version")
+_never_equal = itertools.count()
 
 
 def check_setting(value, key: str = "model.native_kernel"):
@@ -63,3 +67,15 @@ def build_or_fallback(setting, what: str, build: Callable[[], T]) -> T | NativeU
 def threads() -> int:
     """Threads a kernel call may use: torch's intra-op thread count (the same OpenMP team)."""
     return max(1, torch.get_num_threads())
+
+
+def change_key(tensors: list[torch.Tensor]) -> tuple:
+    """A key that changes whenever one of ``tensors`` (parameters, normalisation buffers) may have
+    changed: every in-place update bumps a version counter, and ``.data =`` / ``.to()`` replace the
+    data pointer. ~50 ns per tensor, so kernels check it on every call and rebuild their weight
+    tables only when it differs. Inference tensors have no version counter: their key never repeats
+    (the tables are rebuilt on every call: correct, only slower)."""
+    try:
+        return tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
+    except RuntimeError:  # an inference tensor (a model converted under torch.inference_mode)
+        return (next(_never_equal),)

@@ -26,9 +26,9 @@ import torch
 
 from lattice_lab.models.layers_equivariant import NORM_EPS
 from lattice_lab.native.build import load
+from lattice_lab.native.policy import SUPPORTED_DTYPES, change_key
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _SYMBOLS = {torch.float32: "ll_quadratic_f32", torch.float64: "ll_quadratic_f64"}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -124,7 +124,7 @@ class QuadraticKernel:
     def prepare(self) -> None:
         """Gather the weights into the kernel's layout unless no parameter changed since the last call
         (checked by data pointer and version counter, like the layer's own packed-weight cache)."""
-        key = tuple((p.data_ptr(), p._version) for p in self._params)
+        key = change_key(self._params)
         if key != self._key:
             with self._lock:
                 if key != self._key:
