@@ -178,4 +178,5 @@ def test_build_model_accepts_dictconfig_and_params():
     model = build_model(OmegaConf.create({"name": "gnn", "widths": [1, 4, 1]}), HolsteinParams(**HAM))
     assert model.hamiltonian["kappa"] == HAM["kappa"]
     assert model.model_cfg == {"name": "gnn", "cutoff": None, "widths": [1, 4, 1],
-                               "aggregation": "sum", "activation": "relu", "elastic_prior": False}
+                               "aggregation": "sum", "activation": "relu", "native_kernel": "auto",
+                               "elastic_prior": False}

@@ -72,6 +72,8 @@ class ForceProvider:
     def __call__(self, Q: torch.Tensor) -> torch.Tensor:
         if Q.dim() != 3 or Q.shape[-1] != Q.shape[-2]:
             raise ValueError(f"force provider input must be [R, L, L], got {tuple(Q.shape)}")
+        if self.chunk_replicas is None and Q.dtype == self.dtype and Q.device == self.device:
+            return self._evaluate(Q)  # the common case, without per-call conversions (~2 us)
         Qc = Q.to(device=self.device, dtype=self.dtype)
         parts = [self._evaluate(Qc[sl]) for sl in _chunks(Qc.shape[0], self.chunk_replicas)]
         F = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -122,7 +124,7 @@ class EDForceProvider(ForceProvider):
 
 
 class MLForceProvider(ForceProvider):
-    """A trained force field; direct models run under inference mode, energy models with autograd."""
+    """A trained force field; direct models run without autograd (no_grad), energy models with autograd."""
 
     source = "ml"
 
@@ -156,9 +158,8 @@ class MLForceProvider(ForceProvider):
         if self.conservative:  # F = -dE/dQ needs autograd
             with torch.enable_grad():
                 return self._fn(Q).detach()
-        with torch.inference_mode():
-            F = self._fn(Q)
-        return F.clone()  # a normal tensor: the integrator may update it in place
+        with torch.no_grad():  # not inference_mode: its outputs would need a copy before the
+            return self._fn(Q)   # integrator may update them in place
 
     def _evaluate(self, Q: torch.Tensor) -> torch.Tensor:
         if not self._compiled:

@@ -1,0 +1,159 @@
+"""The whole direct-force GNN in one native call (``gnn_forward.cpp``): plan and call.
+
+:class:`GNNForces` holds, for one :class:`~lattice_lab.models.gnn.GNN`, the layer widths and the
+activation code, a table of pointers to the model's own parameters and normalisation buffers
+(``[q_mean, q_std, f_mean, f_std]``, then per layer ``w_self [c_in, c_out]``, ``w_nn`` and ``bias``:
+the kernel reads the weights where torch keeps them, so in-place updates -- optimizer steps,
+``load_state_dict`` -- are followed without any per-call check; the table is rebuilt only when a
+tensor moves, e.g. ``model.to()``; layers wider than :data:`PACK_ABOVE` outputs read a copy packed
+per chunk of outputs instead, rebuilt when their weights' version counters change), and a
+workspace per lattice size. A call is one ctypes call that computes
+``F = GNN(Q) - k Q - kappa nn_sum(Q)``: every row of every layer exactly once, a wavefront of rows
+per thread with a few rows per layer in cache (see the C++ file). The per-call Python work -- the
+policy check in the model, the pointer check (one ``data_ptr`` per tensor, ~1 us), the output
+allocation and the argument list -- is ~5 us (measured; about 1/6 of a gnn_small call at L = 32).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+import threading
+
+import torch
+
+from lattice_lab.native.build import load
+from lattice_lab.native.policy import SUPPORTED_DTYPES, threads
+
+ACTIVATION_CODES = {"relu": 1, "tanh": 2, "silu": 3, "softplus": 4}  # the kernel's; gelu: torch path
+PACK_ABOVE = 32  # layers with more outputs read a packed copy of their weights (contiguous per output chunk)
+_SYMBOLS = {torch.float32: ("ll_gnn_forces_f32", "ll_gnn_workspace_f32"),
+            torch.float64: ("ll_gnn_forces_f64", "ll_gnn_workspace_f64")}
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_DATA_PTR = torch.Tensor.data_ptr
+_VERSION = operator.attrgetter("_version")
+
+
+def packed_chunk(c_out: int) -> int:
+    """Output channels per register chunk of a packed layer (its weights' layout; 16, as for the others:
+    8 or 4, which read each weight for 2 or 4 vectors of sites, measured no faster on the paper preset)."""
+    return next(kc for kc in (16, 8, 4, 2, 1) if c_out % kc == 0)
+
+
+class _Args(ctypes.Structure):
+    """The kernel's arguments that do not change from call to call (``struct Args`` in the C++ file)."""
+
+    _fields_ = [("L", _I), ("nt", _I), ("n_work", _I), ("work", _P), ("dims", _P), ("ptrs", _P), ("scale", _D)]  # noqa: RUF012
+
+
+def _functions(dtype: torch.dtype):
+    lib = load("gnn_forward")
+    fn, ws = (getattr(lib, name) for name in _SYMBOLS[dtype])
+    if fn.argtypes is None:
+        fn.argtypes = [_P, _P, _I, _P, _D, _D]  # Q, F, B, &args, k, kappa
+        fn.restype = ctypes.c_int
+        ws.argtypes = [_P, _I, _I]
+        ws.restype = ctypes.c_int64
+    return fn, ws
+
+
+class GNNForces:
+    """``F = GNN(Q) - k Q - kappa nn_sum(Q)`` for CPU inference in one native call, ``Q`` in the dtype
+    of the model's parameters (float32 or float64)."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"native GNN: dtype {dtype} not supported (float32 or float64)")
+        if model.activation not in ACTIVATION_CODES:
+            raise ValueError(f"native GNN: activation {model.activation!r} not supported "
+                             f"(one of {sorted(ACTIVATION_CODES)})")
+        self.fn, self._ws_fn = _functions(dtype)
+        self.model, self.dtype = model, dtype
+        widths = list(model.widths)
+        self.packed = [layer.c_out > PACK_ABOVE for layer in model.layers]
+        strides = []
+        for layer, packed in zip(model.layers, self.packed):
+            kc = packed_chunk(layer.c_out)
+            strides += [2 * layer.c_in, 2 * kc, kc] if packed else [1, layer.c_out, 0]
+        self.dims = torch.tensor([len(widths) - 1, ACTIVATION_CODES[model.activation], *widths, *strides],
+                                 dtype=torch.int64)
+        self._dims_ptr = self.dims.data_ptr()
+        self.scale = float(model.layers[0].neighbour_scale)
+        self._tensors = [model.q_mean, model.q_std, model.f_mean, model.f_std]
+        self._copied = []  # parameters read through a packed copy: their in-place updates are watched
+        for layer, packed in zip(model.layers, self.packed):
+            self._tensors += [layer.w_self, layer.w_nn, layer.bias]
+            if packed:
+                self._copied += [layer.w_self, layer.w_nn]
+        self._ptr_key = None
+        self._work: dict[tuple[int, int], tuple[torch.Tensor, _Args, int]] = {}  # (L, threads) -> (scratch, args, &args)
+        self._busy = threading.Lock()  # the cached workspace serves one call at a time
+
+    def ready(self) -> bool:
+        """Whether the kernel can read the model's tensors directly (same dtype, contiguous, CPU);
+        refreshes the pointer table when a tensor has moved (``model.to()``, ``p.data = ...``)."""
+        key = tuple(map(_DATA_PTR, self._tensors))
+        if self._copied:
+            key += tuple(map(_VERSION, self._copied))
+        if key == self._ptr_key:
+            return True
+        ok = all(t.dtype == self.dtype and t.device.type == "cpu" and t.is_contiguous() for t in self._tensors)
+        if ok:
+            self._table = (ctypes.c_void_p * len(self._tensors))(*self._pointers())
+            self._ptr_key = key
+            for _buf, args, _addr in self._work.values():
+                args.ptrs = ctypes.addressof(self._table)
+        return ok
+
+    def _pointers(self) -> list[int]:
+        """The kernel's pointer table; packs the weights of the wide layers (kept in ``self._packs``)."""
+        ptrs = [t.data_ptr() for t in self._tensors[:4]]
+        self._packs = []
+        with torch.no_grad():
+            for layer, packed in zip(self.model.layers, self.packed):
+                if packed:  # [c_in, 2, c_out] -> [c_out / kc, c_in, 2, kc]
+                    kc = packed_chunk(layer.c_out)
+                    w = torch.stack([layer.w_self, layer.w_nn], 1).view(layer.c_in, 2, layer.c_out // kc, kc)
+                    w = w.permute(2, 0, 1, 3).contiguous()
+                    self._packs.append(w)
+                    ptrs += [w.data_ptr(), w.data_ptr() + kc * w.element_size(), layer.bias.data_ptr()]
+                else:
+                    ptrs += [layer.w_self.data_ptr(), layer.w_nn.data_ptr(), layer.bias.data_ptr()]
+        return ptrs
+
+    def workspace(self, L: int, nt: int, cached: bool = True) -> tuple[torch.Tensor, _Args, int]:
+        """Scratch memory and the argument block for lattice size ``L`` on ``nt`` threads (kept for the
+        next call unless ``cached=False``): ``(scratch tensor, args, address of args)``."""
+        got = self._work.get((L, nt)) if cached else None
+        if got is None:
+            n = int(self._ws_fn(self._dims_ptr, L, nt))
+            if n < 0:
+                raise ValueError(f"native GNN: lattice L={L} too small for {int(self.dims[0])} layers")
+            buf = torch.zeros(max(n, 1), dtype=self.dtype)  # zeros: the kernel never reads uninitialised memory
+            args = _Args(L, nt, n, buf.data_ptr(), self._dims_ptr, ctypes.addressof(self._table), self.scale)
+            got = (buf, args, ctypes.addressof(args))
+            if cached:
+                if len(self._work) >= 8:
+                    self._work.clear()
+                self._work[(L, nt)] = got
+        return got
+
+    def __call__(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor:
+        """Forces ``[B, L, L]`` of ``Q [B, L, L]`` (CPU, this object's dtype; the caller has checked
+        :meth:`ready`), elastic part included."""
+        if not Q.is_contiguous():
+            Q = Q.contiguous()
+        key = (Q.shape[-1], threads())
+        F = torch.empty_like(Q)
+        if self._busy.acquire(blocking=False):
+            try:
+                got = self._work.get(key) or self.workspace(*key)
+                rc = self.fn(Q.data_ptr(), F.data_ptr(), Q.shape[0], got[2], k, kappa)
+            finally:
+                self._busy.release()
+        else:  # another thread is in a call of this model: private scratch memory
+            got = self.workspace(*key, cached=False)
+            rc = self.fn(Q.data_ptr(), F.data_ptr(), Q.shape[0], got[2], k, kappa)
+        if rc != 0:
+            raise RuntimeError(f"native GNN forces failed (code {rc})")
+        return F
