@@ -342,3 +342,46 @@ def test_sparse_projection_reproduces_the_convolution():
         for e in range(int(prow[r]), int(prow[r + 1])):
             got[r] += pcoef[e] * env[poff[e]]
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["enn_small", "gnn_small", "mlp_small", "gnn_energy_small"])
+def test_force_provider_fast_path_gives_the_model_forces(preset):
+    """The provider fetches the model's native function once per input shape and then calls it
+    directly; the forces equal the model's torch path, follow weight updates, and a new shape takes
+    the checked path first."""
+    from lattice_lab.dynamics.forces import MLForceProvider
+    from lattice_lab.models.registry import build_model, load_preset
+
+    model = build_model(load_preset(preset), HAM).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    provider = MLForceProvider(HAM, "cpu", torch.float64, checkpoint=None, model=model)
+    Q = torch.randn(2, 11, 11, dtype=torch.float64)
+
+    def reference(Q):
+        previous = model.native_kernel if hasattr(model, "native_kernel") else model.network.native_kernel
+        target = model if hasattr(model, "native_kernel") else model.network
+        target.native_kernel = False
+        try:
+            with torch.enable_grad() if model.conservative else torch.no_grad():
+                return model(Q).detach()
+        finally:
+            target.native_kernel = previous
+
+    first = provider(Q)
+    assert provider._native is not None and provider._native[0] == Q.shape
+    calls = []
+    fn = provider._native[1]
+    provider._native = (Q.shape, lambda Q: calls.append(1) or fn(Q))
+    second = provider(Q)
+    assert calls == [1]  # the fast path ran
+    torch.testing.assert_close(first, reference(Q), atol=1e-11, rtol=0)
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    torch.testing.assert_close(provider(Q), reference(Q), atol=1e-11, rtol=0)  # weight updates followed
+    Q2 = torch.randn(1, 13, 13, dtype=torch.float64)
+    torch.testing.assert_close(provider(Q2), reference(Q2), atol=1e-11, rtol=0)
+    assert provider._native[0] == Q2.shape

@@ -49,6 +49,14 @@ class ForceField(nn.Module):
         :class:`~lattice_lab.models.prior.ElasticPrior` then adds the elastic force in torch."""
         return None
 
+    @torch.jit.unused
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+        """The callable behind :meth:`native_forces` for inputs like ``Q`` (same dtype, device and
+        shape, already checked), without the per-call policy checks (~5 us): ``f(Q) -> F``, or None
+        where no native kernel serves ``Q``. ``f`` may return None (then use :meth:`forward`). Force
+        providers fetch it once per input shape; weight updates are still followed."""
+        return None
+
     # -- data-dependent normalisation (called once by the trainer, before training) ---------
     def fit_normalization(self, Q: torch.Tensor, F: torch.Tensor) -> None:
         """Set input/output scale buffers from training data. Default: nothing to fit."""

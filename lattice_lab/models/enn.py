@@ -18,6 +18,7 @@ O(chunk) besides Q and F, and the time per site does not depend on L.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -319,6 +320,12 @@ class ENN(ForceField):
         """``forward(Q) - k Q - kappa nn_sum(Q)`` in one call of the native kernel
         (:class:`lattice_lab.native.enn.ENNForces`: tiles of sites over torch's OpenMP threads), for CPU
         inference with the ``tanh`` activation; None otherwise (see :mod:`lattice_lab.native.policy`)."""
+        fn = self.native_function(Q, k, kappa)
+        return None if fn is None else fn(Q)
+
+    @torch.jit.unused
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+        """See :meth:`ForceField.native_function` (:class:`lattice_lab.native.enn.ENNForces`)."""
         if self.activation != "tanh" or not applicable(self.native_kernel, Q):
             return None
         got = self._native_whole.get(Q.dtype)
@@ -329,7 +336,7 @@ class ENN(ForceField):
             self._native_whole[Q.dtype] = got
         if isinstance(got, Exception):
             return None
-        return got(Q, k, kappa)
+        return functools.partial(got, k=k, kappa=kappa)
 
     @torch.jit.unused
     def native_kernels(self, Q: torch.Tensor) -> list | None:

@@ -309,3 +309,12 @@ class GNN(ForceField):
         when the native path does not apply (:meth:`native_plan`)."""
         plan = self.native_plan(Q)
         return None if plan is None else plan(Q, k, kappa)
+
+    @torch.jit.unused
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+        """See :meth:`ForceField.native_function` (:class:`lattice_lab.native.gnn.GNNForces`; None
+        from the function when a parameter has moved to another dtype or device)."""
+        plan = self.native_plan(Q)
+        if plan is None:
+            return None
+        return lambda Q: plan(Q, k, kappa) if plan.ready() else None

@@ -30,6 +30,8 @@ TorchScript export) keeps autograd.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -241,6 +243,13 @@ class EnergyGNN(ForceField):
         ``LATTICE_LAB_NATIVE=0``, and with ``auto`` a model the kernel cannot run or one wider than
         :data:`NATIVE_AUTO_MAX_WIDTH`, or no compiler. Grad mode itself does not matter: the dynamics
         calls conservative models under ``torch.enable_grad()``."""
+        fn = self.native_function(Q, k, kappa)
+        return None if fn is None else fn(Q)
+
+    @torch.jit.unused
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+        """See :meth:`ForceField.native_function` (:class:`lattice_lab.native.gnn_energy.EnergyGNNForces`).
+        Decided for the caller's current training and grad mode."""
         if ((self.training and torch.is_grad_enabled()) or Q.requires_grad
                 or not applicable(self.native_kernel, Q, grad_free=False)):
             return None
@@ -251,7 +260,7 @@ class EnergyGNN(ForceField):
             self._native[key] = got
         if isinstance(got, Exception):
             return None
-        return got(Q, k, kappa)
+        return functools.partial(got, k=k, kappa=kappa)
 
     @torch.jit.unused
     def _build_native(self, dtype: torch.dtype):

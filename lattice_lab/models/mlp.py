@@ -119,6 +119,12 @@ class DescriptorMLP(ForceField):
         (:class:`lattice_lab.native.mlp.MLPForces`: descriptor, MLP and elastic force per tile of
         sites over torch's OpenMP threads) for CPU inference; None where it does not apply (see
         :mod:`lattice_lab.native.policy` and :meth:`auto_prefers_native`). ``Q`` is checked by the caller."""
+        fn = self.native_function(Q, k, kappa)
+        return None if fn is None else fn(Q)
+
+    @torch.jit.unused
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+        """See :meth:`ForceField.native_function` (:class:`lattice_lab.native.mlp.MLPForces`)."""
         if not applicable(self.native_kernel, Q):
             return None
         got = self._native.get(Q.dtype)
@@ -126,7 +132,7 @@ class DescriptorMLP(ForceField):
             got = self._build_native(Q.dtype)
         if isinstance(got, Exception):
             return None
-        return got.run(Q.contiguous(), k, kappa)
+        return lambda Q: got.run(Q.contiguous(), k, kappa)
 
     @torch.jit.unused
     def _build_native(self, dtype: torch.dtype):
