@@ -19,3 +19,15 @@ def tmp_mlflow(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """No C++ compiler on this machine (and no kernel built yet): native kernels are unavailable."""
+    from lattice_lab.native import build
+
+    def missing():
+        raise build.NativeUnavailable("no C++ compiler found (test)")
+
+    monkeypatch.setattr(build, "compiler", missing)
+    monkeypatch.setattr(build, "_loaded", {})

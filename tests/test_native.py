@@ -174,12 +174,7 @@ def test_native_not_used_with_autograd_gpu_dtype_or_switched_off(monkeypatch):
             ENN(HAM, SQRT13, [2], native_kernel=bad)
 
 
-def test_fallback_to_torch_path_without_compiler(monkeypatch):
-    def no_compiler():
-        raise build.NativeUnavailable("no C++ compiler found (test)")
-
-    monkeypatch.setattr(build, "compiler", no_compiler)
-    monkeypatch.setattr(build, "_loaded", {})
+def test_fallback_to_torch_path_without_compiler(no_compiler):
     model = _randomised_enn([3, 2], "tanh", torch.float64)
     Q = torch.randn(1, 9, 9, dtype=torch.float64)
     with torch.no_grad(), pytest.warns(UserWarning, match="native CPU kernel unavailable"):

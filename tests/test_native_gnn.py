@@ -14,7 +14,6 @@ from lattice_lab.common.errors import ConfigError
 from lattice_lab.models.checkpoint import load_checkpoint, save_checkpoint
 from lattice_lab.models.gnn import GNN, NATIVE_ACTIVATIONS, NATIVE_AUTO_MAX_WIDTH
 from lattice_lab.models.registry import build_model, load_preset
-from lattice_lab.native import build
 from lattice_lab.native.gnn import PACK_ABOVE, GNNForces
 
 HAM = {"t": 1.0, "g": 3.5, "k": 1.0, "kappa": 0.18, "temperature": 0.1, "filling": "canonical"}
@@ -158,12 +157,7 @@ def test_native_not_used_with_autograd_setting_or_environment(monkeypatch):
         GNN(HAM, widths=[1, 4, 1], activation="gelu", native_kernel=True)
 
 
-def test_fallback_to_torch_path_without_compiler(monkeypatch):
-    def no_compiler():
-        raise build.NativeUnavailable("no C++ compiler found (test)")
-
-    monkeypatch.setattr(build, "compiler", no_compiler)
-    monkeypatch.setattr(build, "_loaded", {})
+def test_fallback_to_torch_path_without_compiler(no_compiler):
     model = _gnn()
     Q = torch.randn(1, 9, 9, dtype=torch.float64)
     with torch.no_grad(), pytest.warns(UserWarning, match="native CPU kernel unavailable"):

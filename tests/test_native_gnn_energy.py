@@ -12,7 +12,6 @@ from test_enn import _equivariance_error  # tests/ is on sys.path (rootdir conft
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.models.gnn_energy import EnergyGNN
 from lattice_lab.models.registry import build_model, load_preset
-from lattice_lab.native import build
 from lattice_lab.native import gnn_energy as native
 from lattice_lab.symmetry import apply_group_element
 
@@ -180,12 +179,7 @@ def test_unsupported_models(monkeypatch):
     assert _native_used(wide, Q)
 
 
-def test_fallback_to_torch_path_without_compiler(monkeypatch):
-    def no_compiler():
-        raise build.NativeUnavailable("no C++ compiler found (test)")
-
-    monkeypatch.setattr(build, "compiler", no_compiler)
-    monkeypatch.setattr(build, "_loaded", {})
+def test_fallback_to_torch_path_without_compiler(no_compiler):
     model = _model()
     Q = torch.randn(1, 9, 9, dtype=torch.float64)
     with pytest.warns(UserWarning, match="native CPU kernel unavailable"):

@@ -13,7 +13,7 @@ from test_mlp import _randomise
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.models.mlp import NATIVE_AUTO_MAX_WIDTH, DescriptorMLP
 from lattice_lab.models.registry import build_model, load_preset
-from lattice_lab.native import build, load
+from lattice_lab.native import load
 from lattice_lab.native.mlp import MLPForces
 from lattice_lab.physics.holstein import linear_elastic_force
 from lattice_lab.symmetry import apply_group_element
@@ -162,12 +162,7 @@ def test_config_without_native_kernel_key():
     assert model.model_cfg["native_kernel"] == "auto"
 
 
-def test_fallback_to_torch_path_without_compiler(monkeypatch):
-    def no_compiler():
-        raise build.NativeUnavailable("no C++ compiler found (test)")
-
-    monkeypatch.setattr(build, "compiler", no_compiler)
-    monkeypatch.setattr(build, "_loaded", {})
+def test_fallback_to_torch_path_without_compiler(no_compiler):
     model = _model([8, 4], torch.float64)
     Q = torch.randn(1, 9, 9, dtype=torch.float64)
     with torch.no_grad(), pytest.warns(UserWarning, match="native CPU kernel unavailable"):

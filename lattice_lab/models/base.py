@@ -47,7 +47,8 @@ class ForceField(nn.Module):
         """``forward(Q) - k Q - kappa nn_sum(Q)`` in one call of the model's native CPU kernel, or
         None when the model has none or it does not apply to ``Q`` (see ``lattice_lab.native.policy``);
         :class:`~lattice_lab.models.prior.ElasticPrior` then adds the elastic force in torch."""
-        return None
+        fn = self.native_function(Q, k, kappa)
+        return None if fn is None else fn(Q)
 
     @torch.jit.unused
     def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):

@@ -316,16 +316,9 @@ class ENN(ForceField):
 
     # -- native CPU kernels (lattice_lab.native) ---------------------------------------------------
     @torch.jit.unused
-    def native_forces(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor | None:
-        """``forward(Q) - k Q - kappa nn_sum(Q)`` in one call of the native kernel
-        (:class:`lattice_lab.native.enn.ENNForces`: tiles of sites over torch's OpenMP threads), for CPU
-        inference with the ``tanh`` activation; None otherwise (see :mod:`lattice_lab.native.policy`)."""
-        fn = self.native_function(Q, k, kappa)
-        return None if fn is None else fn(Q)
-
-    @torch.jit.unused
     def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
-        """See :meth:`ForceField.native_function` (:class:`lattice_lab.native.enn.ENNForces`)."""
+        """See :meth:`ForceField.native_function`: :class:`lattice_lab.native.enn.ENNForces` (tiles of
+        sites over torch's OpenMP threads), for CPU inference with the ``tanh`` activation."""
         if self.activation != "tanh" or not applicable(self.native_kernel, Q):
             return None
         got = self._native_whole.get(Q.dtype)

@@ -304,13 +304,6 @@ class GNN(ForceField):
         self._native.clear()  # load_state_dict(assign=True) replaces the tensors the kernel reads
 
     @torch.jit.unused
-    def native_forces(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor | None:
-        """``forward(Q) - k Q - kappa nn_sum(Q)`` in one native call (network and elastic prior), or None
-        when the native path does not apply (:meth:`native_plan`)."""
-        plan = self.native_plan(Q)
-        return None if plan is None else plan(Q, k, kappa)
-
-    @torch.jit.unused
     def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
         """See :meth:`ForceField.native_function` (:class:`lattice_lab.native.gnn.GNNForces`; None
         from the function when a parameter has moved to another dtype or device)."""

@@ -236,20 +236,12 @@ class EnergyGNN(ForceField):
 
     # -- native CPU inference (lattice_lab.native.gnn_energy) -----------------------------------
     @torch.jit.unused
-    def native_forces(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor | None:
-        """``forward(Q) - k Q - kappa nn_sum(Q)`` in one call of the native kernel (forward and
-        hand-written backward pass), or None where it does not apply: autograd must see the forces
-        (training with grad enabled, or ``Q.requires_grad``), GPU, other dtypes, ``native_kernel: false``,
-        ``LATTICE_LAB_NATIVE=0``, and with ``auto`` a model the kernel cannot run or one wider than
-        :data:`NATIVE_AUTO_MAX_WIDTH`, or no compiler. Grad mode itself does not matter: the dynamics
-        calls conservative models under ``torch.enable_grad()``."""
-        fn = self.native_function(Q, k, kappa)
-        return None if fn is None else fn(Q)
-
-    @torch.jit.unused
     def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
-        """See :meth:`ForceField.native_function` (:class:`lattice_lab.native.gnn_energy.EnergyGNNForces`).
-        Decided for the caller's current training and grad mode."""
+        """See :meth:`ForceField.native_function`: the forward and hand-written backward pass of
+        :class:`lattice_lab.native.gnn_energy.EnergyGNNForces`. Not where autograd must see the forces
+        (training with grad enabled, or ``Q.requires_grad``); grad mode itself does not matter (the
+        dynamics calls conservative models under ``torch.enable_grad()``). With ``auto`` not for a
+        model the kernel cannot run or one wider than :data:`NATIVE_AUTO_MAX_WIDTH`."""
         if ((self.training and torch.is_grad_enabled()) or Q.requires_grad
                 or not applicable(self.native_kernel, Q, grad_free=False)):
             return None

@@ -114,17 +114,9 @@ class DescriptorMLP(ForceField):
         return max(self.hidden) <= NATIVE_AUTO_MAX_WIDTH or vector_bytes >= 64
 
     @torch.jit.unused
-    def native_forces(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor | None:
-        """``forward(Q) - k Q - kappa nn_sum(Q)`` in one call of the native kernel
-        (:class:`lattice_lab.native.mlp.MLPForces`: descriptor, MLP and elastic force per tile of
-        sites over torch's OpenMP threads) for CPU inference; None where it does not apply (see
-        :mod:`lattice_lab.native.policy` and :meth:`auto_prefers_native`). ``Q`` is checked by the caller."""
-        fn = self.native_function(Q, k, kappa)
-        return None if fn is None else fn(Q)
-
-    @torch.jit.unused
     def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
-        """See :meth:`ForceField.native_function` (:class:`lattice_lab.native.mlp.MLPForces`)."""
+        """See :meth:`ForceField.native_function`: :class:`lattice_lab.native.mlp.MLPForces` (descriptor,
+        MLP and elastic force per tile of sites), where :meth:`auto_prefers_native` allows it."""
         if not applicable(self.native_kernel, Q):
             return None
         got = self._native.get(Q.dtype)
