@@ -166,3 +166,16 @@ def test_piece_pool_works_in_a_forked_child():
         assert out.tolist() == [1.0, 2.0]
     finally:
         shutdown_pool()
+
+
+def test_switches_and_cuda_graph_choice():
+    from lattice_lab.common.cuda_graph import wanted
+    from lattice_lab.common.switch import check_switch
+
+    assert [check_switch(v, "k") for v in ("auto", True, False)] == ["auto", True, False]
+    with pytest.raises(ConfigError, match=r"cuda_graph='yes'"):
+        check_switch("yes", "cuda_graph")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not any(wanted(s, cpu) for s in ("auto", True, False))  # nothing to record on a CPU
+    assert wanted("auto", gpu) and not wanted("auto", gpu, auto=False) and wanted(True, gpu, auto=False)
+    assert not wanted(False, gpu)

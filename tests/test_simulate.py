@@ -245,6 +245,12 @@ def test_divergence_on_nan(tmp_path):
 
 
 # -- refusals -----------------------------------------------------------------------------------
+def test_bad_cuda_graph_setting_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match=r"cuda_graph='often'"):
+        run(make_cfg(tmp_path, "cuda_graph=often"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_ed_refused_above_max_L(tmp_path):
     with pytest.raises(ConfigError, match=r"dynamics.L=50: .*force.max_L=48.*force=ml"):
         run(make_cfg(tmp_path, "force=ed", "dynamics.L=50"))

@@ -1,7 +1,7 @@
 """Speed of one force-field preset: force evaluation, full Langevin step and peak memory vs L.
 
 For every lattice size the model is timed exactly as dynamics uses it: through
-:class:`lattice_lab.dynamics.forces.MLForceProvider` (direct models under inference mode, energy
+:class:`lattice_lab.dynamics.forces.MLForceProvider` (direct models under no_grad, energy
 models with autograd for F = -dE/dQ), on one configuration ``[batch, L, L]`` in the benchmark
 dtype; the full step is :class:`lattice_lab.dynamics.langevin.LangevinIntegrator` with that
 provider as its force. Sizes whose cost would exceed the time or memory budget are skipped,
@@ -15,6 +15,7 @@ import math
 import torch
 
 from lattice_lab.bench.timing import peak_memory, plan_repeats, time_call
+from lattice_lab.common.cuda_graph import GraphedCall
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.progress import progress
 
@@ -65,11 +66,11 @@ def make_provider(model, hamiltonian, device, dtype):
     return MLForceProvider(hamiltonian, device, dtype, checkpoint=None, model=model)
 
 
-def make_integrator(provider, langevin: dict, device, seed: int):
+def make_integrator(provider, langevin: dict, device, seed: int, cuda_graph: bool = False):
     from lattice_lab.dynamics.langevin import LangevinIntegrator, LangevinParams
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    return LangevinIntegrator(provider, LangevinParams(**langevin), generator=gen)
+    return LangevinIntegrator(provider, LangevinParams(**langevin), generator=gen, cuda_graph=cuda_graph)
 
 
 def random_configuration(batch: int, L: int, device, dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +112,14 @@ class _Budget:
 def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.device, dtype: torch.dtype,
                  batch: int = 1, repeats: int = 5, warmup: int = 2, max_seconds: float = 5.0, min_seconds: float = 0.0,
                  max_bytes: float | None = None, langevin: dict | None = None, measure_memory: bool = True,
-                 compile: bool = False, seed: int = 0, statistic: str = "median") -> dict:
+                 compile: bool = False, seed: int = 0, statistic: str = "median", cuda_graph: bool = False) -> dict:
     """Benchmark preset ``name``: returns ``{"preset", "model", "params", "flops_per_site", "rows", ...}``.
 
     ``sizes`` are the scaling sizes (force, step, memory); ``compare_sizes`` (the ED sizes) get the
-    force time only, for the comparison with exact diagonalisation.
+    force time only, for the comparison with exact diagonalisation. ``cuda_graph`` (CUDA only): the
+    force call and the Langevin step are timed as CUDA-graph replays
+    (:mod:`lattice_lab.common.cuda_graph`), as simulate runs them; the eager force call is kept as
+    ``eager_force_s``.
     """
     model, n_params, fps = build_preset(name, hamiltonian, device, dtype)
     provider = make_provider(model, hamiltonian, device, dtype)
@@ -152,7 +156,8 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
             _measure_size(row, provider, compiled, budget, hamiltonian=hamiltonian, device=device, dtype=dtype,
                           batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds, min_seconds=min_seconds,
                           langevin=langevin or {}, measure_memory=measure_memory and role == "scaling",
-                          full=role == "scaling", seed=seed + L, info=info, statistic=statistic)
+                          full=role == "scaling", seed=seed + L, info=info, statistic=statistic,
+                          cuda_graph=cuda_graph)
         except torch.OutOfMemoryError as exc:
             row.update(status="skipped", note=f"out of memory: {str(exc).splitlines()[0]}")
             if device.type == "cuda":
@@ -166,7 +171,8 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
 
 
 def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype, batch, repeats, warmup,
-                  max_seconds, langevin, measure_memory, full, seed, info, statistic="median", min_seconds=0.0):
+                  max_seconds, langevin, measure_memory, full, seed, info, statistic="median", min_seconds=0.0,
+                  cuda_graph=False):
     N, sites = row["N"], row["batch"] * row["N"]
     Q, V = random_configuration(batch, row["L"], device, dtype, seed)
     est_s, _ = budget.estimate(N)
@@ -176,17 +182,30 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
         est_s = probe.median
     r, w = plan_repeats(est_s, max_seconds, repeats, warmup, min_seconds)
     force = time_call(lambda: provider(Q), device, warmup=w - (probe is not None), repeats=r)
+    call, mem_force = provider, None
+    if cuda_graph:  # a replay allocates nothing: its memory is taken while recording (warm-up included)
+        row["eager_force_s"] = getattr(force, statistic)
+        graphed = []
+        if measure_memory:
+            mem_force = peak_memory(lambda: graphed.append(GraphedCall(provider, Q)), device)
+        call = graphed[0] if graphed else GraphedCall(provider, Q)
+        r, w = plan_repeats(row["eager_force_s"], max_seconds, repeats, warmup, min_seconds)
+        force = time_call(lambda: call(Q), device, warmup=w, repeats=r)
+    elif measure_memory:
+        mem_force = peak_memory(lambda: provider(Q), device)
     t_force = getattr(force, statistic)
-    row.update(force_s=t_force, force_s_min=force.min, force_repeats=force.repeats,
+    row.update(force_s=t_force, force_s_min=force.min, force_repeats=force.repeats, cuda_graph=bool(cuda_graph),
                force_s_per_site=t_force / sites, gflops=info["flops_per_site"] * sites / t_force / 1e9)
-    mem_force = peak_memory(lambda: provider(Q), device) if measure_memory else None
     if not full:
         return
     budget.update(N, t_force, mem_force)
     row.update(peak_mem_force_bytes=mem_force,
                mem_per_site_force=mem_force / sites if mem_force is not None else None)
-    integrator = make_integrator(provider, langevin, device, seed)
+    integrator = make_integrator(provider, langevin, device, seed, cuda_graph=cuda_graph)
     state = integrator.init_state(Q.clone(), V.clone())
+    mem_step = None
+    if measure_memory and cuda_graph:  # the first step records the graph: the step's peak memory
+        mem_step = peak_memory(lambda: integrator.step(state, 1), device)
     r, w = plan_repeats(t_force, max_seconds, repeats, warmup, min_seconds)
     step = time_call(lambda: integrator.step(state, 1), device, warmup=w, repeats=r)
     t_step = getattr(step, statistic)
@@ -194,7 +213,8 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
                step_s_per_site=t_step / sites, site_steps_per_s=sites / t_step,
                langevin_overhead=t_step / t_force - 1.0)
     if measure_memory:
-        mem_step = peak_memory(lambda: integrator.step(state, 1), device)
+        if not cuda_graph:
+            mem_step = peak_memory(lambda: integrator.step(state, 1), device)
         row.update(peak_mem_step_bytes=mem_step,
                    mem_per_site_step=mem_step / sites if mem_step is not None else None)
         budget.update(N, t_force, max(mem_force or 0, mem_step or 0) or None)

@@ -20,7 +20,7 @@ CSV_COLUMNS = (
     "force_s", "force_s_min", "force_repeats", "force_s_per_site", "gflops", "ceiling_fraction",
     "step_s", "step_s_min", "step_repeats", "step_s_per_site", "site_steps_per_s", "langevin_overhead",
     "peak_mem_force_bytes", "mem_per_site_force", "peak_mem_step_bytes", "mem_per_site_step",
-    "compiled_force_s", "compiled_speedup", "ed_force_s", "ed_eigh_s", "ed_force_s_per_site",
+    "compiled_force_s", "compiled_speedup", "cuda_graph", "eager_force_s", "ed_force_s", "ed_eigh_s", "ed_force_s_per_site",
 )
 
 
@@ -55,7 +55,8 @@ def model_table(model_rows: list[dict]) -> str:
                      _fmt(r.get("site_steps_per_s"), ".3e"), _fmt(r.get("gflops")),
                      _fmt(100 * r["ceiling_fraction"], ".1f") if r.get("ceiling_fraction") is not None else "-",
                      _fmt(100 * r["langevin_overhead"], "+.1f") + "%" if r.get("langevin_overhead") is not None else "-",
-                     _fmt(r.get("mem_per_site_step"), ".0f"), ""])
+                     _fmt(r.get("mem_per_site_step"), ".0f"),
+                     f"CUDA graph; eager {_fmt(1e3 * r['eager_force_s'])} ms" if r.get("cuda_graph") else ""])
     return table(headers, rows)
 
 

@@ -25,10 +25,12 @@ from lattice_lab.bench import models as bench_models
 from lattice_lab.bench import report, summary
 from lattice_lab.bench.ceiling import matmul_ceiling
 from lattice_lab.bench.timing import memory_method
+from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
 from lattice_lab.common.seeding import seed_everything
+from lattice_lab.common.switch import check_switch
 from lattice_lab.common.threads import shutdown_pool
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.get("min_seconds_per_measurement") is not None:
         min_seconds = _positive(cfg, "min_seconds_per_measurement", allow_zero=True)
     statistic = str(cfg.get("statistic", "median"))
+    graphs = wanted(check_switch(cfg.get("cuda_graph", "auto"), "cuda_graph"), device)
     if statistic not in ("median", "min"):
         raise ConfigError(f"statistic={statistic!r}: expected 'median' or 'min'")
     targets = OmegaConf.to_container(cfg.targets, resolve=True)
@@ -155,7 +158,7 @@ def run(cfg: DictConfig) -> dict:
                 name, sizes=sizes, compare_sizes=compare_sizes, hamiltonian=hamiltonian, device=device,
                 dtype=dtype, batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
                 min_seconds=min_seconds, max_bytes=max_bytes, langevin=langevin, measure_memory=bool(cfg.get("measure_memory", True)),
-                compile=bool(cfg.get("compile", False)), seed=seed, statistic=statistic)
+                compile=bool(cfg.get("compile", False)), seed=seed, statistic=statistic, cuda_graph=graphs)
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - one broken model must not stop the benchmark

@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
 from lattice_lab.common.errors import ConfigError, SimulationDiverged
 from lattice_lab.common.io import atomic_torch_save, atomic_write_text
 from lattice_lab.common.progress import progress
+from lattice_lab.common.switch import check_switch
 from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
 from lattice_lab.dynamics.initial import random_hot_start
 from lattice_lab.dynamics.langevin import LangevinIntegrator, LangevinParams, LangevinState
@@ -150,6 +152,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     """
 
     dyn = validate_dynamics(cfg)
+    graph_setting = check_switch(_get(cfg, "cuda_graph", "auto"), "cuda_graph")
     L, R, steps, save_every = dyn["L"], dyn["replicas"], dyn["steps"], dyn["save_every"]
     seed = int(_get(cfg, "seed", 0))
     device = resolve_device(_get(cfg, "device", "auto"))
@@ -189,7 +192,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     lp = LangevinParams(mass=dyn["mass"], gamma=dyn["gamma"], dt=dyn["dt"], temperature=dyn["temperature"])
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    integrator = LangevinIntegrator(provider, lp, generator)
+    integrator = LangevinIntegrator(provider, lp, generator, cuda_graph=_use_cuda_graph(graph_setting, provider, device))
 
     attrs = {**{k: dyn[k] for k in ("dt", "mass", "gamma", "temperature", "init_temperature")},
              **{k: v for k, v in hamiltonian.as_dict().items() if k != "temperature"},
@@ -287,6 +290,12 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     log.info("%s: step %d/%d, %.3g steps/s, %.3g site-steps/s", run_name, result.get("step", -1), steps,
              result.get("steps_per_s", 0.0), result.get("site_steps_per_s", 0.0))
     return result
+
+
+def _use_cuda_graph(setting, provider, device) -> bool:
+    """``cuda_graph``: auto records the steps of ML forces on CUDA (not ED: its eigensolver
+    synchronises with the host; not a torch.compile'd model, which manages its own graphs)."""
+    return wanted(setting, device, auto=provider.source == "ml" and not getattr(provider, "_compiled", False))
 
 
 def _write_run_summary(path: Path, result: dict) -> None:

@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.switch import check_switch
 from lattice_lab.native.build import NativeUnavailable
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -35,9 +36,7 @@ _never_equal = itertools.count()
 
 def check_setting(value, key: str = "model.native_kernel"):
     """``value`` if it is ``"auto"``, ``True`` or ``False``; a ConfigError naming ``key`` otherwise."""
-    if not (value == "auto" or isinstance(value, bool)):
-        raise ConfigError(f"{key}={value!r}: expected auto, true or false")
-    return value
+    return check_switch(value, key)
 
 
 def disabled_by_environment() -> bool:
