@@ -11,10 +11,10 @@ from lattice_lab.dynamics.harmonic import HarmonicForce
 from lattice_lab.physics import ExactForces, HolsteinParams
 
 
-def _run_averages(force, params, R=64, L=8, burn=300, steps=1500, seed=0, dtype=torch.float64):
+def _run_averages(force, params, R=64, L=8, burn=300, steps=1500, seed=0, dtype=torch.float64, native="auto"):
     """Per-replica time averages of m v^2 and Q.(-F) (virial: both equal T per degree of freedom)."""
     gen = torch.Generator().manual_seed(seed)
-    integ = LangevinIntegrator(force, params, generator=gen)
+    integ = LangevinIntegrator(force, params, generator=gen, native=native)
     state = integ.init_state(torch.zeros(R, L, L, dtype=dtype))
     integ.step(state, burn)
     kin = torch.zeros(R, dtype=torch.float64)
@@ -26,11 +26,12 @@ def _run_averages(force, params, R=64, L=8, burn=300, steps=1500, seed=0, dtype=
     return kin / steps, vir / steps
 
 
-@pytest.mark.parametrize("kappa", [0.0, 0.2])
-def test_equipartition_on_harmonic_lattice(kappa):
+@pytest.mark.parametrize("kappa, native", [(0.0, True), (0.2, True), (0.0, False), (0.2, False)])
+def test_equipartition_on_harmonic_lattice(kappa, native):
+    """Both noise sources: the native step's Philox noise and torch's generator."""
     T = 0.7
     params = LangevinParams(mass=1.0, gamma=1.0, dt=0.05, temperature=T)
-    kin, vir = _run_averages(HarmonicForce(k=1.0, kappa=kappa), params)
+    kin, vir = _run_averages(HarmonicForce(k=1.0, kappa=kappa), params, native=native)
     for name, x in (("m v^2", kin), ("virial", vir)):
         mean, err = float(x.mean()), float(x.std() / math.sqrt(len(x)))
         # statistical error (replicas are independent) plus the O(dt^2) discretisation bias (~0.1%)

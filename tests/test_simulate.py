@@ -179,8 +179,10 @@ def test_compile_failure_falls_back_to_eager(gnn_checkpoint, monkeypatch):
 
 
 # -- resume -------------------------------------------------------------------------------------
-def test_resume_is_bit_identical(tmp_path):
-    over = ["force=ed", "dynamics.steps=30", "checkpoint_every_steps=10", "divergence.check_every=1"]
+@pytest.mark.parametrize("native", ["auto", "false"])  # Philox noise of (seed, step), or torch's generator state
+def test_resume_is_bit_identical(tmp_path, native):
+    over = ["force=ed", "dynamics.steps=30", "checkpoint_every_steps=10", "divergence.check_every=1",
+            f"native_integrator={native}"]
     ref = run(make_cfg(tmp_path / "a", *over))
 
     # invocation 1: stop after 13 steps (checkpoint at 10 and 13)
@@ -214,8 +216,11 @@ def test_resume_refuses_other_settings_and_existing_runs(tmp_path):
         run(make_cfg(tmp_path, "force=ed"))
     with pytest.raises(ConfigError, match="dynamics"):
         run(make_cfg(tmp_path, "force=ed", "resume=true", "dynamics.gamma=0.3"))
+    with pytest.raises(ConfigError, match=r"philox generator, this run would use torch.*native_integrator"):
+        run(make_cfg(tmp_path, "force=ed", "resume=true", "native_integrator=false"))
     done = run(make_cfg(tmp_path, "force=ed", "resume=true"))
     assert done["completed"] and done["frames"] == 5
+    assert torch.load(done["checkpoint"], weights_only=False)["noise"] == "philox"
 
 
 # -- divergence ---------------------------------------------------------------------------------

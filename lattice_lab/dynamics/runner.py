@@ -153,6 +153,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
 
     dyn = validate_dynamics(cfg)
     graph_setting = check_switch(_get(cfg, "cuda_graph", "auto"), "cuda_graph")
+    native_setting = check_switch(_get(cfg, "native_integrator", "auto"), "native_integrator")
     L, R, steps, save_every = dyn["L"], dyn["replicas"], dyn["steps"], dyn["save_every"]
     seed = int(_get(cfg, "seed", 0))
     device = resolve_device(_get(cfg, "device", "auto"))
@@ -192,7 +193,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     lp = LangevinParams(mass=dyn["mass"], gamma=dyn["gamma"], dt=dyn["dt"], temperature=dyn["temperature"])
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    integrator = LangevinIntegrator(provider, lp, generator, cuda_graph=_use_cuda_graph(graph_setting, provider, device))
+    integrator = LangevinIntegrator(provider, lp, generator, cuda_graph=_use_cuda_graph(graph_setting, provider, device),
+                                    native=native_setting)
 
     attrs = {**{k: dyn[k] for k in ("dt", "mass", "gamma", "temperature", "init_temperature")},
              **{k: v for k, v in hamiltonian.as_dict().items() if k != "temperature"},
@@ -206,15 +208,20 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             if int(checkpoint["state"]["step"]) > steps:
                 raise ConfigError(f"dynamics.steps={steps}: the checkpoint {ck_path} is already at step "
                                   f"{int(checkpoint['state']['step'])}")
+            st = checkpoint["state"]
+            state = LangevinState(Q=st["Q"].to(device, state_dtype), V=st["V"].to(device, state_dtype),
+                                  F=st["F"].to(device, state_dtype), step=int(st["step"]))
+            noise = integrator.noise_source(state)
+            if checkpoint.get("noise", "torch") != noise:  # checked before anything on disk changes
+                raise ConfigError(f"resume=true: {ck_path} drew its bath noise from the "
+                                  f"{checkpoint.get('noise', 'torch')} generator, this run would use {noise} "
+                                  "(native_integrator=false selects torch's generator, true the native Philox step)")
             if traj_path.exists() and not partial_path(traj_path).exists():  # finished run, now extended
                 os.replace(traj_path, partial_path(traj_path))
             writer = TrajectoryWriter.reopen(traj_path, int(checkpoint["n_frames"]))
             stack.callback(writer.close)
             writer.set_attrs(config=config_yaml)
             generator.set_state(checkpoint["generator_state"])
-            st = checkpoint["state"]
-            state = LangevinState(Q=st["Q"].to(device, state_dtype), V=st["V"].to(device, state_dtype),
-                                  F=st["F"].to(device, state_dtype), step=int(st["step"]))
             wall_before = float(checkpoint.get("wall_s", 0.0))
             mlflow_run_id = checkpoint.get("mlflow_run_id")
             log.info("resuming %s at step %d (%d frames)", run_name, state.step, writer.n_frames)
@@ -229,10 +236,11 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             wall_before = 0.0
             mlflow_run_id = None
 
+        noise = integrator.noise_source(state)
         tracker = stack.enter_context(start_run(task="simulate", cfg=cfg, run_name=run_name, tags=tags,
                                                 run_id=mlflow_run_id))
         tracker.log_params(cfg)
-        ck = _Checkpointer(ck_path, writer, generator, cfg, fingerprint, tracker)
+        ck = _Checkpointer(ck_path, writer, generator, cfg, fingerprint, tracker, noise)
         _check_state(state, q_limit, ck)
         if checkpoint is None:
             writer.append(0, 0.0, state.Q, provider.density(state.Q, state.F))
@@ -360,8 +368,8 @@ class _Checkpointer:
     """Atomic checkpoints of the dynamics state, consistent with the frames already on disk."""
 
     def __init__(self, path: Path, writer: TrajectoryWriter, generator: torch.Generator, cfg, fingerprint,
-                 tracker):
-        self.path, self.writer, self.generator = path, writer, generator
+                 tracker, noise: str):
+        self.path, self.writer, self.generator, self.noise = path, writer, generator, noise
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.fingerprint = fingerprint
         self.tracker = tracker
@@ -375,6 +383,7 @@ class _Checkpointer:
             "state": {"Q": state.Q.detach().cpu(), "V": state.V.detach().cpu(), "F": state.F.detach().cpu(),
                       "step": int(state.step)},
             "generator_state": self.generator.get_state(),
+            "noise": self.noise,  # bath noise source: "philox" (native CPU step) or "torch" (the generator)
             "n_frames": self.writer.n_frames,
             "config": self.config,
             "fingerprint": self.fingerprint,

@@ -51,14 +51,15 @@ def applicable(setting, Q: torch.Tensor, *, grad_free: bool = True) -> bool:
                 or (grad_free and torch.is_grad_enabled()) or disabled_by_environment())
 
 
-def build_or_fallback(setting, what: str, build: Callable[[], T]) -> T | NativeUnavailable:
+def build_or_fallback(setting, what: str, build: Callable[[], T], key: str = "model.native_kernel"
+                      ) -> T | NativeUnavailable:
     """``build()``; when it raises :class:`NativeUnavailable`: a ConfigError for ``setting=True``,
     otherwise a warning and the exception itself (cache it: the caller then keeps its torch path)."""
     try:
         return build()
     except NativeUnavailable as exc:
         if setting is True:
-            raise ConfigError(f"model.native_kernel=true but the {what} kernel is unavailable: {exc}") from None
+            raise ConfigError(f"{key}=true but the {what} kernel is unavailable: {exc}") from None
         warnings.warn(f"{what}: native CPU kernel unavailable, using the torch path ({exc})", stacklevel=3)
         return exc
 

@@ -1,0 +1,122 @@
+"""The native CPU Langevin step (``native/langevin_step.cpp``): Philox noise, fused updates, integration."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.dynamics import LangevinIntegrator, LangevinParams
+from lattice_lab.dynamics.harmonic import HarmonicForce
+from lattice_lab.native import langevin as native
+
+# Random123's published known answers for Philox4x32-10 (its tests/kat_vectors)
+KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+       ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+       ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+
+
+@pytest.mark.parametrize("counter, key, expected", KAT)
+def test_philox_known_answers(counter, key, expected):
+    assert native.philox4x32_10(counter, key) == expected
+
+
+def test_noise_is_standard_normal_and_independent():
+    z = native.normal((1 << 20,), seed=7, step=3, dtype=torch.float64).numpy()
+    n = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24 / n) and abs(stats.skew(z)) < 5 * math.sqrt(6 / n)
+    assert stats.kstest(z[:200_000], "norm").pvalue > 1e-3
+    assert abs((np.abs(z) > 3).mean() - 2 * stats.norm.sf(3)) < 5 * math.sqrt(0.0027 / n)
+    for other in (native.normal((1 << 20,), 7, 4, torch.float64), native.normal((1 << 20,), 8, 3, torch.float64)):
+        assert abs(np.corrcoef(z, other.numpy())[0, 1]) < 5 / math.sqrt(n)
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 5 / math.sqrt(n)  # neighbouring sites
+    assert abs(np.corrcoef(z[:-16], z[16:])[0, 1]) < 5 / math.sqrt(n)  # the words of one counter
+
+
+def test_noise_of_a_site_does_not_depend_on_the_lattice_size_or_dtype():
+    a = native.normal((1000,), 1, 2)
+    b = native.normal((3, 1000), 1, 2)
+    assert torch.equal(a, b[0]) and not torch.equal(b[0], b[1])
+    assert torch.equal(native.normal((1000,), 1, 2, torch.float64), a.double())
+
+
+def test_kick_and_drift_compute_the_update_and_ignore_the_thread_count():
+    gen = torch.Generator().manual_seed(0)
+    V, F, Q = (torch.randn(5, 70, 70, generator=gen, dtype=torch.float64) for _ in range(3))
+    k = native.LangevinKernel(torch.float64)
+    out = []
+    for t in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(t)
+        try:
+            v = V.clone()
+            k.kick(v, F, 0.9, 0.05, 0.3, seed=11, step=5)
+            out.append(v)
+        finally:
+            torch.set_num_threads(old)
+    assert torch.equal(out[0], out[1])
+    expected = 0.9 * V + 0.05 * F + 0.3 * native.normal(V.shape, 11, 5, torch.float64)
+    assert torch.allclose(out[0], expected, atol=1e-14)
+    v, q = V.clone(), Q.clone()
+    k.kick(v, F, 0.9, 0.05, 0.0, seed=11, step=5)  # no bath: no noise
+    assert torch.allclose(v, 0.9 * V + 0.05 * F, atol=1e-15)
+    v = V.clone()
+    k.drift(q, v, F, 0.01, 0.05)
+    assert torch.allclose(v, V + 0.01 * F, atol=1e-15) and torch.allclose(q, Q + 0.05 * (V + 0.01 * F), atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_step_equals_torch_step_without_bath(dtype):
+    """gamma = T = 0: both paths integrate the same deterministic dynamics."""
+    params = LangevinParams(mass=2.0, gamma=0.0, dt=0.05, temperature=0.0)
+    Q0 = torch.randn(2, 9, 9, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    states = []
+    for flag in (True, False):
+        integ = LangevinIntegrator(HarmonicForce(k=1.0, kappa=0.2), params, native=flag)
+        st = integ.init_state(Q0)
+        integ.step(st, 40)
+        states.append((st, integ.noise_source(st)))
+    (a, src_a), (b, src_b) = states
+    assert (src_a, src_b) == ("philox", "torch")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(a.Q, b.Q, atol=tol) and torch.allclose(a.V, b.V, atol=tol)
+
+
+def test_native_noise_follows_seed_and_step_not_threads_or_the_generator_state():
+    params = LangevinParams(temperature=0.1)
+    Q0 = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def run(seed, threads=None, draw_before=False):
+        gen = torch.Generator().manual_seed(seed)
+        if draw_before:
+            torch.randn(5, generator=gen)  # the generator's state does not enter the native noise
+        integ = LangevinIntegrator(HarmonicForce(), params, generator=gen)
+        st = integ.init_state(Q0)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads or old)
+        try:
+            integ.step(st, 10)
+        finally:
+            torch.set_num_threads(old)
+        return st.Q
+
+    ref = run(3)
+    assert torch.equal(ref, run(3, threads=1)) and torch.equal(ref, run(3, draw_before=True))
+    assert not torch.equal(ref, run(4))
+
+
+def test_without_compiler_auto_falls_back_and_true_refuses(no_compiler):
+    Q0 = torch.zeros(1, 6, 6)
+    with pytest.warns(UserWarning, match="Langevin step"):
+        integ = LangevinIntegrator(HarmonicForce(), LangevinParams())
+        assert integ.noise_source(integ.init_state(Q0)) == "torch"
+    integ = LangevinIntegrator(HarmonicForce(), LangevinParams(), native=True)
+    with pytest.raises(ConfigError, match="native_integrator=true"):
+        integ.step(integ.init_state(Q0))
+    with pytest.raises(ConfigError, match="native_integrator='sometimes'"):
+        LangevinIntegrator(HarmonicForce(), LangevinParams(), native="sometimes")
