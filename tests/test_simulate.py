@@ -221,6 +221,7 @@ def test_resume_refuses_other_settings_and_existing_runs(tmp_path):
     done = run(make_cfg(tmp_path, "force=ed", "resume=true"))
     assert done["completed"] and done["frames"] == 5
     assert torch.load(done["checkpoint"], weights_only=False)["noise"] == "philox"
+    assert read_all(done["trajectory"])[1]["noise_source"] == "philox"
 
 
 # -- divergence ---------------------------------------------------------------------------------

@@ -237,9 +237,11 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             mlflow_run_id = None
 
         noise = integrator.noise_source(state)
+        writer.set_attrs(noise_source=noise)
         tracker = stack.enter_context(start_run(task="simulate", cfg=cfg, run_name=run_name, tags=tags,
                                                 run_id=mlflow_run_id))
         tracker.log_params(cfg)
+        tracker.set_tags({"noise_source": noise})
         ck = _Checkpointer(ck_path, writer, generator, cfg, fingerprint, tracker, noise)
         _check_state(state, q_limit, ck)
         if checkpoint is None:
