@@ -147,10 +147,13 @@ class LangevinIntegrator:
         if self._needs_grad:
             with torch.enable_grad():
                 F = self.force_fn(Q)
-        else:
+        elif torch.is_grad_enabled():
             with torch.no_grad():
                 F = self.force_fn(Q)
-        F = F.detach()
+        else:  # inside step(): already without autograd (entering no_grad again costs ~1 us a step)
+            F = self.force_fn(Q)
+        if F.requires_grad:
+            F = F.detach()
         if F.shape != Q.shape:
             raise ConfigError(f"force provider returned shape {tuple(F.shape)} for input {tuple(Q.shape)}")
         if F.dtype != Q.dtype or F.device != Q.device:
@@ -225,8 +228,10 @@ class LangevinIntegrator:
         """The native kernel for this state, or None for the torch path (checked once per state)."""
         if self.native is False or not state.Q.is_cpu:
             return None
-        # Q and V are updated in place; F is replaced every step by the force call (forces() gives it Q's dtype)
-        key = tuple((t.data_ptr(), tuple(t.shape), t.dtype, t.is_contiguous()) for t in (state.Q, state.V))
+        # Q and V are updated in place; F is replaced every step by the force call (forces() gives it
+        # Q's dtype). A tensor's shape, dtype and layout change only with its data pointer or object.
+        Q, V = state.Q, state.V
+        key = (id(Q), id(V), Q.data_ptr(), V.data_ptr(), Q.shape, V.shape, Q.dtype, V.dtype)
         if self._kernel is not None and self._kernel[0] == key:
             return self._kernel[1]
         from lattice_lab.native import langevin as native
