@@ -229,6 +229,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             Q0, V0 = random_hot_start(R, L, hamiltonian, dyn["mass"], dyn["init_temperature"], generator,
                                       dtype=torch.float64, device=device)
             state = integrator.init_state(Q0.to(device, state_dtype), V0.to(device, state_dtype))
+            noise = integrator.noise_source(state)
             writer = TrajectoryWriter(traj_path, L, R, attrs,
                                       compression=str(_get(cfg, "trajectory.compression", "gzip")),
                                       compression_opts=int(_get(cfg, "trajectory.compression_level", 4)))
@@ -236,7 +237,6 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             wall_before = 0.0
             mlflow_run_id = None
 
-        noise = integrator.noise_source(state)
         writer.set_attrs(noise_source=noise)
         tracker = stack.enter_context(start_run(task="simulate", cfg=cfg, run_name=run_name, tags=tags,
                                                 run_id=mlflow_run_id))
