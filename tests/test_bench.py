@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from lattice_lab.bench import run
 from lattice_lab.bench import summary as S
+from lattice_lab.bench.models import combine_rounds
 from lattice_lab.bench.report import CSV_COLUMNS
 from lattice_lab.bench.timing import memory_method, peak_memory, plan_repeats, time_call
 from lattice_lab.common.cli import CONFIG_DIR
@@ -104,7 +105,7 @@ def test_quick_end_to_end(tmp_path, tmp_mlflow):
 @pytest.mark.parametrize("override, key", [
     ("sizes=[1,12]", "sizes"), ("ed_sizes=[5]", "ed_sizes"), ("presets=[nope]", "presets"),
     ("repeats=0", "repeats"), ("device=tpu", "device"), ("dtype=int3", "dtype"), ("statistic=mean", "statistic"),
-    ("cuda_graph=maybe", "cuda_graph"),
+    ("cuda_graph=maybe", "cuda_graph"), ("rounds=0", "rounds"),
 ])
 def test_bad_config_names_the_key(tmp_path, override, key):
     cfg = _cfg("bench_preset=quick", f"output_dir={tmp_path}", override)
@@ -178,3 +179,36 @@ def test_timing_and_memory_helpers():
         assert peak is None
     else:
         assert 38e6 <= peak <= 60e6
+
+
+def test_combine_rounds_takes_the_median_of_the_rounds():
+    row = {"N": 100, "batch": 2, "force_s": 1.0, "force_s_min": 0.9, "step_s": 1.2, "step_s_min": 1.1}
+    rounds = [dict(row), {"force_s": 4.0, "force_s_min": 3.0, "step_s": 4.4, "step_s_min": 0.8},
+              {"force_s": 2.0, "force_s_min": 1.5, "step_s": 2.1, "step_s_min": 2.0}]
+    combine_rounds(row, rounds, flops_per_site=1e6)
+    assert row["rounds"] == 3 and row["force_s_rounds"] == [1.0, 4.0, 2.0] and row["step_s_rounds"] == [1.2, 4.4, 2.1]
+    assert row["force_s"] == 2.0 and row["step_s"] == 2.1  # a burst in one round (4.0) does not count
+    assert row["force_s_min"] == 0.9 and row["step_s_min"] == 0.8
+    assert math.isclose(row["force_s_per_site"], 2.0 / 200) and math.isclose(row["gflops"], 1e6 * 200 / 2.0 / 1e9)
+    assert math.isclose(row["langevin_overhead"], 2.1 / 2.0 - 1) and math.isclose(row["site_steps_per_s"], 200 / 2.1)
+    single = {"N": 4, "batch": 1, "force_s": 1.0}
+    combine_rounds(single, [dict(single)], flops_per_site=1.0)
+    assert single == {"N": 4, "batch": 1, "force_s": 1.0, "rounds": 1}
+
+
+def test_rounds_time_every_size_again(tmp_path):
+    out = tmp_path / "bench"
+    cfg = _cfg("bench_preset=quick", f"output_dir={out}", "threads=1", "presets=[gnn_small]", "rounds=2",
+               "ed_sizes=[]", "measure_memory=false")
+    run(cfg)
+    data = json.loads((out / "bench.json").read_text())
+    assert data["rounds"] == 2
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert [r["L"] for r in ok] == [10, 12]  # L = 8 is skipped (receptive field), and not timed again
+    for r in ok:
+        assert r["rounds"] == 2 and len(r["force_s_rounds"]) == 2 and len(r["step_s_rounds"]) == 2
+        assert r["force_s"] == pytest.approx(sum(r["force_s_rounds"]) / 2)  # the median of two
+        assert math.isclose(r["langevin_overhead"], r["step_s"] / r["force_s"] - 1)
+    assert "median of 2 rounds" in (out / "bench.txt").read_text()
+    with open(out / "bench.csv") as fh:
+        assert {row["rounds"] for row in csv.DictReader(fh) if row["status"] == "ok"} == {"2"}

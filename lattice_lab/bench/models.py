@@ -11,6 +11,7 @@ estimated from the largest size already measured (cost is linear in N for a loca
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -112,14 +113,17 @@ class _Budget:
 def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.device, dtype: torch.dtype,
                  batch: int = 1, repeats: int = 5, warmup: int = 2, max_seconds: float = 5.0, min_seconds: float = 0.0,
                  max_bytes: float | None = None, langevin: dict | None = None, measure_memory: bool = True,
-                 compile: bool = False, seed: int = 0, statistic: str = "median", cuda_graph: bool = False) -> dict:
+                 compile: bool = False, seed: int = 0, statistic: str = "median", cuda_graph: bool = False,
+                 rounds: int = 1) -> dict:
     """Benchmark preset ``name``: returns ``{"preset", "model", "params", "flops_per_site", "rows", ...}``.
 
     ``sizes`` are the scaling sizes (force, step, memory); ``compare_sizes`` (the ED sizes) get the
     force time only, for the comparison with exact diagonalisation. ``cuda_graph`` (CUDA only): the
     force call and the Langevin step are timed as CUDA-graph replays
     (:mod:`lattice_lab.common.cuda_graph`), as simulate runs them; the eager force call is kept as
-    ``eager_force_s``.
+    ``eager_force_s``. ``rounds`` > 1: the force call and the step are timed again at every measured
+    size in ``rounds - 1`` further sweeps over the sizes, and each time is the median of the rounds
+    (:func:`combine_rounds`): a burst of a shared machine's load then cannot fall on one size only.
     """
     model, n_params, fps = build_preset(name, hamiltonian, device, dtype)
     provider = make_provider(model, hamiltonian, device, dtype)
@@ -166,8 +170,47 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
             if "memory" not in str(exc).lower():
                 raise
             row.update(status="skipped", note=f"out of memory: {str(exc).splitlines()[0]}")
+    measured = [r for r in rows if r["status"] == "ok"]
+    samples = {id(r): [dict(r)] for r in measured}
+    for k in range(1, rounds):
+        for row in progress(measured, desc=f"bench {name} round {k + 1}/{rounds}", unit="size"):
+            again = {"L": row["L"], "N": row["N"], "batch": batch}
+            _measure_size(again, provider, None, _Budget(max_seconds, max_bytes), hamiltonian=hamiltonian,
+                          device=device, dtype=dtype, batch=batch, repeats=repeats, warmup=warmup,
+                          max_seconds=max_seconds, min_seconds=min_seconds, langevin=langevin or {},
+                          measure_memory=False, full=row["set"] == "scaling", seed=seed + row["L"], info=info,
+                          statistic=statistic, cuda_graph=cuda_graph)
+            samples[id(row)].append(again)
+    for row in measured:
+        combine_rounds(row, samples[id(row)], info["flops_per_site"])
     info["rows"] = rows
     return info
+
+
+ROUND_KEYS = ("force_s", "eager_force_s", "step_s")  # the times a round measures
+
+
+def combine_rounds(row: dict, rounds: list[dict], flops_per_site: float) -> None:
+    """Set ``row``'s times to the median over ``rounds`` (one dict per sweep over the sizes, the first
+    is the row as measured), keep every round's value as ``<key>_rounds``, and recompute what follows
+    from the times (per site, GFLOP/s, site-steps/s, Langevin overhead)."""
+    row["rounds"] = len(rounds)
+    if len(rounds) == 1:
+        return
+    for key in ROUND_KEYS:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        if values:
+            row[f"{key}_rounds"] = values
+            row[key] = statistics.median(values)
+    for key in ("force_s_min", "step_s_min"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        if values:
+            row[key] = min(values)
+    sites = row["batch"] * row["N"]
+    row.update(force_s_per_site=row["force_s"] / sites, gflops=flops_per_site * sites / row["force_s"] / 1e9)
+    if row.get("step_s") is not None:
+        row.update(step_s_per_site=row["step_s"] / sites, site_steps_per_s=sites / row["step_s"],
+                   langevin_overhead=row["step_s"] / row["force_s"] - 1.0)
 
 
 def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype, batch, repeats, warmup,

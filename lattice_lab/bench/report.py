@@ -20,7 +20,7 @@ CSV_COLUMNS = (
     "force_s", "force_s_min", "force_repeats", "force_s_per_site", "gflops", "ceiling_fraction",
     "step_s", "step_s_min", "step_repeats", "step_s_per_site", "site_steps_per_s", "langevin_overhead",
     "peak_mem_force_bytes", "mem_per_site_force", "peak_mem_step_bytes", "mem_per_site_step",
-    "compiled_force_s", "compiled_speedup", "cuda_graph", "eager_force_s", "ed_force_s", "ed_eigh_s", "ed_force_s_per_site",
+    "compiled_force_s", "compiled_speedup", "cuda_graph", "eager_force_s", "rounds", "ed_force_s", "ed_eigh_s", "ed_force_s_per_site",
 )
 
 

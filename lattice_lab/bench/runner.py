@@ -126,6 +126,7 @@ def run(cfg: DictConfig) -> dict:
     repeats = int(_positive(cfg, "repeats", int))
     warmup = int(_positive(cfg, "warmup", int, allow_zero=True))
     batch = int(_positive(cfg, "batch", int))
+    rounds = int(_positive(cfg, "rounds", int)) if cfg.get("rounds") is not None else 1
     max_seconds = _positive(cfg, "max_seconds_per_measurement")
     min_seconds = 0.0
     if cfg.get("min_seconds_per_measurement") is not None:
@@ -158,7 +159,8 @@ def run(cfg: DictConfig) -> dict:
                 name, sizes=sizes, compare_sizes=compare_sizes, hamiltonian=hamiltonian, device=device,
                 dtype=dtype, batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
                 min_seconds=min_seconds, max_bytes=max_bytes, langevin=langevin, measure_memory=bool(cfg.get("measure_memory", True)),
-                compile=bool(cfg.get("compile", False)), seed=seed, statistic=statistic, cuda_graph=graphs)
+                compile=bool(cfg.get("compile", False)), seed=seed, statistic=statistic, cuda_graph=graphs,
+                rounds=rounds)
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - one broken model must not stop the benchmark
@@ -207,7 +209,7 @@ def run(cfg: DictConfig) -> dict:
     model_rows = [r for i in infos for r in i["rows"]]
     result = {
         "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine,
-        "dtype": ceiling_key, "batch": batch, "statistic": statistic, "ceiling": ceilings, "ceiling_gflops": ceiling_gflops,
+        "dtype": ceiling_key, "batch": batch, "statistic": statistic, "rounds": rounds, "ceiling": ceilings, "ceiling_gflops": ceiling_gflops,
         "models": [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries],
         "rows": model_rows, "ed": ed_rows, "ed_comparison": comparison, "memory_target": memory,
         "targets": checks, "profiles": profiles, "seconds": None, "config": OmegaConf.to_container(cfg, resolve=True),
@@ -215,7 +217,8 @@ def run(cfg: DictConfig) -> dict:
     L_ed, min_L = int(targets["ed_compare_L"]), int(cfg.get("scaling_min_L", 64))
     a_ed = report._fmt(comparison["ed_a_seconds_per_N3"])
     text = "\n\n".join([
-        f"== models (force evaluation and full Langevin step, batch {batch}, {ceiling_key}) ==\n"
+        f"== models (force evaluation and full Langevin step, batch {batch}, {ceiling_key}, {statistic} of the "
+        f"repeats{f', median of {rounds} rounds' if rounds > 1 else ''}) ==\n"
         + report.model_table(model_rows),
         f"== summary (ceiling {ceiling_gflops:.1f} GFLOP/s {ceiling_key}, {machine['threads']} threads) ==\n"
         + report.summary_table(summaries, comparison, L_ed, min_L),
