@@ -212,3 +212,21 @@ def test_rounds_time_every_size_again(tmp_path):
     assert "median of 2 rounds" in (out / "bench.txt").read_text()
     with open(out / "bench.csv") as fh:
         assert {row["rounds"] for row in csv.DictReader(fh) if row["status"] == "ok"} == {"2"}
+
+
+def test_a_later_round_out_of_memory_keeps_the_first(tmp_path, monkeypatch):
+    import lattice_lab.bench.models as M
+
+    measure = M._measure_size
+
+    def failing_later(row, *args, measure_memory, **kw):
+        if "status" not in row:  # a later round's measurement (its row is a fresh dict)
+            raise RuntimeError("out of memory (simulated)")
+        return measure(row, *args, measure_memory=measure_memory, **kw)
+
+    monkeypatch.setattr(M, "_measure_size", failing_later)
+    out = tmp_path / "bench"
+    run(_cfg("bench_preset=quick", f"output_dir={out}", "threads=1", "presets=[mlp_small]", "rounds=3",
+             "ed_sizes=[]", "measure_memory=false"))
+    rows = [r for r in json.loads((out / "bench.json").read_text())["rows"] if r["status"] == "ok"]
+    assert rows and all(r["rounds"] == 1 and r["force_s"] > 0 and "out of memory" in r["note"] for r in rows)

@@ -175,11 +175,19 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
     for k in range(1, rounds):
         for row in progress(measured, desc=f"bench {name} round {k + 1}/{rounds}", unit="size"):
             again = {"L": row["L"], "N": row["N"], "batch": batch}
-            _measure_size(again, provider, None, _Budget(max_seconds, max_bytes), hamiltonian=hamiltonian,
-                          device=device, dtype=dtype, batch=batch, repeats=repeats, warmup=warmup,
-                          max_seconds=max_seconds, min_seconds=min_seconds, langevin=langevin or {},
-                          measure_memory=False, full=row["set"] == "scaling", seed=seed + row["L"], info=info,
-                          statistic=statistic, cuda_graph=cuda_graph)
+            try:
+                _measure_size(again, provider, None, _Budget(max_seconds, max_bytes), hamiltonian=hamiltonian,
+                              device=device, dtype=dtype, batch=batch, repeats=repeats, warmup=warmup,
+                              max_seconds=max_seconds, min_seconds=min_seconds, langevin=langevin or {},
+                              measure_memory=False, full=row["set"] == "scaling", seed=seed + row["L"], info=info,
+                              statistic=statistic, cuda_graph=cuda_graph)
+            except RuntimeError as exc:  # out of memory (torch.OutOfMemoryError included) in a later round:
+                if "memory" not in str(exc).lower():  # the size keeps the rounds it has
+                    raise
+                row["note"] = f"round {k + 1}: out of memory"
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             samples[id(row)].append(again)
     for row in measured:
         combine_rounds(row, samples[id(row)], info["flops_per_site"])
