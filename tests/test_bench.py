@@ -138,6 +138,27 @@ def test_power_fit_crossover_and_interpolation():
     assert math.isclose(S.speedup_at(cmp_, "m", 40)["speedup"], a * 1600 ** 3 / t40, rel_tol=1e-12)
 
 
+def test_affine_fit_separates_the_fixed_cost_per_call():
+    t0, b = 4.8e-6, 13.7e-9  # a fixed cost per call plus a constant per-site rate
+    rows = [{"status": "ok", "set": "scaling", "L": L, "N": L * L, "batch": 2, "force_s": t0 + b * 2 * L * L,
+             "force_s_per_site": (t0 + b * 2 * L * L) / (2 * L * L)} for L in (32, 64, 128, 512)]
+    s = S.summarize_model({"preset": "m", "model": "M", "params": 1, "flops_per_site": 1e3,
+                           "conservative": False, "rows": rows}, ceiling_gflops=None)
+    assert math.isclose(s["fixed_s_per_call"], t0, rel_tol=1e-9)
+    assert math.isclose(s["site_s_affine"], b, rel_tol=1e-9)  # per site of the whole batch
+    assert s["affine_max_rel_residual"] < 1e-9
+    assert math.isclose(s["fixed_fraction_smallest"], t0 / rows[0]["force_s"], rel_tol=1e-9)
+    # a super-linear cost is not absorbed: the residual shows it
+    bad = S.affine_fit([L * L for L in (32, 64, 128, 512)], [1e-9 * (L * L) ** 1.5 for L in (32, 64, 128, 512)])
+    assert bad["max_rel_residual"] > 0.3
+    assert S.affine_fit([1024, 1024], [1.0, 1.1]) is None  # one distinct size: no fit
+    targets = {"scaling_tolerance": 0.25, "enn_ceiling_fraction": 0.25, "gnn_ceiling_fraction": 0.6,
+               "large_L": 128, "langevin_overhead": 0.1, "ed_compare_L": 40, "enn_ed_speedup": 50,
+               "memory_preset": "enn", "memory_L": 200, "enn_memory_gb": 1.0}
+    detail = S.evaluate_targets([s], {"models": {}}, None, targets, "cpu")[0]["detail"]
+    assert "t0 = 4.8 us per call" in detail and "b = 13.7 ns/site" in detail
+
+
 def test_targets_pass_and_fail():
     def summ(preset, frac, overhead, ratio):
         return {"preset": preset, "scaling_ratio_all": ratio, "sizes_measured": [32, 128],

@@ -61,7 +61,7 @@ def model_table(model_rows: list[dict]) -> str:
 
 
 def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_min_L: int) -> str:
-    headers = ["preset", "params", "MFLOP/site", "scale(all)", f"scale(L>={scaling_min_L})", "%ceil(large)",
+    headers = ["preset", "params", "MFLOP/site", "scale(all)", f"scale(L>={scaling_min_L})", "fixed us/call", "%ceil(large)",
                "overhead", "ED crossover L", f"speed-up@{L_ed}", "note"]
     rows = []
     for s in summaries:
@@ -72,6 +72,7 @@ def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_mi
         rows.append([s["preset"], f"{s['params']:,}" if s.get("params") is not None else "-",
                      _fmt(s["flops_per_site"] / 1e6 if s.get("flops_per_site") is not None else None),
                      _fmt(s.get("scaling_ratio_all"), ".3f"), _fmt(s.get(f"scaling_ratio_ge{scaling_min_L}"), ".3f"),
+                     _fmt(1e6 * s["fixed_s_per_call"] if s.get("fixed_s_per_call") is not None else None),
                      _fmt(100 * frac, ".1f") if frac is not None else "-",
                      _fmt(100 * ov, "+.1f") + "%" if ov is not None else "-",
                      _fmt(cmp_.get("crossover_L"), ".3g"),
