@@ -391,3 +391,19 @@ def test_select_frames_and_compare_trajectories(tmp_path):
     diff = compare_trajectories(ed, shifted, [200, 1000], {"tracking": {"enabled": False}, "device": "cpu"})
     assert diff["max_abs_z"] > 8
     assert [s["step_b"] for s in diff["steps"]] == [200, 1000]
+
+
+def test_compare_pairs_frames_by_requested_step_when_save_grids_differ(tmp_path):
+    """A coarser save grid in one run maps two requested steps onto one frame; the comparison must
+    still pair each requested step with the nearest frame of *both* runs, never step 1000 with 9000."""
+    rng = np.random.default_rng(11)
+    Q_fine, n_fine = coarsening_frames(rng, 4, 8, [0, 200, 1000, 9000])
+    (tmp_path / "fine").mkdir()
+    (tmp_path / "coarse").mkdir()
+    fine = write_trajectory(tmp_path / "fine" / "trajectory.h5", Q_fine, n_fine, [0, 200, 1000, 9000],
+                            force_source="ed")
+    coarse = write_trajectory(tmp_path / "coarse" / "trajectory.h5", Q_fine[[0, 3]], n_fine[[0, 3]], [0, 9000])
+    res = compare_trajectories(fine, coarse, [200, 1000, 9000], {"tracking": {"enabled": False}, "device": "cpu"})
+    pairs = [(s["requested"], s["step_a"], s["step_b"]) for s in res["steps"]]
+    assert pairs == [(200, 200, 0), (1000, 1000, 0), (9000, 9000, 9000)]
+    assert res["steps"][-1]["max_abs_z"] == 0.0  # the same frame on both sides

@@ -26,11 +26,13 @@ def _run_averages(force, params, R=64, L=8, burn=300, steps=1500, seed=0, dtype=
     return kin / steps, vir / steps
 
 
-@pytest.mark.parametrize("kappa, native", [(0.0, True), (0.2, True), (0.0, False), (0.2, False)])
-def test_equipartition_on_harmonic_lattice(kappa, native):
-    """Both noise sources: the native step's Philox noise and torch's generator."""
+@pytest.mark.parametrize("kappa, native, mass", [(0.0, True, 1.0), (0.2, True, 1.0), (0.0, False, 1.0),
+                                                 (0.2, False, 1.0), (0.0, True, 5.0), (0.0, False, 5.0)])
+def test_equipartition_on_harmonic_lattice(kappa, native, mass):
+    """Both noise sources: the native step's Philox noise and torch's generator. With the papers'
+    m = 5 too: at m = 1 a noise amplitude without its 1/m (or with m instead) would go unnoticed."""
     T = 0.7
-    params = LangevinParams(mass=1.0, gamma=1.0, dt=0.05, temperature=T)
+    params = LangevinParams(mass=mass, gamma=1.0, dt=0.05, temperature=T)
     kin, vir = _run_averages(HarmonicForce(k=1.0, kappa=kappa), params, native=native)
     for name, x in (("m v^2", kin), ("virial", vir)):
         mean, err = float(x.mean()), float(x.std() / math.sqrt(len(x)))

@@ -118,11 +118,15 @@ def test_product_table_matches_design():
     for a in one_d:
         assert product_decomposition(a, "E") == ["E"]
     assert product_decomposition("E", "E") == ["A1", "A2", "B1", "B2"]
-    # E x E in the (x, y) basis: A1 ~ x1y1 + x2y2, A2 ~ x1y2 - x2y1 (up to the overall sign fixed
-    # by the projector construction)
+    # E x E in the (x, y) basis (DESIGN.md section 4), each up to the overall sign fixed by the
+    # projector construction: A1 ~ x1y1 + x2y2, A2 ~ x1y2 - x2y1, B1 ~ x1y1 - x2y2, B2 ~ x1y2 + x2y1.
+    # Relative signs matter: abs() alone cannot tell A1 from B1, or A2 from B2.
     C = clebsch_gordan("E", "E")
-    np.testing.assert_allclose(np.abs(C["A1"][0]), np.eye(2) / math.sqrt(2), atol=1e-15)
-    assert C["A2"][0, 0, 1] == -C["A2"][0, 1, 0] != 0
+    forms = {"A1": [[1, 0], [0, 1]], "A2": [[0, 1], [-1, 0]], "B1": [[1, 0], [0, -1]], "B2": [[0, 1], [1, 0]]}
+    for out, form in forms.items():
+        ref = np.array(form, dtype=np.float64) / math.sqrt(2)
+        sign = np.sign(np.sum(C[out][0] * ref))
+        np.testing.assert_allclose(C[out][0], sign * ref, atol=1e-15, err_msg=out)
 
 
 def test_adapted_basis_rejects_non_orthogonal():

@@ -119,11 +119,12 @@ def open_trajectory(path):
     return traj
 
 
-def select_frames(saved_steps, requested, warn: bool = True) -> list[dict]:
+def select_frames(saved_steps, requested, warn: bool = True, unique: bool = True) -> list[dict]:
     """Nearest saved frame for each requested step: dicts ``requested, step, index, exact``.
 
     A request that is not saved uses the nearest saved step (ties: the earlier one; logged as a
-    warning); duplicates (two requests landing on the same frame) are kept once.
+    warning); duplicates (two requests landing on the same frame) are kept once, unless ``unique``
+    is false (then the list has one entry per request, in order: two runs can be paired by it).
     """
     saved = np.asarray(saved_steps, dtype=np.int64)
     out, seen = [], set()
@@ -134,7 +135,7 @@ def select_frames(saved_steps, requested, warn: bool = True) -> list[dict]:
         exact = int(saved[i]) == int(req)
         if not exact and warn:
             log.warning("requested step %d is not saved; using the nearest saved step %d", int(req), int(saved[i]))
-        if i in seen:
+        if unique and i in seen:
             continue
         seen.add(i)
         out.append({"requested": int(req), "step": int(saved[i]), "index": i, "exact": exact})
@@ -443,7 +444,7 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
 # --------------------------------------------------------------------------------------------
 def _replica_correlations(path, requested, bins_cfg, device) -> tuple[dict, list, dict, np.ndarray]:
     with open_trajectory(path) as traj:
-        sel = select_frames(traj.step, requested)
+        sel = select_frames(traj.step, requested, unique=False)  # one entry per request: paired by it
         bins = distance_bins(traj.L, bins_cfg.get("r_max"), bins_cfg.get("binning", "exact"))
         curves = {s["index"]: correlation_t(as_field(traj.Q[s["index"]], device), bins).cpu().numpy() for s in sel}
         return curves, sel, dict(traj.attrs, L=traj.L, R=traj.R, _time=traj.time.copy()), bins.r
@@ -473,12 +474,16 @@ def compare_trajectories(ed_path, ml_path, steps=None, cfg=None, out_dir=None) -
         names = (f"{names[0]} (1)", f"{names[1]} (2)")
     out = Path(out_dir or c.get("out_dir") or Path(ml_path).parent / "analysis" / "compare")
     per_step, rows, result_steps = {}, {k: [] for k in ("step", "r", "C_a", "C_a_sem", "C_b", "C_b_sem", "z")}, []
-    for s_a, s_b in zip(sa, sb):
+    seen = set()
+    for s_a, s_b in zip(sa, sb):  # the same requested step on both sides
+        if (s_a["index"], s_b["index"]) in seen:
+            continue
+        seen.add((s_a["index"], s_b["index"]))
         if s_a["step"] != s_b["step"]:
             log.warning("step %d: nearest saved frames differ (%d in %s, %d in %s)", s_a["requested"], s_a["step"],
                         ed_path, s_b["step"], ml_path)
         res = compare_curves(ca[s_a["index"]], cb[s_b["index"]])
-        per_step[s_a["step"]] = res
+        per_step[s_a["step"] if s_a["step"] == s_b["step"] else f"{s_a['step']}/{s_b['step']}"] = res
         result_steps.append({"requested": s_a["requested"], "step_a": s_a["step"], "step_b": s_b["step"],
                              "max_abs_z": res["max_abs_z"], "chi2": res["chi2"], "dof": res["dof"],
                              "frac_abs_z_gt_2": res["frac_abs_z_gt_2"]})
