@@ -224,6 +224,17 @@ def test_resume_refuses_other_settings_and_existing_runs(tmp_path):
     assert read_all(done["trajectory"])[1]["noise_source"] == "philox"
 
 
+def test_resume_without_checkpoint_keeps_an_existing_trajectory(tmp_path):
+    done = run(make_cfg(tmp_path, "force=ed", "dynamics.steps=5", "run_name=kept"))
+    (tmp_path / "kept" / "checkpoint.pt").unlink()
+    before = read_all(done["trajectory"])[0]
+    with pytest.raises(ConfigError, match=r"resume=true: .*checkpoint.pt is missing.*overwrite=true"):
+        run(make_cfg(tmp_path, "force=ed", "dynamics.steps=5", "run_name=kept", "resume=true", "seed=4"))
+    after = read_all(done["trajectory"])[0]
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+
+
 # -- divergence ---------------------------------------------------------------------------------
 def test_divergence_stops_with_last_good_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "dynamics.steps=200", "checkpoint_every_steps=5", "divergence.check_every=1",

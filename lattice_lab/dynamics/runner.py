@@ -180,8 +180,11 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     if resume and ck_path.exists():
         checkpoint = torch.load(ck_path, map_location="cpu", weights_only=False)
         _check_resumable(checkpoint, fingerprint, ck_path)
-    elif resume:
+    elif resume and not (traj_path.exists() or partial_path(traj_path).exists()):
         log.warning("resume=true but %s does not exist: starting a new run", ck_path)
+    elif resume and not bool(_get(cfg, "overwrite", False)):
+        raise ConfigError(f"resume=true: {ck_path} is missing but {run_dir} holds a trajectory; a new run would "
+                          f"replace it: pass overwrite=true to do that, or choose another run_name")
     elif ck_path.exists() or traj_path.exists() or partial_path(traj_path).exists():
         if not bool(_get(cfg, "overwrite", False)):
             raise ConfigError(f"run_name={run_name!r}: {run_dir} already holds a run; pass resume=true to "
