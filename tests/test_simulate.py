@@ -235,6 +235,14 @@ def test_resume_without_checkpoint_keeps_an_existing_trajectory(tmp_path):
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
 
 
+def test_resume_from_a_corrupted_checkpoint_is_a_config_error(tmp_path):
+    run(make_cfg(tmp_path, "force=ed", "stop_after_steps=5", "run_name=cut"))
+    ck = tmp_path / "cut" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=r"resume=true: checkpoint='.*checkpoint.pt': not a readable torch file"):
+        run(make_cfg(tmp_path, "force=ed", "resume=true", "run_name=cut"))
+
+
 # -- divergence ---------------------------------------------------------------------------------
 def test_divergence_stops_with_last_good_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "dynamics.steps=200", "checkpoint_every_steps=5", "divergence.check_every=1",

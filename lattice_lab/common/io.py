@@ -40,6 +40,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def load_torch_file(path: str | os.PathLike, key: str = "checkpoint"):
+    """``torch.load`` a file we wrote (on CPU); an unreadable, truncated or foreign file raises
+    :class:`~lattice_lab.common.errors.ConfigError` naming ``key`` and the path."""
+    import torch
+
+    from lattice_lab.common.errors import ConfigError
+
+    try:
+        # weights_only=False: our files hold RNG states (numpy) and optimizer states; only load your own
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch raise many types; report one clear line
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ConfigError(f"{key}={str(path)!r}: not a readable torch file, corrupted or of another kind "
+                          f"({type(exc).__name__}: {detail})") from None
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     import torch
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from lattice_lab.common.errors import ConfigError
-from lattice_lab.common.io import atomic_torch_save
+from lattice_lab.common.io import atomic_torch_save, load_torch_file
 from lattice_lab.common.progress import progress
 from lattice_lab.data.h5io import write_force_dataset
 from lattice_lab.dynamics.initial import random_hot_start
@@ -180,7 +180,13 @@ def build_dataset(cfg) -> Path:
     saved: dict = {"Q": [], "F": [], "n": [], "kind": [], "quench": None,
                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if ppath.exists():
-        part = torch.load(ppath, map_location="cpu", weights_only=False)
+        try:
+            part = load_torch_file(ppath, "unfinished build")
+        except ConfigError as exc:
+            if not overwrite:
+                raise ConfigError(f"{exc}; pass overwrite=true to start the build over") from None
+            part = {}
+        part = part if isinstance(part, dict) else {}
         if part.get("fingerprint") != fp:
             if not overwrite:
                 raise ConfigError(

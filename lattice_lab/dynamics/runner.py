@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
 from lattice_lab.common.errors import ConfigError, SimulationDiverged
-from lattice_lab.common.io import atomic_torch_save, atomic_write_text
+from lattice_lab.common.io import atomic_torch_save, atomic_write_text, load_torch_file
 from lattice_lab.common.progress import progress
 from lattice_lab.common.switch import check_switch
 from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
@@ -178,7 +178,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
 
     checkpoint = None
     if resume and ck_path.exists():
-        checkpoint = torch.load(ck_path, map_location="cpu", weights_only=False)
+        checkpoint = load_torch_file(ck_path, "resume=true: checkpoint")
         _check_resumable(checkpoint, fingerprint, ck_path)
     elif resume and not (traj_path.exists() or partial_path(traj_path).exists()):
         log.warning("resume=true but %s does not exist: starting a new run", ck_path)
