@@ -10,7 +10,6 @@ The Hydra task function returns the best validation RMSE, the objective of Optun
 from __future__ import annotations
 
 import datetime as _dt
-import re
 import time
 from pathlib import Path
 
@@ -20,9 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
 from lattice_lab.common.errors import ConfigError
-from lattice_lab.common.io import atomic_write_text
-
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
+from lattice_lab.common.io import atomic_write_text, check_run_name
 
 
 def _choice(group: str) -> str | None:
@@ -66,10 +63,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     root = Path(to_absolute_path(str(cfg.output_root)))
     prefix = f"{model_label(cfg)}_{dataset_name(cfg)}_"
     if cfg.run_name:
-        name = str(cfg.run_name)
-        if not RUN_NAME_RE.match(name):
-            raise ConfigError(f"run_name={name!r}: use only letters, digits and _ . + = -")
-        return root / name
+        return root / check_run_name(cfg.run_name)
     if cfg.resume:
         candidates = sorted((p for p in root.glob(prefix + "*") if (p / "last.pt").is_file()),
                             key=lambda p: (p / "last.pt").stat().st_mtime)

@@ -276,6 +276,16 @@ def test_bad_cuda_graph_setting_refused_before_anything_is_written(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("override", ["run_name=../escaped", "run_name=..", "compare.name=../escaped"])
+def test_run_name_must_be_one_folder_inside_output_root(tmp_path, gnn_checkpoint, override):
+    compare = override.startswith("compare")
+    extra = ["compare.steps=[10]"] if compare else []
+    with pytest.raises(ConfigError, match=r"(run_name|compare.name)=.*one folder name"):
+        run(make_cfg(tmp_path / "out", "force=ml", f"force.checkpoint={gnn_checkpoint[0]}", override,
+                     "dynamics.steps=10", *extra, config_name="simulate_compare" if compare else "simulate"))
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "config.yaml").exists()
+
+
 def test_ed_refused_above_max_L(tmp_path):
     with pytest.raises(ConfigError, match=r"dynamics.L=50: .*force.max_L=48.*force=ml"):
         run(make_cfg(tmp_path, "force=ed", "dynamics.L=50"))

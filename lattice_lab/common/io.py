@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
+
+
+def check_run_name(name: str, key: str = "run_name") -> str:
+    """``name`` as one folder name inside an output root: no path separators, not ``.`` or ``..``."""
+    from lattice_lab.common.errors import ConfigError
+
+    name = str(name)
+    if not RUN_NAME_RE.match(name) or set(name) == {"."}:
+        raise ConfigError(f"{key}={name!r}: use only letters, digits and _ . + = - (one folder name, not . or ..)")
+    return name
 
 
 @contextlib.contextmanager

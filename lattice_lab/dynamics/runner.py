@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
 from lattice_lab.common.errors import ConfigError, SimulationDiverged
-from lattice_lab.common.io import atomic_torch_save, atomic_write_text, load_torch_file
+from lattice_lab.common.io import atomic_torch_save, atomic_write_text, check_run_name, load_torch_file
 from lattice_lab.common.progress import progress
 from lattice_lab.common.switch import check_switch
 from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
@@ -105,7 +105,7 @@ def validate_dynamics(cfg) -> dict:
 def run_name_of(cfg) -> str:
     name = _get(cfg, "run_name")
     if name:
-        return str(name)
+        return check_run_name(name)
     return (f"{_get(cfg, 'force.source', 'ml')}_L{_get(cfg, 'dynamics.L')}_R{_get(cfg, 'dynamics.replicas')}"
             f"_T{_get(cfg, 'dynamics.temperature')}_seed{_get(cfg, 'seed', 0)}")
 
