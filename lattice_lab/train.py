@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> float:
     import torch
 
     from lattice_lab.common.device import resolve_device, resolve_dtype
-    from lattice_lab.common.seeding import seed_everything
+    from lattice_lab.common.seeding import check_seed, seed_everything
     from lattice_lab.data.h5io import read_force_dataset
     from lattice_lab.models.checkpoint import load_checkpoint
     from lattice_lab.models.registry import build_model, count_parameters
@@ -118,12 +118,13 @@ def run(cfg: DictConfig) -> float:
 
     t_start = time.perf_counter()
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    seed = check_seed(cfg.seed)
     data_path = _dataset_path(cfg)
     run_dir = resolve_run_dir(cfg)
     if not cfg.resume and (run_dir / "last.pt").exists():
         raise ConfigError(f"run_name={run_dir.name!r}: {run_dir} already holds a run "
                           "(resume=true continues it, or choose another run_name)")
-    seed_everything(int(cfg.seed))
+    seed_everything(seed)
     data = read_force_dataset(data_path)
     model = build_model(cfg.model, data.hamiltonian())
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -146,7 +147,7 @@ def run(cfg: DictConfig) -> float:
         tracker.log_metrics(static, step=0)
 
         trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir, tracker=tracker,
-                          seed=int(cfg.seed), resume=bool(cfg.resume),
+                          seed=seed, resume=bool(cfg.resume),
                           meta={"config": cfg_yaml, "dataset_path": str(data_path),
                                 "dataset_name": dataset_name(cfg)})
         best_val = trainer.fit()

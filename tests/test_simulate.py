@@ -286,6 +286,14 @@ def test_run_name_must_be_one_folder_inside_output_root(tmp_path, gnn_checkpoint
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("seed", ["abc", "-1", "1.5"])
+def test_bad_seed_refused_before_anything_is_written(tmp_path, seed):
+    with pytest.raises(ConfigError, match=r"^seed=\S+: expected a non-negative integer") as info:
+        run(make_cfg(tmp_path, "force=ed", f"seed={seed}"))
+    assert seed in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
 def test_ed_refused_above_max_L(tmp_path):
     with pytest.raises(ConfigError, match=r"dynamics.L=50: .*force.max_L=48.*force=ml"):
         run(make_cfg(tmp_path, "force=ed", "dynamics.L=50"))

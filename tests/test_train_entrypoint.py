@@ -143,6 +143,12 @@ def test_run_name_must_be_one_folder_inside_output_root(dataset_file, tmp_path, 
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "out" / "config.yaml").exists()
 
 
+def test_bad_seed_is_a_config_error(dataset_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"seed='abc': expected a non-negative integer"):
+        run(_cfg(dataset_file, tmp_path, "seed=abc", "tracking.enabled=false"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, "-m", "lattice_lab.train", "dataset=holstein_L8_tiny",

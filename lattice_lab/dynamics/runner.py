@@ -34,6 +34,7 @@ from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
 from lattice_lab.common.errors import ConfigError, SimulationDiverged
 from lattice_lab.common.io import atomic_torch_save, atomic_write_text, check_run_name, load_torch_file
 from lattice_lab.common.progress import progress
+from lattice_lab.common.seeding import check_seed
 from lattice_lab.common.switch import check_switch
 from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
 from lattice_lab.dynamics.initial import random_hot_start
@@ -155,7 +156,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     graph_setting = check_switch(_get(cfg, "cuda_graph", "auto"), "cuda_graph")
     native_setting = check_switch(_get(cfg, "native_integrator", "auto"), "native_integrator")
     L, R, steps, save_every = dyn["L"], dyn["replicas"], dyn["steps"], dyn["save_every"]
-    seed = int(_get(cfg, "seed", 0))
+    seed = check_seed(_get(cfg, "seed", 0))
     device = resolve_device(_get(cfg, "device", "auto"))
     hamiltonian = build_hamiltonian(cfg)
     provider = force_provider or make_force_provider(cfg.force, hamiltonian, device,
