@@ -294,6 +294,20 @@ def test_bad_seed_refused_before_anything_is_written(tmp_path, seed):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ("checkpoint_every_s=abc", "checkpoint_every_s='abc': expected a non-negative number"),
+    ("checkpoint_every_s=-5", "checkpoint_every_s=-5: expected a non-negative number"),
+    ("trajectory.compression_level=42", "trajectory.compression_level=42: expected an integer from 0 to 9"),
+    ("trajectory.compression_level=abc", "trajectory.compression_level='abc': expected an integer from 0 to 9"),
+    ("force.max_L=abc", "force.max_L='abc': expected an integer >= 2"),
+])
+def test_bad_run_settings_are_config_errors(tmp_path, override, fragment):
+    with pytest.raises(ConfigError) as info:
+        run(make_cfg(tmp_path, "force=ed", override))
+    assert str(info.value) == fragment or str(info.value).startswith(fragment)
+    assert not any(tmp_path.iterdir())
+
+
 def test_ed_refused_above_max_L(tmp_path):
     with pytest.raises(ConfigError, match=r"dynamics.L=50: .*force.max_L=48.*force=ml"):
         run(make_cfg(tmp_path, "force=ed", "dynamics.L=50"))

@@ -164,7 +164,11 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     state_dtype = resolve_dtype(_get(cfg, "integrator_dtype") or provider.dtype)
     q_limit = _divergence_limit(cfg, hamiltonian)
     check_every = _positive_int(cfg, "divergence.check_every") if _get(cfg, "divergence.check_every") else 1
-    ck_every_s = float(_get(cfg, "checkpoint_every_s", 300.0))
+    ck_every_s = (_positive_float(cfg, "checkpoint_every_s", allow_zero=True)
+                  if _get(cfg, "checkpoint_every_s") is not None else 300.0)
+    level = _get(cfg, "trajectory.compression_level", 4)
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+        raise ConfigError(f"trajectory.compression_level={level!r}: expected an integer from 0 to 9")
     ck_every_steps = _get(cfg, "checkpoint_every_steps")
     stop_after = _get(cfg, "stop_after_steps")
     for key, val in (("checkpoint_every_steps", ck_every_steps), ("stop_after_steps", stop_after)):
@@ -236,7 +240,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             noise = integrator.noise_source(state)
             writer = TrajectoryWriter(traj_path, L, R, attrs,
                                       compression=str(_get(cfg, "trajectory.compression", "gzip")),
-                                      compression_opts=int(_get(cfg, "trajectory.compression_level", 4)))
+                                      compression_opts=level)
             stack.callback(writer.close)
             wall_before = 0.0
             mlflow_run_id = None
