@@ -308,6 +308,12 @@ def test_bad_run_settings_are_config_errors(tmp_path, override, fragment):
     assert not any(tmp_path.iterdir())
 
 
+def test_odd_L_refused_before_anything_is_written(tmp_path, gnn_checkpoint):
+    with pytest.raises(ConfigError, match=r"dynamics.L=15: use even L"):
+        run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={gnn_checkpoint[0]}", "dynamics.L=15"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_ed_refused_above_max_L(tmp_path):
     with pytest.raises(ConfigError, match=r"dynamics.L=50: .*force.max_L=48.*force=ml"):
         run(make_cfg(tmp_path, "force=ed", "dynamics.L=50"))

@@ -100,6 +100,9 @@ def validate_dynamics(cfg) -> dict:
         "steps": _positive_int(cfg, "dynamics.steps", 0),
         "save_every": _positive_int(cfg, "dynamics.save_every"),
     }
+    if dyn["L"] % 2:
+        raise ConfigError(f"dynamics.L={dyn['L']}: use even L; the checkerboard CDW (ordering vector (pi, pi)) "
+                          "does not fit an odd periodic lattice, and the analysis refuses odd L")
     return dyn
 
 
