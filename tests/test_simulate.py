@@ -263,6 +263,17 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path):
         assert np.isfinite(f["Q"][...]).all()
 
 
+def test_divergence_after_resume_keeps_the_resumed_checkpoint(tmp_path):
+    over = ["dynamics.steps=200", "dynamics.save_every=2", "divergence.check_every=1", "run_name=late"]
+    run_simulation(make_cfg(tmp_path, *over, "stop_after_steps=6"), force_provider=Harmonic())
+    with pytest.raises(SimulationDiverged, match=r"last good checkpoint .*checkpoint.pt \(step 6\)"):
+        run_simulation(make_cfg(tmp_path, *over, "resume=true"), force_provider=Harmonic(stiffness=-100.0))
+    ck = torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=False)
+    assert ck["state"]["step"] == 6 and ck["n_frames"] == 4
+    with h5py.File(partial_path(tmp_path / "late" / "trajectory.h5"), "r") as f:
+        assert f["step"][...].tolist() == [0, 2, 4, 6]  # cut back to the checkpoint
+
+
 def test_divergence_on_nan(tmp_path):
     cfg = make_cfg(tmp_path, "run_name=nan", "divergence.check_every=1")
     with pytest.raises(SimulationDiverged, match=r"step 7: .*max\|F\| = nan"):

@@ -254,6 +254,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
         tracker.log_params(cfg)
         tracker.set_tags({"noise_source": noise})
         ck = _Checkpointer(ck_path, writer, generator, cfg, fingerprint, tracker, noise)
+        if checkpoint is not None:  # the resumed checkpoint is the last good state until the next one
+            ck.step, ck.n_frames = int(state.step), writer.n_frames
         _check_state(state, q_limit, ck)
         if checkpoint is None:
             writer.append(0, 0.0, state.Q, provider.density(state.Q, state.F))
