@@ -243,6 +243,15 @@ def test_resume_from_a_corrupted_checkpoint_is_a_config_error(tmp_path):
         run(make_cfg(tmp_path, "force=ed", "resume=true", "run_name=cut"))
 
 
+def test_overwrite_leaves_no_file_of_the_replaced_run(tmp_path):
+    over = ["dynamics.steps=200", "dynamics.save_every=2", "divergence.check_every=1", "run_name=again"]
+    run_simulation(make_cfg(tmp_path, *over), force_provider=Harmonic())
+    with pytest.raises(SimulationDiverged):
+        run_simulation(make_cfg(tmp_path, *over, "overwrite=true"), force_provider=Harmonic(stiffness=-100.0))
+    left = sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert left == ["checkpoint.pt", "config.yaml", "trajectory.h5.partial"]  # the old trajectory.h5 is gone
+
+
 # -- divergence ---------------------------------------------------------------------------------
 def test_divergence_stops_with_last_good_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "dynamics.steps=200", "checkpoint_every_steps=5", "divergence.check_every=1",

@@ -197,6 +197,9 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
         if not bool(_get(cfg, "overwrite", False)):
             raise ConfigError(f"run_name={run_name!r}: {run_dir} already holds a run; pass resume=true to "
                               f"continue it, overwrite=true to replace it, or choose another run_name")
+    if checkpoint is None:  # a new run (overwrite=true if one was here): no file of the replaced run may stay
+        for stale in (traj_path, ck_path, run_dir / "run_summary.json"):
+            stale.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write_text(cfg_path, config_yaml)
