@@ -144,6 +144,8 @@ def test_corrupted_partial_build_is_a_config_error(tmp_path):
     (["+hamiltonian.lam=2"], "hamiltonian.lam=2: unknown key"),
     (["+replicas=3"], "replicas=3: unknown key"),
     (["dataset.replicas=0"], "dataset.replicas=0: expected an integer >= 1"),
+    (["dataset.dt=0"], "dataset.dt=0.0: must be > 0"),
+    (["dataset.mass=-1"], "dataset.mass=-1.0: must be > 0"),
 ])
 def test_bad_inputs_raise_one_line_config_errors(tmp_path, overrides, fragment):
     with pytest.raises(ConfigError) as exc:
