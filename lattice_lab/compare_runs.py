@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--csv", default=None, help="also write the table as CSV")
     args = p.parse_args(argv)
+    if args.max_runs < 1:
+        p.error(f"--max-runs={args.max_runs}: expected a positive integer")
     try:
         header, rows = runs_table(args.experiment, args.columns, args.sort, args.max_runs, args.tracking_uri)
     except ConfigError as exc:

@@ -10,7 +10,6 @@ The Hydra task function returns the best validation RMSE, the objective of Optun
 from __future__ import annotations
 
 import datetime as _dt
-import re
 import time
 from pathlib import Path
 
@@ -20,9 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
 from lattice_lab.common.errors import ConfigError
-from lattice_lab.common.io import atomic_write_text
-
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
+from lattice_lab.common.io import atomic_write_text, check_run_name
 
 
 def _choice(group: str) -> str | None:
@@ -66,10 +63,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     root = Path(to_absolute_path(str(cfg.output_root)))
     prefix = f"{model_label(cfg)}_{dataset_name(cfg)}_"
     if cfg.run_name:
-        name = str(cfg.run_name)
-        if not RUN_NAME_RE.match(name):
-            raise ConfigError(f"run_name={name!r}: use only letters, digits and _ . + = -")
-        return root / name
+        return root / check_run_name(cfg.run_name)
     if cfg.resume:
         candidates = sorted((p for p in root.glob(prefix + "*") if (p / "last.pt").is_file()),
                             key=lambda p: (p / "last.pt").stat().st_mtime)
@@ -113,7 +107,7 @@ def run(cfg: DictConfig) -> float:
     import torch
 
     from lattice_lab.common.device import resolve_device, resolve_dtype
-    from lattice_lab.common.seeding import seed_everything
+    from lattice_lab.common.seeding import check_seed, seed_everything
     from lattice_lab.data.h5io import read_force_dataset
     from lattice_lab.models.checkpoint import load_checkpoint
     from lattice_lab.models.registry import build_model, count_parameters
@@ -124,12 +118,13 @@ def run(cfg: DictConfig) -> float:
 
     t_start = time.perf_counter()
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    seed = check_seed(cfg.seed)
     data_path = _dataset_path(cfg)
     run_dir = resolve_run_dir(cfg)
     if not cfg.resume and (run_dir / "last.pt").exists():
         raise ConfigError(f"run_name={run_dir.name!r}: {run_dir} already holds a run "
                           "(resume=true continues it, or choose another run_name)")
-    seed_everything(int(cfg.seed))
+    seed_everything(seed)
     data = read_force_dataset(data_path)
     model = build_model(cfg.model, data.hamiltonian())
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -152,7 +147,7 @@ def run(cfg: DictConfig) -> float:
         tracker.log_metrics(static, step=0)
 
         trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir, tracker=tracker,
-                          seed=int(cfg.seed), resume=bool(cfg.resume),
+                          seed=seed, resume=bool(cfg.resume),
                           meta={"config": cfg_yaml, "dataset_path": str(data_path),
                                 "dataset_name": dataset_name(cfg)})
         best_val = trainer.fit()

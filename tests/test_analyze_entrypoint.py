@@ -54,6 +54,25 @@ def test_missing_or_invalid_trajectory_is_a_config_error(tmp_path):
         run(make_cfg(f"trajectory={tmp_path / 'other.h5'}", "tracking.enabled=false"))
 
 
+def test_corrupted_frame_is_a_config_error(trajectories):
+    import h5py
+
+    ml, _ = trajectories
+    with h5py.File(ml, "r") as f:
+        info = f["n"].id.get_chunk_info(3)  # the compressed chunk of frame 3
+    with open(ml, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    with pytest.raises(ConfigError, match=r"trajectory=.*: frame 3 \(step 400\) cannot be read, the file is corrupted"):
+        run(make_cfg(f"trajectory={ml}", "tracking.enabled=false", "device=cpu"))
+
+
+@pytest.mark.parametrize("value", ["-2", "0", "abc"])
+def test_bad_collapse_frames_is_a_config_error(trajectories, value):
+    with pytest.raises(ConfigError, match=r"collapse_frames=.*: expected an integer >= 1"):
+        run(make_cfg(f"trajectory={trajectories[0]}", f"collapse_frames={value}", "tracking.enabled=false"))
+
+
 def test_bad_fit_window_is_a_config_error(trajectories):
     ml, _ = trajectories
     with pytest.raises(ConfigError, match="fit.t_min"):

@@ -81,6 +81,19 @@ def test_missing_checkpoint_is_config_error(tmp_path):
         load_checkpoint(missing)
 
 
+def test_unreadable_or_foreign_checkpoint_is_config_error(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "data.h5", "w") as f:  # a dataset or trajectory passed as a model
+        f["Q"] = torch.zeros(1, 8, 8).numpy()
+    (tmp_path / "text.pt").write_text("hello\n")
+    save_checkpoint(tmp_path / "good.pt", build_model({"name": "gnn", "widths": [1, 4, 1]}, HAM))
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:500])  # truncated copy
+    for name in ("data.h5", "text.pt", "cut.pt"):
+        with pytest.raises(ConfigError, match=rf"checkpoint='.*{name}': not a readable torch file"):
+            load_force_field(tmp_path / name, device="cpu")
+
+
 _STANDALONE = r"""
 import json, sys, torch
 out, names = sys.argv[1], sys.argv[2:]

@@ -52,6 +52,28 @@ def test_friendly_errors_prints_one_line_and_exits_2(capsys):
     assert err.strip() == "error: hamiltonian.kappa=0.3: need |kappa| < k/4 = 0.25"
 
 
+def test_friendly_errors_reports_a_path_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+
+    @friendly_errors
+    def task():
+        atomic_write_text(blocker / "out" / "config.yaml", "x")  # output_root below a regular file
+
+    with pytest.raises(SystemExit) as exc:
+        task()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {blocker}") and len(err.splitlines()) == 1
+
+    @friendly_errors
+    def bug():
+        raise OSError("no file named")  # not about a path: a real failure keeps its traceback
+
+    with pytest.raises(OSError):
+        bug()
+
+
 def test_periodic_helpers_match_explicit_indexing():
     g = torch.Generator().manual_seed(1)
     L = 5

@@ -24,3 +24,9 @@ def test_runs_table_sorts_by_validation_sigma(tmp_mlflow, capsys):
     assert "0.05" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="no such MLflow experiment"):
         runs_table("lattice_lab/nothing", tracking_uri=tmp_mlflow)
+
+
+def test_max_runs_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--max-runs", "0"])
+    assert exc.value.code == 2 and "error: --max-runs=0: expected a positive integer" in capsys.readouterr().err

@@ -203,6 +203,8 @@ def test_bad_configuration():
         ENN(HAM, SQRT13, [4], activation="relu")
     with pytest.raises(ConfigError, match="model.cutoff"):
         ENN(HAM, 0.5, [4])
+    with pytest.raises(ConfigError, match="model.cutoff='abc'"):
+        ENN(HAM, "abc", [4])  # model.cutoff=abc on the command line
     with pytest.raises(ConfigError, match="receptive field"):
         ENN(HAM, SQRT13, [2])(torch.zeros(1, 6, 6))
 

@@ -126,6 +126,15 @@ def test_partial_build_with_other_settings_is_not_mixed_in(tmp_path):
     assert len(read_force_dataset(target)) == 24
 
 
+def test_corrupted_partial_build_is_a_config_error(tmp_path):
+    target = tmp_path / "c.h5"
+    generation.partial_path(target).write_bytes(b"not a torch file")
+    with pytest.raises(ConfigError, match=r"unfinished build='.*c.h5.partial.pt': not a readable.*overwrite=true"):
+        run(_cfg(target))
+    run(_cfg(target, "overwrite=true"))
+    assert len(read_force_dataset(target)) == 24
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     (["hamiltonian.kappa=0.3"], "hamiltonian.kappa=0.3: need |kappa| < k/4"),
     (["dataset.L=7"], "dataset.L=7: half filling needs an even number of sites"),
@@ -135,6 +144,8 @@ def test_partial_build_with_other_settings_is_not_mixed_in(tmp_path):
     (["+hamiltonian.lam=2"], "hamiltonian.lam=2: unknown key"),
     (["+replicas=3"], "replicas=3: unknown key"),
     (["dataset.replicas=0"], "dataset.replicas=0: expected an integer >= 1"),
+    (["dataset.dt=0"], "dataset.dt=0.0: must be > 0"),
+    (["dataset.mass=-1"], "dataset.mass=-1.0: must be > 0"),
 ])
 def test_bad_inputs_raise_one_line_config_errors(tmp_path, overrides, fragment):
     with pytest.raises(ConfigError) as exc:

@@ -105,6 +105,8 @@ def test_bad_configuration():
         DescriptorMLP(HAM, SQRT13, [8, -1])
     with pytest.raises(ConfigError, match="model.phase_eps"):
         DescriptorMLP(HAM, SQRT13, [8], phase_eps=0.0)
+    with pytest.raises(ConfigError, match="model.cutoff='abc'"):
+        DescriptorMLP(HAM, "abc", [8])
 
 
 @pytest.mark.parametrize("preset", ["mlp", "mlp_small"])

@@ -224,6 +224,34 @@ def test_resume_refuses_other_settings_and_existing_runs(tmp_path):
     assert read_all(done["trajectory"])[1]["noise_source"] == "philox"
 
 
+def test_resume_without_checkpoint_keeps_an_existing_trajectory(tmp_path):
+    done = run(make_cfg(tmp_path, "force=ed", "dynamics.steps=5", "run_name=kept"))
+    (tmp_path / "kept" / "checkpoint.pt").unlink()
+    before = read_all(done["trajectory"])[0]
+    with pytest.raises(ConfigError, match=r"resume=true: .*checkpoint.pt is missing.*overwrite=true"):
+        run(make_cfg(tmp_path, "force=ed", "dynamics.steps=5", "run_name=kept", "resume=true", "seed=4"))
+    after = read_all(done["trajectory"])[0]
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+
+
+def test_resume_from_a_corrupted_checkpoint_is_a_config_error(tmp_path):
+    run(make_cfg(tmp_path, "force=ed", "stop_after_steps=5", "run_name=cut"))
+    ck = tmp_path / "cut" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=r"resume=true: checkpoint='.*checkpoint.pt': not a readable torch file"):
+        run(make_cfg(tmp_path, "force=ed", "resume=true", "run_name=cut"))
+
+
+def test_overwrite_leaves_no_file_of_the_replaced_run(tmp_path):
+    over = ["dynamics.steps=200", "dynamics.save_every=2", "divergence.check_every=1", "run_name=again"]
+    run_simulation(make_cfg(tmp_path, *over), force_provider=Harmonic())
+    with pytest.raises(SimulationDiverged):
+        run_simulation(make_cfg(tmp_path, *over, "overwrite=true"), force_provider=Harmonic(stiffness=-100.0))
+    left = sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert left == ["checkpoint.pt", "config.yaml", "trajectory.h5.partial"]  # the old trajectory.h5 is gone
+
+
 # -- divergence ---------------------------------------------------------------------------------
 def test_divergence_stops_with_last_good_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "dynamics.steps=200", "checkpoint_every_steps=5", "divergence.check_every=1",
@@ -244,6 +272,17 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path):
         assert np.isfinite(f["Q"][...]).all()
 
 
+def test_divergence_after_resume_keeps_the_resumed_checkpoint(tmp_path):
+    over = ["dynamics.steps=200", "dynamics.save_every=2", "divergence.check_every=1", "run_name=late"]
+    run_simulation(make_cfg(tmp_path, *over, "stop_after_steps=6"), force_provider=Harmonic())
+    with pytest.raises(SimulationDiverged, match=r"last good checkpoint .*checkpoint.pt \(step 6\)"):
+        run_simulation(make_cfg(tmp_path, *over, "resume=true"), force_provider=Harmonic(stiffness=-100.0))
+    ck = torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=False)
+    assert ck["state"]["step"] == 6 and ck["n_frames"] == 4
+    with h5py.File(partial_path(tmp_path / "late" / "trajectory.h5"), "r") as f:
+        assert f["step"][...].tolist() == [0, 2, 4, 6]  # cut back to the checkpoint
+
+
 def test_divergence_on_nan(tmp_path):
     cfg = make_cfg(tmp_path, "run_name=nan", "divergence.check_every=1")
     with pytest.raises(SimulationDiverged, match=r"step 7: .*max\|F\| = nan"):
@@ -254,6 +293,44 @@ def test_divergence_on_nan(tmp_path):
 def test_bad_cuda_graph_setting_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match=r"cuda_graph='often'"):
         run(make_cfg(tmp_path, "cuda_graph=often"))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override", ["run_name=../escaped", "run_name=..", "compare.name=../escaped"])
+def test_run_name_must_be_one_folder_inside_output_root(tmp_path, gnn_checkpoint, override):
+    compare = override.startswith("compare")
+    extra = ["compare.steps=[10]"] if compare else []
+    with pytest.raises(ConfigError, match=r"(run_name|compare.name)=.*one folder name"):
+        run(make_cfg(tmp_path / "out", "force=ml", f"force.checkpoint={gnn_checkpoint[0]}", override,
+                     "dynamics.steps=10", *extra, config_name="simulate_compare" if compare else "simulate"))
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("seed", ["abc", "-1", "1.5"])
+def test_bad_seed_refused_before_anything_is_written(tmp_path, seed):
+    with pytest.raises(ConfigError, match=r"^seed=\S+: expected a non-negative integer") as info:
+        run(make_cfg(tmp_path, "force=ed", f"seed={seed}"))
+    assert seed in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("checkpoint_every_s=abc", "checkpoint_every_s='abc': expected a non-negative number"),
+    ("checkpoint_every_s=-5", "checkpoint_every_s=-5: expected a non-negative number"),
+    ("trajectory.compression_level=42", "trajectory.compression_level=42: expected an integer from 0 to 9"),
+    ("trajectory.compression_level=abc", "trajectory.compression_level='abc': expected an integer from 0 to 9"),
+    ("force.max_L=abc", "force.max_L='abc': expected an integer >= 2"),
+])
+def test_bad_run_settings_are_config_errors(tmp_path, override, fragment):
+    with pytest.raises(ConfigError) as info:
+        run(make_cfg(tmp_path, "force=ed", override))
+    assert str(info.value) == fragment or str(info.value).startswith(fragment)
+    assert not any(tmp_path.iterdir())
+
+
+def test_odd_L_refused_before_anything_is_written(tmp_path, gnn_checkpoint):
+    with pytest.raises(ConfigError, match=r"dynamics.L=15: use even L"):
+        run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={gnn_checkpoint[0]}", "dynamics.L=15"))
     assert not any(tmp_path.iterdir())
 
 

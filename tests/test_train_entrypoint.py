@@ -136,6 +136,19 @@ def test_missing_dataset_is_a_config_error(tmp_path):
         run(_cfg(tmp_path / "nope.h5", tmp_path))
 
 
+@pytest.mark.parametrize("name", ["..", ".", "../x", "a/b"])
+def test_run_name_must_be_one_folder_inside_output_root(dataset_file, tmp_path, name):
+    with pytest.raises(ConfigError, match="run_name=.*one folder name"):
+        run(_cfg(dataset_file, tmp_path / "out", f"run_name={name}", "tracking.enabled=false"))
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_bad_seed_is_a_config_error(dataset_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"seed='abc': expected a non-negative integer"):
+        run(_cfg(dataset_file, tmp_path, "seed=abc", "tracking.enabled=false"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, "-m", "lattice_lab.train", "dataset=holstein_L8_tiny",

@@ -280,6 +280,9 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
     out = Path(out_dir or c["out_dir"] or path.parent / "analysis")
     device = resolve_device(c.get("device", "auto"))
     thr = float(c["order_parameter"]["wall_threshold"])
+    n_col = c.get("collapse_frames", 6)
+    if isinstance(n_col, bool) or not isinstance(n_col, int) or n_col < 1:
+        raise ConfigError(f"collapse_frames={n_col!r}: expected an integer >= 1")
     t_min, t_max = _fit_value(c, "t_min"), _fit_value(c, "t_max")
     strict_fit = t_min is not None or t_max is not None
 
@@ -303,14 +306,19 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
         per_rep = {k: [] for k in ("L_rep", "L_jk", "xi_rep", "xi_jk", "wall", "phi_abs", "phi_mean", "S_Q")}
         C_Q, snaps = {}, {}
         for i in progress(range(S_frames), desc=f"analyze L={L} R={R}", unit="frame"):
-            n = as_field(traj.n[i], device)
+            try:
+                n_i, Q_i = traj.n[i], (traj.Q[i] if i in corr_idx else None)
+            except OSError as exc:  # a damaged compressed chunk
+                raise ConfigError(f"trajectory={path}: frame {i} (step {int(steps[i])}) cannot be read, the file "
+                                  f"is corrupted ({exc})") from None
+            n = as_field(n_i, device)
             obs = frame_observables(n, g_bins, thr)
             for k in rec:
                 rec[k].append(obs[k])
             for k in per_rep:
                 per_rep[k].append(obs[k])
             if i in corr_idx:
-                C_Q[i] = correlation_t(as_field(traj.Q[i], device), g_bins).cpu().numpy()
+                C_Q[i] = correlation_t(as_field(Q_i, device), g_bins).cpu().numpy()
             if i in snap_idx:
                 snaps[i] = (obs["phi0"], obs["S_mean"].cpu().numpy())
         q = obs["q"]
@@ -330,7 +338,6 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
     if "t_min" in growth_L:
         in_win = cand[(times[cand] >= growth_L["t_min"]) & (times[cand] <= growth_L["t_max"])]
         cand = in_win if in_win.size >= 2 else cand
-    n_col = int(c.get("collapse_frames", 6))
     if cand.size:
         pick = np.unique(np.round(np.geomspace(1, cand.size, min(n_col, cand.size))).astype(int) - 1)
         col_idx = cand[pick]

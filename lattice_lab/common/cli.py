@@ -25,6 +25,8 @@ def _in_multirun() -> bool:
 def friendly_errors(fn):
     """Decorate a Hydra task function: a :class:`LatticeLabError` prints ``error: ...`` and exits 2.
 
+    So does an ``OSError`` that names a file (an output folder that cannot be created, a read-only
+    disk, no space left): ``error: <path>: <reason>``.
     In multirun (sweeps) the exception propagates so the sweeper records the trial as failed.
     Also tunes glibc malloc for tensor workloads (:mod:`lattice_lab.common.allocator`).
     """
@@ -38,6 +40,11 @@ def friendly_errors(fn):
             if _in_multirun():
                 raise
             print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as exc:
+            if exc.filename is None or _in_multirun():
+                raise
+            print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
+
+
+def check_run_name(name: str, key: str = "run_name") -> str:
+    """``name`` as one folder name inside an output root: no path separators, not ``.`` or ``..``."""
+    from lattice_lab.common.errors import ConfigError
+
+    name = str(name)
+    if not RUN_NAME_RE.match(name) or set(name) == {"."}:
+        raise ConfigError(f"{key}={name!r}: use only letters, digits and _ . + = - (one folder name, not . or ..)")
+    return name
 
 
 @contextlib.contextmanager
@@ -38,6 +51,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def load_torch_file(path: str | os.PathLike, key: str = "checkpoint"):
+    """``torch.load`` a file we wrote (on CPU); an unreadable, truncated or foreign file raises
+    :class:`~lattice_lab.common.errors.ConfigError` naming ``key`` and the path."""
+    import torch
+
+    from lattice_lab.common.errors import ConfigError
+
+    try:
+        # weights_only=False: our files hold RNG states (numpy) and optimizer states; only load your own
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch raise many types; report one clear line
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ConfigError(f"{key}={str(path)!r}: not a readable torch file, corrupted or of another kind "
+                          f"({type(exc).__name__}: {detail})") from None
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:

@@ -7,6 +7,15 @@ import random
 import numpy as np
 import torch
 
+from lattice_lab.common.errors import ConfigError
+
+
+def check_seed(value, key: str = "seed") -> int:
+    """A config seed as an int: ConfigError unless it is a non-negative integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigError(f"{key}={value!r}: expected a non-negative integer")
+    return int(value)
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

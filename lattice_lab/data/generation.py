@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from lattice_lab.common.errors import ConfigError
-from lattice_lab.common.io import atomic_torch_save
+from lattice_lab.common.io import atomic_torch_save, load_torch_file
 from lattice_lab.common.progress import progress
 from lattice_lab.data.h5io import write_force_dataset
 from lattice_lab.dynamics.initial import random_hot_start
@@ -104,7 +104,10 @@ def validate_generate_config(cfg) -> tuple[dict, HolsteinParams]:
                           "so every environment fits on the lattice")
     if ds["n_random"] + ds["n_quench"] < 1:
         raise ConfigError("dataset.n_random=0, dataset.n_quench=0: the dataset would be empty")
-    LangevinParams(mass=ds["mass"], gamma=ds["gamma"], dt=ds["dt"], temperature=ds["temperature"])
+    try:
+        LangevinParams(mass=ds["mass"], gamma=ds["gamma"], dt=ds["dt"], temperature=ds["temperature"])
+    except ConfigError as exc:  # LangevinParams names the simulate keys (dynamics.*); here they are dataset.*
+        raise ConfigError(str(exc).replace("dynamics.", "dataset.", 1)) from None
     seed = c.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r}: expected a non-negative integer")
@@ -180,7 +183,13 @@ def build_dataset(cfg) -> Path:
     saved: dict = {"Q": [], "F": [], "n": [], "kind": [], "quench": None,
                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if ppath.exists():
-        part = torch.load(ppath, map_location="cpu", weights_only=False)
+        try:
+            part = load_torch_file(ppath, "unfinished build")
+        except ConfigError as exc:
+            if not overwrite:
+                raise ConfigError(f"{exc}; pass overwrite=true to start the build over") from None
+            part = {}
+        part = part if isinstance(part, dict) else {}
         if part.get("fingerprint") != fp:
             if not overwrite:
                 raise ConfigError(

@@ -21,7 +21,7 @@ import logging
 from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.errors import ConfigError
-from lattice_lab.common.io import atomic_write_text
+from lattice_lab.common.io import atomic_write_text, check_run_name
 from lattice_lab.dynamics.runner import _get, _to_abs, run_simulation, validate_dynamics
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def comparison_steps(cfg) -> list[int]:
 def comparison_name(cfg) -> str:
     name = _get(cfg, "compare.name")
     if name:
-        return str(name)
+        return check_run_name(name, "compare.name")
     return (f"ed_vs_ml_L{cfg.dynamics.L}_R{cfg.dynamics.replicas}_T{cfg.dynamics.temperature}"
             f"_seed{_get(cfg, 'seed', 0)}")
 

@@ -224,7 +224,9 @@ def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", 
         raise ConfigError(f"force.source={source!r}: expected one of {FORCE_SOURCES} (force=ml or force=ed)")
     chunk = _cfg_get(force_cfg, "chunk_replicas")
     if source == "ed":
-        max_L = int(_cfg_get(force_cfg, "max_L", 48))
+        max_L = _cfg_get(force_cfg, "max_L", 48)
+        if isinstance(max_L, bool) or not isinstance(max_L, int) or max_L < 2:
+            raise ConfigError(f"force.max_L={max_L!r}: expected an integer >= 2")
         if L is not None and int(L) > max_L:
             raise ConfigError(
                 f"dynamics.L={L}: exact diagonalisation above force.max_L={max_L} costs O(L^6) per step; "

@@ -32,8 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
 from lattice_lab.common.errors import ConfigError, SimulationDiverged
-from lattice_lab.common.io import atomic_torch_save, atomic_write_text
+from lattice_lab.common.io import atomic_torch_save, atomic_write_text, check_run_name, load_torch_file
 from lattice_lab.common.progress import progress
+from lattice_lab.common.seeding import check_seed
 from lattice_lab.common.switch import check_switch
 from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
 from lattice_lab.dynamics.initial import random_hot_start
@@ -99,13 +100,16 @@ def validate_dynamics(cfg) -> dict:
         "steps": _positive_int(cfg, "dynamics.steps", 0),
         "save_every": _positive_int(cfg, "dynamics.save_every"),
     }
+    if dyn["L"] % 2:
+        raise ConfigError(f"dynamics.L={dyn['L']}: use even L; the checkerboard CDW (ordering vector (pi, pi)) "
+                          "does not fit an odd periodic lattice, and the analysis refuses odd L")
     return dyn
 
 
 def run_name_of(cfg) -> str:
     name = _get(cfg, "run_name")
     if name:
-        return str(name)
+        return check_run_name(name)
     return (f"{_get(cfg, 'force.source', 'ml')}_L{_get(cfg, 'dynamics.L')}_R{_get(cfg, 'dynamics.replicas')}"
             f"_T{_get(cfg, 'dynamics.temperature')}_seed{_get(cfg, 'seed', 0)}")
 
@@ -155,7 +159,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     graph_setting = check_switch(_get(cfg, "cuda_graph", "auto"), "cuda_graph")
     native_setting = check_switch(_get(cfg, "native_integrator", "auto"), "native_integrator")
     L, R, steps, save_every = dyn["L"], dyn["replicas"], dyn["steps"], dyn["save_every"]
-    seed = int(_get(cfg, "seed", 0))
+    seed = check_seed(_get(cfg, "seed", 0))
     device = resolve_device(_get(cfg, "device", "auto"))
     hamiltonian = build_hamiltonian(cfg)
     provider = force_provider or make_force_provider(cfg.force, hamiltonian, device,
@@ -163,7 +167,11 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     state_dtype = resolve_dtype(_get(cfg, "integrator_dtype") or provider.dtype)
     q_limit = _divergence_limit(cfg, hamiltonian)
     check_every = _positive_int(cfg, "divergence.check_every") if _get(cfg, "divergence.check_every") else 1
-    ck_every_s = float(_get(cfg, "checkpoint_every_s", 300.0))
+    ck_every_s = (_positive_float(cfg, "checkpoint_every_s", allow_zero=True)
+                  if _get(cfg, "checkpoint_every_s") is not None else 300.0)
+    level = _get(cfg, "trajectory.compression_level", 4)
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+        raise ConfigError(f"trajectory.compression_level={level!r}: expected an integer from 0 to 9")
     ck_every_steps = _get(cfg, "checkpoint_every_steps")
     stop_after = _get(cfg, "stop_after_steps")
     for key, val in (("checkpoint_every_steps", ck_every_steps), ("stop_after_steps", stop_after)):
@@ -178,14 +186,20 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
 
     checkpoint = None
     if resume and ck_path.exists():
-        checkpoint = torch.load(ck_path, map_location="cpu", weights_only=False)
+        checkpoint = load_torch_file(ck_path, "resume=true: checkpoint")
         _check_resumable(checkpoint, fingerprint, ck_path)
-    elif resume:
+    elif resume and not (traj_path.exists() or partial_path(traj_path).exists()):
         log.warning("resume=true but %s does not exist: starting a new run", ck_path)
+    elif resume and not bool(_get(cfg, "overwrite", False)):
+        raise ConfigError(f"resume=true: {ck_path} is missing but {run_dir} holds a trajectory; a new run would "
+                          f"replace it: pass overwrite=true to do that, or choose another run_name")
     elif ck_path.exists() or traj_path.exists() or partial_path(traj_path).exists():
         if not bool(_get(cfg, "overwrite", False)):
             raise ConfigError(f"run_name={run_name!r}: {run_dir} already holds a run; pass resume=true to "
                               f"continue it, overwrite=true to replace it, or choose another run_name")
+    if checkpoint is None:  # a new run (overwrite=true if one was here): no file of the replaced run may stay
+        for stale in (traj_path, ck_path, run_dir / "run_summary.json"):
+            stale.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write_text(cfg_path, config_yaml)
@@ -232,7 +246,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             noise = integrator.noise_source(state)
             writer = TrajectoryWriter(traj_path, L, R, attrs,
                                       compression=str(_get(cfg, "trajectory.compression", "gzip")),
-                                      compression_opts=int(_get(cfg, "trajectory.compression_level", 4)))
+                                      compression_opts=level)
             stack.callback(writer.close)
             wall_before = 0.0
             mlflow_run_id = None
@@ -243,6 +257,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
         tracker.log_params(cfg)
         tracker.set_tags({"noise_source": noise})
         ck = _Checkpointer(ck_path, writer, generator, cfg, fingerprint, tracker, noise)
+        if checkpoint is not None:  # the resumed checkpoint is the last good state until the next one
+            ck.step, ck.n_frames = int(state.step), writer.n_frames
         _check_state(state, q_limit, ck)
         if checkpoint is None:
             writer.append(0, 0.0, state.Q, provider.density(state.Q, state.F))

@@ -30,7 +30,7 @@ from torch import nn
 
 from lattice_lab.common.device import resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
-from lattice_lab.common.io import atomic_path, atomic_torch_save
+from lattice_lab.common.io import atomic_path, atomic_torch_save, load_torch_file
 from lattice_lab.models.base import ForceField
 
 METADATA_FILE = "lattice_lab.json"
@@ -89,8 +89,7 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint={str(path)!r}: file not found")
-    # weights_only=False: checkpoints hold RNG states (numpy) and optimizer states; only load your own
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_cfg" not in ckpt:
         raise ConfigError(f"checkpoint={str(path)!r}: not a lattice_lab checkpoint (no model_cfg/state_dict)")
     return ckpt

@@ -88,6 +88,16 @@ def _check_chunk(chunk_sites) -> int:
     return int(chunk_sites)
 
 
+def _check_cutoff(cutoff) -> float:
+    try:
+        value = float(cutoff)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(cutoff, bool) or not math.isfinite(value) or value < 1.0:
+        raise ConfigError(f"model.cutoff={cutoff!r}: need a finite cutoff >= 1 (nearest neighbours)")
+    return value
+
+
 def _check_hidden(hidden) -> list[int]:
     try:
         widths = [int(h) for h in hidden]
@@ -108,10 +118,8 @@ class ENN(ForceField):
     def __init__(self, hamiltonian: dict, cutoff: float = math.sqrt(13.0), hidden: list[int] = (32, 8, 4),
                  activation: str = "gate", chunk_sites: int = DEFAULT_CHUNK_SITES, cpu_parallel: bool = True,
                  native_kernel: str | bool = "auto"):
-        cutoff = float(cutoff)
+        cutoff = _check_cutoff(cutoff)
         chunk_sites = _check_chunk(chunk_sites)
-        if not math.isfinite(cutoff) or cutoff < 1.0:
-            raise ConfigError(f"model.cutoff={cutoff}: need a finite cutoff >= 1 (nearest neighbours)")
         widths = _check_hidden(hidden)
         proj = EnvironmentProjection(cutoff)
         # receptive field = largest |dx| or |dy| of an environment offset (= floor(cutoff)): the

@@ -14,10 +14,9 @@ import math
 import torch
 from torch import nn
 
-from lattice_lab.common.errors import ConfigError
 from lattice_lab.models.base import ForceField
 from lattice_lab.models.descriptor import D4Descriptor
-from lattice_lab.models.enn import _check_hidden
+from lattice_lab.models.enn import _check_cutoff, _check_hidden
 from lattice_lab.models.layers_equivariant import NORM_EPS, force_moments
 from lattice_lab.native.build import NativeUnavailable
 from lattice_lab.native.policy import applicable, build_or_fallback, check_setting
@@ -44,9 +43,7 @@ class DescriptorMLP(ForceField):
     def __init__(self, hamiltonian: dict, cutoff: float = math.sqrt(13.0),
                  hidden: list[int] = (4096, 2048, 750, 592, 256, 127, 69), reference_shell_r2: int = 5,
                  phase_eps: float = 1e-2, native_kernel: str | bool = "auto"):
-        cutoff = float(cutoff)
-        if not math.isfinite(cutoff) or cutoff < 1.0:
-            raise ConfigError(f"model.cutoff={cutoff}: need a finite cutoff >= 1")
+        cutoff = _check_cutoff(cutoff)
         widths = _check_hidden(hidden)
         descriptor = D4Descriptor(cutoff, reference_shell_r2, phase_eps)
         super().__init__(hamiltonian, cutoff, receptive_field=descriptor.proj.basis.radius)
