@@ -50,8 +50,15 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
     if mlflow.get_experiment_by_name(experiment) is None:
         raise ConfigError(f"experiment={experiment!r}: no such MLflow experiment in {mlflow.get_tracking_uri()}")
     df = mlflow.search_runs(experiment_names=[experiment], max_results=max_runs)
+    columns_asked = list(columns or [])
     columns = ["run_id", "tags.mlflow.runName"] + list(columns or DEFAULT_COLUMNS.get(experiment, []))
     present = [c for c in columns if c in df.columns]
+    if len(df) and columns_asked and not any(c in df.columns for c in columns_asked):
+        raise ConfigError(f"--columns {' '.join(columns_asked)}: none of them is logged in {experiment!r} "
+                          f"(e.g. {', '.join(sorted(c for c in df.columns if c.startswith('metrics.'))[:5])})")
+    if len(df) and sort and sort not in df.columns:
+        raise ConfigError(f"--sort {sort}: not a column of {experiment!r} "
+                          f"(e.g. start_time, {', '.join(sorted(c for c in df.columns if c.startswith('metrics.'))[:5])})")
     sort = sort or DEFAULT_SORT.get(experiment, "start_time")
     if sort in df.columns:
         df = df.sort_values(sort, ascending=not sort.endswith("_per_s") and sort != "start_time")
@@ -93,7 +100,11 @@ def main(argv=None) -> int:
 
         buf = io.StringIO()
         csv.writer(buf).writerows([header, *rows])
-        atomic_write_text(args.csv, buf.getvalue())
+        try:
+            atomic_write_text(args.csv, buf.getvalue())
+        except OSError as exc:
+            print(f"error: --csv {args.csv}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
 
 

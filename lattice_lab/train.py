@@ -127,6 +127,10 @@ def run(cfg: DictConfig) -> float:
     seed_everything(seed)
     data = read_force_dataset(data_path)
     model = build_model(cfg.model, data.hamiltonian())
+    try:  # before the run folder is written: a dataset smaller than the model's reach is refused now
+        model.check_input(torch.zeros(1, data.L, data.L))
+    except ConfigError as exc:
+        raise ConfigError(f"model={model_label(cfg)} on dataset {dataset_name(cfg)} ({data_path}): {exc}") from None
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write_text(run_dir / ("config.yaml" if not cfg.resume else "config_resume.yaml"), cfg_yaml)
 

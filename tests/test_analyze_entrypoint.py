@@ -131,3 +131,11 @@ def test_cli_missing_file_exits_cleanly(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: trajectory=")
     assert "Traceback" not in res.stderr
+
+
+def test_inverted_fit_window_is_refused_before_any_frame_is_read(trajectories, monkeypatch):
+    from lattice_lab.analysis import pipeline
+
+    monkeypatch.setattr(pipeline, "select_frames", lambda *a, **k: pytest.fail("frames were selected"))
+    with pytest.raises(ConfigError, match=r"fit.t_min=50 >= fit.t_max=10: the fit window is empty"):
+        run(make_cfg(f"trajectory={trajectories[0]}", "fit.t_min=50", "fit.t_max=10", "tracking.enabled=false"))

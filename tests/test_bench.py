@@ -105,7 +105,7 @@ def test_quick_end_to_end(tmp_path, tmp_mlflow):
 @pytest.mark.parametrize("override, key", [
     ("sizes=[1,12]", "sizes"), ("ed_sizes=[5]", "ed_sizes"), ("presets=[nope]", "presets"),
     ("repeats=0", "repeats"), ("device=tpu", "device"), ("dtype=int3", "dtype"), ("statistic=mean", "statistic"),
-    ("cuda_graph=maybe", "cuda_graph"), ("rounds=0", "rounds"),
+    ("cuda_graph=maybe", "cuda_graph"), ("rounds=0", "rounds"), ("seed=abc", "seed"),
 ])
 def test_bad_config_names_the_key(tmp_path, override, key):
     cfg = _cfg("bench_preset=quick", f"output_dir={tmp_path}", override)

@@ -24,6 +24,13 @@ def test_runs_table_sorts_by_validation_sigma(tmp_mlflow, capsys):
     assert "0.05" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="no such MLflow experiment"):
         runs_table("lattice_lab/nothing", tracking_uri=tmp_mlflow)
+    # a misspelt sort key or columns that match nothing are named, not silently ignored
+    with pytest.raises(ConfigError, match="--sort metrics.val_sigma: not a column"):
+        runs_table("lattice_lab/train", sort="metrics.val_sigma", tracking_uri=tmp_mlflow)
+    with pytest.raises(ConfigError, match="--columns metrics.nope: none of them"):
+        runs_table("lattice_lab/train", columns=["metrics.nope"], tracking_uri=tmp_mlflow)
+    assert main(["--tracking-uri", tmp_mlflow, "--csv", "/proc/no/such/dir/t.csv"]) == 2
+    assert "error: --csv /proc/no/such/dir/t.csv" in capsys.readouterr().err
 
 
 def test_max_runs_must_be_positive(capsys):

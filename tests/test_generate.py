@@ -117,6 +117,23 @@ def test_existing_file_is_not_overwritten(tmp_path):
     assert read_force_dataset(path).attrs["seed"] == 3
 
 
+def test_unwritable_folder_is_refused_before_any_ed_work(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(generation.ExactForces, "__init__", lambda *a, **k: calls.append(1) or None)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores the mode bits: use a path under a file instead
+            locked = tmp_path / "a_file"
+            locked.write_text("")
+        with pytest.raises(ConfigError, match=r"dataset.path=.*cannot write to"):
+            run(_cfg(locked / "ds.h5"))
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+    assert calls == []  # refused before the exact-diagonalisation engine was even built
+
+
 def test_partial_build_with_other_settings_is_not_mixed_in(tmp_path):
     target = tmp_path / "p.h5"
     torch.save({"fingerprint": {"other": 1}, "kind": [0]}, generation.partial_path(target))

@@ -149,6 +149,13 @@ def test_bad_seed_is_a_config_error(dataset_file, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_dataset_smaller_than_the_receptive_field_is_refused_before_the_run(dataset_file, tmp_path):
+    # 6 message-passing layers reach 6 hops: a 10 x 10 dataset cannot hold one environment
+    with pytest.raises(ConfigError, match=r"model=gnn on dataset .*lattice L=10 is smaller .*needs L >= 13"):
+        run(_cfg(dataset_file, tmp_path, "model.widths=[1,4,4,4,4,4,1]", "tracking.enabled=false"))
+    assert not any(tmp_path.iterdir())  # no run folder holding just a config
+
+
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, "-m", "lattice_lab.train", "dataset=holstein_L8_tiny",

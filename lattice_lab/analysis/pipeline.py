@@ -284,6 +284,8 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
     if isinstance(n_col, bool) or not isinstance(n_col, int) or n_col < 1:
         raise ConfigError(f"collapse_frames={n_col!r}: expected an integer >= 1")
     t_min, t_max = _fit_value(c, "t_min"), _fit_value(c, "t_max")
+    if t_min is not None and t_max is not None and t_min >= t_max:
+        raise ConfigError(f"fit.t_min={t_min:g} >= fit.t_max={t_max:g}: the fit window is empty")
     strict_fit = t_min is not None or t_max is not None
 
     with open_trajectory(path) as traj:

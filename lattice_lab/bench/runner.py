@@ -29,7 +29,7 @@ from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
-from lattice_lab.common.seeding import seed_everything
+from lattice_lab.common.seeding import check_seed, seed_everything
 from lattice_lab.common.switch import check_switch
 from lattice_lab.common.threads import shutdown_pool
 
@@ -138,7 +138,7 @@ def run(cfg: DictConfig) -> dict:
     targets = OmegaConf.to_container(cfg.targets, resolve=True)
     langevin = OmegaConf.to_container(cfg.langevin, resolve=True) if cfg.get("langevin") else {}
     hamiltonian = _hamiltonian(cfg)
-    seed = int(cfg.get("seed", 0))
+    seed = check_seed(cfg.get("seed", 0))
     seed_everything(seed)
     out_dir = _abs(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -174,6 +174,14 @@ def build_dataset(cfg) -> Path:
     path = _abs_path(ds["path"])
     if path.exists() and not overwrite:
         raise ConfigError(f"dataset.path={str(path)!r}: file exists (pass overwrite=true to rebuild it)")
+    try:  # before any ED work: an unwritable folder is found in a second, not after the first batch
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"dataset.path={str(path)!r}: cannot write to {str(path.parent)!r} "
+                          f"({exc.strerror or exc})") from None
     config_yaml = OmegaConf.to_yaml(OmegaConf.create(c), resolve=True)
     fp = _fingerprint(ds, params, seed, device)
     ppath = partial_path(path)
