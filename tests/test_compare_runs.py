@@ -24,3 +24,21 @@ def test_runs_table_sorts_by_validation_sigma(tmp_mlflow, capsys):
     assert "0.05" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="no such MLflow experiment"):
         runs_table("lattice_lab/nothing", tracking_uri=tmp_mlflow)
+
+
+def test_best_runs_first_even_beyond_max_runs_and_only_finished_runs(tmp_mlflow):
+    """The store sorts before it cuts at max_runs (else 'best first' lists the newest runs only);
+    failed runs and the columns train does not log stay out."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tmp_mlflow)
+    exp = mlflow.create_experiment("lattice_lab/train")
+    for name, sigma in (("best", 0.01), ("mid", 0.2), ("worst", 0.9), ("newest", 0.5)):
+        with mlflow.start_run(experiment_id=exp, run_name=name):
+            mlflow.log_metrics({"final/val_sigma": sigma, "final/epochs": 3})
+    with pytest.raises(RuntimeError), mlflow.start_run(experiment_id=exp, run_name="crashed"):
+        mlflow.log_metric("final/val_sigma", 0.001)
+        raise RuntimeError("trial failed")
+    header, rows = runs_table("lattice_lab/train", max_runs=2, tracking_uri=tmp_mlflow)
+    assert [r[header.index("mlflow.runName")] for r in rows] == ["best", "mid"]
+    assert "final/epochs" in header  # the default columns name what train logs
