@@ -19,9 +19,9 @@ import sys
 from lattice_lab.common.errors import ConfigError
 
 DEFAULT_COLUMNS = {
-    "lattice_lab/train": ["tags.model_family", "params.model.name", "params.dataset.name", "metrics.final/val_sigma",
+    "lattice_lab/train": ["tags.model_family", "tags.model_preset", "params.dataset.name", "metrics.final/val_sigma",
                           "metrics.final/val_rmse", "metrics.final/train_sigma", "metrics.n_params",
-                          "metrics.flops_per_site", "metrics.epochs", "tags.device"],
+                          "metrics.flops_per_site", "metrics.final/epochs", "tags.device"],
     "lattice_lab/simulate": ["params.force.source", "params.dynamics.L", "params.dynamics.replicas",
                              "params.dynamics.temperature", "metrics.alpha", "metrics.alpha_err",
                              "metrics.steps_per_s", "metrics.site_steps_per_s", "tags.model_run_id", "tags.device"],
@@ -41,7 +41,8 @@ def _fmt(value) -> str:
 
 def runs_table(experiment: str, columns: list[str] | None = None, sort: str | None = None,
                max_runs: int = 50, tracking_uri: str | None = None):
-    """Return (columns, rows) for the finished runs of ``experiment`` (a pandas-free list of lists)."""
+    """Return (columns, rows) for the finished runs of ``experiment`` (a pandas-free list of lists): the
+    first ``max_runs`` in the order of ``sort``, which the store applies before the cut."""
     import mlflow
 
     from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
@@ -49,19 +50,27 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
     mlflow.set_tracking_uri(tracking_uri or resolve_tracking_uri(None))
     if mlflow.get_experiment_by_name(experiment) is None:
         raise ConfigError(f"experiment={experiment!r}: no such MLflow experiment in {mlflow.get_tracking_uri()}")
-    df = mlflow.search_runs(experiment_names=[experiment], max_results=max_runs)
-    columns_asked = list(columns or [])
+    asked_sort, columns_asked = sort, list(columns or [])
+    sort = sort or DEFAULT_SORT.get(experiment, "start_time")
+    ascending = not sort.endswith("_per_s") and sort != "start_time"
+    kind, _, key = sort.partition(".") if sort.split(".", 1)[0] in ("metrics", "params", "tags") else ("", "", sort)
+    order = f"{kind}.`{key}`" if kind else f"attributes.{key}"
+    try:
+        df = mlflow.search_runs(experiment_names=[experiment], max_results=max_runs,
+                                filter_string="attributes.status = 'FINISHED'",
+                                order_by=[f"{order} {'ASC' if ascending else 'DESC'}"])
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"--sort {sort}: {exc.message.split('. ')[0]} (sort by start_time, metrics.<name>, "
+                          "params.<name> or tags.<name>)") from None
     columns = ["run_id", "tags.mlflow.runName"] + list(columns or DEFAULT_COLUMNS.get(experiment, []))
     present = [c for c in columns if c in df.columns]
+    logged = ", ".join(sorted(c for c in df.columns if c.startswith("metrics."))[:5])
     if len(df) and columns_asked and not any(c in df.columns for c in columns_asked):
-        raise ConfigError(f"--columns {' '.join(columns_asked)}: none of them is logged in {experiment!r} "
-                          f"(e.g. {', '.join(sorted(c for c in df.columns if c.startswith('metrics.'))[:5])})")
-    if len(df) and sort and sort not in df.columns:
-        raise ConfigError(f"--sort {sort}: not a column of {experiment!r} "
-                          f"(e.g. start_time, {', '.join(sorted(c for c in df.columns if c.startswith('metrics.'))[:5])})")
-    sort = sort or DEFAULT_SORT.get(experiment, "start_time")
+        raise ConfigError(f"--columns {' '.join(columns_asked)}: none of them is logged in {experiment!r} (e.g. {logged})")
+    if len(df) and asked_sort and asked_sort not in df.columns:
+        raise ConfigError(f"--sort {asked_sort}: not a column of {experiment!r} (e.g. start_time, {logged})")
     if sort in df.columns:
-        df = df.sort_values(sort, ascending=not sort.endswith("_per_s") and sort != "start_time")
+        df = df.sort_values(sort, ascending=ascending)
     rows = [[_fmt(v) for v in rec] for rec in df[present].itertuples(index=False)]
     header = [c.split(".", 1)[1] if "." in c else c for c in present]
     return header, rows

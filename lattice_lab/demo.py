@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import hydra
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
@@ -37,17 +36,17 @@ def _stage(name: str, overrides: list[str]) -> float:
 def run(cfg: DictConfig) -> dict:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     times = {}
-    data_path = Path(to_absolute_path(f"runs/data/{cfg.dataset}.h5"))
+    data_path = REPO / "runs" / "data" / f"{cfg.dataset_preset}.h5"  # where the stage (cwd REPO) writes it
     if data_path.is_file():
         print(f"=== generate: reusing {data_path}")
         times["generate"] = 0.0
     else:
-        times["generate"] = _stage("generate", [f"dataset={cfg.dataset}", f"device={cfg.device}",
+        times["generate"] = _stage("generate", [f"dataset={cfg.dataset_preset}", f"device={cfg.device}",
                                                 f"seed={cfg.seed}"])
 
-    train_name = f"demo_{cfg.model}_{stamp}"
-    times["train"] = _stage("train", [f"model={cfg.model}", f"dataset={cfg.dataset}", f"trainer={cfg.trainer}",
-                                      f"trainer.max_time={cfg.train_max_time}",
+    train_name = f"demo_{cfg.model_preset}_{stamp}"
+    times["train"] = _stage("train", [f"model={cfg.model_preset}", f"dataset={cfg.dataset_preset}",
+                                      f"trainer={cfg.trainer_preset}", f"trainer.max_time={cfg.train_max_time}",
                                       f"trainer.max_epochs={cfg.train_max_epochs}", f"run_name={train_name}",
                                       f"device={cfg.device}", f"seed={cfg.seed}", *cfg.extra_train])
     ckpt = REPO / "runs" / "checkpoints" / train_name / "best.pt"
@@ -80,7 +79,7 @@ def _print_summary(cfg: DictConfig, s: dict, analysis: dict) -> None:
     sim = cfg.simulate
     lines = [
         "", "=" * 72, "lattice_lab demo summary", "=" * 72,
-        f"force field   {cfg.model} on {cfg.dataset}: validation force sigma = {_fmt(s['val_sigma'])} "
+        f"force field   {cfg.model_preset} on {cfg.dataset_preset}: validation force sigma = {_fmt(s['val_sigma'])} "
         f"(RMSE {_fmt(s['val_rmse'])}; enn_paper's full ENN on 40x40: 0.0084)",
         f"dynamics      {sim.L}x{sim.L}, {sim.replicas} replicas, {sim.steps} steps to T = {sim.temperature}: "
         f"{_fmt(s['steps_per_s'], '.3g')} steps/s, {_fmt(s['site_steps_per_s'], '.3g')} site-steps/s",

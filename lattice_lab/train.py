@@ -132,8 +132,12 @@ def run(cfg: DictConfig) -> float:
     except ConfigError as exc:
         raise ConfigError(f"model={model_label(cfg)} on dataset {dataset_name(cfg)} ({data_path}): {exc}") from None
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    atomic_write_text(run_dir / ("config.yaml" if not cfg.resume else "config_resume.yaml"), cfg_yaml)
 
+    # built before the MLflow run is (re)opened: a refused resume (other data or settings) leaves that run as it was
+    trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir,
+                      seed=seed, resume=bool(cfg.resume),
+                      meta={"config": cfg_yaml, "dataset_path": str(data_path), "dataset_name": dataset_name(cfg)})
+    atomic_write_text(run_dir / ("config.yaml" if not cfg.resume else "config_resume.yaml"), cfg_yaml)
     run_id = load_checkpoint(run_dir / "last.pt").get("mlflow_run_id") if cfg.resume else None
     parent = cfg.tracking.get("parent_run_id") or current_parent_run_id()
     tags = standard_tags("train", model_family=str(cfg.model.name), dataset_path=data_path, device=device,
@@ -150,10 +154,7 @@ def run(cfg: DictConfig) -> float:
             static["flops_per_site"] = flops
         tracker.log_metrics(static, step=0)
 
-        trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir, tracker=tracker,
-                          seed=seed, resume=bool(cfg.resume),
-                          meta={"config": cfg_yaml, "dataset_path": str(data_path),
-                                "dataset_name": dataset_name(cfg)})
+        trainer.tracker = tracker
         best_val = trainer.fit()
 
         # the best model, evaluated afresh on both splits

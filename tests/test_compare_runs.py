@@ -27,6 +27,8 @@ def test_runs_table_sorts_by_validation_sigma(tmp_mlflow, capsys):
     # a misspelt sort key or columns that match nothing are named, not silently ignored
     with pytest.raises(ConfigError, match="--sort metrics.val_sigma: not a column"):
         runs_table("lattice_lab/train", sort="metrics.val_sigma", tracking_uri=tmp_mlflow)
+    with pytest.raises(ConfigError, match="--sort foo: Invalid attribute key 'foo'"):
+        runs_table("lattice_lab/train", sort="foo", tracking_uri=tmp_mlflow)
     with pytest.raises(ConfigError, match="--columns metrics.nope: none of them"):
         runs_table("lattice_lab/train", columns=["metrics.nope"], tracking_uri=tmp_mlflow)
     assert main(["--tracking-uri", tmp_mlflow, "--csv", "/proc/no/such/dir/t.csv"]) == 2
@@ -37,3 +39,21 @@ def test_max_runs_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--max-runs", "0"])
     assert exc.value.code == 2 and "error: --max-runs=0: expected a positive integer" in capsys.readouterr().err
+
+
+def test_best_runs_first_even_beyond_max_runs_and_only_finished_runs(tmp_mlflow):
+    """The store sorts before it cuts at max_runs (else 'best first' lists the newest runs only);
+    failed runs and the columns train does not log stay out."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tmp_mlflow)
+    exp = mlflow.create_experiment("lattice_lab/train")
+    for name, sigma in (("best", 0.01), ("mid", 0.2), ("worst", 0.9), ("newest", 0.5)):
+        with mlflow.start_run(experiment_id=exp, run_name=name):
+            mlflow.log_metrics({"final/val_sigma": sigma, "final/epochs": 3})
+    with pytest.raises(RuntimeError), mlflow.start_run(experiment_id=exp, run_name="crashed"):
+        mlflow.log_metric("final/val_sigma", 0.001)
+        raise RuntimeError("trial failed")
+    header, rows = runs_table("lattice_lab/train", max_runs=2, tracking_uri=tmp_mlflow)
+    assert [r[header.index("mlflow.runName")] for r in rows] == ["best", "mid"]
+    assert "final/epochs" in header  # the default columns name what train logs

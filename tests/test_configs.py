@@ -57,3 +57,12 @@ def test_primary_configs_compose(primary):
     with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose(primary, return_hydra_config=True)
     assert cfg.hydra.run.dir.startswith("runs/hydra/")
+
+
+@pytest.mark.parametrize("primary", ["train", "simulate", "simulate_compare", "analyze"])
+def test_tracking_store_and_experiment_can_be_set_on_the_command_line(primary):
+    """``tracking.uri=...`` / ``tracking.experiment=...`` (docs/training.md) work for every tracked entrypoint."""
+    over = ["tracking.uri=sqlite:////tmp/x.db", "tracking.experiment=mine"]
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose(primary, overrides=over)
+    assert cfg.tracking.uri == "sqlite:////tmp/x.db" and cfg.tracking.experiment == "mine"

@@ -1,5 +1,6 @@
 """simulate: ED/ML-driven Langevin runs, trajectories, checkpoints, exact resume, divergence, refusals."""
 
+import copy
 import math
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from lattice_lab.common.cli import CONFIG_DIR
 from lattice_lab.common.errors import ConfigError, SimulationDiverged
 from lattice_lab.dynamics.compare_run import run_comparison
-from lattice_lab.dynamics.forces import EDForceProvider, ForceProvider, make_force_provider
+from lattice_lab.dynamics.forces import EDForceProvider, ForceProvider, make_force_provider, weights_sha256
 from lattice_lab.dynamics.runner import build_hamiltonian, run_simulation
 from lattice_lab.dynamics.trajectory import partial_path
 from lattice_lab.physics.ed import ExactForces
@@ -402,6 +403,8 @@ def test_mlflow_and_analysis(tmp_path, tmp_mlflow, gnn_checkpoint):
     assert run_info.data.params["dynamics.L"] == str(L) and run_info.data.params["force.source"] == "ml"
     assert run_info.data.metrics["steps_per_s"] > 0 and "site_steps_per_s" in run_info.data.metrics
     assert run_info.data.tags["force_source"] == "ml" and run_info.data.tags["status"] == "completed"
+    assert run_info.data.tags["model_sha256"] == weights_sha256(gnn_checkpoint[1])[:12]
+    assert "config.yaml" in {a.path for a in client.list_artifacts(res["mlflow_run_id"])}
     history = client.get_metric_history(res["mlflow_run_id"], "L")
     assert sorted(m.step for m in history) == [0, 5, 10, 15, 20, 25, 30, 35, 40]
     assert all(math.isfinite(m.value) for m in history)
@@ -452,3 +455,24 @@ def test_ml_run_from_torchscript_export(tmp_path):
     state = torch.load(res["checkpoint"], weights_only=False)["state"]
     with torch.no_grad():
         torch.testing.assert_close(state["F"], model(state["Q"]), rtol=1e-12, atol=1e-12)
+
+
+def test_resume_refuses_another_model_at_the_same_path(tmp_path, gnn_checkpoint):
+    """force.checkpoint is a path: a model retrained into it must not silently drive the rest of the run."""
+    from lattice_lab.models.checkpoint import save_checkpoint
+
+    _, model = gnn_checkpoint
+    path = tmp_path / "model" / "best.pt"
+    save_checkpoint(path, model, {})
+    over = ["force=ml", f"force.checkpoint={path}", "dtype=float64"]
+    part = run(make_cfg(tmp_path, *over, "stop_after_steps=5"))
+    attrs = read_all(part["trajectory"])[1]
+    assert attrs["model_sha256"] == weights_sha256(model) == weights_sha256(copy.deepcopy(model).float())
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    save_checkpoint(path, other, {})
+    with pytest.raises(ConfigError, match="model_sha256"):
+        run(make_cfg(tmp_path, *over, "resume=true"))
+    save_checkpoint(path, model, {})
+    assert run(make_cfg(tmp_path, *over, "resume=true"))["completed"]

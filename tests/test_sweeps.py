@@ -87,3 +87,34 @@ def test_sweep_records_trials_failures_resumes_and_shares_parent(tmp_path, tiny_
     parent_run = client.get_run(parent)
     assert parent_run.data.metrics["n_trials_complete"] == n_complete
     assert parent_run.info.status == "FINISHED"
+
+
+def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(tmp_path):
+    """A seeded sampler restarts its random stream: a resumed sweep must not draw its first points again."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lattice_lab.common.cli import CONFIG_DIR
+    from lattice_lab.sweeps.callback import offset_sampler_seed
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
+                                          "hydra.sweeper.study_name=resume_seed"], return_hydra_config=True)
+    assert offset_sampler_seed(cfg) is None, "a new study keeps the configured seed"
+    seed0 = int(cfg.hydra.sweeper.sampler.seed)
+
+    def first_draws(sampler_cfg, study_name, n=2):
+        study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                    sampler=instantiate(sampler_cfg))
+        trials = [study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)}) for _ in range(n)]
+        for t in trials:
+            study.tell(t, t.params["x"])
+        return [t.params["x"] for t in trials]
+
+    first = first_draws(cfg.hydra.sweeper.sampler, "resume_seed")
+    assert offset_sampler_seed(cfg) == seed0 + 2
+    assert cfg.hydra.overrides.hydra[-1] == f"hydra.sweeper.sampler.seed={seed0 + 2}", \
+        "the trials' configs are composed from the overrides and must see the same sweeper"
+    again = first_draws(cfg.hydra.sweeper.sampler, "resume_seed")
+    assert set(again).isdisjoint(first)

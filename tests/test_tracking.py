@@ -159,3 +159,22 @@ def test_plots_are_pngs(tmp_path):
         path = save_figure(f, tmp_path / name, close=True)
         assert path.read_bytes()[:8] == PNG_MAGIC
     assert error_histogram(splits).axes[0].get_yscale() == "log"
+
+
+def test_tags_say_whether_the_code_had_uncommitted_changes(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "a")
+    (tmp_path / "untracked.txt").write_text("outputs are not code\n")
+    assert mu.git_dirty(tmp_path) is False
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert mu.git_dirty(tmp_path) is True
+    assert mu.git_dirty(tmp_path / "not_a_repo_sub") is None
+    assert mu.standard_tags("train")["git_dirty"] in ("True", "False")

@@ -163,3 +163,19 @@ def test_dataset_without_validation_is_a_config_error(tiny_data):
     data = tiny_data.subset(np.arange(4))
     with pytest.raises(ConfigError, match="validation"):
         Trainer(_model(), data, _cfg(), device="cpu", dtype="float64")
+
+
+def test_resume_refuses_other_data_and_other_optimisation_settings(tiny_data, tmp_path):
+    """A resume must continue the same optimisation: other data or batch size / lr would silently give
+    a run that matches no uninterrupted one (max_epochs and the like may change)."""
+    Trainer(_model(), tiny_data, _cfg(max_epochs=1), device="cpu", dtype="float64", out_dir=tmp_path).fit()
+    other = ForceData(Q=tiny_data.Q[::-1].copy(), F=tiny_data.F[::-1].copy(), n=tiny_data.n, kind=tiny_data.kind,
+                      is_val=tiny_data.is_val, attrs=tiny_data.attrs)
+    with pytest.raises(ConfigError, match="trained on other data"):
+        Trainer(_model(), other, _cfg(max_epochs=2), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size=3: the run being resumed was trained with batch_size=2"):
+        Trainer(_model(), tiny_data, _cfg(max_epochs=2, batch_size=3), device="cpu", dtype="float64",
+                out_dir=tmp_path, resume=True)
+    resumed = Trainer(_model(), tiny_data, _cfg(max_epochs=2, patience=5, eval_batch_size=2), device="cpu",
+                      dtype="float64", out_dir=tmp_path, resume=True)
+    assert resumed.epoch == 1

@@ -65,6 +65,7 @@ class ForceProvider:
         self.chunk_replicas = int(chunk_replicas) if chunk_replicas else None
         self.model_path = ""
         self.model_run_id = ""
+        self.model_sha256 = ""
 
     def _evaluate(self, Q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -88,7 +89,7 @@ class ForceProvider:
     def describe(self) -> dict:
         """Trajectory/MLflow attributes of this force source."""
         return {"force_source": self.source, "model_path": self.model_path,
-                "model_run_id": self.model_run_id}
+                "model_run_id": self.model_run_id, "model_sha256": self.model_sha256}
 
 
 class EDForceProvider(ForceProvider):
@@ -143,6 +144,7 @@ class MLForceProvider(ForceProvider):
         model.check_compatible(hamiltonian.as_dict() if hasattr(hamiltonian, "as_dict") else dict(hamiltonian))
         self.model = model
         self.model_run_id = model_run_id_of(checkpoint, model) if checkpoint not in (None, "") else ""
+        self.model_sha256 = weights_sha256(model)
         self.conservative = bool(getattr(model, "conservative", False))
         self._fn = model
         self._compiled = False
@@ -185,6 +187,21 @@ class MLForceProvider(ForceProvider):
                           "running the model eagerly", stacklevel=2)
             self._fn, self._compiled = self.model, False
             return self._run(Q)
+
+
+def weights_sha256(model) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes and values; floats as float64, so the
+    same weights give the same hash in float32 and float64): which model drove a run, whatever its path."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu()
+        if t.is_floating_point():
+            t = t.double()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def model_run_id_of(checkpoint, model=None) -> str:

@@ -183,6 +183,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     traj_path, ck_path, cfg_path = run_dir / TRAJECTORY_FILE, run_dir / CHECKPOINT_FILE, run_dir / CONFIG_FILE
     resume = bool(_get(cfg, "resume", False))
     fingerprint = _fingerprint(cfg)
+    if getattr(provider, "model_sha256", ""):  # the same path may hold another model by now (retrained)
+        fingerprint["model_sha256"] = provider.model_sha256
 
     checkpoint = None
     if resume and ck_path.exists():
@@ -215,7 +217,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
              **provider.describe(), "seed": seed, "save_every": save_every, "config": config_yaml}
     tags = standard_tags("simulate", device=device, model_run_id=provider.model_run_id or None,
                          force_source=provider.source, model_path=provider.model_path or None,
-                         run_dir=str(run_dir))
+                         model_sha256=getattr(provider, "model_sha256", "")[:12] or None, run_dir=str(run_dir))
     result: dict = {}
     with contextlib.ExitStack() as stack:
         if checkpoint is not None:
@@ -255,6 +257,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
         tracker = stack.enter_context(start_run(task="simulate", cfg=cfg, run_name=run_name, tags=tags,
                                                 run_id=mlflow_run_id))
         tracker.log_params(cfg)
+        tracker.log_artifact(cfg_path)
         tracker.set_tags({"noise_source": noise})
         ck = _Checkpointer(ck_path, writer, generator, cfg, fingerprint, tracker, noise)
         if checkpoint is not None:  # the resumed checkpoint is the last good state until the next one
@@ -376,6 +379,8 @@ def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path) -> None
                           f"expected {CHECKPOINT_VERSION}")
     old = checkpoint.get("fingerprint", {})
     for key in sorted(set(old) | set(fingerprint)):
+        if key == "model_sha256" and key not in old:  # a checkpoint from before the model was hashed
+            continue
         if old.get(key) != fingerprint.get(key):
             raise ConfigError(f"resume=true: {key}={fingerprint.get(key)!r} differs from the checkpoint's "
                               f"{old.get(key)!r} ({ck_path}); resume with the original settings or start a "

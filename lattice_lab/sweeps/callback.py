@@ -3,7 +3,8 @@
 Configured by ``conf/hparams_search/*.yaml`` (``hydra.callbacks.mlflow_sweep``). In the launching
 process it
 
-* on multirun start: finds or creates the parent run for the Optuna study (the same parent is
+* on multirun start: offsets the sampler seed of a resumed study by its trial count (so a resumed
+  sweep draws new points, not its first ones again), finds or creates the parent run for the Optuna study (the same parent is
   reused when an interrupted sweep is resumed, matched by the study name) and publishes its id so
   each trial's MLflow run is created as its child;
 * on multirun end: writes ``trials.csv`` (number, params, value, state, MLflow run id) and
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from lattice_lab.sweeps.parent import FILE_NAME as PARENT_FILE
 from lattice_lab.sweeps.parent import publish_parent_run_id
@@ -53,6 +54,39 @@ def _study_name(config: DictConfig) -> str:
     return str(sweeper.get("study_name") or "default")
 
 
+def offset_sampler_seed(config: DictConfig) -> int | None:
+    """Seed the sampler of a resumed study with ``seed + <trials already in the study>``.
+
+    Hydra builds the sampler after this callback's start, from ``hydra.sweeper.sampler.seed``. With the
+    configured seed as is, a resumed sweep would draw the very points of its first invocation again
+    (a seeded sampler restarts its random stream), so "n_trials more" would repeat old trials. The
+    offset keeps a resumed sweep reproducible (it depends only on the stored study) and new.
+    Returns the seed set, or None when nothing changed (new study, no seed, no storage, grid / QMC).
+    """
+    sweeper = config.hydra.get("sweeper") or {}
+    sampler, storage = sweeper.get("sampler"), sweeper.get("storage")
+    if sampler is None or sampler.get("seed") is None or not storage:
+        return None
+    if str(sampler.get("_target_", "")).endswith(("GridSampler", "QMCSampler")):
+        return None  # these find their place in the stored trials (the grid's order depends on the seed)
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=_study_name(config), storage=str(storage))
+    except KeyError:  # a new study
+        return None
+    n = len(study.get_trials(deepcopy=False))
+    if not n:
+        return None
+    seed = int(sampler.seed) + n
+    # as a hydra override too: each trial's config is composed again from those and must match
+    with read_write(config.hydra), open_dict(config.hydra):
+        sampler.seed = seed
+        config.hydra.overrides.hydra.append(f"hydra.sweeper.sampler.seed={seed}")
+    log.info("sweep %s: %d trials stored; sampler seed %d", _study_name(config), n, seed)
+    return seed
+
+
 class MlflowSweepCallback(Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -62,6 +96,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        offset_sampler_seed(config)
         if not self.enabled or not config.get("tracking", {}).get("enabled", True):
             return
         client, experiment_id = client_and_experiment(config)

@@ -236,10 +236,22 @@ def git_commit(repo: str | os.PathLike | None = None) -> str | None:
     return res.stdout.strip() or None if res.returncode == 0 else None
 
 
+def git_dirty(repo: str | os.PathLike | None = None) -> bool | None:
+    """True when tracked files of that repository differ from HEAD: ``git_commit`` alone does not
+    give the code that ran (None outside git)."""
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[2]
+    try:
+        res = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(res.stdout.strip()) if res.returncode == 0 else None
+
+
 def standard_tags(task: str, *, model_family: str | None = None, dataset_path=None, device=None,
                   **extra) -> dict[str, str]:
-    """Tags every run carries: task, model family, dataset sha256 (short), git commit, device,
-    torch version, host (plus ``extra``; None values are dropped)."""
+    """Tags every run carries: task, model family, dataset sha256 (short), git commit and whether the
+    tree had uncommitted changes, device, torch version, host (plus ``extra``; None values are dropped)."""
     import torch
 
     import lattice_lab
@@ -250,6 +262,7 @@ def standard_tags(task: str, *, model_family: str | None = None, dataset_path=No
         "dataset_sha256": file_sha256(dataset_path) if dataset_path and Path(dataset_path).is_file() else None,
         "dataset_path": str(dataset_path) if dataset_path else None,
         "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
         "device": str(device) if device is not None else None,
         "torch_version": torch.__version__,
         "lattice_lab_version": lattice_lab.__version__,

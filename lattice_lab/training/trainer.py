@@ -55,6 +55,23 @@ def _unpack_rng(state: dict) -> dict:
     return out
 
 
+# trainer settings that change the optimisation; a resume may change only the others (max_epochs,
+# max_time, patience, eval_batch_size, progress)
+RESUME_FIXED_KEYS = ("lr", "weight_decay", "batch_size", "lr_factor", "lr_patience", "min_lr", "grad_clip")
+
+
+def data_fingerprint(data) -> str:
+    """SHA-256 of what training sees: Q, F and the validation split (not file names or attributes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (data.Q, data.F, data.is_val):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _as_tensor(a, device, dtype) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
 
@@ -87,6 +104,7 @@ class Trainer:
         self.tracker = tracker
         self.model_cfg = dict(model_cfg) if model_cfg is not None else dict(getattr(model, "model_cfg", {}) or {})
         self.meta = dict(meta or {})
+        self.data_sha256 = data_fingerprint(data)
         self.model = model.to(device=self.device, dtype=self.dtype)
 
         train, val = data.split("train"), data.split("val")
@@ -139,6 +157,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "dtype": str(self.dtype).removeprefix("torch."),
             "trainer_cfg": self.cfg.as_dict(),
+            "data_sha256": self.data_sha256,
             "mlflow_run_id": self.mlflow_run_id,
         }
 
@@ -176,6 +195,19 @@ class Trainer:
             now = ", ".join(f"model.{k}={self.model_cfg.get(k)!r}" for k in diff)
             then = ", ".join(f"{k}={saved_cfg.get(k)!r}" for k in diff)
             raise ConfigError(f"{now}: the run being resumed was trained with {then}")
+        saved_data = ckpt.get("data_sha256")
+        if saved_data is not None and saved_data != self.data_sha256:
+            where = self.meta.get("dataset_path")
+            raise ConfigError(f"dataset.path={where!r}: the run being resumed was trained on other data "
+                              f"({ckpt.get('dataset_path', 'path unknown')}; Q, F or the validation split differ)")
+        saved_trainer = ckpt.get("trainer_cfg") or {}
+        now_trainer = self.cfg.as_dict()
+        diff = [k for k in RESUME_FIXED_KEYS if k in saved_trainer and saved_trainer[k] != now_trainer[k]]
+        if diff:
+            now = ", ".join(f"trainer.{k}={now_trainer[k]!r}" for k in diff)
+            then = ", ".join(f"{k}={saved_trainer[k]!r}" for k in diff)
+            raise ConfigError(f"{now}: the run being resumed was trained with {then} (a resume may change "
+                              "only max_epochs, max_time, patience, eval_batch_size and progress)")
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.to(device=self.device, dtype=self.dtype)
         self.optimizer.load_state_dict(ckpt["optimizer"])
