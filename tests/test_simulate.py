@@ -209,6 +209,12 @@ def test_resume_is_bit_identical(tmp_path, native):
     cb = torch.load(done["checkpoint"], weights_only=False)["state"]
     for key in ("Q", "V", "F"):
         assert torch.equal(ca[key], cb[key]), key
+    # the run's own config stays as it was started; the resume's is kept beside it
+    folder = tmp_path / "b" / "ed_L8_R2_T0.1_seed3"
+    assert "stop_after_steps: 13" in (folder / "config.yaml").read_text()
+    assert "resume: true" in (folder / "config_resume.yaml").read_text()
+    with h5py.File(done["trajectory"]) as f:
+        assert "stop_after_steps: 13" in f.attrs["config"] and "resume: true" in f.attrs["config_resume"]
 
 
 def test_resume_refuses_other_settings_and_existing_runs(tmp_path):

@@ -14,7 +14,7 @@ device). Runaway dynamics (NaN/inf or max|Q| above ``divergence.max_abs_q``) sto
 trajectory up to it.
 
 Output folder ``<output_root>/<run_name>/``: ``trajectory.h5``, ``checkpoint.pt``, ``config.yaml``
-(+ the analysis outputs when ``analyze=true``).
+(``config_resume.yaml`` after a resume; + the analysis outputs when ``analyze=true``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ EXPERIMENT = "lattice_lab/simulate"
 TRAJECTORY_FILE = "trajectory.h5"
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
+RESUME_CONFIG_FILE = "config_resume.yaml"  # the config of the latest resume (config.yaml: the run's first)
 DYNAMICS_KEYS = ("mass", "gamma", "dt", "temperature", "init_temperature", "L", "replicas", "steps",
                  "save_every")
 
@@ -204,6 +205,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             stale.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    if checkpoint is not None:  # the run's own config stays; the resume's (more steps, another device) beside it
+        cfg_path = run_dir / RESUME_CONFIG_FILE
     atomic_write_text(cfg_path, config_yaml)
 
     lp = LangevinParams(mass=dyn["mass"], gamma=dyn["gamma"], dt=dyn["dt"], temperature=dyn["temperature"])
@@ -236,7 +239,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
                 os.replace(traj_path, partial_path(traj_path))
             writer = TrajectoryWriter.reopen(traj_path, int(checkpoint["n_frames"]))
             stack.callback(writer.close)
-            writer.set_attrs(config=config_yaml)
+            writer.set_attrs(config_resume=config_yaml)
             generator.set_state(checkpoint["generator_state"])
             wall_before = float(checkpoint.get("wall_s", 0.0))
             mlflow_run_id = checkpoint.get("mlflow_run_id")
