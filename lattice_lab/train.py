@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> float:
     parent = cfg.tracking.get("parent_run_id") or current_parent_run_id()
     tags = standard_tags("train", model_family=str(cfg.model.name), dataset_path=data_path, device=device,
                          model_preset=model_label(cfg), dataset=dataset_name(cfg), run_dir=str(run_dir),
-                         dtype=str(cfg.dtype))
+                         dtype=str(cfg.dtype), data_content_sha256=trainer.data_sha256[:16])
     with start_run(task="train", cfg=cfg, run_name=run_dir.name, tags=tags, run_id=run_id,
                    parent_run_id=parent) as tracker:
         tracker.log_params(cfg)
