@@ -107,6 +107,34 @@ def test_interrupted_build_resumes_to_the_identical_file(tmp_path, monkeypatch, 
     assert not partial.exists()
 
 
+def test_quench_noise_source_is_recorded_and_a_resume_with_another_is_refused(tmp_path, monkeypatch):
+    from lattice_lab.dynamics.langevin import LangevinIntegrator
+
+    original = ExactForces.compute
+    calls = {"n": 0}
+
+    def flaky(self, Q, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 12:  # in the middle of the quench (see the test above)
+            raise RuntimeError("injected interruption")
+        return original(self, Q, *args, **kwargs)
+
+    monkeypatch.setattr(ExactForces, "compute", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(_cfg(tmp_path / "ds.h5"))
+    monkeypatch.setattr(ExactForces, "compute", original)
+    partial = generation.partial_path(tmp_path / "ds.h5")
+    used = torch.load(partial, weights_only=False)["quench"]["noise"]
+    assert used in ("philox", "torch")
+    other = "torch" if used == "philox" else "philox"
+    monkeypatch.setattr(LangevinIntegrator, "noise_source", lambda self, state: other)
+    with pytest.raises(ConfigError, match=f"drew its quench noise from the {used} generator, this machine would use {other}"):
+        run(_cfg(tmp_path / "ds.h5"))
+    monkeypatch.undo()
+    path = run(_cfg(tmp_path / "ds.h5"))
+    assert read_force_dataset(path).attrs["quench_noise"] == used
+
+
 def test_existing_file_is_not_overwritten(tmp_path):
     path = run(_cfg(tmp_path / "x.h5"))
     before = path.read_bytes()

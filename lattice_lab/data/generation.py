@@ -251,6 +251,12 @@ def build_dataset(cfg) -> Path:
             else:
                 state = LangevinState.from_dict(saved["quench"]["state"], device=device, dtype=torch.float64)
                 integ.set_rng_state(saved["quench"]["rng"])
+            noise = integ.noise_source(state)  # the native step's Philox noise, or torch's generator
+            if saved["quench"] is not None and saved["quench"].get("noise", noise) != noise:
+                raise ConfigError(
+                    f"dataset.path={str(path)!r}: the unfinished build at {ppath} drew its quench noise from the "
+                    f"{saved['quench']['noise']} generator, this machine would use {noise} (a C++ compiler "
+                    "decides: the native step uses Philox); finish it where it started, or delete it to start over")
             last_save = n_done()
             final_step = ds["burn_in"] + ((n_quench - 1) // R) * ds["snapshot_every"]
             while n_done() < total:
@@ -269,7 +275,7 @@ def build_dataset(cfg) -> Path:
                 saved["n"].append(res.density[:take].cpu())
                 saved["kind"].extend([1] * take)
                 bar.update(take)
-                saved["quench"] = {"state": state.to_dict(), "rng": integ.rng_state()}
+                saved["quench"] = {"state": state.to_dict(), "rng": integ.rng_state(), "noise": noise}
                 if n_done() - last_save >= ds["checkpoint_every"] and n_done() < total:
                     save_partial()
                     last_save = n_done()
@@ -279,6 +285,8 @@ def build_dataset(cfg) -> Path:
             "kind": np.asarray(saved["kind"], dtype=np.uint8), "is_val": np.arange(total) % 3 == 2}
     attrs = {**params.as_dict(), "L": L, "seed": seed, "name": ds["name"], "created": saved["created"],
              "config": config_yaml, "n_random": n_rand, "n_quench": n_quench}
+    if saved["quench"] is not None:  # same seed and settings give the same file only with the same noise source
+        attrs["quench_noise"] = saved["quench"].get("noise", "unknown")
     write_force_dataset(path, data, attrs)
     with contextlib.suppress(FileNotFoundError):
         ppath.unlink()
