@@ -164,6 +164,36 @@ def test_load_force_field_accepts_export(tmp_path, preset):
         torch.testing.assert_close(loaded.energy(Q), model.energy(Q).detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("preset", EXPORT_PRESETS)
+def test_export_and_copy_after_native_inference(tmp_path, preset):
+    """A model that has already run CPU inference (its native kernel cached: ctypes objects with
+    pointers into the model) still exports (the ENN exports a private deep copy), copies and pickles;
+    the copy computes with its own weights."""
+    import copy
+    import io
+
+    model = trained_like(preset)
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        F = model(Q)  # builds and caches the native kernel where there is one
+    path = export_force_field(model, tmp_path / "model.ts.pt", example_L=9)
+    with torch.no_grad():
+        torch.testing.assert_close(load_force_field(path, device="cpu")(Q), F, rtol=1e-10, atol=1e-10)
+    twin = copy.deepcopy(model)
+    torch.save(twin, io.BytesIO())
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+        torch.testing.assert_close(model(Q), F, rtol=0, atol=0)
+        twin_ref = build_model(load_preset(preset), HAM).to(torch.float64)
+        twin_ref.load_state_dict(twin.state_dict())
+        twin_ref.eval()
+        for m in twin_ref.modules():  # the torch path
+            if hasattr(m, "native_kernel"):
+                m.native_kernel = False
+        torch.testing.assert_close(twin(Q), twin_ref(Q), rtol=1e-10, atol=1e-10)
+
+
 def test_enn_export_bands_layer_modes_and_dtype(tmp_path):
     """The scripted ENN fast path: bands of rows (chunk_sites < L^2), batches split into chunks,
     sub-chunked layers, both layer modes (explicit and bilinear); the exported model is a frozen
