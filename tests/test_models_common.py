@@ -180,3 +180,27 @@ def test_build_model_accepts_dictconfig_and_params():
     assert model.model_cfg == {"name": "gnn", "cutoff": None, "widths": [1, 4, 1],
                                "aggregation": "sum", "activation": "relu", "native_kernel": "auto",
                                "elastic_prior": False}
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
+def test_float_round_trip_keeps_float64_constants(preset):
+    """``.float()`` then ``.double()`` changes nothing for weights that float32 holds exactly: the
+    float64 constants (Clebsch-Gordan coefficients, projection kernels) stay float64 on the way."""
+    model = random_model(preset)
+    with torch.no_grad():
+        for t in model.state_dict().values():  # weights and normalisation
+            if t.is_floating_point():
+                t.copy_(t.float().double())  # float32-representable: the round trip cannot round them
+    reference = build_model(load_preset(preset), HAM).double().eval()
+    reference.load_state_dict(model.state_dict())
+    model.float()
+    for name, t in model.named_buffers():
+        if name.rsplit(".", 1)[-1] in ("_z_coef", "_xw_scale", "_ts_kernel"):
+            assert t.dtype == torch.float64, name
+    model.double()
+    for m in [*model.modules(), *reference.modules()]:
+        if hasattr(m, "native_kernel"):
+            m.native_kernel = False  # the torch path (the native kernels read their own float64 copies)
+    Q = random_field(2, lattice_size(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(Q), reference(Q), rtol=1e-14, atol=1e-13)
