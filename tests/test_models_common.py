@@ -204,3 +204,40 @@ def test_float_round_trip_keeps_float64_constants(preset):
     Q = random_field(2, lattice_size(model))
     with torch.no_grad():
         torch.testing.assert_close(model(Q), reference(Q), rtol=1e-14, atol=1e-13)
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
+def test_native_kernel_follows_replaced_tensors(preset, monkeypatch):
+    """A native kernel built before ``model.to()`` (which replaces the buffers) or before
+    ``load_state_dict(assign=True)`` (which replaces every tensor) computes with the model's current
+    weights afterwards, also when a cached function (as force providers keep it) is called; the
+    reference is the torch path of the same model (``LATTICE_LAB_NATIVE=0``)."""
+    model = random_model(preset)
+    L = lattice_size(model)
+    Q = random_field(2, L)
+
+    with torch.no_grad():
+        held = model.native_function(Q)  # fetched once, as a force provider does
+
+    def forces():
+        with torch.no_grad():
+            got = [model(Q)] + [F for F in (held and held(Q), ) if F is not None]
+            monkeypatch.setenv("LATTICE_LAB_NATIVE", "0")
+            ref = model(Q)
+            monkeypatch.delenv("LATTICE_LAB_NATIVE")
+        for F in got:
+            torch.testing.assert_close(F, ref, rtol=1e-9, atol=1e-9)
+
+    forces()  # builds and caches the native kernel (where there is one)
+    model.float().double()  # new buffers; the kernel must not keep reading or watching the old ones
+    gen = torch.Generator().manual_seed(5)
+    model.fit_normalization(0.2 + 1.3 * torch.randn(2, L, L, generator=gen, dtype=torch.float64),
+                            0.5 + 2.0 * torch.randn(2, L, L, generator=gen, dtype=torch.float64))
+    forces()
+    state = {k: v.clone() * (1.1 if v.is_floating_point() else 1) for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    forces()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    forces()
