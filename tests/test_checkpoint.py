@@ -94,6 +94,31 @@ def test_unreadable_or_foreign_checkpoint_is_config_error(tmp_path):
             load_force_field(tmp_path / name, device="cpu")
 
 
+def test_checkpoint_with_foreign_contents_is_config_error(tmp_path):
+    """A readable file whose contents do not make a model: weights of another architecture, no
+    Hamiltonian, a broken TorchScript archive or its metadata: one clear ConfigError naming the file."""
+    import zipfile
+
+    model = build_model({"name": "gnn", "widths": [1, 4, 1]}, HAM)
+    good = torch.load(save_checkpoint(tmp_path / "good.pt", model), weights_only=False)
+    torch.save(dict(good, state_dict={"w": torch.zeros(1)}), tmp_path / "weights.pt")
+    torch.save(dict(good, model_cfg={"name": "gnn", "widths": [1, 8, 1]}), tmp_path / "shapes.pt")
+    torch.save({k: v for k, v in good.items() if k != "hamiltonian"}, tmp_path / "noham.pt")
+    with zipfile.ZipFile(tmp_path / "broken.ts.pt", "w") as z:  # looks like TorchScript, is not
+        z.writestr("model/code/__torch__.py", "x")
+    export_force_field(model, tmp_path / "meta.ts.pt")
+    with zipfile.ZipFile(tmp_path / "meta.ts.pt") as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(tmp_path / "meta.ts.pt", "w") as z:  # metadata without the Hamiltonian
+        for n, b in entries.items():
+            z.writestr(n, b'{"cutoff": 1.0}' if n.endswith("/extra/lattice_lab.json") else b)
+    for name, match in (("weights.pt", "state_dict does not fit"), ("shapes.pt", "state_dict does not fit"),
+                        ("noham.pt", "no hamiltonian"), ("broken.ts.pt", "not a readable TorchScript file"),
+                        ("meta.ts.pt", "metadata")):
+        with pytest.raises(ConfigError, match=rf"checkpoint='.*{name}'.*{match}"):
+            load_force_field(tmp_path / name, device="cpu")
+
+
 _STANDALONE = r"""
 import json, sys, torch
 out, names = sys.argv[1], sys.argv[2:]
