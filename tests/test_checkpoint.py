@@ -94,6 +94,31 @@ def test_unreadable_or_foreign_checkpoint_is_config_error(tmp_path):
             load_force_field(tmp_path / name, device="cpu")
 
 
+def test_checkpoint_with_foreign_contents_is_config_error(tmp_path):
+    """A readable file whose contents do not make a model: weights of another architecture, no
+    Hamiltonian, a broken TorchScript archive or its metadata: one clear ConfigError naming the file."""
+    import zipfile
+
+    model = build_model({"name": "gnn", "widths": [1, 4, 1]}, HAM)
+    good = torch.load(save_checkpoint(tmp_path / "good.pt", model), weights_only=False)
+    torch.save(dict(good, state_dict={"w": torch.zeros(1)}), tmp_path / "weights.pt")
+    torch.save(dict(good, model_cfg={"name": "gnn", "widths": [1, 8, 1]}), tmp_path / "shapes.pt")
+    torch.save({k: v for k, v in good.items() if k != "hamiltonian"}, tmp_path / "noham.pt")
+    with zipfile.ZipFile(tmp_path / "broken.ts.pt", "w") as z:  # looks like TorchScript, is not
+        z.writestr("model/code/__torch__.py", "x")
+    export_force_field(model, tmp_path / "meta.ts.pt")
+    with zipfile.ZipFile(tmp_path / "meta.ts.pt") as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(tmp_path / "meta.ts.pt", "w") as z:  # metadata without the Hamiltonian
+        for n, b in entries.items():
+            z.writestr(n, b'{"cutoff": 1.0}' if n.endswith("/extra/lattice_lab.json") else b)
+    for name, match in (("weights.pt", "state_dict does not fit"), ("shapes.pt", "state_dict does not fit"),
+                        ("noham.pt", "no hamiltonian"), ("broken.ts.pt", "not a readable TorchScript file"),
+                        ("meta.ts.pt", "metadata")):
+        with pytest.raises(ConfigError, match=rf"checkpoint='.*{name}'.*{match}"):
+            load_force_field(tmp_path / name, device="cpu")
+
+
 _STANDALONE = r"""
 import json, sys, torch
 out, names = sys.argv[1], sys.argv[2:]
@@ -162,6 +187,36 @@ def test_load_force_field_accepts_export(tmp_path, preset):
         Q = torch.randn(1, 9, 9, dtype=torch.float64)
         torch.testing.assert_close(loaded(Q), model(Q), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(loaded.energy(Q), model.energy(Q).detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("preset", EXPORT_PRESETS)
+def test_export_and_copy_after_native_inference(tmp_path, preset):
+    """A model that has already run CPU inference (its native kernel cached: ctypes objects with
+    pointers into the model) still exports (the ENN exports a private deep copy), copies and pickles;
+    the copy computes with its own weights."""
+    import copy
+    import io
+
+    model = trained_like(preset)
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        F = model(Q)  # builds and caches the native kernel where there is one
+    path = export_force_field(model, tmp_path / "model.ts.pt", example_L=9)
+    with torch.no_grad():
+        torch.testing.assert_close(load_force_field(path, device="cpu")(Q), F, rtol=1e-10, atol=1e-10)
+    twin = copy.deepcopy(model)
+    torch.save(twin, io.BytesIO())
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+        torch.testing.assert_close(model(Q), F, rtol=0, atol=0)
+        twin_ref = build_model(load_preset(preset), HAM).to(torch.float64)
+        twin_ref.load_state_dict(twin.state_dict())
+        twin_ref.eval()
+        for m in twin_ref.modules():  # the torch path
+            if hasattr(m, "native_kernel"):
+                m.native_kernel = False
+        torch.testing.assert_close(twin(Q), twin_ref(Q), rtol=1e-10, atol=1e-10)
 
 
 def test_enn_export_bands_layer_modes_and_dtype(tmp_path):

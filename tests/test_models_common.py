@@ -180,3 +180,64 @@ def test_build_model_accepts_dictconfig_and_params():
     assert model.model_cfg == {"name": "gnn", "cutoff": None, "widths": [1, 4, 1],
                                "aggregation": "sum", "activation": "relu", "native_kernel": "auto",
                                "elastic_prior": False}
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
+def test_float_round_trip_keeps_float64_constants(preset):
+    """``.float()`` then ``.double()`` changes nothing for weights that float32 holds exactly: the
+    float64 constants (Clebsch-Gordan coefficients, projection kernels) stay float64 on the way."""
+    model = random_model(preset)
+    with torch.no_grad():
+        for t in model.state_dict().values():  # weights and normalisation
+            if t.is_floating_point():
+                t.copy_(t.float().double())  # float32-representable: the round trip cannot round them
+    reference = build_model(load_preset(preset), HAM).double().eval()
+    reference.load_state_dict(model.state_dict())
+    model.float()
+    for name, t in model.named_buffers():
+        if name.rsplit(".", 1)[-1] in ("_z_coef", "_xw_scale", "_ts_kernel"):
+            assert t.dtype == torch.float64, name
+    model.double()
+    for m in [*model.modules(), *reference.modules()]:
+        if hasattr(m, "native_kernel"):
+            m.native_kernel = False  # the torch path (the native kernels read their own float64 copies)
+    Q = random_field(2, lattice_size(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(Q), reference(Q), rtol=1e-14, atol=1e-13)
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
+def test_native_kernel_follows_replaced_tensors(preset, monkeypatch):
+    """A native kernel built before ``model.to()`` (which replaces the buffers) or before
+    ``load_state_dict(assign=True)`` (which replaces every tensor) computes with the model's current
+    weights afterwards, also when a cached function (as force providers keep it) is called; the
+    reference is the torch path of the same model (``LATTICE_LAB_NATIVE=0``)."""
+    model = random_model(preset)
+    L = lattice_size(model)
+    Q = random_field(2, L)
+
+    with torch.no_grad():
+        held = model.native_function(Q)  # fetched once, as a force provider does
+
+    def forces():
+        with torch.no_grad():
+            got = [model(Q)] + [F for F in (held and held(Q), ) if F is not None]
+            monkeypatch.setenv("LATTICE_LAB_NATIVE", "0")
+            ref = model(Q)
+            monkeypatch.delenv("LATTICE_LAB_NATIVE")
+        for F in got:
+            torch.testing.assert_close(F, ref, rtol=1e-9, atol=1e-9)
+
+    forces()  # builds and caches the native kernel (where there is one)
+    model.float().double()  # new buffers; the kernel must not keep reading or watching the old ones
+    gen = torch.Generator().manual_seed(5)
+    model.fit_normalization(0.2 + 1.3 * torch.randn(2, L, L, generator=gen, dtype=torch.float64),
+                            0.5 + 2.0 * torch.randn(2, L, L, generator=gen, dtype=torch.float64))
+    forces()
+    state = {k: v.clone() * (1.1 if v.is_floating_point() else 1) for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    forces()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    forces()

@@ -155,6 +155,21 @@ def test_native_weights_follow_parameter_updates():
     torch.testing.assert_close(after, ref, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("activation", ["tanh", "gate"])  # the whole-model kernel; the layer kernels
+def test_native_weights_follow_replaced_parameters(activation):
+    """``load_state_dict(assign=True)`` replaces the parameter tensors: the kernels built before watch
+    and read the new ones."""
+    model = _randomised_enn([4, 3], activation, torch.float64)
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(Q)
+        model.load_state_dict({k: v.clone() * 1.1 for k, v in model.state_dict().items()}, assign=True)
+        after = model(Q)
+        ref = model.compute_forces(Q)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, ref, atol=1e-12, rtol=1e-12)
+
+
 def test_native_not_used_with_autograd_gpu_dtype_or_switched_off(monkeypatch):
     model = _randomised_enn([2], "tanh", torch.float64)
     Q = torch.randn(1, 9, 9, dtype=torch.float64)

@@ -92,16 +92,24 @@ def load_checkpoint(path) -> dict:
     ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_cfg" not in ckpt:
         raise ConfigError(f"checkpoint={str(path)!r}: not a lattice_lab checkpoint (no model_cfg/state_dict)")
+    if not isinstance(ckpt.get("hamiltonian"), dict):
+        raise ConfigError(f"checkpoint={str(path)!r}: not a lattice_lab checkpoint (no hamiltonian)")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict) -> ForceField:
-    """Rebuild the model of a checkpoint dict and load its weights (CPU, training mode)."""
+def model_from_checkpoint(ckpt: dict, source=None) -> ForceField:
+    """Rebuild the model of a checkpoint dict and load its weights (CPU, training mode). Weights that
+    do not fit the model the checkpoint describes are a ConfigError (naming ``source``, the file)."""
     from lattice_lab.models.registry import build_model
 
     model = build_model(ckpt["model_cfg"], ckpt["hamiltonian"])
     model.to(resolve_dtype(ckpt.get("dtype", "float32")))
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:  # missing / unexpected keys, shapes, not a mapping
+        detail = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"checkpoint={str(source or '<dict>')!r}: its state_dict does not fit the model it "
+                          f"describes (model.name={model.name!r}): {detail}") from None
     return model
 
 
@@ -231,10 +239,20 @@ def is_torchscript(path) -> bool:
 def load_exported(path, device="cpu") -> ExportedForceField:
     """Load an export (TorchScript + metadata) as an :class:`ExportedForceField`."""
     extra = {METADATA_FILE: ""}
-    module = torch.jit.load(str(path), map_location=resolve_device(device), _extra_files=extra)
+    try:
+        module = torch.jit.load(str(path), map_location=resolve_device(device), _extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types; report one clear line
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ConfigError(f"checkpoint={str(path)!r}: not a readable TorchScript file, corrupted or of another "
+                          f"kind ({type(exc).__name__}: {detail})") from None
     if not extra[METADATA_FILE]:
         raise ConfigError(f"checkpoint={str(path)!r}: TorchScript file without lattice_lab metadata")
-    return ExportedForceField(module, json.loads(extra[METADATA_FILE]))
+    try:
+        meta = json.loads(extra[METADATA_FILE])
+        return ExportedForceField(module, meta)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"checkpoint={str(path)!r}: unreadable lattice_lab metadata in the TorchScript file "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 # -- one entry point for every kind of saved model ----------------------------------------------
@@ -299,7 +317,7 @@ def load_force_field(path_or_run_id, device="auto", dtype=None) -> ForceField:
         saved = model.metadata.get("dtype", "float32")
     else:
         ckpt = load_checkpoint(path)
-        model = model_from_checkpoint(ckpt)
+        model = model_from_checkpoint(ckpt, source=path)
         saved = ckpt.get("dtype", "float32")
     model.to(device=dev, dtype=resolve_dtype(dtype if dtype is not None else saved))
     return model.eval()

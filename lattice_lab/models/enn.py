@@ -166,6 +166,11 @@ class ENN(ForceField):
         self.register_buffer("_ts_conv_w", torch.zeros(0), persistent=False)
         self.register_buffer("_ts_conv_b", torch.zeros(0), persistent=False)
 
+    def __getstate__(self):  # copies / pickles (the export's private copy) drop the native kernel caches (ctypes objects)
+        state = dict(super().__getstate__())
+        state["_native"], state["_native_whole"] = {}, {}
+        return state
+
     # -- normalisation -----------------------------------------------------------------------------
     @torch.jit.unused
     def normalization_buffers(self) -> list[torch.Tensor]:

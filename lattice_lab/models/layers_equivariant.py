@@ -81,6 +81,19 @@ def unpack_features(X: torch.Tensor, counts: dict[str, int]) -> dict[str, torch.
     return out
 
 
+def keep_float64(module: nn.Module, names, apply, fn, *args, **kwargs):
+    """``apply(fn, ...)`` (a module's ``nn.Module._apply``: ``.to()``, ``.float()``, ``.cuda()``) that
+    moves the float64 constant buffers ``names`` (Clebsch-Gordan coefficients, projection kernels,
+    converted to the input's dtype where they are used) to the new device but keeps them float64:
+    ``.float()`` would round them for good, and a later ``.double()`` would not restore them."""
+    masters = {n: module._buffers[n] for n in names if module._buffers.get(n) is not None}
+    out = apply(fn, *args, **kwargs)
+    for name, master in masters.items():
+        moved = module._buffers[name]
+        module._buffers[name] = master if moved.device == master.device else master.to(moved.device)
+    return out
+
+
 class QuadraticIrrepLayer(nn.Module):
     """Copies + CG-coupled quadratic products, then one linear map per irrep (bias on A1 only).
 
@@ -369,7 +382,7 @@ class QuadraticIrrepLayer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .double() / .cuda(): drop cached packed weights
         self._packed_cache = None
-        return super()._apply(fn, *args, **kwargs)
+        return keep_float64(self, ("_z_coef", "_xw_scale"), super()._apply, fn, *args, **kwargs)
 
     # -- evaluation -----------------------------------------------------------------------------
     def sub_chunk(self, X: torch.Tensor) -> int:
@@ -606,9 +619,12 @@ class EnvironmentProjection(nn.Module):
         self.kernel_np = np.zeros((self.basis.M, 1, K, K))  # float64 master copy
         self.kernel_np[:] = self.basis.kernels(torch.float64)[0].numpy()
         self._kernel_cache: dict = {}
-        # the same kernels as a (non-persistent) buffer for the TorchScript path; .to() rounds it
-        # from float64 exactly like kernel() does
+        # the same kernels as a (non-persistent) float64 buffer for the TorchScript path, rounded
+        # where used exactly like kernel() does (.to() moves it, keeping float64: keep_float64)
         self.register_buffer("_ts_kernel", torch.as_tensor(self.kernel_np.copy()), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        return keep_float64(self, ("_ts_kernel",), super()._apply, fn, *args, **kwargs)
 
     def kernel(self, dtype: torch.dtype, device) -> torch.Tensor:
         """Conv weights ``[M, 1, K, K]`` in ``dtype`` on ``device`` (exactly rounded from float64)."""

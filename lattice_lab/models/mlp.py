@@ -96,6 +96,11 @@ class DescriptorMLP(ForceField):
         y = torch.cat(ys)
         return y.view(B, L, L) * self.out_scale.to(y.dtype) + self.out_shift.to(y.dtype)
 
+    def __getstate__(self):  # copies / pickles drop the native kernel cache (ctypes objects, pointers into this model)
+        state = dict(super().__getstate__())
+        state["_native"] = {}
+        return state
+
     @torch.jit.unused
     def forward(self, Q: torch.Tensor) -> torch.Tensor:
         """Forces ``[B, L, L]``: the native kernel for CPU inference where it applies, else :meth:`compute_forces`."""

@@ -18,8 +18,9 @@ import ctypes
 import torch
 
 from lattice_lab.native.build import load
-from lattice_lab.native.policy import change_key, threads
+from lattice_lab.native.policy import LiveTensors, threads
 from lattice_lab.native.quadratic import QuadraticKernel
+from lattice_lab.symmetry.group import IRREPS
 
 TILE_SITES = 256  # sites per tile: its features (~0.1-0.3 MB for the enn preset) stay in L2
 _SYMBOLS = {torch.float32: "ll_enn_forces_f32", torch.float64: "ll_enn_forces_f64"}
@@ -70,20 +71,14 @@ class ENNForces:
         self.kernels.append(QuadraticKernel(model.readout, dtype))
         self._tables_key = None
         self._proj_src = None
-        # one cheap check per call (~8 us for the 79 parameters of enn_small) instead of one per kernel
-        self._watched = [*model.parameters(), *model.normalization_buffers()]
-        self._watch_key = None
+        # one cheap check per call (~8 us for the 79 parameters of enn_small) instead of one per kernel;
+        # looked up in the modules every call (model.to() replaces the buffers)
+        self._watched = LiveTensors.of(model, [*(f"in_scale_{ir}" for ir in IRREPS), "in_shift_A1",
+                                               "out_scale", "out_shift"])
         self._scalars_key = None
 
-    def _changed(self) -> bool:
-        key = change_key(self._watched)
-        if key == self._watch_key:
-            return False
-        self._watch_key = key
-        return True
-
     def _prepare(self) -> None:
-        if not self._changed():
+        if not self._watched.changed():
             return
         for kernel in self.kernels:
             kernel.prepare()
@@ -106,7 +101,7 @@ class ENNForces:
         B, L = Q.shape[0], Q.shape[-1]
         F = torch.empty_like(Q)
         offsets, prow, poff, pcoef, pbias = self._proj
-        key = (self._watch_key, float(k), float(kappa))
+        key = (self._watched.key, float(k), float(kappa))
         if key != self._scalars_key:
             m = self.model
             self._scalars = torch.tensor([float(m.out_scale), float(m.out_shift), float(k), float(kappa),

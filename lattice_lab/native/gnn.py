@@ -23,7 +23,7 @@ import threading
 import torch
 
 from lattice_lab.native.build import load
-from lattice_lab.native.policy import SUPPORTED_DTYPES, threads
+from lattice_lab.native.policy import SUPPORTED_DTYPES, LiveTensors, threads
 
 ACTIVATION_CODES = {"relu": 1, "tanh": 2, "silu": 3, "softplus": 4}  # the kernel's; gelu: torch path
 PACK_ABOVE = 32  # layers with more outputs read a packed copy of their weights (contiguous per output chunk)
@@ -79,12 +79,16 @@ class GNNForces:
                                  dtype=torch.int64)
         self._dims_ptr = self.dims.data_ptr()
         self.scale = float(model.layers[0].neighbour_scale)
-        self._tensors = [model.q_mean, model.q_std, model.f_mean, model.f_std]
-        self._copied = []  # parameters read through a packed copy: their in-place updates are watched
+        # looked up in the modules every call: model.to() replaces the buffers, load_state_dict(assign=True) all
+        slots = [(model, name) for name in ("q_mean", "q_std", "f_mean", "f_std")]
+        copied = []  # parameters read through a packed copy: their in-place updates are watched
         for layer, packed in zip(model.layers, self.packed):
-            self._tensors += [layer.w_self, layer.w_nn, layer.bias]
+            slots += [(layer, name) for name in ("w_self", "w_nn", "bias")]
             if packed:
-                self._copied += [layer.w_self, layer.w_nn]
+                copied += [(layer, "w_self"), (layer, "w_nn")]
+        self._tensors = LiveTensors(slots)
+        self._copied = LiveTensors(copied) if copied else None
+        self._kept: list[torch.Tensor] = []
         self._ptr_key = None
         self._work: dict[tuple[int, int], tuple[torch.Tensor, _Args, int]] = {}  # (L, threads) -> (scratch, args, &args)
         self._busy = threading.Lock()  # the cached workspace serves one call at a time
@@ -92,22 +96,24 @@ class GNNForces:
     def ready(self) -> bool:
         """Whether the kernel can read the model's tensors directly (same dtype, contiguous, CPU);
         refreshes the pointer table when a tensor has moved (``model.to()``, ``p.data = ...``)."""
-        key = tuple(map(_DATA_PTR, self._tensors))
-        if self._copied:
-            key += tuple(map(_VERSION, self._copied))
+        tensors = self._tensors()
+        key = tuple(map(_DATA_PTR, tensors))
+        if self._copied is not None:
+            key += tuple(map(_VERSION, self._copied()))
         if key == self._ptr_key:
             return True
-        ok = all(t.dtype == self.dtype and t.device.type == "cpu" and t.is_contiguous() for t in self._tensors)
+        ok = all(t.dtype == self.dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
         if ok:
-            self._table = (ctypes.c_void_p * len(self._tensors))(*self._pointers())
+            self._table = (ctypes.c_void_p * len(tensors))(*self._pointers(tensors))
             self._ptr_key = key
+            self._kept = [t.detach() for t in tensors]  # their memory cannot be reused by a successor
             for _buf, args, _addr in self._work.values():
                 args.ptrs = ctypes.addressof(self._table)
         return ok
 
-    def _pointers(self) -> list[int]:
+    def _pointers(self, tensors: list[torch.Tensor]) -> list[int]:
         """The kernel's pointer table; packs the weights of the wide layers (kept in ``self._packs``)."""
-        ptrs = [t.data_ptr() for t in self._tensors[:4]]
+        ptrs = [t.data_ptr() for t in tensors[:4]]
         self._packs = []
         with torch.no_grad():
             for layer, packed in zip(self.model.layers, self.packed):

@@ -28,7 +28,7 @@ import functools
 import torch
 
 from lattice_lab.native.build import load
-from lattice_lab.native.policy import change_key, threads
+from lattice_lab.native.policy import LiveTensors, threads
 
 MAX_BLOCKS = 16  # limits of the kernel (gnn_energy_forward.cpp)
 MAX_READOUT = 16
@@ -214,21 +214,19 @@ class EnergyGNNForces:
         self.blocks = blocks
         self.neighbour_scale = float(model.blocks[0].neighbour_scale)
         self._lib = lib
-        self._watched = [*model.parameters(), *(getattr(model, n) for n in ("q_mean", "q_std", "f_mean", "e_scale"))]
-        self._watch_key = None
+        # looked up in the modules every call: model.to() replaces the buffers, load_state_dict(assign=True) all
+        self._watched = LiveTensors.of(model, ("q_mean", "q_std", "f_mean", "e_scale"))
         self._scalars_key = None
         self._plans: dict = {}  # (B, L, threads) -> (tile table, scratch elements)
         self._free: list[torch.Tensor] = []  # scratch buffers not in use (a concurrent call takes another)
 
     def _prepare(self) -> None:
-        key = change_key(self._watched)
-        if key == self._watch_key:
+        if not self._watched.changed():
             return
         params = pack_parameters(self.model, self.dtype)
         if params.numel() != self.n_params:  # pragma: no cover - layout mismatch is a bug
             raise RuntimeError(f"native energy GNN: packed {params.numel()} parameters, kernel expects {self.n_params}")
         self.params = params
-        self._watch_key = key
 
     def plan(self, B: int, L: int, nt: int) -> tuple[torch.Tensor, int]:
         """(tile table ``[n_rt, n_ct, row bounds..., column bounds...]``, scratch elements) for
@@ -256,7 +254,7 @@ class EnergyGNNForces:
         B, L = Q.shape[0], Q.shape[-1]
         if B == 0:
             return torch.empty_like(Q)
-        key = (self._watch_key, float(k), float(kappa))
+        key = (self._watched.key, float(k), float(kappa))
         if key != self._scalars_key:
             m = self.model
             self._scalars = torch.tensor([float(m.q_mean), 1.0 / float(m.q_std), float(m.f_mean), float(m.e_scale),

@@ -79,3 +79,56 @@ def change_key(tensors: list[torch.Tensor]) -> tuple:
         return tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
     except RuntimeError:  # an inference tensor (a model converted under torch.inference_mode)
         return (next(_never_equal),)
+
+
+class LiveTensors:
+    """The tensors a kernel reads, looked up where their modules keep them (``_parameters`` /
+    ``_buffers``) on every call: ``model.to()`` replaces buffers, ``load_state_dict(assign=True)``
+    and attribute assignment replace parameters too, so tensors collected once would go on being
+    watched (and read) after the model has moved on. ``slots``: ``(module, name)`` pairs, in order."""
+
+    def __init__(self, slots):
+        self._groups = []  # (dict, itemgetter, single): consecutive names of one dict in one lookup
+        for module, name in slots:
+            store = module._parameters if name in module._parameters else module._buffers
+            if name not in store:
+                raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+            if self._groups and self._groups[-1][0] is store:
+                self._groups[-1][1].append(name)
+            else:
+                self._groups.append((store, [name]))
+        self._groups = [(d, operator.itemgetter(*names), len(names) == 1) for d, names in self._groups]
+        self.key: tuple | None = None  # change_key of the tensors at the last change
+        self._kept: list[torch.Tensor] = []
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, buffers=()) -> LiveTensors:
+        """Every parameter of ``module`` (the order of ``module.parameters()``) and its own ``buffers``."""
+        slots, seen = [], set()
+        for m in module.modules():
+            for name, p in m._parameters.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    slots.append((m, name))
+        return cls([*slots, *((module, name) for name in buffers)])
+
+    def __call__(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for store, get, single in self._groups:
+            if single:
+                out.append(get(store))
+            else:
+                out += get(store)
+        return out
+
+    def changed(self) -> bool:
+        """Whether a tensor may have changed since the last call that returned True (:func:`change_key`,
+        stored as ``self.key``). The tensors' memory is kept until the next change, so a replacement
+        cannot be allocated where a watched tensor was (an equal data pointer, an equal version)."""
+        tensors = self()
+        key = change_key(tensors)
+        if key == self.key:
+            return False
+        self.key = key
+        self._kept = [t.detach() for t in tensors]
+        return True

@@ -26,7 +26,7 @@ import torch
 
 from lattice_lab.models.layers_equivariant import NORM_EPS
 from lattice_lab.native.build import load
-from lattice_lab.native.policy import SUPPORTED_DTYPES, change_key
+from lattice_lab.native.policy import SUPPORTED_DTYPES, LiveTensors, change_key
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
 _SYMBOLS = {torch.float32: "ll_quadratic_f32", torch.float64: "ll_quadratic_f64"}
@@ -105,7 +105,7 @@ class QuadraticKernel:
         self.terms = as_i64(terms) if terms else torch.zeros(1, 9, dtype=torch.int64)
         self.copies = as_i64(copies)
         self.coefs = torch.tensor(coefs if coefs else [[0.0, 0.0]], dtype=dtype)
-        self._params = tuple(layer.parameters())
+        self._params = LiveTensors.of(layer)  # looked up every call: load_state_dict(assign=True) replaces them
         self._key = None
         self._lock = threading.Lock()
         self.flops_per_site = self._flops(terms)
@@ -124,11 +124,13 @@ class QuadraticKernel:
     def prepare(self) -> None:
         """Gather the weights into the kernel's layout unless no parameter changed since the last call
         (checked by data pointer and version counter, like the layer's own packed-weight cache)."""
-        key = change_key(self._params)
+        params = self._params()
+        key = change_key(params)
         if key != self._key:
             with self._lock:
                 if key != self._key:
                     self._build_weights(key)
+                    self._kept = [p.detach() for p in params]  # their memory cannot be reused by a successor
 
     def _build_weights(self, key: tuple) -> None:
         layer = self.layer
