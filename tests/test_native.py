@@ -395,3 +395,24 @@ def test_force_provider_fast_path_gives_the_model_forces(preset):
     Q2 = torch.randn(1, 13, 13, dtype=torch.float64)
     torch.testing.assert_close(provider(Q2), reference(Q2), atol=1e-11, rtol=0)
     assert provider._native[0] == Q2.shape
+
+
+def test_live_tensors_look_up_again_only_after_a_replacement():
+    from lattice_lab.models.registry import build_model
+    from lattice_lab.native.policy import LiveTensors
+
+    model = build_model({"name": "gnn", "widths": [1, 4, 1], "native_kernel": False},
+                        {"t": 1.0, "g": 1.5, "k": 1.0, "kappa": 0.1, "temperature": 0.1})
+    layer = model.layers[0]
+    live = LiveTensors([(model, "q_mean"), (layer, "w_self"), (layer, "bias")])
+    first = live()
+    assert live() is first  # nothing replaced: the cached lookup, no walk through the modules
+    layer.w_self = torch.nn.Parameter(torch.zeros_like(layer.w_self))  # attribute assignment
+    second = live()
+    assert second is not first and second[1] is layer.w_self
+    model.double()  # ForceField._apply: buffers are new tensor objects
+    third = live()
+    assert third[0] is model.q_mean and third[0].dtype == torch.float64
+    state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    assert live()[2] is layer.bias and torch.equal(live()[2], state["layers.0.bias"])

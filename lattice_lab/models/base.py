@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.native.policy import tensors_replaced
 
 HAMILTONIAN_KEYS = ("t", "g", "k", "kappa")
 
@@ -32,6 +33,13 @@ class ForceField(nn.Module):
         self.hamiltonian = {k: hamiltonian[k] for k in hamiltonian}
         self.cutoff = float(cutoff)
         self.receptive_field = int(receptive_field)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.float()``, ``.double()``, ... replace buffers (and, per torch's settings,
+        parameters) by new tensor objects: native kernels must look their tensors up again."""
+        out = super()._apply(fn, *args, **kwargs)
+        tensors_replaced()
+        return out
 
     # -- energy models override these -------------------------------------------------------
     def site_energy(self, Q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface

@@ -81,11 +81,31 @@ def change_key(tensors: list[torch.Tensor]) -> tuple:
         return (next(_never_equal),)
 
 
+# Bumped whenever a module's parameter or buffer may have been replaced by another tensor object:
+# torch calls the global registration hooks on every parameter / buffer assignment (attribute
+# assignment, register_*, load_state_dict(assign=True)), and ForceField._apply (model.to(), .float(),
+# .double(), ...) calls tensors_replaced(). Between bumps, LiveTensors returns its cached lookup: one
+# integer compare per call instead of a walk through the modules' dictionaries.
+_GENERATION = [0]
+
+
+def tensors_replaced(*_args) -> None:
+    """Note that some module's tensors were replaced (returns None: a registration hook that keeps the value)."""
+    _GENERATION[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(tensors_replaced)
+torch.nn.modules.module.register_module_buffer_registration_hook(tensors_replaced)
+
+
 class LiveTensors:
     """The tensors a kernel reads, looked up where their modules keep them (``_parameters`` /
     ``_buffers``) on every call: ``model.to()`` replaces buffers, ``load_state_dict(assign=True)``
     and attribute assignment replace parameters too, so tensors collected once would go on being
-    watched (and read) after the model has moved on. ``slots``: ``(module, name)`` pairs, in order."""
+    watched (and read) after the model has moved on. ``slots``: ``(module, name)`` pairs, in order.
+    The lookup is redone only after a replacement may have happened (``_GENERATION``); a direct write
+    into a module's private ``_parameters`` / ``_buffers`` dict, or ``.to()`` on a submodule of a force
+    field alone, is not seen (in-place updates and ``.data =`` are, through :func:`change_key`)."""
 
     def __init__(self, slots):
         self._groups = []  # (dict, itemgetter, single): consecutive names of one dict in one lookup
@@ -100,6 +120,8 @@ class LiveTensors:
         self._groups = [(d, operator.itemgetter(*names), len(names) == 1) for d, names in self._groups]
         self.key: tuple | None = None  # change_key of the tensors at the last change
         self._kept: list[torch.Tensor] = []
+        self._generation = -1  # _GENERATION of the cached lookup
+        self._cached: list[torch.Tensor] = []
 
     @classmethod
     def of(cls, module: torch.nn.Module, buffers=()) -> LiveTensors:
@@ -113,12 +135,16 @@ class LiveTensors:
         return cls([*slots, *((module, name) for name in buffers)])
 
     def __call__(self) -> list[torch.Tensor]:
+        if self._generation == _GENERATION[0]:
+            return self._cached
+        generation = _GENERATION[0]
         out: list[torch.Tensor] = []
         for store, get, single in self._groups:
             if single:
                 out.append(get(store))
             else:
                 out += get(store)
+        self._cached, self._generation = out, generation
         return out
 
     def changed(self) -> bool:
