@@ -90,7 +90,6 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     assert r.data.tags["task"] == "train" and r.data.tags["model_family"] == "gnn"
     assert r.data.tags["dataset_sha256"] == mu.file_sha256(dataset_file)[:12]
     # the content hash (Q, F, split) names the data itself: equal for a rebuilt file with another timestamp
-    from lattice_lab.data.h5io import read_force_dataset
     from lattice_lab.training.trainer import data_fingerprint
 
     assert r.data.tags["data_content_sha256"] == data_fingerprint(read_force_dataset(dataset_file))[:16]
