@@ -25,7 +25,9 @@ DEFAULT_COLUMNS = {
     "lattice_lab/simulate": ["params.force.source", "params.dynamics.L", "params.dynamics.replicas",
                              "params.dynamics.temperature", "metrics.alpha", "metrics.alpha_err",
                              "metrics.steps_per_s", "metrics.site_steps_per_s", "tags.model_run_id", "tags.device"],
-    "lattice_lab/bench": ["params.preset", "metrics.time_per_site_s", "metrics.fraction_of_ceiling", "tags.device"],
+    # bench logs one run per benchmark; its per-model metrics are named <preset>/<metric>
+    "lattice_lab/bench": ["params.presets", "params.sizes", "params.threads", "metrics.ceiling_gflops_float32",
+                          "metrics.targets_passed", "metrics.targets_failed", "tags.device"],
 }
 DEFAULT_SORT = {"lattice_lab/train": "metrics.final/val_sigma", "lattice_lab/simulate": "start_time",
                 "lattice_lab/bench": "start_time"}

@@ -100,6 +100,17 @@ def test_quick_end_to_end(tmp_path, tmp_mlflow):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["ceiling_gflops_float32"] > 0
     assert "enn_small/ed_crossover_L" in runs[0].data.metrics
+    # compare_runs' default bench columns are names the bench logs
+    from lattice_lab.compare_runs import DEFAULT_COLUMNS, runs_table
+
+    header, table_rows = runs_table("lattice_lab/bench", tracking_uri=tmp_mlflow)
+    assert len(table_rows) == 1
+    for column in DEFAULT_COLUMNS["lattice_lab/bench"]:
+        assert column.split(".", 1)[1] in header, column
+    # the model column names the network, not only the elastic-prior wrapper around it
+    assert {m["preset"]: m["model"] for m in data["models"]} == {
+        "enn_small": "ENN+ElasticPrior", "gnn_small": "GNN+ElasticPrior", "gnn_energy_small": "EnergyGNN",
+        "mlp_small": "DescriptorMLP+ElasticPrior"}
 
 
 @pytest.mark.parametrize("override, key", [

@@ -11,7 +11,7 @@ are frames / replicas) and returns numpy arrays. Modules:
 - :mod:`.scaling`: dynamical-scaling collapse data and a collapse quality number;
 - :mod:`.compare`: ED-vs-ML agreement statistic for per-replica curves;
 - :mod:`.stats`: replica mean / standard error, jackknife;
-- :mod:`.trajectory`: reading trajectory files frame by frame;
+- :mod:`lattice_lab.dynamics.trajectory` (not in this package): reading trajectory files frame by frame;
 - :mod:`.plots`: matplotlib (Agg) PNG figures;
 - :mod:`.pipeline`: ``analyze_trajectory`` and ``compare_trajectories`` (files + MLflow).
 """

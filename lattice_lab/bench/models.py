@@ -55,6 +55,15 @@ def build_preset(name: str, hamiltonian, device: torch.device, dtype: torch.dtyp
     return model, int(count_parameters(model)), float(flops_per_site(model))
 
 
+def model_label(model) -> str:
+    """The model's class for the ``model`` column: ``ENN+ElasticPrior`` for a network wrapped in the
+    exact elastic prior (``elastic_prior: true``), not the wrapper's name alone for three families."""
+    network = getattr(model, "network", None)
+    if isinstance(network, torch.nn.Module):
+        return f"{type(network).__name__}+{type(model).__name__}"
+    return type(model).__name__
+
+
 def min_lattice(model) -> int:
     """Smallest L the model accepts (its receptive field must fit: L >= 2 r + 1)."""
     return 2 * math.ceil(float(getattr(model, "receptive_field", 0))) + 1
@@ -134,7 +143,7 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
         except Exception as exc:  # noqa: BLE001 - reported, never fatal
             compile_error = f"{type(exc).__name__}: {exc}"
     L_min = min_lattice(model)
-    info = {"preset": name, "model": type(model).__name__, "params": n_params, "flops_per_site": fps,
+    info = {"preset": name, "model": model_label(model), "params": n_params, "flops_per_site": fps,
             "conservative": bool(getattr(model, "conservative", False)),
             "receptive_field": float(getattr(model, "receptive_field", 0)), "min_L": L_min,
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

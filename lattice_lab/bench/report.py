@@ -141,7 +141,7 @@ def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dic
         lo, hi = ed[0][0], 2 * ed[-1][0]  # the fit, drawn to twice the largest ED size
         if a:
             Ls = [lo * (hi / lo) ** (i / 50) for i in range(51)]
-            ax.plot(Ls, [a * (L * L) ** 2 for L in Ls], "k--", lw=1, alpha=0.5, label=r"ED fit $a N^3$")
+            ax.plot(Ls, [a * (L * L) ** 2 for L in Ls], "k--", lw=1, alpha=0.5, label=r"ED fit $a N^3$ ($a N^2$ per site)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ticks = sorted({r["L"] for r in model_rows if r["status"] == "ok"} | {r["L"] for r in ed_rows})
