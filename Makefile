@@ -54,7 +54,7 @@ bench: $(STAMP)  ## speed benchmark: matmul ceiling, models, Langevin step, ED c
 
 paper: $(STAMP)  ## full reproduction of both papers' figures (GPU recommended, hours)
 	$(PY) -m lattice_lab.generate dataset=holstein_L40
-	$(PY) -m lattice_lab.train +experiment=paper_force_accuracy
+	$(PY) -m lattice_lab.train -m +experiment=paper_force_accuracy
 	$(PY) -m lattice_lab.simulate --config-name simulate_compare +experiment=paper_ed_vs_ml
 	$(PY) -m lattice_lab.simulate -m +experiment=paper_coarsening
 

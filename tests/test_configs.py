@@ -66,3 +66,22 @@ def test_tracking_store_and_experiment_can_be_set_on_the_command_line(primary):
     with initialize_config_dir(config_dir=CONFIG_DIR):
         cfg = compose(primary, overrides=over)
     assert cfg.tracking.uri == "sqlite:////tmp/x.db" and cfg.tracking.experiment == "mine"
+
+
+def test_documented_commands_of_multirun_experiments_pass_dash_m():
+    """An experiment that sets ``hydra.mode: MULTIRUN`` only runs with ``-m`` (Hydra 1.4 refuses a mode
+    changed during composition), so every command the repo shows for it must pass ``-m``."""
+    import re
+
+    repo = CONF.parent
+    multirun = {n for n in EXPERIMENTS
+                if OmegaConf.select(OmegaConf.load(CONF / "experiment" / f"{n}.yaml"), "hydra.mode") == "MULTIRUN"}
+    assert multirun, "no multirun experiment found"
+    files = [repo / "Makefile", repo / "README.md", *(repo / "docs").glob("*.md"), *CONF.rglob("*.yaml")]
+    bad = []
+    for path in files:
+        for line in path.read_text().splitlines():
+            for cmd in re.findall(r"lattice_lab\.(?:train|simulate)\b[^`|]*\+experiment=(\w+)", line):
+                if cmd in multirun and not re.search(r"lattice_lab\.(?:train|simulate)\s+(?:\S+\s+)*-m\s", line):
+                    bad.append(f"{path.relative_to(repo)}: {line.strip()}")
+    assert not bad, "\n".join(bad)
