@@ -61,6 +61,10 @@ paper: $(STAMP)  ## full reproduction of both papers' figures (GPU recommended, 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check lattice_lab tests
 
-clean:  ## remove runs/ outputs (keeps runs/README.md), caches
-	find runs -mindepth 1 ! -name README.md -exec rm -rf {} + 2>/dev/null || true
+clean:  ## remove caches; runs/ outputs too (datasets, checkpoints, MLflow/Optuna stores) after asking, or YES=1
 	rm -rf outputs multirun .pytest_cache .ruff_cache
+	@outputs="find runs -mindepth 1 -maxdepth 1 ! -name README.md"; [ -n "$$($$outputs 2>/dev/null)" ] || exit 0; \
+	if [ "$(YES)" != 1 ]; then $$outputs -exec du -sh {} +; \
+	  read -r -p "delete these from runs/ (keeps runs/README.md)? [y/N] " answer || true; \
+	  case "$$answer" in [yY]*) ;; *) echo "runs/ kept (make clean YES=1 deletes without asking)"; exit 0;; esac; fi; \
+	$$outputs -exec rm -rf {} +
