@@ -43,7 +43,7 @@ simulate: $(STAMP)  ## Langevin quench with ML or ED forces (ARGS="force=ml forc
 analyze: $(STAMP)  ## analyse a trajectory (ARGS="trajectory=runs/trajectories/.../trajectory.h5")
 	$(PY) -m lattice_lab.analyze $(ARGS)
 
-sweep: $(STAMP)  ## Optuna sweep through Hydra multirun (SEARCH=gnn_optuna ARGS="model=gnn_small" for others)
+sweep: $(STAMP)  ## Optuna sweep through Hydra multirun (enn_small; SEARCH=gnn_optuna / mlp_optuna for the other families)
 	$(PY) -m lattice_lab.train -m hparams_search=$(SEARCH) $(ARGS)
 
 ui: $(STAMP)  ## MLflow UI on the local store (http://127.0.0.1:5000)

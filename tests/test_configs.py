@@ -85,3 +85,21 @@ def test_documented_commands_of_multirun_experiments_pass_dash_m():
                 if cmd in multirun and not re.search(r"lattice_lab\.(?:train|simulate)\s+(?:\S+\s+)*-m\s", line):
                     bad.append(f"{path.relative_to(repo)}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_each_search_sweeps_its_own_family_in_one_study_per_model_preset():
+    """``hparams_search=gnn_optuna`` alone sweeps a GNN (it searched ``model.aggregation`` on the default ENN and
+    failed), and two presets of a family (``gnn`` vs ``gnn_small``) do not share, and mix, one Optuna study."""
+    names = {}
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        for search in _options("hparams_search"):
+            family = search.split("_")[0]
+            for model in (None, family):
+                over = [f"hparams_search={search}"] + ([f"model={model}"] if model else [])
+                cfg = compose("train", overrides=over, return_hydra_config=True)
+                assert cfg.model.name == family
+                for key in cfg.hydra.sweeper.params:
+                    if key.startswith("model."):
+                        assert OmegaConf.select(cfg, key, default="missing") != "missing", (search, key)
+                names[(search, model)] = OmegaConf.select(cfg, "hydra.sweeper.study_name")
+    assert len(set(names.values())) == len(names), names
