@@ -28,3 +28,18 @@ def test_parallel_launcher_runs_each_job_in_its_own_process(tmp_path):
     assert seeds == [0, 1]
     runs = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert len(runs) == 2 and all((tmp_path / "ckpt" / r / "best.pt").is_file() for r in runs)
+
+
+def test_slurm_launcher_composes_and_gives_each_task_as_many_threads_as_cpus():
+    """``+launcher=slurm`` composes; ``hydra.launcher.cpus_per_task=16`` also sets OMP_NUM_THREADS=16 (it stayed 8)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lattice_lab.common.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("simulate", overrides=["+launcher=slurm", "hydra.launcher.cpus_per_task=16"],
+                      return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert "export OMP_NUM_THREADS=16" in launcher["setup"]
