@@ -406,16 +406,19 @@ class QuadraticIrrepLayer(nn.Module):
         if self.mode == "explicit":
             return self._forward_explicit(X, pw[0])
         Wt, Wc, bias, zcoef = pw[0], pw[1], pw[2], pw[3]
-        n = X.shape[0]
         base = torch.baddbmm(bias, X.index_select(1, self._copy_rows).transpose(0, 1), Wc)  # [rows_out, n, kp]
         if not self.n_terms:
             return base.transpose(0, 1).contiguous()
         need_grad = torch.is_grad_enabled() and (X.requires_grad or Wt.requires_grad)
         step = self.sub_chunk(X)
         cp, kp, nt = self.cp, self.kp, self.n_terms
+        # split, not slices: under autograd the backward of a slice fills a zero tensor of the whole
+        # source per piece; split's backward concatenates the pieces' gradients once. The groups
+        # partition the terms, the Z rows and the output rows in order.
+        t_sizes = [g[2] - g[1] for g in self.groups]
+        z_sizes = [g[4] - g[3] for g in self.groups]
         pieces: list[torch.Tensor] = []
-        for s in range(0, n, step):
-            Xs = X[s:s + step]
+        for Xs, base_c in zip(X.split(step), base.split(step, 1)):
             m = Xs.shape[0]
             XL = Xs.index_select(1, self._left_rows).transpose(0, 1)  # [terms, m, cp]
             if need_grad:  # autograd cannot record out=: same product, then a sites-first copy
@@ -424,13 +427,14 @@ class QuadraticIrrepLayer(nn.Module):
                 T = X.new_empty(m, nt, cp * kp)
                 torch.bmm(XL, Wt, out=T.transpose(0, 1))  # [m, terms, cp * kp], no copy
             Z = Xs.index_select(1, self._z_rows) * zcoef[:, None]  # [m, nz, cp]
-            base_s = base[:, s:s + step].transpose(0, 1)  # [m, rows_out, kp]
+            base_s = base_c.transpose(0, 1)  # [m, rows_out, kp]
             ys: list[torch.Tensor] = []
-            for gi, (_o, t0, t1, z0, z1, r0) in enumerate(self.groups):
+            for gi, (Tg, Zg, bg) in enumerate(zip(T.split(t_sizes, 1), Z.split(z_sizes, 1),
+                                                  base_s.split(self.group_dims, 1))):
                 d = self.group_dims[gi]
-                Tt = T[:, t0:t1].reshape(m, (t1 - t0) * cp, kp)
-                Zt = Z[:, z0:z1].reshape(m, d, (t1 - t0) * cp)
-                ys.append(torch.baddbmm(base_s[:, r0:r0 + d], Zt, Tt))
+                Tt = Tg.reshape(m, t_sizes[gi] * cp, kp)
+                Zt = Zg.reshape(m, d, t_sizes[gi] * cp)
+                ys.append(torch.baddbmm(bg, Zt, Tt))
             pieces.append(torch.cat(ys, 1) if len(ys) > 1 else ys[0])
         return torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0]
 
@@ -446,18 +450,20 @@ class QuadraticIrrepLayer(nn.Module):
         step = n if X.device.type != "cpu" else max(16, 2 * self._cache_bytes() // (3 * self.n_explicit * X.element_size()))
         WT = W.t()
         need_grad = torch.is_grad_enabled() and (X.requires_grad or W.requires_grad)
+        # split, not slices (see forward_packed): the groups partition the columns in order
+        sizes = [g[1] * g[3] for g in self.explicit_groups]
         pieces: list[torch.Tensor] = []
-        for s in range(0, n, step):
-            XT = X[s:s + step].reshape(-1, len(self.in_rows) * self.cp).t()
+        for Xs in X.split(step):
+            XT = Xs.reshape(-1, len(self.in_rows) * self.cp).t()
             m = XT.shape[1]
             Xe = torch.cat([XT, XT.new_ones(1, m)], 0)  # [slots + 1, m]
             PT = Xe.index_select(0, self._x_left)
             right = torch.cat([Xe, -Xe], 0).index_select(0, self._x_right)
             PT = PT * right if need_grad else PT.mul_(right)  # in place: saves an allocation per chunk
             ys: list[torch.Tensor] = []
-            for _, d, c0, mcols in self.explicit_groups:
+            for (_, d, c0, mcols), P in zip(self.explicit_groups, PT.split(sizes)):
                 Wo = WT[:, c0:c0 + mcols]  # [kp, columns]
-                ys.append((Wo @ PT[c0:c0 + mcols])[None] if d == 1 else Wo @ PT[c0:c0 + d * mcols].view(d, mcols, m))
+                ys.append((Wo @ P)[None] if d == 1 else Wo @ P.view(d, mcols, m))
             pieces.append((torch.cat(ys, 0) if len(ys) > 1 else ys[0]).permute(2, 0, 1))  # [m, rows_out, kp]
         return torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0].contiguous()
 

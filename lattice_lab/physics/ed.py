@@ -27,12 +27,14 @@ they are safe for any (eps - mu)/T.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.threads import run_pieces
 from lattice_lab.physics.holstein import HolsteinParams, as_params, elastic_energy, elastic_force
 
 _DEGENERACY_RTOL = 1e-10
@@ -195,7 +197,21 @@ class ExactForces:
         Qb = Qb.to(device=self.device, dtype=torch.float64)
         B, L, _ = Qb.shape
         step = self._chunk(L * L)
-        parts = [self._compute_chunk(Qb[i:i + step], return_eigenvalues) for i in range(0, B, step)]
+        self._hopping(L)  # built once, before any worker thread needs it
+        workers = torch.get_num_threads() if Qb.device.type == "cpu" else 1
+        if workers > 1 and B >= workers:
+            # one piece of configurations per torch thread, each diagonalised with one intra-op thread
+            # (common/threads.py): an eigh of a few hundred sites gains little from OpenMP threads,
+            # independent configurations scale. Every configuration's result is independent of its
+            # batch, so this gives the single-threaded numbers bit for bit.
+            step = max(1, min(-(-B // workers), step // workers))
+        starts = list(range(0, B, step))
+        parts: list = [None] * len(starts)
+
+        def piece(j: int) -> None:
+            parts[j] = self._compute_chunk(Qb[starts[j]:starts[j] + step], return_eigenvalues)
+
+        run_pieces([functools.partial(piece, j) for j in range(len(starts))], workers if len(starts) > 1 else 1)
         cat = [torch.cat([pt[j] for pt in parts]) if parts[0][j] is not None else None for j in range(5)]
         F, n, A, mu, eps = cat
 

@@ -118,7 +118,10 @@ class Trainer:
         self.Q_val = _as_tensor(val.Q, self.device, self.dtype)
         self.F_val = _as_tensor(val.F, self.device, self.dtype)
 
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # foreach: the multi-tensor step (torch's default on GPUs), bit-identical to the per-parameter loop
+        # and ~1.5x faster on CPU for models of many small parameters (enn: 79)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                          foreach=True)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=self.cfg.lr_factor, patience=self.cfg.lr_patience,
             min_lr=self.cfg.min_lr)
