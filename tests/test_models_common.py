@@ -4,6 +4,7 @@ Exact symmetries (D4, translations), locality (receptive field), transfer to a t
 compatibility checks and input validation; float64, random weights and random normalisation.
 """
 
+import copy
 import math
 
 import pytest
@@ -143,6 +144,18 @@ def test_bad_input_shapes(model):
     small = 2 * model.receptive_field
     with pytest.raises(ConfigError, match=f"L={small}"):
         model(torch.zeros(1, small, small, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_input_dtype_other_than_the_models_is_refused(model, grad):
+    """float64 Q into a float32 model: one clear error on every path (native kernel, torch, autograd)."""
+    m32 = copy.deepcopy(model).float()
+    Q = random_field(1, lattice_size(model), seed=3)  # float64
+    with torch.set_grad_enabled(grad), pytest.raises(ConfigError, match="input dtype float64 differs from the model's float32"):
+        m32(Q)
+    assert m32(Q.float()).dtype == torch.float32  # converted, it runs
+    m32.double()  # .to() forgets the cached dtype
+    assert m32(Q).dtype == torch.float64
 
 
 def test_counts_and_defaults(model):

@@ -39,6 +39,7 @@ class ForceField(nn.Module):
         parameters) by new tensor objects: native kernels must look their tensors up again."""
         out = super()._apply(fn, *args, **kwargs)
         tensors_replaced()
+        self._weight_dtype = None
         return out
 
     # -- energy models override these -------------------------------------------------------
@@ -83,9 +84,18 @@ class ForceField(nn.Module):
         return q_std, f_std
 
     # -- checks -----------------------------------------------------------------------------
+    _weight_dtype = None  # (torch.dtype) the weights' dtype, looked up on first use (reset by _apply)
+
     def check_input(self, Q: torch.Tensor) -> None:
         if Q.dim() != 3 or Q.shape[-1] != Q.shape[-2]:
             raise ConfigError(f"force field input must be [B, L, L], got shape {tuple(Q.shape)}")
+        want = self._weight_dtype
+        if want is None:
+            want = self._weight_dtype = next((p.dtype for p in self.parameters()), Q.dtype)
+        if Q.dtype != want:  # the native kernels and the torch path would not even agree on what to do
+            raise ConfigError(f"force field input dtype {str(Q.dtype).removeprefix('torch.')} differs from the "
+                              f"model's {str(want).removeprefix('torch.')}: convert one of them "
+                              "(Q.to(dtype) or model.to(dtype))")
         L = Q.shape[-1]
         if L < 2 * math.ceil(self.receptive_field) + 1:
             raise ConfigError(
