@@ -46,8 +46,9 @@ analyze: $(STAMP)  ## analyse a trajectory (ARGS="trajectory=runs/trajectories/.
 sweep: $(STAMP)  ## Optuna sweep through Hydra multirun (enn_small; SEARCH=gnn_optuna / mlp_optuna for the other families)
 	$(PY) -m lattice_lab.train -m hparams_search=$(SEARCH) $(ARGS)
 
-ui: $(STAMP)  ## MLflow UI on the local store (http://127.0.0.1:5000)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db --default-artifact-root runs/mlartifacts --host 127.0.0.1 --port 5000
+UI_PORT ?= 5000
+ui: $(STAMP)  ## MLflow UI on the local store (http://127.0.0.1:5000; UI_PORT=5001 for another port)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///runs/mlflow.db --default-artifact-root runs/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
 bench: $(STAMP)  ## speed benchmark: matmul ceiling, models, Langevin step, ED crossover
 	$(PY) -m lattice_lab.bench $(ARGS)
