@@ -9,6 +9,10 @@ import h5py
 import numpy as np
 import optuna
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lattice_lab.common.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +70,15 @@ def test_sweep_records_trials_failures_resumes_and_shares_parent(tmp_path, tiny_
         assert (t.state == optuna.trial.TrialState.FAIL) == (t.params["trainer.lr"] < 0)
     table = (sweep1 / "trials.csv").read_text().splitlines()
     assert len(table) == 4 and table[0].startswith("number,state,value,mlflow_run_id")
-    assert (sweep1 / "best_config.yaml").is_file()
+    # best_config.yaml names one run that retrains the best trial: the sweep's settings + the best values
+    best = OmegaConf.load(sweep1 / "best_config.yaml")
+    assert "model=enn_small" in best.overrides and "dataset.name=tiny" in best.overrides
+    assert f"trainer.lr={best.params['trainer.lr']}" in best.overrides and not any(
+        "choice(" in o or o.startswith("hparams_search") for o in best.overrides)
+    assert best.command.startswith("python -m lattice_lab.train ")
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        rerun = compose("train", overrides=list(best.overrides))
+    assert rerun.model.hidden == [2, 2, 2] and rerun.trainer.lr == best.params["trainer.lr"]
 
     # resume: the same study gets one more trial (the last grid point)
     sweep2 = _sweep(tmp_path, tiny_dataset, 1, "b")

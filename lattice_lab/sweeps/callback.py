@@ -8,7 +8,7 @@ process it
   reused when an interrupted sweep is resumed, matched by the study name) and publishes its id so
   each trial's MLflow run is created as its child;
 * on multirun end: writes ``trials.csv`` (number, params, value, state, MLflow run id) and
-  ``best_config.yaml`` (the composed overrides of the best trial) into the sweep folder, logs both
+  ``best_config.yaml`` (the best trial, as the overrides and command of one run that retrains it) into the sweep folder, logs both
   to the parent run with the best value, and closes the parent.
 """
 
@@ -87,6 +87,26 @@ def offset_sampler_seed(config: DictConfig) -> int | None:
     return seed
 
 
+RERUN_GROUPS = ("hamiltonian", "dataset", "model", "trainer")  # presets a single rerun must name
+
+
+def fixed_overrides(config: DictConfig) -> list[str]:
+    """The sweep's settings that are not searched: its command-line overrides without the searched
+    keys and ``hparams_search``, plus the presets the search config chose (e.g. its family's model)."""
+    searched = set((config.hydra.sweeper.get("params") or {}).keys())
+    task = [str(o) for o in config.hydra.overrides.get("task", [])]
+
+    def key(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("+~")
+
+    out = [o for o in task if key(o) not in searched and key(o) != "hparams_search"
+           and not any(f in o for f in ("choice(", "range(", "interval(", "tag("))]
+    choices = config.hydra.runtime.get("choices") or {}
+    given = {key(o) for o in out}
+    presets = [f"{g}={choices[g]}" for g in RERUN_GROUPS if choices.get(g) and g not in given]
+    return presets + out
+
+
 class MlflowSweepCallback(Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -139,7 +159,8 @@ class MlflowSweepCallback(Callback):
         storage = config.hydra.sweeper.get("storage")
         report = None
         if storage:
-            report = write_study_report(str(storage), _study_name(config), sweep_dir, run_params=run_params)
+            report = write_study_report(str(storage), _study_name(config), sweep_dir, run_params=run_params,
+                                        fixed_overrides=fixed_overrides(config))
         if client is None:
             return
         if report is not None:

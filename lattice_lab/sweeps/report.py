@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
 from pathlib import Path
 
 import optuna
@@ -37,8 +38,12 @@ def trials_table(study: optuna.Study, run_params: dict[str, dict] | None = None)
 
 
 def write_study_report(storage: str, study_name: str, out_dir: str | Path,
-                       run_params: dict[str, dict] | None = None) -> dict:
-    """Write ``trials.csv`` and ``best_config.yaml`` for a study; return paths and counts."""
+                       run_params: dict[str, dict] | None = None, fixed_overrides: list[str] | None = None,
+                       task: str = "train") -> dict:
+    """Write ``trials.csv`` and ``best_config.yaml`` for a study; return paths and counts.
+
+    ``fixed_overrides``: the sweep's own settings (presets, paths, ...); with the best trial's values
+    they make ``best_config.yaml``'s ``overrides`` and ``command``, one run that retrains the best trial."""
     out_dir = Path(out_dir)
     study = optuna.load_study(study_name=study_name, storage=storage)
     rows = trials_table(study, run_params)
@@ -57,7 +62,8 @@ def write_study_report(storage: str, study_name: str, out_dir: str | Path,
         best_value = best.value
         best_cfg = {"study_name": study_name, "trial": best.number, "value": best.value,
                     "params": dict(best.params),
-                    "overrides": [f"{k}={v}" for k, v in sorted(best.params.items())]}
+                    "overrides": [*(fixed_overrides or []), *(f"{k}={v}" for k, v in sorted(best.params.items()))]}
+        best_cfg["command"] = f"python -m lattice_lab.{task} " + " ".join(map(shlex.quote, best_cfg["overrides"]))
         files.append(atomic_write_text(out_dir / "best_config.yaml", OmegaConf.to_yaml(OmegaConf.create(best_cfg))))
     n_failed = sum(t.state == optuna.trial.TrialState.FAIL for t in study.get_trials(deepcopy=False))
     return {"files": files, "best_value": best_value, "n_complete": len(complete), "n_failed": n_failed,
