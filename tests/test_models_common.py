@@ -6,6 +6,7 @@ compatibility checks and input validation; float64, random weights and random no
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -254,3 +255,43 @@ def test_native_kernel_follows_replaced_tensors(preset, monkeypatch):
         for p in model.parameters():
             p.mul_(0.9)
     forces()
+
+
+def _wide_gnn() -> ForceField:
+    """gnn_small with a layer wider than the native kernel's PACK_ABOVE: it reads a packed copy."""
+    from lattice_lab.native.gnn import PACK_ABOVE
+
+    cfg = dict(load_preset("gnn_small"), widths=[1, 16, PACK_ABOVE + 16, 16, 1])
+    model = build_model(cfg, HAM).double()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset", [*SMALL_PRESETS, "gnn_wide"])
+def test_weights_changed_after_untracked_writes(preset, monkeypatch):
+    """Writes through ``p.data`` (its own version counter) change neither a version nor a data pointer,
+    so the packed weight copies (native kernels, the ENN's packed layers and projection) cannot see
+    them; after ``model.weights_changed()`` every path computes with the written weights again, a
+    force provider's cached function included. Reference: the torch path (``LATTICE_LAB_NATIVE=0``)."""
+    model = _wide_gnn() if preset == "gnn_wide" else random_model(preset)
+    L = lattice_size(model)
+    Q = random_field(2, L, seed=3)
+    with torch.no_grad():
+        held = model.native_function(Q)
+        before = model(Q)  # builds every cache
+        norms = [b for name, b in model.named_buffers()  # the learned normalisation, not internal constants
+                 if re.fullmatch(r"([a-z]+_)?(mean|std|scale|shift)(_\w+)?", name.rsplit(".", 1)[-1])]
+        assert norms  # every model has a learned normalisation
+        for t in [*model.parameters(), *norms]:
+            t.data.mul_(1.25)
+        model.weights_changed()
+        got = [model(Q)] + ([] if held is None else [held(Q)])
+        monkeypatch.setenv("LATTICE_LAB_NATIVE", "0")
+        ref = model(Q)
+    assert (ref - before).abs().max() > 1e-3  # the writes changed the forces
+    for F in got:
+        if F is not None:
+            assert_close(F, ref, 1e-9)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lattice_lab.common.errors import ConfigError
-from lattice_lab.native.policy import tensors_replaced
+from lattice_lab.native.policy import tensors_replaced, weights_written
 
 HAMILTONIAN_KEYS = ("t", "g", "k", "kappa")
 
@@ -41,6 +41,14 @@ class ForceField(nn.Module):
         tensors_replaced()
         self._weight_dtype = None
         return out
+
+    def weights_changed(self) -> None:
+        """Call after writing to the weights in a way torch does not track: in place through ``.data``
+        (``p.data.copy_(x)``, ``p.data.mul_(a)``: ``.data`` has a version counter of its own) or through
+        a numpy view. The native kernels and the ENN keep packed copies of the weights, rebuilt when a
+        version counter or data pointer changes (optimizer steps, ``load_state_dict``, ``.to()``,
+        ``p.data = x``, writes under ``torch.no_grad()``); this rebuilds them at the next call."""
+        weights_written()
 
     # -- energy models override these -------------------------------------------------------
     def site_energy(self, Q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface

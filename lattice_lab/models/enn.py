@@ -36,7 +36,7 @@ from lattice_lab.models.layers_equivariant import (
     force_moments,
     packed_rows,
 )
-from lattice_lab.native.policy import applicable, build_or_fallback, check_setting
+from lattice_lab.native.policy import applicable, build_or_fallback, check_setting, write_count
 from lattice_lab.symmetry.field_ops import periodic_band, periodic_pad
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
 
@@ -216,7 +216,7 @@ class ENN(ForceField):
         padding channels get zero kernels, so they are exactly zero.
         """
         bufs = self.normalization_buffers()[:-2]
-        key = (dtype, torch.device(device), tuple((t.data_ptr(), t._version) for t in bufs))
+        key = (dtype, torch.device(device), write_count(), tuple((t.data_ptr(), t._version) for t in bufs))
         if self._proj_cache is not None and self._proj_cache[0] == key:
             return self._proj_cache[1]
         # built from buffers only (no gradient); normal tensors even when called in inference mode,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.native.policy import write_count
 from lattice_lab.symmetry.clebsch_gordan import clebsch_gordan, product_decomposition
 from lattice_lab.symmetry.field_ops import periodic_pad
 from lattice_lab.symmetry.group import IRREP_DIM, IRREPS
@@ -335,12 +336,13 @@ class QuadraticIrrepLayer(nn.Module):
 
         One gather from the concatenated parameters (differentiable). In eval mode without
         autograd the result is cached and rebuilt when any parameter changes (version counter);
-        after writing to ``p.data`` directly call :meth:`clear_cache`.
+        after writing to ``p.data`` directly call the model's
+        :meth:`~lattice_lab.models.base.ForceField.weights_changed` (or this layer's :meth:`clear_cache`).
         """
         params = list(self.parameters())
         ref = params[0]
         cacheable = not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        key = (ref.dtype, ref.device, tuple((p.data_ptr(), p._version) for p in params))
+        key = (ref.dtype, ref.device, write_count(), tuple((p.data_ptr(), p._version) for p in params))
         if cacheable and self._packed_cache is not None and self._packed_cache[0] == key:
             return self._packed_cache[1]
         flat = torch.cat([ref.new_zeros(1)] + [w.reshape(-1) for w in self.weights]

@@ -23,7 +23,7 @@ import threading
 import torch
 
 from lattice_lab.native.build import load
-from lattice_lab.native.policy import SUPPORTED_DTYPES, LiveTensors, threads
+from lattice_lab.native.policy import _WRITES, SUPPORTED_DTYPES, LiveTensors, threads
 
 ACTIVATION_CODES = {"relu": 1, "tanh": 2, "silu": 3, "softplus": 4}  # the kernel's; gelu: torch path
 PACK_ABOVE = 32  # layers with more outputs read a packed copy of their weights (contiguous per output chunk)
@@ -95,9 +95,10 @@ class GNNForces:
 
     def ready(self) -> bool:
         """Whether the kernel can read the model's tensors directly (same dtype, contiguous, CPU);
-        refreshes the pointer table when a tensor has moved (``model.to()``, ``p.data = ...``)."""
+        refreshes the pointer table when a tensor has moved (``model.to()``, ``p.data = ...``) or after
+        :meth:`~lattice_lab.models.base.ForceField.weights_changed` (packed copies)."""
         tensors = self._tensors()
-        key = tuple(map(_DATA_PTR, tensors))
+        key = (_WRITES[0], *map(_DATA_PTR, tensors))
         if self._copied is not None:
             key += tuple(map(_VERSION, self._copied()))
         if key == self._ptr_key:

@@ -69,14 +69,31 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+# Bumped by weights_written() (ForceField.weights_changed()): writes that torch does not track -- in
+# place through ``p.data`` (``p.data.copy_(x)``: ``.data`` has a version counter of its own) or through
+# a numpy view -- change neither a version counter nor a data pointer. Part of every cache key below.
+_WRITES = [0]
+
+
+def weights_written() -> None:
+    """Note an untracked write to some model's weights: every cached copy of weights is rebuilt."""
+    _WRITES[0] += 1
+
+
+def write_count() -> int:
+    """The count of :func:`weights_written` calls (part of the weight caches' keys)."""
+    return _WRITES[0]
+
+
 def change_key(tensors: list[torch.Tensor]) -> tuple:
     """A key that changes whenever one of ``tensors`` (parameters, normalisation buffers) may have
-    changed: every in-place update bumps a version counter, and ``.data =`` / ``.to()`` replace the
-    data pointer. ~50 ns per tensor, so kernels check it on every call and rebuild their weight
+    changed: every in-place update bumps a version counter, ``.data =`` / ``.to()`` replace the
+    data pointer, and :func:`weights_written` bumps a count for the writes torch does not track.
+    ~50 ns per tensor, so kernels check it on every call and rebuild their weight
     tables only when it differs. Inference tensors have no version counter: their key never repeats
     (the tables are rebuilt on every call: correct, only slower)."""
     try:
-        return tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
+        return _WRITES[0], tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
     except RuntimeError:  # an inference tensor (a model converted under torch.inference_mode)
         return (next(_never_equal),)
 
@@ -105,7 +122,8 @@ class LiveTensors:
     watched (and read) after the model has moved on. ``slots``: ``(module, name)`` pairs, in order.
     The lookup is redone only after a replacement may have happened (``_GENERATION``); a direct write
     into a module's private ``_parameters`` / ``_buffers`` dict, or ``.to()`` on a submodule of a force
-    field alone, is not seen (in-place updates and ``.data =`` are, through :func:`change_key`)."""
+    field alone, is not seen (in-place updates and ``.data =`` are, through :func:`change_key`; writes
+    through ``p.data`` after :meth:`ForceField.weights_changed`)."""
 
     def __init__(self, slots):
         self._groups = []  # (dict, itemgetter, single): consecutive names of one dict in one lookup
