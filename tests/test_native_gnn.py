@@ -71,7 +71,9 @@ def test_native_matches_torch_path(activation, aggregation, B, L):
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_native_chunks_and_seams_on_several_threads(threads):
-    """Several row chunks (one per thread, unequal sizes) and the seams between them; the preset widths."""
+    """Several row chunks (one per thread, unequal sizes) and the seams between them; the preset widths.
+    A batch of 3 runs whole configurations per thread (2 of them on 2 threads, the third row-parallel;
+    all 3 on 3 threads): bitwise the forces of each configuration alone (row-parallel)."""
     model = _gnn(widths=[1, 16, 32, 16, 1], activation="silu")
     Q = torch.randn(3, 37, 37, dtype=torch.float64)
     previous = torch.get_num_threads()
@@ -79,8 +81,10 @@ def test_native_chunks_and_seams_on_several_threads(threads):
     try:
         with torch.no_grad():
             got = model(Q)
+            alone = torch.cat([model(Q[i:i + 1]) for i in range(3)])
     finally:
         torch.set_num_threads(previous)
+    assert torch.equal(got, alone)
     with torch.no_grad():
         torch.testing.assert_close(got, model.compute_forces(Q), atol=1e-12, rtol=0)
         torch.testing.assert_close(got, model(Q), atol=1e-12, rtol=0)  # other thread count: same forces

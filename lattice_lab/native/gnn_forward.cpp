@@ -21,7 +21,8 @@
 //   left (their last rows in the ring, their first rows in the head).
 // Every row of every layer is computed exactly once; the features in flight per thread are
 // ~5 rows per layer (L2 sized up to L ~ 1000 for gnn_small). One OpenMP parallel region per call,
-// one barrier per configuration (and one between configurations of a batch).
+// one barrier per configuration (and one between configurations of a batch). A batch of B >= nt
+// configurations instead gives each thread whole configurations (nc = 1), without barriers.
 //
 // The neighbour sum is (up + down) + (left + right): the same rounding under all D4 operations, so the
 // kernel is exactly (bitwise) D4- and translation-equivariant. relu is written y < 0 ? 0 : y so that
@@ -390,9 +391,8 @@ int64_t workspace(const int64_t* dims, int64_t L, int64_t nt) {
     if (kcp != 0 && (kcp & (kcp - 1) || kcp > 16 || dims[D_W0 + l] % kcp)) return -1;
   }
   Net<R> net;
-  const int64_t nc = n_chunks<R>(dims, L, nt);
-  net.plan(dims, nullptr, L, nc);
-  return nc * net.chunk_elems;
+  net.plan(dims, nullptr, L, n_chunks<R>(dims, L, nt));
+  return std::max<int64_t>(1, nt) * net.chunk_elems;  // nt chunks: one per thread for whole configurations
 }
 
 struct Args {  // the per-(model, L, threads) arguments, prepared once by the Python side
@@ -417,11 +417,27 @@ int forward(const R* Q, R* F, int64_t B, const Args* args, double k, double kapp
   net.k = R(k);
   net.kappa = R(kappa);
   const int64_t nc = net.nc, LL = L * L;
-  const int team = int(std::min(nt, nc));
+  // Batches: whole configurations, one per thread at a time (one chunk each, its seam is the periodic
+  // wrap: no barrier), for the largest multiple of nt; the rest row-parallel, one barrier per step.
+  // Every row is computed by the same code either way, so the forces are bitwise the same.
+  const int64_t B_whole = nt > 1 ? B / nt * nt : 0;
+  const int team = int(B_whole > 0 ? nt : std::min(nt, nc));
 #pragma omp parallel num_threads(team) if (team > 1)
   {
     const int64_t t = omp_get_thread_num(), nth = omp_get_num_threads();
-    for (int64_t bi = 0; bi < B; ++bi) {
+    if (B_whole > 0) {
+      Net<R> own = net;
+      own.nc = 1;
+      own.work = net.work + t * net.chunk_elems;
+      for (int64_t bi = t; bi < B_whole; bi += nth) {
+        own.phase1(Q + bi * LL, F + bi * LL, 0);
+        own.phase2(Q + bi * LL, F + bi * LL, 0);
+      }
+      if (B_whole < B) {  // the row-parallel rest reuses the chunks
+#pragma omp barrier
+      }
+    }
+    for (int64_t bi = B_whole; bi < B; ++bi) {
       for (int64_t c = t; c < nc; c += nth) net.phase1(Q + bi * LL, F + bi * LL, c);
 #pragma omp barrier
       for (int64_t c = t; c < nc; c += nth) net.phase2(Q + bi * LL, F + bi * LL, c);
