@@ -5,6 +5,7 @@ Examples::
     python -m lattice_lab.compare_runs                       # training runs, best validation sigma first
     python -m lattice_lab.compare_runs --experiment lattice_lab/simulate --sort metrics.site_steps_per_s
     python -m lattice_lab.compare_runs --csv runs/compare.csv
+    python -m lattice_lab.compare_runs --filter "tags.mlflow.runName LIKE 'small_%'" --group-by tags.model_preset
 
 Columns are MLflow params/metrics/tags (``metrics.val/sigma``-style names); the defaults match the
 names every lattice_lab task logs, so models and runs line up side by side.
@@ -42,9 +43,14 @@ def _fmt(value) -> str:
 
 
 def runs_table(experiment: str, columns: list[str] | None = None, sort: str | None = None,
-               max_runs: int = 50, tracking_uri: str | None = None):
+               max_runs: int = 50, tracking_uri: str | None = None, filter_string: str | None = None,
+               group_by: str | None = None):
     """Return (columns, rows) for the finished runs of ``experiment`` (a pandas-free list of lists): the
-    first ``max_runs`` in the order of ``sort``, which the store applies before the cut."""
+    first ``max_runs`` in the order of ``sort``, which the store applies before the cut.
+
+    ``filter_string``: an MLflow search filter (``"params.dataset.name = 'holstein_L16'"``), combined with
+    the finished-runs filter. ``group_by``: a column; one row per value of it (the runs of a seed study),
+    with the number of runs and every numeric column as ``mean +- std`` (std over the runs, ddof 1)."""
     import mlflow
 
     from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
@@ -57,9 +63,17 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
     ascending = not sort.endswith("_per_s") and sort != "start_time"
     kind, _, key = sort.partition(".") if sort.split(".", 1)[0] in ("metrics", "params", "tags") else ("", "", sort)
     order = f"{kind}.`{key}`" if kind else f"attributes.{key}"
+    where = "attributes.status = 'FINISHED'"
+    if filter_string:
+        try:
+            from mlflow.utils.search_utils import SearchUtils
+
+            SearchUtils.parse_search_filter(filter_string)
+        except mlflow.exceptions.MlflowException as exc:
+            raise ConfigError(f"--filter {filter_string}: {exc.message.splitlines()[0]}") from None
+        where += f" AND {filter_string}"
     try:
-        df = mlflow.search_runs(experiment_names=[experiment], max_results=max_runs,
-                                filter_string="attributes.status = 'FINISHED'",
+        df = mlflow.search_runs(experiment_names=[experiment], max_results=max_runs, filter_string=where,
                                 order_by=[f"{order} {'ASC' if ascending else 'DESC'}"])
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"--sort {sort}: {exc.message.split('. ')[0]} (sort by start_time, metrics.<name>, "
@@ -73,9 +87,44 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
         raise ConfigError(f"--sort {asked_sort}: not a column of {experiment!r} (e.g. start_time, {logged})")
     if sort in df.columns:
         df = df.sort_values(sort, ascending=ascending)
+    if group_by:
+        if len(df) and group_by not in df.columns:
+            raise ConfigError(f"--group-by {group_by}: not a column of {experiment!r} (e.g. tags.model_preset, "
+                              "params.model.name)")
+        return _grouped(df, group_by, present, sort, ascending)
     rows = [[_fmt(v) for v in rec] for rec in df[present].itertuples(index=False)]
-    header = [c.split(".", 1)[1] if "." in c else c for c in present]
-    return header, rows
+    return [_short(c) for c in present], rows
+
+
+def _short(column: str) -> str:
+    """``metrics.final/val_sigma`` -> ``final/val_sigma``."""
+    return column.split(".", 1)[1] if "." in column else column
+
+
+def _grouped(df, group_by: str, present: list[str], sort: str, ascending: bool):
+    """One row per value of ``group_by`` (in the order of the groups' mean ``sort`` where numeric, else of
+    their best run): ``n`` runs, numeric columns as ``mean +- std``, others when the runs agree."""
+    import pandas as pd
+
+    keep = [c for c in present if c not in ("run_id", "tags.mlflow.runName", group_by)]
+    numeric = [c for c in keep if pd.api.types.is_numeric_dtype(df[c])]
+    groups = list(df.groupby(group_by, sort=False, dropna=False))
+    if sort in numeric:
+        groups.sort(key=lambda g: (math.isnan(m := float(g[1][sort].mean())), m if ascending else -m))
+    rows = []
+    for value, part in groups:
+        row = [_fmt(value), str(len(part))]
+        for c in keep:
+            col = part[c]
+            if c in numeric:
+                vals = col.dropna()
+                row.append("-" if vals.empty else _fmt(float(vals.iloc[0])) if vals.nunique() == 1
+                           else f"{_fmt(float(vals.mean()))} +- {_fmt(float(vals.std(ddof=1)))}")
+            else:
+                distinct = col.dropna().unique()
+                row.append(_fmt(distinct[0]) if len(distinct) == 1 else f"({len(distinct)} values)")
+        rows.append(row)
+    return [_short(group_by), "n_runs", *map(_short, keep)], rows
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -94,11 +143,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-runs", type=int, default=50)
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--csv", default=None, help="also write the table as CSV")
+    p.add_argument("--filter", default=None, dest="filter_string",
+                   help="MLflow search filter, e.g. \"params.dataset.name = 'holstein_L16'\"")
+    p.add_argument("--group-by", default=None,
+                   help="a column, e.g. tags.model_preset: mean +- std of every numeric column over its runs (seeds)")
     args = p.parse_args(argv)
     if args.max_runs < 1:
         p.error(f"--max-runs={args.max_runs}: expected a positive integer")
     try:
-        header, rows = runs_table(args.experiment, args.columns, args.sort, args.max_runs, args.tracking_uri)
+        header, rows = runs_table(args.experiment, args.columns, args.sort, args.max_runs, args.tracking_uri,
+                                  args.filter_string, args.group_by)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -57,3 +57,28 @@ def test_best_runs_first_even_beyond_max_runs_and_only_finished_runs(tmp_mlflow)
     header, rows = runs_table("lattice_lab/train", max_runs=2, tracking_uri=tmp_mlflow)
     assert [r[header.index("mlflow.runName")] for r in rows] == ["best", "mid"]
     assert "final/epochs" in header  # the default columns name what train logs
+
+
+def test_filter_and_group_by_give_mean_and_spread_over_seeds(tmp_mlflow, capsys):
+    """``--filter`` narrows the runs with an MLflow search filter; ``--group-by`` gives one row per value
+    with the number of runs and mean +- std (ddof 1) of each numeric column, best mean first."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tmp_mlflow)
+    exp = mlflow.create_experiment("lattice_lab/train")
+    runs = [("small_a_s0", "a", 0.4), ("small_a_s1", "a", 0.6), ("small_b_s0", "b", 0.1), ("small_b_s1", "b", 0.3),
+            ("small_b_s2", "b", 0.2), ("other", "b", 0.0)]
+    for name, preset, sigma in runs:
+        with mlflow.start_run(experiment_id=exp, run_name=name):
+            mlflow.set_tags({"model_preset": preset, "device": "cpu"})
+            mlflow.log_metrics({"final/val_sigma": sigma, "n_params": 7 if preset == "a" else 9})
+    header, rows = runs_table("lattice_lab/train", tracking_uri=tmp_mlflow, group_by="tags.model_preset",
+                              filter_string="tags.mlflow.runName LIKE 'small_%'")
+    assert header[:2] == ["model_preset", "n_runs"]
+    col = header.index("final/val_sigma")
+    assert [(r[0], r[1], r[col]) for r in rows] == [("b", "3", "0.2 +- 0.1"), ("a", "2", "0.5 +- 0.1414")]
+    assert rows[0][header.index("n_params")] == "9" and rows[0][header.index("device")] == "cpu"  # constants as such
+    with pytest.raises(ConfigError, match="--group-by tags.nope: not a column"):
+        runs_table("lattice_lab/train", tracking_uri=tmp_mlflow, group_by="tags.nope")
+    assert main(["--tracking-uri", tmp_mlflow, "--filter", "tags.mlflow.runName LIKEE 'x'"]) == 2
+    assert "error: --filter tags.mlflow.runName LIKEE 'x': Invalid clause" in capsys.readouterr().err

@@ -16,7 +16,7 @@ GROUPS = {
     "launcher": ["+train", "+simulate", "+generate"],
 }
 EXPERIMENTS = {"paper_force_accuracy": "train", "paper_ed_vs_ml": "simulate_compare",
-               "paper_coarsening": "simulate", "small_coarsening": "simulate"}
+               "paper_coarsening": "simulate", "small_coarsening": "simulate", "small_force_accuracy": "train"}
 
 
 def _options(group):
