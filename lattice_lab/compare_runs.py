@@ -107,6 +107,8 @@ def _grouped(df, group_by: str, present: list[str], sort: str, ascending: bool):
     import pandas as pd
 
     keep = [c for c in present if c not in ("run_id", "tags.mlflow.runName", group_by)]
+    if group_by not in df.columns:  # no run matched
+        return [_short(group_by), "n_runs", *map(_short, keep)], []
     numeric = [c for c in keep if pd.api.types.is_numeric_dtype(df[c])]
     groups = list(df.groupby(group_by, sort=False, dropna=False))
     if sort in numeric:
