@@ -1,6 +1,7 @@
 """simulate: ED/ML-driven Langevin runs, trajectories, checkpoints, exact resume, divergence, refusals."""
 
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -443,6 +444,30 @@ def test_comparison_same_initial_states_and_noise(tmp_path, gnn_checkpoint):
     assert res["comparison"]["max_abs_z"] > 0
     with pytest.raises(ConfigError, match="compare.steps"):
         run(make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[7]", config_name="simulate_compare"))
+
+
+def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint):
+    """``compare.ed_run``: the first comparison runs ED there, the next one resumes it (no ED step is
+    recomputed, the frames stay as they are) and compares its own ML run with it; a comparison with other
+    dynamics (another seed) is refused instead of being compared with the wrong ED run."""
+    path, _ = gnn_checkpoint
+    shared = tmp_path / "ed_shared"
+    common = [f"force.checkpoint={path}", "compare.steps=[5,20]", f"compare.ed_run={shared}"]
+    first = run(make_cfg(tmp_path, *common, "compare.name=cmp_a", config_name="simulate_compare"))
+    ed_file = shared / "trajectory.h5"
+    assert first["ed"]["trajectory"] == str(ed_file) and not (tmp_path / "cmp_a" / "ed").exists()
+    before, _ = read_all(ed_file)
+    second = run_comparison(make_cfg(tmp_path, *common, "compare.name=cmp_b", config_name="simulate_compare"),
+                            ml_provider=EDForceProvider(HolsteinParams(temperature=0.1), "cpu"))
+    assert second["ed"]["completed"] and second["ed"]["steps_per_s"] == 0.0  # resumed at its end: no ED step
+    after, _ = read_all(ed_file)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+    assert second["comparison"]["max_abs_z"] == 0.0  # exact forces on the ML side: the same trajectory
+    summary = json.loads((tmp_path / "cmp_b" / "comparison.json").read_text())
+    assert summary["ed_trajectory"] == str(ed_file)
+    with pytest.raises(ConfigError, match="seed"):
+        run(make_cfg(tmp_path, *common, "compare.name=cmp_c", "seed=7", config_name="simulate_compare"))
 
 
 def test_ml_run_from_torchscript_export(tmp_path):

@@ -96,7 +96,13 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
                    tags=standard_tags("simulate", mode="ed_vs_ml", force_source="ed+ml")) as tracker:
         tracker.log_params(cfg)
         ml_force = OmegaConf.to_container(cfg.force, resolve=True)
-        res_ed = run_simulation(_child_config(cfg, ed_force, root, "ed", tracker.run_id))
+        ed_cfg = _child_config(cfg, ed_force, root, "ed", tracker.run_id)
+        shared = _get(cfg, "compare.ed_run")
+        if shared:  # one ED run for several models: created by the first comparison, resumed by the others
+            shared = _to_abs(str(shared))
+            ed_cfg.output_root, ed_cfg.run_name = str(shared.parent), check_run_name(shared.name, "compare.ed_run")
+            ed_cfg.resume, ed_cfg.overwrite = True, False
+        res_ed = run_simulation(ed_cfg)
         res_ml = run_simulation(_child_config(cfg, ml_force, root, "ml", tracker.run_id),
                                 force_provider=ml_provider)
         tracker.set_tags({"model_run_id": res_ml.get("model_run_id") or "", "ed_run_id": res_ed["mlflow_run_id"] or "",
