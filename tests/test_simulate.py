@@ -446,13 +446,13 @@ def test_comparison_same_initial_states_and_noise(tmp_path, gnn_checkpoint):
         run(make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[7]", config_name="simulate_compare"))
 
 
-def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint):
+def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint, tmp_mlflow):
     """``compare.ed_run``: the first comparison runs ED there, the next one resumes it (no ED step is
     recomputed, the frames stay as they are) and compares its own ML run with it; a comparison with other
     dynamics (another seed) is refused instead of being compared with the wrong ED run."""
     path, _ = gnn_checkpoint
     shared = tmp_path / "ed_shared"
-    common = [f"force.checkpoint={path}", "compare.steps=[5,20]", f"compare.ed_run={shared}"]
+    common = [f"force.checkpoint={path}", "compare.steps=[5,20]", f"compare.ed_run={shared}", "tracking.enabled=true"]
     first = run(make_cfg(tmp_path, *common, "compare.name=cmp_a", config_name="simulate_compare"))
     ed_file = shared / "trajectory.h5"
     assert first["ed"]["trajectory"] == str(ed_file) and not (tmp_path / "cmp_a" / "ed").exists()
@@ -466,6 +466,13 @@ def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint):
     assert second["comparison"]["max_abs_z"] == 0.0  # exact forces on the ML side: the same trajectory
     summary = json.loads((tmp_path / "cmp_b" / "comparison.json").read_text())
     assert summary["ed_trajectory"] == str(ed_file)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tmp_mlflow)  # one MLflow run for the shared ED side, not nested under
+    parents = [client.get_run(r["ml"]["mlflow_run_id"]).data.tags["mlflow.parentRunId"] for r in (first, second)]
+    ed_ids = {client.get_run(p).data.tags["ed_run_id"] for p in parents}  # either comparison; both name it
+    assert len(set(parents)) == 2 and ed_ids == {first["ed"]["mlflow_run_id"]} == {second["ed"]["mlflow_run_id"]}
+    assert "mlflow.parentRunId" not in client.get_run(ed_ids.pop()).data.tags
     with pytest.raises(ConfigError, match="seed"):
         run(make_cfg(tmp_path, *common, "compare.name=cmp_c", "seed=7", config_name="simulate_compare"))
 

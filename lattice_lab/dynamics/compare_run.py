@@ -102,6 +102,7 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
             shared = _to_abs(str(shared))
             ed_cfg.output_root, ed_cfg.run_name = str(shared.parent), check_run_name(shared.name, "compare.ed_run")
             ed_cfg.resume, ed_cfg.overwrite = True, False
+            ed_cfg.tracking.parent_run_id = None  # an MLflow run of its own, named by each parent's ed_run_id tag
         res_ed = run_simulation(ed_cfg)
         res_ml = run_simulation(_child_config(cfg, ml_force, root, "ml", tracker.run_id),
                                 force_provider=ml_provider)
