@@ -30,6 +30,7 @@ DEFAULT_COLUMNS = {
     "lattice_lab/bench": ["params.presets", "params.sizes", "params.threads", "metrics.ceiling_gflops_float32",
                           "metrics.targets_passed", "metrics.targets_failed", "tags.device"],
 }
+ALL_RUNS = 100_000  # MLflow's own default of search_runs (it pages through the store)
 DEFAULT_SORT = {"lattice_lab/train": "metrics.final/val_sigma", "lattice_lab/simulate": "start_time",
                 "lattice_lab/bench": "start_time"}
 
@@ -46,7 +47,8 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
                max_runs: int = 50, tracking_uri: str | None = None, filter_string: str | None = None,
                group_by: str | None = None):
     """Return (columns, rows) for the finished runs of ``experiment`` (a pandas-free list of lists): the
-    first ``max_runs`` in the order of ``sort``, which the store applies before the cut.
+    first ``max_runs`` in the order of ``sort``, which the store applies before the cut (grouped: the
+    first ``max_runs`` groups, each over all its runs).
 
     ``filter_string``: an MLflow search filter (``"params.dataset.name = 'holstein_L16'"``), combined with
     the finished-runs filter. ``group_by``: a column; one row per value of it (the runs of a seed study),
@@ -73,7 +75,9 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
             raise ConfigError(f"--filter {filter_string}: {exc.message.splitlines()[0]}") from None
         where += f" AND {filter_string}"
     try:
-        df = mlflow.search_runs(experiment_names=[experiment], max_results=max_runs, filter_string=where,
+        # grouped: every matching run (a cut before grouping would drop a group's worst seeds), max_runs groups
+        df = mlflow.search_runs(experiment_names=[experiment], max_results=ALL_RUNS if group_by else max_runs,
+                                filter_string=where,
                                 order_by=[f"{order} {'ASC' if ascending else 'DESC'}"])
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"--sort {sort}: {exc.message.split('. ')[0]} (sort by start_time, metrics.<name>, "
@@ -91,7 +95,8 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
         if len(df) and group_by not in df.columns:
             raise ConfigError(f"--group-by {group_by}: not a column of {experiment!r} (e.g. tags.model_preset, "
                               "params.model.name)")
-        return _grouped(df, group_by, present, sort, ascending)
+        header, rows = _grouped(df, group_by, present, sort, ascending)
+        return header, rows[:max_runs]
     rows = [[_fmt(v) for v in rec] for rec in df[present].itertuples(index=False)]
     return [_short(c) for c in present], rows
 

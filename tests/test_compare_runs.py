@@ -78,6 +78,12 @@ def test_filter_and_group_by_give_mean_and_spread_over_seeds(tmp_mlflow, capsys)
     col = header.index("final/val_sigma")
     assert [(r[0], r[1], r[col]) for r in rows] == [("b", "3", "0.2 +- 0.1"), ("a", "2", "0.5 +- 0.1414")]
     assert rows[0][header.index("n_params")] == "9" and rows[0][header.index("device")] == "cpu"  # constants as such
+    # max_runs counts groups, each over all its runs (not the best max_runs runs, which dropped a's worst seed)
+    header, rows = runs_table("lattice_lab/train", tracking_uri=tmp_mlflow, group_by="tags.model_preset",
+                              filter_string="tags.mlflow.runName LIKE 'small_%'", max_runs=3)
+    assert [(r[0], r[1]) for r in rows] == [("b", "3"), ("a", "2")]
+    header, rows = runs_table("lattice_lab/train", tracking_uri=tmp_mlflow, group_by="tags.model_preset", max_runs=1)
+    assert [(r[0], r[1], r[col]) for r in rows] == [("b", "4", "0.15 +- 0.1291")]
     header, rows = runs_table("lattice_lab/train", tracking_uri=tmp_mlflow, group_by="tags.model_preset",
                               filter_string="tags.mlflow.runName = 'none'")
     assert header[:2] == ["model_preset", "n_runs"] and rows == []  # no run matched: an empty table

@@ -257,6 +257,20 @@ def test_native_kernel_follows_replaced_tensors(preset, monkeypatch):
     forces()
 
 
+def test_weights_changed_counts_per_model():
+    """``weights_changed()`` counts for the model's own modules only (every weight cache key holds its
+    module's count): another model's copies are not rebuilt (a global count made every kernel in the
+    process rebuild, under the feet of calls in other threads)."""
+    from lattice_lab.native.policy import write_count
+
+    a, b = random_model("enn_small"), random_model("enn_small")
+    a.weights_changed()
+    a.weights_changed()
+    assert {write_count(m) for m in a.modules()} == {2}
+    assert {write_count(m) for m in b.modules()} == {0}
+    assert "_weights_written" not in a.state_dict() and not any("_weights_written" in n for n, _ in a.named_buffers())
+
+
 def _wide_gnn() -> ForceField:
     """gnn_small with a layer wider than the native kernel's PACK_ABOVE: it reads a packed copy."""
     from lattice_lab.native.gnn import PACK_ABOVE

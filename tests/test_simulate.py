@@ -473,8 +473,16 @@ def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint, tmp_mlflow):
     ed_ids = {client.get_run(p).data.tags["ed_run_id"] for p in parents}  # either comparison; both name it
     assert len(set(parents)) == 2 and ed_ids == {first["ed"]["mlflow_run_id"]} == {second["ed"]["mlflow_run_id"]}
     assert "mlflow.parentRunId" not in client.get_run(ed_ids.pop()).data.tags
+    shorter = run(make_cfg(tmp_path, *common[:1], f"compare.ed_run={shared}", "compare.steps=[5,10]",
+                           "dynamics.steps=10", "compare.name=cmp_short", config_name="simulate_compare"))
+    assert [s["requested"] for s in shorter["comparison"]["steps"]] == [5, 10]  # a longer ED run serves as it is
+    assert shorter["ed"]["steps_per_s"] == 0.0
     with pytest.raises(ConfigError, match="seed"):
         run(make_cfg(tmp_path, *common, "compare.name=cmp_c", "seed=7", config_name="simulate_compare"))
+    for inside in ("cmp_d/ml", "cmp_d"):  # the comparison's own ML run or folder: refused, not compared with itself
+        with pytest.raises(ConfigError, match="compare.ed_run=.*outside this comparison's folder"):
+            run(make_cfg(tmp_path, *common[:2], f"compare.ed_run={tmp_path / inside}", "compare.name=cmp_d",
+                         config_name="simulate_compare"))
 
 
 def test_ml_run_from_torchscript_export(tmp_path):

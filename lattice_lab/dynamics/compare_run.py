@@ -97,12 +97,8 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
         tracker.log_params(cfg)
         ml_force = OmegaConf.to_container(cfg.force, resolve=True)
         ed_cfg = _child_config(cfg, ed_force, root, "ed", tracker.run_id)
-        shared = _get(cfg, "compare.ed_run")
-        if shared:  # one ED run for several models: created by the first comparison, resumed by the others
-            shared = _to_abs(str(shared))
-            ed_cfg.output_root, ed_cfg.run_name = str(shared.parent), check_run_name(shared.name, "compare.ed_run")
-            ed_cfg.resume, ed_cfg.overwrite = True, False
-            ed_cfg.tracking.parent_run_id = None  # an MLflow run of its own, named by each parent's ed_run_id tag
+        if _get(cfg, "compare.ed_run"):
+            _share_ed_run(ed_cfg, _shared_ed_dir(cfg, root))
         res_ed = run_simulation(ed_cfg)
         res_ml = run_simulation(_child_config(cfg, ml_force, root, "ml", tracker.run_id),
                                 force_provider=ml_provider)
@@ -128,6 +124,33 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
         atomic_write_text(root / "comparison.json", json.dumps(summary, indent=2, default=str))
         tracker.log_artifact(root / "comparison.json")
     return result
+
+
+def _shared_ed_dir(cfg, root):
+    """``compare.ed_run`` as an absolute path, outside this comparison's own folder (an ED run there
+    would be this comparison's ML run, or overwrite its config)."""
+    shared = _to_abs(str(_get(cfg, "compare.ed_run")))
+    check_run_name(shared.name, "compare.ed_run")
+    if shared == root or root in shared.parents or shared in root.parents:
+        raise ConfigError(f"compare.ed_run={shared}: must lie outside this comparison's folder {root} "
+                          "(e.g. runs/trajectories/ed_L16_R8)")
+    return shared
+
+
+def _share_ed_run(ed_cfg, shared) -> None:
+    """Point the ED side at the shared run: created by the first comparison, resumed by the others
+    (the resume checks dynamics, Hamiltonian and seed); a run longer than asked is read as it is (its
+    frames up to this comparison's steps are the same), a shorter one is continued."""
+    ed_cfg.output_root, ed_cfg.run_name = str(shared.parent), shared.name
+    ed_cfg.resume, ed_cfg.overwrite = True, False
+    ed_cfg.tracking.parent_run_id = None  # an MLflow run of its own, named by each comparison's ed_run_id tag
+    checkpoint = shared / "checkpoint.pt"
+    if checkpoint.exists():
+        from lattice_lab.common.io import load_torch_file
+
+        state = load_torch_file(checkpoint, "compare.ed_run: checkpoint")
+        done = int(state.get("state", {}).get("step", 0)) if isinstance(state, dict) else 0
+        ed_cfg.dynamics.steps = max(int(ed_cfg.dynamics.steps), done)
 
 
 def _agreement_metrics(comparison: dict) -> dict:

@@ -47,8 +47,9 @@ class ForceField(nn.Module):
         (``p.data.copy_(x)``, ``p.data.mul_(a)``: ``.data`` has a version counter of its own) or through
         a numpy view. The native kernels and the ENN keep packed copies of the weights, rebuilt when a
         version counter or data pointer changes (optimizer steps, ``load_state_dict``, ``.to()``,
-        ``p.data = x``, writes under ``torch.no_grad()``); this rebuilds them at the next call."""
-        weights_written()
+        ``p.data = x``, writes under ``torch.no_grad()``); this rebuilds this model's copies at the next
+        call. Like any weight write, not while another thread computes forces with this model."""
+        weights_written(self)
 
     # -- energy models override these -------------------------------------------------------
     def site_energy(self, Q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface

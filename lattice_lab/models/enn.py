@@ -216,7 +216,7 @@ class ENN(ForceField):
         padding channels get zero kernels, so they are exactly zero.
         """
         bufs = self.normalization_buffers()[:-2]
-        key = (dtype, torch.device(device), write_count(), tuple((t.data_ptr(), t._version) for t in bufs))
+        key = (dtype, torch.device(device), write_count(self), tuple((t.data_ptr(), t._version) for t in bufs))
         if self._proj_cache is not None and self._proj_cache[0] == key:
             return self._proj_cache[1]
         # built from buffers only (no gradient); normal tensors even when called in inference mode,

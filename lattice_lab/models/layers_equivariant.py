@@ -342,7 +342,7 @@ class QuadraticIrrepLayer(nn.Module):
         params = list(self.parameters())
         ref = params[0]
         cacheable = not self.training and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        key = (ref.dtype, ref.device, write_count(), tuple((p.data_ptr(), p._version) for p in params))
+        key = (ref.dtype, ref.device, write_count(self), tuple((p.data_ptr(), p._version) for p in params))
         if cacheable and self._packed_cache is not None and self._packed_cache[0] == key:
             return self._packed_cache[1]
         flat = torch.cat([ref.new_zeros(1)] + [w.reshape(-1) for w in self.weights]

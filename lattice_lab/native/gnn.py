@@ -23,7 +23,7 @@ import threading
 import torch
 
 from lattice_lab.native.build import load
-from lattice_lab.native.policy import _WRITES, SUPPORTED_DTYPES, LiveTensors, threads
+from lattice_lab.native.policy import _COUNT, SUPPORTED_DTYPES, LiveTensors, threads
 
 ACTIVATION_CODES = {"relu": 1, "tanh": 2, "silu": 3, "softplus": 4}  # the kernel's; gelu: torch path
 PACK_ABOVE = 32  # layers with more outputs read a packed copy of their weights (contiguous per output chunk)
@@ -86,8 +86,8 @@ class GNNForces:
             slots += [(layer, name) for name in ("w_self", "w_nn", "bias")]
             if packed:
                 copied += [(layer, "w_self"), (layer, "w_nn")]
-        self._tensors = LiveTensors(slots)
-        self._copied = LiveTensors(copied) if copied else None
+        self._tensors = LiveTensors(slots, owner=model)
+        self._copied = LiveTensors(copied, owner=model) if copied else None
         self._kept: list[torch.Tensor] = []
         self._ptr_key = None
         self._work: dict[tuple[int, int], tuple[torch.Tensor, _Args, int]] = {}  # (L, threads) -> (scratch, args, &args)
@@ -98,7 +98,7 @@ class GNNForces:
         refreshes the pointer table when a tensor has moved (``model.to()``, ``p.data = ...``) or after
         :meth:`~lattice_lab.models.base.ForceField.weights_changed` (packed copies)."""
         tensors = self._tensors()
-        key = (_WRITES[0], *map(_DATA_PTR, tensors))
+        key = (self.model.__dict__.get(_COUNT, 0), *map(_DATA_PTR, tensors))  # policy.write_count, inlined
         if self._copied is not None:
             key += tuple(map(_VERSION, self._copied()))
         if key == self._ptr_key:

@@ -22,7 +22,8 @@
 // Every row of every layer is computed exactly once; the features in flight per thread are
 // ~5 rows per layer (L2 sized up to L ~ 1000 for gnn_small). One OpenMP parallel region per call,
 // one barrier per configuration (and one between configurations of a batch). A batch of B >= nt
-// configurations instead gives each thread whole configurations (nc = 1), without barriers.
+// configurations instead gives each thread whole configurations (nc = 1), without barriers, for its
+// first B - B mod nt configurations (the rest row-parallel).
 //
 // The neighbour sum is (up + down) + (left + right): the same rounding under all D4 operations, so the
 // kernel is exactly (bitwise) D4- and translation-equivariant. relu is written y < 0 ? 0 : y so that

@@ -126,7 +126,7 @@ class MLPForces:
         ts = [*_BUFFERS(self.model._buffers)]
         for params in self._param_dicts:
             ts += _WEIGHT_BIAS(params)
-        key = change_key(ts)
+        key = change_key(ts, self.model)
         if key != self._key:
             with self._lock:
                 if key != self._key:

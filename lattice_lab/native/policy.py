@@ -69,31 +69,35 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-# Bumped by weights_written() (ForceField.weights_changed()): writes that torch does not track -- in
-# place through ``p.data`` (``p.data.copy_(x)``: ``.data`` has a version counter of its own) or through
-# a numpy view -- change neither a version counter nor a data pointer. Part of every cache key below.
-_WRITES = [0]
+# Writes that torch does not track -- in place through ``p.data`` (``p.data.copy_(x)``: ``.data`` has a
+# version counter of its own) or through a numpy view -- change neither a version counter nor a data
+# pointer. ForceField.weights_changed() counts them per module (in the module's __dict__, bypassing
+# nn.Module.__setattr__), and every weight cache key holds the count of the module it copies from, so
+# only that model's caches are rebuilt.
+_COUNT = "_weights_written"
 
 
-def weights_written() -> None:
-    """Note an untracked write to some model's weights: every cached copy of weights is rebuilt."""
-    _WRITES[0] += 1
+def weights_written(module: torch.nn.Module) -> None:
+    """Note an untracked write to ``module``'s weights: the cached weight copies of it and of every
+    submodule are rebuilt at their next use."""
+    for m in module.modules():
+        m.__dict__[_COUNT] = m.__dict__.get(_COUNT, 0) + 1
 
 
-def write_count() -> int:
-    """The count of :func:`weights_written` calls (part of the weight caches' keys)."""
-    return _WRITES[0]
+def write_count(module: torch.nn.Module) -> int:
+    """How often :func:`weights_written` reached ``module`` (part of its weight caches' keys)."""
+    return module.__dict__.get(_COUNT, 0)
 
 
-def change_key(tensors: list[torch.Tensor]) -> tuple:
+def change_key(tensors: list[torch.Tensor], owner: torch.nn.Module) -> tuple:
     """A key that changes whenever one of ``tensors`` (parameters, normalisation buffers) may have
     changed: every in-place update bumps a version counter, ``.data =`` / ``.to()`` replace the
-    data pointer, and :func:`weights_written` bumps a count for the writes torch does not track.
+    data pointer, and :func:`weights_written` bumps ``owner``'s count for the writes torch does not track.
     ~50 ns per tensor, so kernels check it on every call and rebuild their weight
     tables only when it differs. Inference tensors have no version counter: their key never repeats
     (the tables are rebuilt on every call: correct, only slower)."""
     try:
-        return _WRITES[0], tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
+        return write_count(owner), tuple(map(_VERSION, tensors)), tuple(map(torch.Tensor.data_ptr, tensors))
     except RuntimeError:  # an inference tensor (a model converted under torch.inference_mode)
         return (next(_never_equal),)
 
@@ -123,9 +127,11 @@ class LiveTensors:
     The lookup is redone only after a replacement may have happened (``_GENERATION``); a direct write
     into a module's private ``_parameters`` / ``_buffers`` dict, or ``.to()`` on a submodule of a force
     field alone, is not seen (in-place updates and ``.data =`` are, through :func:`change_key`; writes
-    through ``p.data`` after :meth:`ForceField.weights_changed`)."""
+    through ``p.data`` after :meth:`ForceField.weights_changed` on ``owner``: the module they belong to,
+    by default the first slot's)."""
 
-    def __init__(self, slots):
+    def __init__(self, slots, owner: torch.nn.Module | None = None):
+        self.owner = slots[0][0] if owner is None else owner
         self._groups = []  # (dict, itemgetter, single): consecutive names of one dict in one lookup
         for module, name in slots:
             store = module._parameters if name in module._parameters else module._buffers
@@ -150,7 +156,7 @@ class LiveTensors:
                 if p is not None and id(p) not in seen:
                     seen.add(id(p))
                     slots.append((m, name))
-        return cls([*slots, *((module, name) for name in buffers)])
+        return cls([*slots, *((module, name) for name in buffers)], owner=module)
 
     def __call__(self) -> list[torch.Tensor]:
         if self._generation == _GENERATION[0]:
@@ -170,7 +176,7 @@ class LiveTensors:
         stored as ``self.key``). The tensors' memory is kept until the next change, so a replacement
         cannot be allocated where a watched tensor was (an equal data pointer, an equal version)."""
         tensors = self()
-        key = change_key(tensors)
+        key = change_key(tensors, self.owner)
         if key == self.key:
             return False
         self.key = key

@@ -125,7 +125,7 @@ class QuadraticKernel:
         """Gather the weights into the kernel's layout unless no parameter changed since the last call
         (checked by data pointer and version counter, like the layer's own packed-weight cache)."""
         params = self._params()
-        key = change_key(params)
+        key = change_key(params, self.layer)
         if key != self._key:
             with self._lock:
                 if key != self._key:
