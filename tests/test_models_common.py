@@ -271,6 +271,19 @@ def test_weights_changed_counts_per_model():
     assert "_weights_written" not in a.state_dict() and not any("_weights_written" in n for n, _ in a.named_buffers())
 
 
+def test_export_after_weights_changed(tmp_path):
+    """The per-module count (a plain int in the module's __dict__) does not get in the way of the
+    TorchScript export, whose forces match."""
+    from lattice_lab.models.checkpoint import export_force_field
+
+    model = random_model("gnn_small")
+    model.weights_changed()
+    ts = torch.jit.load(str(export_force_field(model, tmp_path / "m.ts.pt")))
+    Q = random_field(1, lattice_size(model))
+    with torch.no_grad():
+        assert_close(ts(Q), model(Q), 1e-12)
+
+
 def _wide_gnn() -> ForceField:
     """gnn_small with a layer wider than the native kernel's PACK_ABOVE: it reads a packed copy."""
     from lattice_lab.native.gnn import PACK_ABOVE
