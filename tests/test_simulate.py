@@ -479,6 +479,10 @@ def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint, tmp_mlflow):
     assert shorter["ed"]["steps_per_s"] == 0.0
     with pytest.raises(ConfigError, match="seed"):
         run(make_cfg(tmp_path, *common, "compare.name=cmp_c", "seed=7", config_name="simulate_compare"))
+    (shared / "checkpoint.pt").unlink()  # a shared run that cannot be checked is named, not overwritten
+    with pytest.raises(ConfigError, match="compare.ed_run=.*without its checkpoint.pt.*never overwritten"):
+        run(make_cfg(tmp_path, *common, "compare.name=cmp_e", "overwrite=true", config_name="simulate_compare"))
+    assert ed_file.exists()
     for inside in ("cmp_d/ml", "cmp_d"):  # the comparison's own ML run or folder: refused, not compared with itself
         with pytest.raises(ConfigError, match="compare.ed_run=.*outside this comparison's folder"):
             run(make_cfg(tmp_path, *common[:2], f"compare.ed_run={tmp_path / inside}", "compare.name=cmp_d",

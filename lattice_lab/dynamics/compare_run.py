@@ -144,7 +144,14 @@ def _share_ed_run(ed_cfg, shared) -> None:
     ed_cfg.output_root, ed_cfg.run_name = str(shared.parent), shared.name
     ed_cfg.resume, ed_cfg.overwrite = True, False
     ed_cfg.tracking.parent_run_id = None  # an MLflow run of its own, named by each comparison's ed_run_id tag
-    checkpoint = shared / "checkpoint.pt"
+    from lattice_lab.dynamics.runner import CHECKPOINT_FILE, TRAJECTORY_FILE
+    from lattice_lab.dynamics.trajectory import partial_path
+
+    checkpoint, trajectory = shared / CHECKPOINT_FILE, shared / TRAJECTORY_FILE
+    if not checkpoint.exists() and (trajectory.exists() or partial_path(trajectory).exists()):
+        raise ConfigError(f"compare.ed_run={shared}: holds a trajectory without its {CHECKPOINT_FILE}, so it can be "
+                          "neither resumed nor checked; a shared ED run is never overwritten: remove that folder "
+                          "to run ED there again, or name another one")
     if checkpoint.exists():
         from lattice_lab.common.io import load_torch_file
 
