@@ -26,9 +26,10 @@ def lattice_size(model: ForceField) -> int:
     return max(8, 2 * model.receptive_field + 1)
 
 
-def random_model(preset: str) -> ForceField:
-    """Preset in float64 with perturbed weights and a non-trivial fitted normalisation, eval mode."""
-    model = build_model(load_preset(preset), HAM).double()
+def random_model(preset: str, **overrides) -> ForceField:
+    """Preset (with config ``overrides``) in float64 with perturbed weights and a non-trivial fitted
+    normalisation, eval mode."""
+    model = build_model({**load_preset(preset), **overrides}, HAM).double()
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for p in model.parameters():
@@ -288,13 +289,7 @@ def _wide_gnn() -> ForceField:
     """gnn_small with a layer wider than the native kernel's PACK_ABOVE: it reads a packed copy."""
     from lattice_lab.native.gnn import PACK_ABOVE
 
-    cfg = dict(load_preset("gnn_small"), widths=[1, 16, PACK_ABOVE + 16, 16, 1])
-    model = build_model(cfg, HAM).double()
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model.eval()
+    return random_model("gnn_small", widths=[1, 16, PACK_ABOVE + 16, 16, 1])
 
 
 @pytest.mark.parametrize("preset", [*SMALL_PRESETS, "gnn_wide"])

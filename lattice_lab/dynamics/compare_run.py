@@ -21,8 +21,16 @@ import logging
 from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.errors import ConfigError
-from lattice_lab.common.io import atomic_write_text, check_run_name
-from lattice_lab.dynamics.runner import _get, _to_abs, run_simulation, validate_dynamics
+from lattice_lab.common.io import atomic_write_text, check_run_name, load_torch_file
+from lattice_lab.dynamics.runner import (
+    CHECKPOINT_FILE,
+    TRAJECTORY_FILE,
+    _get,
+    _to_abs,
+    run_simulation,
+    validate_dynamics,
+)
+from lattice_lab.dynamics.trajectory import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +152,12 @@ def _share_ed_run(ed_cfg, shared) -> None:
     ed_cfg.output_root, ed_cfg.run_name = str(shared.parent), shared.name
     ed_cfg.resume, ed_cfg.overwrite = True, False
     ed_cfg.tracking.parent_run_id = None  # an MLflow run of its own, named by each comparison's ed_run_id tag
-    from lattice_lab.dynamics.runner import CHECKPOINT_FILE, TRAJECTORY_FILE
-    from lattice_lab.dynamics.trajectory import partial_path
-
     checkpoint, trajectory = shared / CHECKPOINT_FILE, shared / TRAJECTORY_FILE
     if not checkpoint.exists() and (trajectory.exists() or partial_path(trajectory).exists()):
         raise ConfigError(f"compare.ed_run={shared}: holds a trajectory without its {CHECKPOINT_FILE}, so it can be "
                           "neither resumed nor checked; a shared ED run is never overwritten: remove that folder "
                           "to run ED there again, or name another one")
     if checkpoint.exists():
-        from lattice_lab.common.io import load_torch_file
-
         state = load_torch_file(checkpoint, "compare.ed_run: checkpoint")
         done = int(state.get("state", {}).get("step", 0)) if isinstance(state, dict) else 0
         ed_cfg.dynamics.steps = max(int(ed_cfg.dynamics.steps), done)
