@@ -201,3 +201,12 @@ def test_switches_and_cuda_graph_choice():
     assert not any(wanted(s, cpu) for s in ("auto", True, False))  # nothing to record on a CPU
     assert wanted("auto", gpu) and not wanted("auto", gpu, auto=False) and wanted(True, gpu, auto=False)
     assert not wanted(False, gpu)
+
+
+@pytest.mark.parametrize("bad", ["no", "yes", "false", 0, 1, None, "auto"])
+def test_check_flag_refuses_non_booleans(bad):
+    from lattice_lab.common.switch import check_flag
+
+    assert check_flag(True, "overwrite") is True and check_flag(False, "overwrite") is False
+    with pytest.raises(ConfigError, match=r"^overwrite=.*expected true or false"):
+        check_flag(bad, "overwrite")

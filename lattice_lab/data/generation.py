@@ -34,6 +34,7 @@ import torch
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_torch_save, load_torch_file
 from lattice_lab.common.progress import progress
+from lattice_lab.common.switch import check_flag
 from lattice_lab.data.h5io import write_force_dataset
 from lattice_lab.dynamics.initial import random_hot_start
 from lattice_lab.dynamics.langevin import LangevinIntegrator, LangevinParams, LangevinState
@@ -111,8 +112,7 @@ def validate_generate_config(cfg) -> tuple[dict, HolsteinParams]:
     seed = c.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r}: expected a non-negative integer")
-    if not isinstance(c.get("overwrite", False), bool):
-        raise ConfigError(f"overwrite={c.get('overwrite')!r}: expected true or false")
+    check_flag(c.get("overwrite", False), "overwrite")
     params = HolsteinParams.from_config(c.get("hamiltonian") or {}, temperature=ds["temperature"])
     if params.kappa == 0 and ds["n_random"] > 0:
         log.warning("kappa = 0: random configurations use variance init_temperature / k")

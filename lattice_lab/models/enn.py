@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.switch import check_flag
 from lattice_lab.models.base import ForceField
 from lattice_lab.models.flops import enn_flops
 from lattice_lab.models.layers_equivariant import (
@@ -129,9 +130,7 @@ class ENN(ForceField):
         self.activation = activation
         self.chunk_sites = chunk_sites
         self._proj_cache: tuple | None = None  # (key, (w, b)) of packed_projection (normalisation is a buffer)
-        if not isinstance(cpu_parallel, bool):
-            raise ConfigError(f"model.cpu_parallel={cpu_parallel!r}: expected true or false")
-        self.cpu_parallel = cpu_parallel
+        self.cpu_parallel = check_flag(cpu_parallel, "model.cpu_parallel")
         self.native_kernel = check_setting(native_kernel)
         self._native: dict = {}  # dtype -> [QuadraticKernel per layer + readout] or the reason it is unavailable
         self._native_whole: dict = {}  # dtype -> ENNForces (tanh: the whole model in one call) or the reason

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.switch import check_flag
 from lattice_lab.lattice import nn_sum
 from lattice_lab.models.base import ForceField
 from lattice_lab.models.gnn import check_aggregation, make_activation, nn_sum_channels_last
@@ -128,8 +129,7 @@ class EnergyGNN(ForceField):
         scale = check_aggregation(aggregation)
         make_activation(activation)
         for key, flag in (("layer_norm", layer_norm), ("elastic_prior", elastic_prior)):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"model.{key}={flag!r}: expected true or false")
+            check_flag(flag, f"model.{key}")
         chunk_sites = _positive_int(chunk_sites, "model.chunk_sites")
         native_kernel = check_setting(native_kernel)
         receptive_field = 2 * blocks
