@@ -13,6 +13,11 @@ class SimulationDiverged(LatticeLabError):
     """A dynamics run produced NaN/inf or runaway values; the last good state was saved."""
 
 
+class Interrupted(LatticeLabError):
+    """The user interrupted a run (Ctrl-C, SIGTERM) after it saved what it had; the message says where,
+    and how to continue. Entrypoints print it as one line and exit 130 (:mod:`lattice_lab.common.cli`)."""
+
+
 def require(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:
