@@ -407,3 +407,13 @@ def test_compare_pairs_frames_by_requested_step_when_save_grids_differ(tmp_path)
     pairs = [(s["requested"], s["step_a"], s["step_b"]) for s in res["steps"]]
     assert pairs == [(200, 200, 0), (1000, 1000, 0), (9000, 9000, 9000)]
     assert res["steps"][-1]["max_abs_z"] == 0.0  # the same frame on both sides
+
+
+def test_select_frames_warns_only_inside_the_run(caplog):
+    """A step between saved frames is a mismatch worth a warning; one past the end (the paper's 9000 in
+    a shorter run, as the defaults ask) uses the last frame, reported as information."""
+    with caplog.at_level("INFO", logger="lattice_lab.analysis.pipeline"):
+        got = select_frames([0, 10, 20], [200, 9])
+    assert [(s["requested"], s["step"]) for s in got] == [(200, 20), (9, 10)]
+    levels = {r.getMessage().split()[2]: r.levelname for r in caplog.records}
+    assert levels == {"200": "INFO", "9": "WARNING"}

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import signal
 import subprocess
 import sys
 
@@ -243,11 +244,16 @@ def test_resume_without_checkpoint_keeps_an_existing_trajectory(tmp_path):
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
 
 
-def test_resume_from_a_corrupted_checkpoint_is_a_config_error(tmp_path):
+@pytest.mark.parametrize(("name", "keep", "message"), [
+    ("checkpoint.pt", 1000, r"resume=true: checkpoint='.*checkpoint.pt': not a readable torch file"),
+    ("trajectory.h5.partial", 2000, r"resume=true: the unfinished trajectory .* cannot be read"),
+])
+def test_resume_from_a_damaged_file_is_a_config_error(tmp_path, name, keep, message):
+    """A checkpoint or trajectory cut short (a kill or a full disk while writing) is named, not a traceback."""
     run(make_cfg(tmp_path, "force=ed", "stop_after_steps=5", "run_name=cut"))
-    ck = tmp_path / "cut" / "checkpoint.pt"
-    ck.write_bytes(ck.read_bytes()[:1000])
-    with pytest.raises(ConfigError, match=r"resume=true: checkpoint='.*checkpoint.pt': not a readable torch file"):
+    damaged = tmp_path / "cut" / name
+    damaged.write_bytes(damaged.read_bytes()[:keep])
+    with pytest.raises(ConfigError, match=message):
         run(make_cfg(tmp_path, "force=ed", "resume=true", "run_name=cut"))
 
 
@@ -257,7 +263,7 @@ def test_overwrite_leaves_no_file_of_the_replaced_run(tmp_path):
     with pytest.raises(SimulationDiverged):
         run_simulation(make_cfg(tmp_path, *over, "overwrite=true"), force_provider=Harmonic(stiffness=-100.0))
     left = sorted(p.name for p in (tmp_path / "again").iterdir())
-    assert left == ["checkpoint.pt", "config.yaml", "trajectory.h5.partial"]  # the old trajectory.h5 is gone
+    assert left == [".lock", "checkpoint.pt", "config.yaml", "trajectory.h5.partial"]  # the old trajectory.h5 is gone
 
 
 # -- divergence ---------------------------------------------------------------------------------
@@ -457,10 +463,12 @@ def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint, tmp_mlflow):
     ed_file = shared / "trajectory.h5"
     assert first["ed"]["trajectory"] == str(ed_file) and not (tmp_path / "cmp_a" / "ed").exists()
     before, _ = read_all(ed_file)
+    files = {f.name: f.stat().st_mtime_ns for f in shared.iterdir()}
     second = run_comparison(make_cfg(tmp_path, *common, "compare.name=cmp_b", config_name="simulate_compare"),
                             ml_provider=EDForceProvider(HolsteinParams(temperature=0.1), "cpu"))
-    assert second["ed"]["completed"] and second["ed"]["steps_per_s"] == 0.0  # resumed at its end: no ED step
-    after, _ = read_all(ed_file)
+    assert second["ed"]["completed"] and second["ed"]["steps_per_s"] == 0.0  # read as it is: no ED step
+    assert {f.name: f.stat().st_mtime_ns for f in shared.iterdir()} == files  # nothing written: comparisons
+    after, _ = read_all(ed_file)                                               # may read it at once
     for key in before:
         np.testing.assert_array_equal(after[key], before[key])
     assert second["comparison"]["max_abs_z"] == 0.0  # exact forces on the ML side: the same trajectory
@@ -477,8 +485,14 @@ def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint, tmp_mlflow):
                            "dynamics.steps=10", "compare.name=cmp_short", config_name="simulate_compare"))
     assert [s["requested"] for s in shorter["comparison"]["steps"]] == [5, 10]  # a longer ED run serves as it is
     assert shorter["ed"]["steps_per_s"] == 0.0
-    with pytest.raises(ConfigError, match="seed"):
+    with pytest.raises(ConfigError, match="seed.*another compare.ed_run"):  # the setting the user chose
         run(make_cfg(tmp_path, *common, "compare.name=cmp_c", "seed=7", config_name="simulate_compare"))
+    other_dtype = run(make_cfg(tmp_path, *common, "compare.name=cmp_f", "dtype=float64", config_name="simulate_compare"))
+    assert other_dtype["ed"]["trajectory"] == str(ed_file)  # the model's dtype is not ED's (always float64)
+    with pytest.raises(ConfigError, match="compare.ed_run=.*holds an ED-vs-ML comparison"):
+        run(make_cfg(tmp_path, *common[:2], f"compare.ed_run={tmp_path / 'cmp_a'}", "compare.name=cmp_g",
+                     config_name="simulate_compare"))
+    assert not (tmp_path / "cmp_a" / "trajectory.h5").exists()
     (shared / "checkpoint.pt").unlink()  # a shared run that cannot be checked is named, not overwritten
     with pytest.raises(ConfigError, match="compare.ed_run=.*without its checkpoint.pt.*never overwritten"):
         run(make_cfg(tmp_path, *common, "compare.name=cmp_e", "overwrite=true", config_name="simulate_compare"))
@@ -526,3 +540,109 @@ def test_resume_refuses_another_model_at_the_same_path(tmp_path, gnn_checkpoint)
         run(make_cfg(tmp_path, *over, "resume=true"))
     save_checkpoint(path, model, {})
     assert run(make_cfg(tmp_path, *over, "resume=true"))["completed"]
+
+
+def test_first_shared_ed_run_starts_without_a_resume_warning(tmp_path, gnn_checkpoint, caplog):
+    path, _ = gnn_checkpoint
+    with caplog.at_level("WARNING"):
+        run(make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[5,20]",
+                     f"compare.ed_run={tmp_path / 'ed_new'}", config_name="simulate_compare"))
+    assert not [r for r in caplog.records if "resume" in r.getMessage()]
+
+
+def test_refused_comparison_rerun_keeps_its_config(tmp_path, gnn_checkpoint):
+    """A comparison run again with other settings, without resume/overwrite, is refused naming
+    compare.name, and the finished comparison's config.yaml still describes its results."""
+    path, _ = gnn_checkpoint
+    args = [f"force.checkpoint={path}", "compare.steps=[5,20]", "compare.name=cmp"]
+    run(make_cfg(tmp_path, *args, config_name="simulate_compare"))
+    before = (tmp_path / "cmp" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"compare.name='cmp': .* already holds this comparison"):
+        run(make_cfg(tmp_path, *args, "seed=7", config_name="simulate_compare"))
+    assert (tmp_path / "cmp" / "config.yaml").read_text() == before
+    with pytest.raises(ConfigError, match="seed"):  # resume with another seed: refused by the runs' check
+        run(make_cfg(tmp_path, *args, "seed=7", "resume=true", config_name="simulate_compare"))
+    assert (tmp_path / "cmp" / "config.yaml").read_text() == before
+    assert not (tmp_path / "cmp" / "config_resume.yaml").exists()
+
+
+def test_refused_resume_writes_nothing(tmp_path):
+    run(make_cfg(tmp_path, "force=ed", "run_name=done"))
+    for bad in ("dynamics.steps=10", "native_integrator=false"):  # fewer steps; another noise source
+        with pytest.raises(ConfigError):
+            run(make_cfg(tmp_path, "force=ed", "run_name=done", "resume=true", bad))
+        assert not (tmp_path / "done" / "config_resume.yaml").exists()
+
+
+def test_overwrite_removes_the_resume_config_and_the_analysis(tmp_path):
+    run(make_cfg(tmp_path, "force=ed", "run_name=old", "stop_after_steps=10"))
+    run(make_cfg(tmp_path, "force=ed", "run_name=old", "resume=true"))
+    (tmp_path / "old" / "analysis").mkdir()
+    (tmp_path / "old" / "analysis" / "L_t.csv").write_text("step,L\n")
+    assert (tmp_path / "old" / "config_resume.yaml").exists()
+    run(make_cfg(tmp_path, "force=ed", "run_name=old", "overwrite=true", "seed=5"))
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [
+        ".lock", "checkpoint.pt", "config.yaml", "run_summary.json", "trajectory.h5"]
+
+
+@pytest.mark.parametrize("bad", ["divergence.scale_factor=abc", "divergence.scale_factor=-1",
+                                 "divergence.scale_factor=0", "divergence.check_every=0",
+                                 "resume=no", "overwrite=no", "analyze=no"])
+def test_bad_run_settings_are_named(tmp_path, bad):
+    key = bad.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        run(make_cfg(tmp_path, "force=ed", bad))
+
+
+def test_resume_accepts_equivalent_settings(tmp_path, gnn_checkpoint, monkeypatch):
+    """The same model named by another path, and integrator_dtype given as the value null stands for."""
+    path, _ = gnn_checkpoint
+    run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={path}", "run_name=eq", "stop_after_steps=10"))
+    monkeypatch.chdir(path.parent)
+    res = run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={path.name}", "integrator_dtype=float32",
+                       "run_name=eq", "resume=true"))
+    assert res["completed"]
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    from lattice_lab.common.io import run_lock
+
+    (tmp_path / "busy").mkdir()
+    with run_lock(tmp_path / "busy", "test"), pytest.raises(ConfigError, match="in use by another process"):
+        run(make_cfg(tmp_path, "force=ed", "run_name=busy"))
+    run(make_cfg(tmp_path, "force=ed", "run_name=busy"))  # released
+
+
+class SignalAt(ForceProvider):
+    """Exact forces that send this process ``sig`` at the given force call (Ctrl-C, a cluster's SIGTERM)."""
+
+    source = "ed"
+
+    def __init__(self, sig, at_call):
+        super().__init__(HolsteinParams(temperature=0.1), "cpu", torch.float64)
+        self.inner, self.sig, self.at_call, self.calls = EDForceProvider(HolsteinParams(temperature=0.1), "cpu"), sig, at_call, 0
+
+    def _evaluate(self, Q):
+        self.calls += 1
+        if self.calls == self.at_call:
+            signal.raise_signal(self.sig)
+        return self.inner(Q)
+
+    def density(self, Q, F):
+        return self.inner.density(Q, F)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_the_state_and_resume_is_exact(tmp_path, sig):
+    from lattice_lab.common.errors import Interrupted
+
+    whole = run(make_cfg(tmp_path, "force=ed", "run_name=whole"))
+    before = signal.getsignal(sig)
+    with pytest.raises(Interrupted, match=r"at step 7 of 20: saved .*checkpoint.pt.*resume=true"):
+        run_simulation(make_cfg(tmp_path, "force=ed", "run_name=cut"), force_provider=SignalAt(sig, 8))
+    assert signal.getsignal(sig) == before  # the handler is gone with the run
+    done = run(make_cfg(tmp_path, "force=ed", "run_name=cut", "resume=true"))
+    a, _ = read_all(whole["trajectory"])
+    b, _ = read_all(done["trajectory"])
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -123,7 +123,7 @@ def select_frames(saved_steps, requested, warn: bool = True, unique: bool = True
     """Nearest saved frame for each requested step: dicts ``requested, step, index, exact``.
 
     A request that is not saved uses the nearest saved step (ties: the earlier one; logged as a
-    warning); duplicates (two requests landing on the same frame) are kept once, unless ``unique``
+    warning, or as information for a request past the run's end: the last frame); duplicates (two requests landing on the same frame) are kept once, unless ``unique``
     is false (then the list has one entry per request, in order: two runs can be paired by it).
     """
     saved = np.asarray(saved_steps, dtype=np.int64)
@@ -133,7 +133,9 @@ def select_frames(saved_steps, requested, warn: bool = True, unique: bool = True
             raise ConfigError(f"steps: {req!r} is not an integer step")
         i = int(np.argmin(np.abs(saved - int(req))))
         exact = int(saved[i]) == int(req)
-        if not exact and warn:
+        if not exact and warn and int(req) > int(saved.max()):  # e.g. the paper's step 9000 in a shorter run
+            log.info("requested step %d is past the run's last saved step: using it, step %d", int(req), int(saved[i]))
+        elif not exact and warn:
             log.warning("requested step %d is not saved; using the nearest saved step %d", int(req), int(saved[i]))
         if unique and i in seen:
             continue

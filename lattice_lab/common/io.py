@@ -1,4 +1,5 @@
-"""Atomic file output: write to a temporary file beside the target, then rename over it."""
+"""Atomic file output (write to a temporary file beside the target, then rename over it), run names and
+run-folder locks."""
 
 from __future__ import annotations
 
@@ -75,3 +76,32 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, what: str, *, shared: bool = False):
+    """Hold ``<folder>/.lock`` while a run writes there (exclusive) or reads a finished run (``shared``):
+    a second process on the same folder -- the same command started twice, comparisons resuming one
+    shared run at once -- gets a ConfigError naming ``what`` instead of two writers in one HDF5 file.
+    An advisory ``flock`` (POSIX; released by the OS when the process dies; elsewhere no lock)."""
+    from lattice_lab.common.errors import ConfigError
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = Path(folder) / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"{what}: {folder} is in use by another process (a run writing there); wait for it "
+                              "to finish, or choose another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

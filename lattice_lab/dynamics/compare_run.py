@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 from omegaconf import DictConfig, OmegaConf
 
+from lattice_lab.common.device import resolve_dtype
 from lattice_lab.common.errors import ConfigError
-from lattice_lab.common.io import atomic_write_text, check_run_name, load_torch_file
+from lattice_lab.common.io import atomic_write_text, check_run_name, load_torch_file, run_lock
+from lattice_lab.common.switch import check_flag
 from lattice_lab.dynamics.runner import (
     CHECKPOINT_FILE,
+    RESUME_CONFIG_FILE,
     TRAJECTORY_FILE,
+    _check_resumable,
+    _count_frames,
+    _fingerprint,
     _get,
     _to_abs,
     run_simulation,
@@ -97,19 +104,42 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
         raise ConfigError(f"compare.ed_force.source={ed_force.get('source')!r}: must be 'ed'")
     name = comparison_name(cfg)
     root = _to_abs(_get(cfg, "output_root", "runs/trajectories")) / name
+    resume = check_flag(_get(cfg, "resume", False), "resume")
+    overwrite = check_flag(_get(cfg, "overwrite", False), "overwrite")
+    shared = _shared_ed_dir(cfg, root) if _get(cfg, "compare.ed_run") else None
+    if not (resume or overwrite) and any((root / side / f).exists() for side in ("ed", "ml")
+                                         for f in (CHECKPOINT_FILE, TRAJECTORY_FILE, TRAJECTORY_FILE + ".partial")):
+        raise ConfigError(f"compare.name={name!r}: {root} already holds this comparison; pass resume=true to "
+                          "continue it, overwrite=true to replace it, or choose another compare.name")
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if overwrite:  # the replaced comparison's results go with it (its runs are replaced by run_simulation)
+        shutil.rmtree(root / "comparison", ignore_errors=True)
+        for stale in ("comparison.json", RESUME_CONFIG_FILE):
+            (root / stale).unlink(missing_ok=True)
 
     with start_run(task="simulate", cfg=cfg, run_name=name,
                    tags=standard_tags("simulate", mode="ed_vs_ml", force_source="ed+ml")) as tracker:
         tracker.log_params(cfg)
         ml_force = OmegaConf.to_container(cfg.force, resolve=True)
         ed_cfg = _child_config(cfg, ed_force, root, "ed", tracker.run_id)
-        if _get(cfg, "compare.ed_run"):
-            _share_ed_run(ed_cfg, _shared_ed_dir(cfg, root))
-        res_ed = run_simulation(ed_cfg)
+        res_ed = _finished_shared_run(ed_cfg, shared) if shared is not None else None
+        if res_ed is None:
+            if shared is not None:
+                _share_ed_run(ed_cfg, shared)
+            res_ed = run_simulation(ed_cfg)
         res_ml = run_simulation(_child_config(cfg, ml_force, root, "ml", tracker.run_id),
                                 force_provider=ml_provider)
+        # both runs accepted their settings: now the comparison's own config (the first one stays)
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        first = root / "config.yaml"
+        if not first.exists() or overwrite:
+            atomic_write_text(first, config_yaml)
+        elif first.read_text() != config_yaml:
+            atomic_write_text(root / RESUME_CONFIG_FILE, config_yaml)
+        if res_ed.get("noise_source") != res_ml.get("noise_source"):
+            raise ConfigError(f"compare: the ED run drew its bath noise from {res_ed.get('noise_source')!r}, the ML "
+                              f"run from {res_ml.get('noise_source')!r}, so they do not feel the same noise; use the "
+                              "same native_integrator setting for both (a shared compare.ed_run keeps its own)")
         tracker.set_tags({"model_run_id": res_ml.get("model_run_id") or "", "ed_run_id": res_ed["mlflow_run_id"] or "",
                           "ml_run_id": res_ml["mlflow_run_id"] or ""})
         result = {"name": name, "root": str(root), "ed": res_ed, "ml": res_ml, "steps": steps,
@@ -136,13 +166,48 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
 
 def _shared_ed_dir(cfg, root):
     """``compare.ed_run`` as an absolute path, outside this comparison's own folder (an ED run there
-    would be this comparison's ML run, or overwrite its config)."""
+    would be this comparison's ML run, or overwrite its config) and not another comparison's folder."""
     shared = _to_abs(str(_get(cfg, "compare.ed_run")))
     check_run_name(shared.name, "compare.ed_run")
     if shared == root or root in shared.parents or shared in root.parents:
         raise ConfigError(f"compare.ed_run={shared}: must lie outside this comparison's folder {root} "
                           "(e.g. runs/trajectories/ed_L16_R8)")
+    if (shared / "comparison.json").exists() or (shared / "ed").is_dir() or (shared / "ml").is_dir():
+        raise ConfigError(f"compare.ed_run={shared}: holds an ED-vs-ML comparison, not an ED run; name a folder of "
+                          f"its own (e.g. runs/trajectories/ed_L16_R8), or that comparison's ED run {shared / 'ed'}")
     return shared
+
+
+_NEW_SHARED_RUN = "another compare.ed_run"
+
+
+def _shared_fingerprint_check(ed_cfg, checkpoint: dict, ck_path) -> None:
+    """The shared run's checkpoint against this comparison's ED settings (the resume check, with advice
+    that names the setting the user chose: ``compare.ed_run``)."""
+    state_dtype = resolve_dtype(_get(ed_cfg, "integrator_dtype") or "float64")  # ED forces are float64
+    _check_resumable(checkpoint, _fingerprint(ed_cfg, state_dtype), ck_path, new_run=_NEW_SHARED_RUN)
+
+
+def _finished_shared_run(ed_cfg, shared) -> dict | None:
+    """The shared ED run as :func:`run_simulation` would report it, read without writing anything, if it
+    is finished and at least as long as this comparison (None otherwise: it is created or continued).
+    Comparisons may then run at once on one shared run."""
+    checkpoint_path, trajectory = shared / CHECKPOINT_FILE, shared / TRAJECTORY_FILE
+    if not (checkpoint_path.exists() and trajectory.exists()):
+        return None
+    with run_lock(shared, f"compare.ed_run={shared}", shared=True):
+        checkpoint = load_torch_file(checkpoint_path, "compare.ed_run: checkpoint")
+        _shared_fingerprint_check(ed_cfg, checkpoint, checkpoint_path)
+        done = int(checkpoint["state"]["step"])
+        if done < int(ed_cfg.dynamics.steps):
+            return None
+        log.info("compare.ed_run: reading the finished ED run %s (step %d)", shared, done)
+        return {"run_dir": str(shared), "trajectory": str(trajectory), "checkpoint": str(checkpoint_path),
+                "config": str(shared / "config.yaml"), "step": done, "steps": done,
+                "frames": _count_frames(trajectory), "completed": True, "wall_s": float(checkpoint.get("wall_s", 0.0)),
+                "steps_per_s": 0.0, "site_steps_per_s": 0.0, "model_run_id": "",  # no step computed here
+                "mlflow_run_id": checkpoint.get("mlflow_run_id"), "analysis": None,
+                "noise_source": checkpoint.get("noise", "torch")}
 
 
 def _share_ed_run(ed_cfg, shared) -> None:
@@ -150,17 +215,19 @@ def _share_ed_run(ed_cfg, shared) -> None:
     (the resume checks dynamics, Hamiltonian and seed); a run longer than asked is read as it is (its
     frames up to this comparison's steps are the same), a shorter one is continued."""
     ed_cfg.output_root, ed_cfg.run_name = str(shared.parent), shared.name
-    ed_cfg.resume, ed_cfg.overwrite = True, False
     ed_cfg.tracking.parent_run_id = None  # an MLflow run of its own, named by each comparison's ed_run_id tag
     checkpoint, trajectory = shared / CHECKPOINT_FILE, shared / TRAJECTORY_FILE
     if not checkpoint.exists() and (trajectory.exists() or partial_path(trajectory).exists()):
         raise ConfigError(f"compare.ed_run={shared}: holds a trajectory without its {CHECKPOINT_FILE}, so it can be "
                           "neither resumed nor checked; a shared ED run is never overwritten: remove that folder "
                           "to run ED there again, or name another one")
+    ed_cfg.resume, ed_cfg.overwrite = checkpoint.exists(), False  # created by the first comparison
     if checkpoint.exists():
         state = load_torch_file(checkpoint, "compare.ed_run: checkpoint")
-        done = int(state.get("state", {}).get("step", 0)) if isinstance(state, dict) else 0
-        ed_cfg.dynamics.steps = max(int(ed_cfg.dynamics.steps), done)
+        if not isinstance(state, dict) or "state" not in state:
+            raise ConfigError(f"compare.ed_run={shared}: {checkpoint} is not a simulation checkpoint")
+        _shared_fingerprint_check(ed_cfg, state, checkpoint)
+        ed_cfg.dynamics.steps = max(int(ed_cfg.dynamics.steps), int(state["state"]["step"]))
 
 
 def _agreement_metrics(comparison: dict) -> dict:

@@ -11,7 +11,9 @@ frames written, the config) is checkpointed atomically every ``checkpoint_every_
 the end; ``resume=true`` continues from it and reproduces an uninterrupted run bit for bit (same
 device). Runaway dynamics (NaN/inf or max|Q| above ``divergence.max_abs_q``) stop with
 :class:`~lattice_lab.common.errors.SimulationDiverged`, keeping the last good checkpoint and the
-trajectory up to it.
+trajectory up to it. Ctrl-C / SIGTERM stop after the step in progress with a checkpoint there
+(:class:`~lattice_lab.common.errors.Interrupted`); a run holds ``<run_dir>/.lock`` while it writes, so
+a second process on the same folder is refused; a refused resume writes nothing.
 
 Output folder ``<output_root>/<run_name>/``: ``trajectory.h5``, ``checkpoint.pt``, ``config.yaml``
 (``config_resume.yaml`` after a resume; + the analysis outputs when ``analyze=true``).
@@ -23,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -31,11 +34,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
-from lattice_lab.common.errors import ConfigError, SimulationDiverged
-from lattice_lab.common.io import atomic_torch_save, atomic_write_text, check_run_name, load_torch_file
+from lattice_lab.common.errors import ConfigError, Interrupted, SimulationDiverged
+from lattice_lab.common.interrupts import StopRequests
+from lattice_lab.common.io import (
+    atomic_torch_save,
+    atomic_write_text,
+    check_run_name,
+    load_torch_file,
+    run_lock,
+)
 from lattice_lab.common.progress import progress
 from lattice_lab.common.seeding import check_seed
-from lattice_lab.common.switch import check_switch
+from lattice_lab.common.switch import check_flag, check_switch
 from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
 from lattice_lab.dynamics.initial import random_hot_start
 from lattice_lab.dynamics.langevin import LangevinIntegrator, LangevinParams, LangevinState
@@ -115,15 +125,33 @@ def run_name_of(cfg) -> str:
             f"_T{_get(cfg, 'dynamics.temperature')}_seed{_get(cfg, 'seed', 0)}")
 
 
-def _fingerprint(cfg) -> dict:
+def _fingerprint(cfg, state_dtype: torch.dtype | None = None) -> dict:
     """The settings a resumed run must share with the checkpoint (everything that changes the physics
-    or the random numbers; ``dynamics.steps`` may grow)."""
+    or the random numbers; ``dynamics.steps`` may grow). ``state_dtype``: the integrator's dtype as
+    resolved (``integrator_dtype: null`` means the force's dtype), so null and its value compare equal."""
     c = OmegaConf.to_container(cfg, resolve=True)
     dyn = {k: v for k, v in (c.get("dynamics") or {}).items() if k != "steps"}
     force = c.get("force") or {}
+    integrator = str(state_dtype).removeprefix("torch.") if state_dtype is not None else c.get("integrator_dtype")
     return {"hamiltonian": c.get("hamiltonian"), "dynamics": dyn, "seed": c.get("seed"),
             "force_source": force.get("source"), "force_checkpoint": force.get("checkpoint"),
-            "dtype": c.get("dtype"), "integrator_dtype": c.get("integrator_dtype")}
+            "dtype": c.get("dtype"), "integrator_dtype": integrator}
+
+
+def _ignored_on_resume(key: str, old: dict, new: dict) -> bool:
+    """Fingerprint entries that may differ without changing the run: the ML model's ``dtype`` under ED
+    forces (ED is float64); the checkpoint's path when both name the model by its weights' hash (a
+    folder, its best.pt, an absolute path or an MLflow run id can name one model); a model hash or a
+    resolved integrator dtype that an older checkpoint did not record."""
+    if key == "dtype":
+        return new.get("force_source") == "ed" and old.get("force_source") == "ed"
+    if key == "force_checkpoint":
+        return bool(old.get("model_sha256")) and old.get("model_sha256") == new.get("model_sha256")
+    if key == "model_sha256":
+        return key not in old
+    if key == "integrator_dtype":  # checkpoints before it was resolved hold null (the force's dtype)
+        return old.get(key) is None and new.get(key) == ("float64" if new.get("force_source") == "ed" else new.get("dtype"))
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +168,7 @@ def _divergence_limit(cfg, hamiltonian) -> float:
     explicit = _get(cfg, "divergence.max_abs_q")
     if explicit is not None:
         return _positive_float(cfg, "divergence.max_abs_q")
-    factor = float(_get(cfg, "divergence.scale_factor", 50.0))
+    factor = _positive_float(cfg, "divergence.scale_factor") if _get(cfg, "divergence.scale_factor") is not None else 50.0
     return factor * equilibrium_q_scale(hamiltonian)
 
 
@@ -167,7 +195,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
                                                      _get(cfg, "dtype", "float32"), L=L)
     state_dtype = resolve_dtype(_get(cfg, "integrator_dtype") or provider.dtype)
     q_limit = _divergence_limit(cfg, hamiltonian)
-    check_every = _positive_int(cfg, "divergence.check_every") if _get(cfg, "divergence.check_every") else 1
+    check_every = _positive_int(cfg, "divergence.check_every") if _get(cfg, "divergence.check_every") is not None else 1
     ck_every_s = (_positive_float(cfg, "checkpoint_every_s", allow_zero=True)
                   if _get(cfg, "checkpoint_every_s") is not None else 300.0)
     level = _get(cfg, "trajectory.compression_level", 4)
@@ -182,8 +210,10 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     run_name = run_name_of(cfg)
     run_dir = _to_abs(_get(cfg, "output_root", "runs/trajectories")) / run_name
     traj_path, ck_path, cfg_path = run_dir / TRAJECTORY_FILE, run_dir / CHECKPOINT_FILE, run_dir / CONFIG_FILE
-    resume = bool(_get(cfg, "resume", False))
-    fingerprint = _fingerprint(cfg)
+    resume = check_flag(_get(cfg, "resume", False), "resume")
+    overwrite = check_flag(_get(cfg, "overwrite", False), "overwrite")
+    analyze = check_flag(_get(cfg, "analyze", False), "analyze")
+    fingerprint = _fingerprint(cfg, state_dtype)
     if getattr(provider, "model_sha256", ""):  # the same path may hold another model by now (retrained)
         fingerprint["model_sha256"] = provider.model_sha256
 
@@ -193,21 +223,19 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
         _check_resumable(checkpoint, fingerprint, ck_path)
     elif resume and not (traj_path.exists() or partial_path(traj_path).exists()):
         log.warning("resume=true but %s does not exist: starting a new run", ck_path)
-    elif resume and not bool(_get(cfg, "overwrite", False)):
+    elif resume and not overwrite:
         raise ConfigError(f"resume=true: {ck_path} is missing but {run_dir} holds a trajectory; a new run would "
                           f"replace it: pass overwrite=true to do that, or choose another run_name")
     elif ck_path.exists() or traj_path.exists() or partial_path(traj_path).exists():
-        if not bool(_get(cfg, "overwrite", False)):
+        if not overwrite:
             raise ConfigError(f"run_name={run_name!r}: {run_dir} already holds a run; pass resume=true to "
                               f"continue it, overwrite=true to replace it, or choose another run_name")
-    if checkpoint is None:  # a new run (overwrite=true if one was here): no file of the replaced run may stay
-        for stale in (traj_path, ck_path, run_dir / "run_summary.json"):
-            stale.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None and int(checkpoint["state"]["step"]) > steps:
+        raise ConfigError(f"dynamics.steps={steps}: the checkpoint {ck_path} is already at step "
+                          f"{int(checkpoint['state']['step'])}")
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if checkpoint is not None:  # the run's own config stays; the resume's (more steps, another device) beside it
         cfg_path = run_dir / RESUME_CONFIG_FILE
-    atomic_write_text(cfg_path, config_yaml)
 
     lp = LangevinParams(mass=dyn["mass"], gamma=dyn["gamma"], dt=dyn["dt"], temperature=dyn["temperature"])
     generator = torch.Generator(device=device)
@@ -223,10 +251,9 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
                          model_sha256=getattr(provider, "model_sha256", "")[:12] or None, run_dir=str(run_dir))
     result: dict = {}
     with contextlib.ExitStack() as stack:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(run_lock(run_dir, f"run_name={run_name!r}"))
         if checkpoint is not None:
-            if int(checkpoint["state"]["step"]) > steps:
-                raise ConfigError(f"dynamics.steps={steps}: the checkpoint {ck_path} is already at step "
-                                  f"{int(checkpoint['state']['step'])}")
             st = checkpoint["state"]
             state = LangevinState(Q=st["Q"].to(device, state_dtype), V=st["V"].to(device, state_dtype),
                                   F=st["F"].to(device, state_dtype), step=int(st["step"]))
@@ -235,6 +262,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
                 raise ConfigError(f"resume=true: {ck_path} drew its bath noise from the "
                                   f"{checkpoint.get('noise', 'torch')} generator, this run would use {noise} "
                                   "(native_integrator=false selects torch's generator, true the native Philox step)")
+            atomic_write_text(cfg_path, config_yaml)  # after every check: a refused resume changes nothing
             if traj_path.exists() and not partial_path(traj_path).exists():  # finished run, now extended
                 os.replace(traj_path, partial_path(traj_path))
             writer = TrajectoryWriter.reopen(traj_path, int(checkpoint["n_frames"]))
@@ -244,7 +272,12 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             wall_before = float(checkpoint.get("wall_s", 0.0))
             mlflow_run_id = checkpoint.get("mlflow_run_id")
             log.info("resuming %s at step %d (%d frames)", run_name, state.step, writer.n_frames)
-        else:
+        else:  # a new run (overwrite=true if one was here): no file of the replaced run may stay
+            for stale in (traj_path, partial_path(traj_path), ck_path, run_dir / "run_summary.json",
+                          run_dir / RESUME_CONFIG_FILE):
+                stale.unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "analysis", ignore_errors=True)
+            atomic_write_text(cfg_path, config_yaml)
             Q0, V0 = random_hot_start(R, L, hamiltonian, dyn["mass"], dyn["init_temperature"], generator,
                                       dtype=torch.float64, device=device)
             state = integrator.init_state(Q0.to(device, state_dtype), V0.to(device, state_dtype))
@@ -276,8 +309,13 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
         t0 = last_ck = last_post = time.perf_counter()
         bar = progress(total=steps, initial=state.step, desc=f"simulate {provider.source} L={L} R={R}",
                        unit="step")
-        with bar:
+        with bar, StopRequests() as stop:
             while state.step < target:
+                if stop.signal is not None:  # between steps: the state is consistent
+                    ck.save(state, wall_before + time.perf_counter() - t0)
+                    tracker.set_tags({"status": f"interrupted at step {state.step}"})
+                    raise Interrupted(f"{stop.signal} at step {state.step} of {steps}: saved {ck_path}; "
+                                      "the same command with resume=true continues it")
                 state = integrator.step(state)
                 s = state.step
                 save = s % save_every == 0
@@ -311,12 +349,13 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
             "frames": None, "completed": completed, "wall_s": wall_before + loop_s,
             "steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
             "model_run_id": provider.model_run_id, "mlflow_run_id": tracker.run_id, "analysis": None,
+            "noise_source": noise,
         }
         result["frames"] = _count_frames(Path(result["trajectory"]))
         tracker.log_metrics({"steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
                              "wall_time_s": result["wall_s"]}, step=int(state.step))
         tracker.set_tags({"status": "completed" if completed else f"stopped at step {state.step}"})
-        if completed and bool(_get(cfg, "analyze", False)):
+        if completed and analyze:
             result["analysis"] = _analyze(traj_path, cfg, tracker)
         _write_run_summary(run_dir / "run_summary.json", result)
     log.info("%s: step %d/%d, %.3g steps/s, %.3g site-steps/s", run_name, result.get("step", -1), steps,
@@ -376,18 +415,16 @@ def _analyze(traj_path: Path, cfg, tracker) -> dict:
     return summary
 
 
-def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path) -> None:
+def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path, new_run: str = "another run_name") -> None:
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise ConfigError(f"resume=true: {ck_path} has checkpoint version {checkpoint.get('version')}, "
                           f"expected {CHECKPOINT_VERSION}")
     old = checkpoint.get("fingerprint", {})
     for key in sorted(set(old) | set(fingerprint)):
-        if key == "model_sha256" and key not in old:  # a checkpoint from before the model was hashed
-            continue
-        if old.get(key) != fingerprint.get(key):
+        if old.get(key) != fingerprint.get(key) and not _ignored_on_resume(key, old, fingerprint):
             raise ConfigError(f"resume=true: {key}={fingerprint.get(key)!r} differs from the checkpoint's "
                               f"{old.get(key)!r} ({ck_path}); resume with the original settings or start a "
-                              f"new run (another run_name)")
+                              f"new run ({new_run})")
 
 
 class _Checkpointer:

@@ -101,7 +101,14 @@ class TrajectoryWriter:
         if not part.exists():
             raise ConfigError(f"resume=true: the unfinished trajectory {part} is missing; "
                               f"start again with resume=false")
-        f = h5py.File(part, "r+")
+        unreadable = f"resume=true: the unfinished trajectory {part} cannot be read ({{}}); overwrite=true starts the run again"
+        try:  # a kill or a full disk while HDF5 was writing can leave it cut short
+            f = h5py.File(part, "r+")
+        except OSError as exc:
+            raise ConfigError(unreadable.format(str(exc).splitlines()[0])) from None
+        if "step" not in f:
+            f.close()
+            raise ConfigError(unreadable.format("no 'step' dataset"))
         have = f["step"].shape[0]
         if have < n_frames:
             f.close()

@@ -1,0 +1,42 @@
+"""Stop a long run cleanly on Ctrl-C or SIGTERM (a cluster's preemption): at the next safe point.
+
+Inside ``with StopRequests() as stop:`` the first SIGINT / SIGTERM only sets ``stop.signal`` (the
+loop checks it between steps, saves its state and raises
+:class:`~lattice_lab.common.errors.Interrupted`); a second one interrupts at once, as Python would
+(KeyboardInterrupt). Outside the main thread signals cannot be caught, and nothing changes there.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+
+class StopRequests:
+    """Turns SIGINT / SIGTERM into a request the running loop honours at its next safe point."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.signal: str | None = None  # the name of the first signal received
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: stopping at the next safe point and saving (again to stop at once)",
+              file=sys.stderr, flush=True)
