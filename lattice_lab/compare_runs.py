@@ -80,6 +80,12 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
                                 filter_string=where,
                                 order_by=[f"{order} {'ASC' if ascending else 'DESC'}"])
     except mlflow.exceptions.MlflowException as exc:
+        if filter_string:  # the store rejects what the pre-parse let through (a comparator): the filter or the sort?
+            try:
+                mlflow.search_runs(experiment_names=[experiment], max_results=1, filter_string=where)
+            except mlflow.exceptions.MlflowException as filter_exc:
+                hint = " (MLflow's filter grammar compares with =, not ==)" if "==" in filter_string else ""
+                raise ConfigError(f"--filter {filter_string}: {filter_exc.message.split('. ')[0]}{hint}") from None
         raise ConfigError(f"--sort {sort}: {exc.message.split('. ')[0]} (sort by start_time, metrics.<name>, "
                           "params.<name> or tags.<name>)") from None
     columns = ["run_id", "tags.mlflow.runName"] + list(columns or DEFAULT_COLUMNS.get(experiment, []))

@@ -91,3 +91,19 @@ def test_filter_and_group_by_give_mean_and_spread_over_seeds(tmp_mlflow, capsys)
         runs_table("lattice_lab/train", tracking_uri=tmp_mlflow, group_by="tags.nope")
     assert main(["--tracking-uri", tmp_mlflow, "--filter", "tags.mlflow.runName LIKEE 'x'"]) == 2
     assert "error: --filter tags.mlflow.runName LIKEE 'x': Invalid clause" in capsys.readouterr().err
+
+
+def test_a_filter_the_store_rejects_is_named_not_the_sort(tmp_mlflow, capsys):
+    """``==`` passes MLflow's pre-parse and fails in the store's search: the error names the filter."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tmp_mlflow)
+    exp = mlflow.create_experiment("lattice_lab/train")
+    with mlflow.start_run(experiment_id=exp):
+        mlflow.log_param("dataset.name", "x")
+    assert main(["--tracking-uri", tmp_mlflow, "--filter", "params.dataset.name == 'x'"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # (the lines before it: MLflow's INFO log)
+    assert err.startswith("error: --filter params.dataset.name == 'x': Invalid comparator '=='") and "--sort" not in err
+    assert err.endswith("(MLflow's filter grammar compares with =, not ==)")
+    with pytest.raises(ConfigError, match="--sort foo: Invalid attribute key"):  # a bad sort beside a good filter
+        runs_table("lattice_lab/train", sort="foo", tracking_uri=tmp_mlflow, filter_string="params.dataset.name = 'x'")
