@@ -57,9 +57,17 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
 
     from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri or resolve_tracking_uri(None))
-    if mlflow.get_experiment_by_name(experiment) is None:
-        raise ConfigError(f"experiment={experiment!r}: no such MLflow experiment in {mlflow.get_tracking_uri()}")
+    uri = tracking_uri or resolve_tracking_uri(None)
+    label = f"--tracking-uri {uri}" if tracking_uri else f"tracking store {uri}"
+    _check_store(uri, label)
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment) is not None
+    except Exception as exc:  # noqa: BLE001 - the store cannot be read: MLflow's or the database's error, one line
+        message = exc.message if isinstance(exc, mlflow.exceptions.MlflowException) else str(exc)
+        raise ConfigError(f"{label}: {message.splitlines()[0].split('. ')[0]}") from None
+    if not found:
+        raise ConfigError(f"experiment={experiment!r}: no such MLflow experiment in {uri}")
     asked_sort, columns_asked = sort, list(columns or [])
     sort = sort or DEFAULT_SORT.get(experiment, "start_time")
     ascending = not sort.endswith("_per_s") and sort != "start_time"
@@ -80,6 +88,12 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
                                 filter_string=where,
                                 order_by=[f"{order} {'ASC' if ascending else 'DESC'}"])
     except mlflow.exceptions.MlflowException as exc:
+        if filter_string:  # the store rejects what the pre-parse let through (a comparator): the filter or the sort?
+            try:
+                mlflow.search_runs(experiment_names=[experiment], max_results=1, filter_string=where)
+            except mlflow.exceptions.MlflowException as filter_exc:
+                hint = " (MLflow's filter grammar compares with =, not ==)" if "==" in filter_string else ""
+                raise ConfigError(f"--filter {filter_string}: {filter_exc.message.split('. ')[0]}{hint}") from None
         raise ConfigError(f"--sort {sort}: {exc.message.split('. ')[0]} (sort by start_time, metrics.<name>, "
                           "params.<name> or tags.<name>)") from None
     columns = ["run_id", "tags.mlflow.runName"] + list(columns or DEFAULT_COLUMNS.get(experiment, []))
@@ -99,6 +113,25 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
         return header, rows[:max_runs]
     rows = [[_fmt(v) for v in rec] for rec in df[present].itertuples(index=False)]
     return [_short(c) for c in present], rows
+
+
+def _check_store(uri: str, label: str) -> None:
+    """A local store must exist: this command only reads, and MLflow would create an empty one."""
+    from lattice_lab.tracking.mlflow_utils import local_store
+
+    store = local_store(uri)
+    if store is None:
+        return
+    kind, path = store
+    if kind == "sqlite" and not path.is_file():
+        raise ConfigError(f"{label}: no database {path} (expected the sqlite file a task logged to, "
+                          "e.g. sqlite:///runs/mlflow.db)")
+    if kind == "file" and path.is_file():
+        raise ConfigError(f"{label}: a file, not a tracking store folder (a sqlite database is "
+                          f"sqlite:///{path.resolve()})")
+    if kind == "file" and not path.is_dir():
+        raise ConfigError(f"{label}: no such tracking store {path} (expected sqlite:///<database file>, "
+                          "an existing file store folder or an http(s) server)")
 
 
 def _short(column: str) -> str:

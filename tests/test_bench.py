@@ -7,6 +7,7 @@ targets) is checked on synthetic numbers whose answers are known in closed form.
 import csv
 import json
 import math
+import re
 
 import matplotlib.image
 import pytest
@@ -122,6 +123,41 @@ def test_bad_config_names_the_key(tmp_path, override, key):
     cfg = _cfg("bench_preset=quick", f"output_dir={tmp_path}", override)
     with pytest.raises(ConfigError, match=key):
         run(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sizes=abc", "sizes='abc': not a size"), ("ed_sizes=7", "ed_sizes=7: ED needs even L"),
+    ("presets=nope", "presets=nope: unknown model preset 'nope'"),
+    ("batch=2.9", "batch=2.9: not an integer"), ("rounds=2.5", "rounds=2.5: not an integer"),
+    ("repeats=true", "repeats=True: not a number"), ("warmup=-1", "warmup=-1: too small"),
+    ("ed_repeats=1.5", "ed_repeats=1.5: not an integer"), ("scaling_min_L=abc", "scaling_min_L='abc': not a number"),
+    ("ed_fit_min_L=4.5", "ed_fit_min_L=4.5: not an integer"), ("ceiling.n=2.5", "ceiling.n=2.5: not an integer"),
+    ("ceiling.repeats=0", "ceiling.repeats=0: too small"), ("profile_L=x", "profile_L='x': not a number"),
+    ("max_seconds_per_measurement=nan", "max_seconds_per_measurement=nan: not finite"),
+    ("targets.large_L=abc", "targets.large_L='abc': not a number"),
+    ("targets.ed_compare_L=2.5", "targets.ed_compare_L=2.5: not an integer"),
+    ("targets.enn_memory_gb=x", "targets.enn_memory_gb='x': not a number"),
+    ("targets.scaling_tolerance=-1", "targets.scaling_tolerance=-1: too small"),
+    ("targets.memory_L=abc", "targets.memory_L='abc': not a number"),
+    ("targets.memory_preset=nope", "targets.memory_preset='nope': unknown model preset"),
+])
+def test_bad_value_is_named_before_any_work(tmp_path, override, message):
+    out = tmp_path / "bench"
+    cfg = _cfg("bench_preset=quick", f"output_dir={out}", override)
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        run(cfg)
+    assert not out.exists()  # nothing measured, nothing written
+
+
+def test_a_single_value_is_a_one_element_list(tmp_path):
+    out = tmp_path / "bench"
+    run(_cfg("bench_preset=quick", f"output_dir={out}", "threads=1", "presets=mlp_small", "sizes=10",
+             "ed_sizes=4", "batch=2.0", "measure_memory=false"))
+    data = json.loads((out / "bench.json").read_text())
+    assert [m["preset"] for m in data["models"]] == ["mlp_small"]
+    assert {r["L"] for r in data["rows"] if r["set"] == "scaling"} == {10}
+    assert [r["L"] for r in data["ed"]] == [4]
+    assert data["batch"] == 2 and all(r["batch"] == 2 for r in data["rows"])  # an integral float is accepted
 
 
 def test_power_fit_crossover_and_interpolation():

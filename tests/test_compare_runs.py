@@ -91,3 +91,43 @@ def test_filter_and_group_by_give_mean_and_spread_over_seeds(tmp_mlflow, capsys)
         runs_table("lattice_lab/train", tracking_uri=tmp_mlflow, group_by="tags.nope")
     assert main(["--tracking-uri", tmp_mlflow, "--filter", "tags.mlflow.runName LIKEE 'x'"]) == 2
     assert "error: --filter tags.mlflow.runName LIKEE 'x': Invalid clause" in capsys.readouterr().err
+
+
+def test_a_filter_the_store_rejects_is_named_not_the_sort(tmp_mlflow, capsys):
+    """``==`` passes MLflow's pre-parse and fails in the store's search: the error names the filter."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tmp_mlflow)
+    exp = mlflow.create_experiment("lattice_lab/train")
+    with mlflow.start_run(experiment_id=exp):
+        mlflow.log_param("dataset.name", "x")
+    assert main(["--tracking-uri", tmp_mlflow, "--filter", "params.dataset.name == 'x'"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # (the lines before it: MLflow's INFO log)
+    assert err.startswith("error: --filter params.dataset.name == 'x': Invalid comparator '=='") and "--sort" not in err
+    assert err.endswith("(MLflow's filter grammar compares with =, not ==)")
+    with pytest.raises(ConfigError, match="--sort foo: Invalid attribute key"):  # a bad sort beside a good filter
+        runs_table("lattice_lab/train", sort="foo", tracking_uri=tmp_mlflow, filter_string="params.dataset.name = 'x'")
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("{tmp}/nonexist.db", "no such tracking store {tmp}/nonexist.db"),
+    ("file://{tmp}/mlruns", "no such tracking store {tmp}/mlruns"),
+    ("sqlite:///{tmp}/nonexist_dir/x.db", "no database {tmp}/nonexist_dir/x.db"),
+    ("sqlite:///{tmp}/x.db", "no database {tmp}/x.db"),
+])
+def test_a_store_that_does_not_exist_is_refused_and_not_created(tmp_path, capsys, uri, message):
+    uri = uri.format(tmp=tmp_path)
+    assert main(["--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --tracking-uri {uri}: {message.format(tmp=tmp_path)} (expected ")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []  # one line; nothing created
+
+
+def test_a_database_given_as_a_plain_path_or_not_a_database_is_one_line(tmp_path, capsys):
+    db = tmp_path / "m.db"
+    db.write_text("not a database")
+    assert main(["--tracking-uri", str(db)]) == 2
+    assert capsys.readouterr().err == (f"error: --tracking-uri {db}: a file, not a tracking store folder "
+                                       f"(a sqlite database is sqlite:///{db})\n")
+    assert main(["--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert capsys.readouterr().err == f"error: --tracking-uri sqlite:///{db}: (sqlite3.DatabaseError) file is not a database\n"

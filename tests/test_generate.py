@@ -145,6 +145,20 @@ def test_existing_file_is_not_overwritten(tmp_path):
     assert read_force_dataset(path).attrs["seed"] == 3
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_as_output_path_is_refused_before_any_ed_work(tmp_path, monkeypatch, overwrite):
+    calls = []
+    monkeypatch.setattr(generation.ExactForces, "__init__", lambda *a, **k: calls.append(1) or None)
+    folder = tmp_path / "gendir"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=f"^dataset.path='{folder}': '{folder}' is a directory"):
+        run(_cfg(folder, f"overwrite={str(overwrite).lower()}"))
+    generation.partial_path(tmp_path / "d.h5").mkdir()  # the progress file's path, too
+    with pytest.raises(ConfigError, match=f"'{tmp_path}/d.h5.partial.pt' is a directory"):
+        run(_cfg(tmp_path / "d.h5", f"overwrite={str(overwrite).lower()}"))
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["d.h5.partial.pt", "gendir"]
+
+
 def test_unwritable_folder_is_refused_before_any_ed_work(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(generation.ExactForces, "__init__", lambda *a, **k: calls.append(1) or None)

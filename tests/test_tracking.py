@@ -51,6 +51,16 @@ def test_uri_precedence_and_artifact_root(tmp_path, monkeypatch):
     assert mu.resolve_tracking_uri("sqlite:////cfg/y.db") == "sqlite:////cfg/y.db"  # config wins
     assert mu.default_artifact_root(f"sqlite:///{tmp_path}/m.db") == (tmp_path / "mlartifacts").as_uri()
     assert mu.default_artifact_root("http://host:5000") is None
+    assert mu.default_artifact_root("sqlite:///:memory:") is None
+
+
+def test_local_store_names_the_database_or_folder():
+    assert mu.local_store("sqlite:////a/m.db") == ("sqlite", Path("/a/m.db"))
+    assert mu.local_store("sqlite:///runs/m.db?mode=ro") == ("sqlite", Path("runs/m.db"))  # relative to the cwd
+    assert mu.local_store("file:///a/ml%20runs") == ("file", Path("/a/ml runs"))
+    assert mu.local_store("mlruns") == ("file", Path("mlruns"))
+    for remote in ("sqlite:///:memory:", "http://host:5000", "databricks", "postgresql://u@h/db"):
+        assert mu.local_store(remote) is None, remote
     assert mu.experiment_name("simulate") == "lattice_lab/simulate"
     assert mu.experiment_name("simulate", {"tracking": {"experiment": "mine"}}) == "mine"
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import time
@@ -46,25 +47,42 @@ def _abs(path: str) -> Path:
 
 
 def _sizes(cfg, key: str, *, even: bool = False) -> list[int]:
+    """The sizes ``cfg.<key>``: a list of integers L >= 2, or one integer as a one-element list."""
     value = cfg.get(key)
-    values = list(value) if value is not None else []
+    if isinstance(value, str):
+        raise ConfigError(f"{key}={value!r}: not a size (expected an integer L >= 2 or a list, e.g. {key}=[16,32])")
+    values = [] if value is None else list(value) if _is_list(value) else [value]
     for L in values:
         if isinstance(L, bool) or not isinstance(L, int) or L < 2:
-            raise ConfigError(f"{key}={values}: every size must be an integer L >= 2 (got {L!r})")
+            raise ConfigError(f"{key}={value}: every size must be an integer L >= 2 (got {L!r})")
         if even and L % 2:
-            raise ConfigError(f"{key}={values}: ED needs even L for half filling (got {L})")
+            raise ConfigError(f"{key}={value}: ED needs even L for half filling (got {L})")
     return sorted(set(values))
 
 
-def _positive(cfg, key: str, kind=float, allow_zero: bool = False):
-    value = cfg.get(key)
-    try:
-        v = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r}: expected a number") from None
-    if v < 0 or (v == 0 and not allow_zero):
-        raise ConfigError(f"{key}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
-    return v
+def _is_list(value) -> bool:
+    return isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
+
+
+def _positive(cfg, key: str, kind=float, allow_zero: bool = False, default=None):
+    """``cfg.<key>`` (a dotted key reaches into groups: ``targets.large_L``) as a finite ``kind`` > 0
+    (>= 0 with ``allow_zero``); an integer setting takes an integral float (2.0), never 2.5 or a bool.
+    With a ``default``, a missing or null setting is that default."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        wrong = "not a number"
+    elif not math.isfinite(value):
+        wrong = "not finite"
+    elif kind is int and not float(value).is_integer():
+        wrong = "not an integer"
+    elif value < 0 or (value == 0 and not allow_zero):
+        wrong = "too small"
+    else:
+        return kind(value)
+    expected = f"{'an integer' if kind is int else 'a number'} {'>= 0' if allow_zero else '> 0'}"
+    raise ConfigError(f"{key}={value!r}: {wrong} (expected {expected})")
 
 
 def _memory_budget(cfg, device: torch.device) -> float | None:
@@ -85,15 +103,34 @@ def _memory_budget(cfg, device: torch.device) -> float | None:
 
 
 def _presets(cfg) -> list[str]:
-    names = cfg.get("presets")
+    value = cfg.get("presets")
     available = bench_models.available_presets()
-    if names is None:
+    if value is None:
         return available
-    names = [str(n) for n in names]
+    names = [str(n) for n in value] if _is_list(value) else [str(value)]  # one name: a one-element list
     for n in names:
         if n not in available:
-            raise ConfigError(f"presets={names}: unknown model preset {n!r} (available: {available})")
+            raise ConfigError(f"presets={value}: unknown model preset {n!r} (available: {available})")
     return names
+
+
+def _targets(cfg) -> dict:
+    """``cfg.targets`` with every value checked: sizes are integers, thresholds numbers (the memory
+    target may be switched off with a null ``memory_preset`` or ``memory_L``)."""
+    targets = OmegaConf.to_container(cfg.targets, resolve=True) if cfg.get("targets") is not None else {}
+    for key in ("large_L", "ed_compare_L"):
+        targets[key] = _positive(cfg, f"targets.{key}", int)
+    for key in ("scaling_tolerance", "enn_ceiling_fraction", "gnn_ceiling_fraction", "langevin_overhead"):
+        targets[key] = _positive(cfg, f"targets.{key}", allow_zero=True)
+    for key in ("enn_ed_speedup", "enn_memory_gb"):
+        targets[key] = _positive(cfg, f"targets.{key}")
+    preset = targets.get("memory_preset")
+    if preset is not None and preset not in bench_models.available_presets():
+        raise ConfigError(f"targets.memory_preset={preset!r}: unknown model preset "
+                          f"(expected one of {bench_models.available_presets()} or null)")
+    if targets.get("memory_L") is not None:
+        targets["memory_L"] = _positive(cfg, "targets.memory_L", int)
+    return targets
 
 
 def _hamiltonian(cfg):
@@ -119,31 +156,36 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "float32"))
     if cfg.get("threads") is not None:
-        torch.set_num_threads(int(_positive(cfg, "threads", int)))
+        torch.set_num_threads(_positive(cfg, "threads", int))
     sizes = _sizes(cfg, "sizes")
     ed_sizes = _sizes(cfg, "ed_sizes", even=True)
     presets = _presets(cfg)
-    repeats = int(_positive(cfg, "repeats", int))
-    warmup = int(_positive(cfg, "warmup", int, allow_zero=True))
-    batch = int(_positive(cfg, "batch", int))
-    rounds = int(_positive(cfg, "rounds", int)) if cfg.get("rounds") is not None else 1
+    repeats = _positive(cfg, "repeats", int)
+    warmup = _positive(cfg, "warmup", int, allow_zero=True)
+    batch = _positive(cfg, "batch", int)
+    rounds = _positive(cfg, "rounds", int, default=1)
     max_seconds = _positive(cfg, "max_seconds_per_measurement")
-    min_seconds = 0.0
-    if cfg.get("min_seconds_per_measurement") is not None:
-        min_seconds = _positive(cfg, "min_seconds_per_measurement", allow_zero=True)
+    min_seconds = _positive(cfg, "min_seconds_per_measurement", allow_zero=True, default=0.0)
+    ed_repeats = _positive(cfg, "ed_repeats", int, default=3)
+    scaling_min_L = _positive(cfg, "scaling_min_L", int, default=64)
+    ed_fit_min_L = _positive(cfg, "ed_fit_min_L", int, default=16)
+    for key, allow_zero in (("ceiling.n", False), ("ceiling.repeats", False), ("ceiling.warmup", True)):
+        _positive(cfg, key, int, allow_zero=allow_zero)
+    if cfg.get("profile_L") is not None:
+        _positive(cfg, "profile_L", int)
     statistic = str(cfg.get("statistic", "median"))
     graphs = wanted(check_switch(cfg.get("cuda_graph", "auto"), "cuda_graph"), device)
     if statistic not in ("median", "min"):
         raise ConfigError(f"statistic={statistic!r}: expected 'median' or 'min'")
-    targets = OmegaConf.to_container(cfg.targets, resolve=True)
+    targets = _targets(cfg)
     langevin = OmegaConf.to_container(cfg.langevin, resolve=True) if cfg.get("langevin") else {}
     hamiltonian = _hamiltonian(cfg)
     seed = check_seed(cfg.get("seed", 0))
     seed_everything(seed)
+    max_bytes = _memory_budget(cfg, device)
     out_dir = _abs(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    max_bytes = _memory_budget(cfg, device)
     machine = machine_info(device)
     print(f"lattice_lab bench -> {out_dir}\n  device {device}, dtype {str(dtype)[6:]}, torch threads "
           f"{machine['threads']}, presets {presets}, sizes {sizes}, ED sizes {ed_sizes}")
@@ -190,7 +232,7 @@ def run(cfg: DictConfig) -> dict:
         from lattice_lab.physics.timing import ed_timing_table
 
         ed_device = resolve_device(cfg.get("ed_device") or cfg.get("device", "auto"))
-        for r in ed_timing_table(ed_sizes, repeats=int(cfg.get("ed_repeats", 3)), device=str(ed_device),
+        for r in ed_timing_table(ed_sizes, repeats=ed_repeats, device=str(ed_device),
                                  params=hamiltonian, seed=seed):
             ed_rows.append({"kind": "ed", "preset": "ed", "model": "ExactForces", "set": "ed", "L": r["L"],
                             "N": r["N"], "batch": 1, "status": "ok", "note": "best of repeats",
@@ -201,8 +243,8 @@ def run(cfg: DictConfig) -> dict:
     ceiling_key = str(dtype).replace("torch.", "")
     ceiling_gflops = ceilings[ceiling_key]["gflops"]
     summaries = [summary.summarize_model(i, ceiling_gflops, large_L=int(targets["large_L"]),
-                                         scaling_min_L=int(cfg.get("scaling_min_L", 64))) for i in infos]
-    comparison = summary.ed_comparison(ed_rows, summaries, fit_min_L=int(cfg.get("ed_fit_min_L", 16)))
+                                         scaling_min_L=scaling_min_L) for i in infos]
+    comparison = summary.ed_comparison(ed_rows, summaries, fit_min_L=ed_fit_min_L)
     checks = summary.evaluate_targets(summaries, comparison, memory, targets, device.type)
 
     # 4. report
@@ -214,7 +256,7 @@ def run(cfg: DictConfig) -> dict:
         "rows": model_rows, "ed": ed_rows, "ed_comparison": comparison, "memory_target": memory,
         "targets": checks, "profiles": profiles, "seconds": None, "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    L_ed, min_L = int(targets["ed_compare_L"]), int(cfg.get("scaling_min_L", 64))
+    L_ed, min_L = targets["ed_compare_L"], scaling_min_L
     a_ed = report._fmt(comparison["ed_a_seconds_per_N3"])
     text = "\n\n".join([
         f"== models (force evaluation and full Langevin step, batch {batch}, {ceiling_key}, {statistic} of the "

@@ -172,6 +172,10 @@ def build_dataset(cfg) -> Path:
     overwrite = bool(c.get("overwrite", False))
     device = resolve_device(c.get("device", "auto"))
     path = _abs_path(ds["path"])
+    for out in (path, partial_path(path)):  # overwrite replaces a file, never a folder
+        if out.is_dir():
+            raise ConfigError(f"dataset.path={str(path)!r}: {str(out)!r} is a directory (expected the path of "
+                              f"the .h5 file to write, e.g. {str(path / (ds['name'] + '.h5'))!r})")
     if path.exists() and not overwrite:
         raise ConfigError(f"dataset.path={str(path)!r}: file exists (pass overwrite=true to rebuild it)")
     try:  # before any ED work: an unwritable folder is found in a second, not after the first batch

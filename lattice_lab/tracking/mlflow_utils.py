@@ -40,6 +40,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _BATCH = 100  # MLflow's limit on params/tags per log_batch call
@@ -116,14 +118,26 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{_abs(DEFAULT_DB)}"
 
 
+def local_store(uri: str) -> tuple[str, Path] | None:
+    """Where a local tracking store lives: ``("sqlite", database file)`` for ``sqlite:///<path>``,
+    ``("file", folder)`` for ``file:<path>`` or a plain path (MLflow's file store); None for a server
+    or an in-memory database. A relative path is relative to the working directory, as MLflow reads it."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):].split("?", 1)[0]
+        return ("sqlite", Path(db)) if db and db != ":memory:" else None
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        return "file", Path(url2pathname(urlparse(uri).path))
+    return ("file", Path(uri)) if not scheme and uri != "databricks" else None
+
+
 def default_artifact_root(uri: str, artifact_root: str | None = None) -> str | None:
     """Artifact location for new experiments: explicit, else ``mlartifacts/`` beside a sqlite db."""
     if artifact_root:
         return _abs(artifact_root).as_uri()
-    if uri.startswith("sqlite:///"):
-        db = uri[len("sqlite:///"):]
-        if db and db != ":memory:":
-            return (Path(db).resolve().parent / "mlartifacts").as_uri()
+    store = local_store(uri)
+    if store is not None and store[0] == "sqlite":
+        return (store[1].resolve().parent / "mlartifacts").as_uri()
     return None  # MLflow's own default (servers, file stores)
 
 
@@ -152,8 +166,9 @@ def setup_tracking(cfg=None) -> str:
 
     quiet_mlflow()
     uri = resolve_tracking_uri(TrackingSettings.from_config(cfg).uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
+    store = local_store(uri)
+    if store is not None and store[0] == "sqlite":
+        store[1].resolve().parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     return uri
 
