@@ -140,6 +140,9 @@ def test_bad_config_names_the_key(tmp_path, override, key):
     ("targets.scaling_tolerance=-1", "targets.scaling_tolerance=-1: too small"),
     ("targets.memory_L=abc", "targets.memory_L='abc': not a number"),
     ("targets.memory_preset=nope", "targets.memory_preset='nope': unknown model preset"),
+    ("compile=yes", "compile='yes': expected true or false"), ("profile=1", "profile=1: expected true or false"),
+    ("measure_memory=no", "measure_memory='no': expected true or false"),
+    ("tracking.enabled=no", "tracking.enabled='no': expected true or false"),
 ])
 def test_bad_value_is_named_before_any_work(tmp_path, override, message):
     out = tmp_path / "bench"

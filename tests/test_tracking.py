@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lattice_lab.common.errors import ConfigError
 from lattice_lab.tracking import mlflow_utils as mu
 from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
 
@@ -188,3 +189,11 @@ def test_tags_say_whether_the_code_had_uncommitted_changes(tmp_path):
     assert mu.git_dirty(tmp_path) is True
     assert mu.git_dirty(tmp_path / "not_a_repo_sub") is None
     assert mu.standard_tags("train")["git_dirty"] in ("True", "False")
+
+
+def test_tracking_enabled_must_be_a_flag():
+    from lattice_lab.tracking.mlflow_utils import TrackingSettings
+
+    assert TrackingSettings.from_config({"tracking": {"enabled": False}}).enabled is False
+    with pytest.raises(ConfigError, match=r"^tracking.enabled='no': expected true or false"):
+        TrackingSettings.from_config({"tracking": {"enabled": "no"}})

@@ -31,7 +31,7 @@ from lattice_lab.common.device import resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
 from lattice_lab.common.seeding import check_seed, seed_everything
-from lattice_lab.common.switch import check_switch
+from lattice_lab.common.switch import check_flag, check_switch
 from lattice_lab.common.threads import shutdown_pool
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,9 @@ def run(cfg: DictConfig) -> dict:
     if statistic not in ("median", "min"):
         raise ConfigError(f"statistic={statistic!r}: expected 'median' or 'min'")
     targets = _targets(cfg)
+    measure_memory, compile_models, profile = (check_flag(cfg.get(key, default), key) for key, default in
+                                               (("measure_memory", True), ("compile", False), ("profile", False)))
+    tracked = check_flag((cfg.get("tracking") or {}).get("enabled", False), "tracking.enabled")  # used at the end
     langevin = OmegaConf.to_container(cfg.langevin, resolve=True) if cfg.get("langevin") else {}
     hamiltonian = _hamiltonian(cfg)
     seed = check_seed(cfg.get("seed", 0))
@@ -200,8 +203,8 @@ def run(cfg: DictConfig) -> dict:
             info = bench_models.bench_preset(
                 name, sizes=sizes, compare_sizes=compare_sizes, hamiltonian=hamiltonian, device=device,
                 dtype=dtype, batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
-                min_seconds=min_seconds, max_bytes=max_bytes, langevin=langevin, measure_memory=bool(cfg.get("measure_memory", True)),
-                compile=bool(cfg.get("compile", False)), seed=seed, statistic=statistic, cuda_graph=graphs,
+                min_seconds=min_seconds, max_bytes=max_bytes, langevin=langevin, measure_memory=measure_memory,
+                compile=compile_models, seed=seed, statistic=statistic, cuda_graph=graphs,
                 rounds=rounds)
         except ConfigError:
             raise
@@ -214,7 +217,7 @@ def run(cfg: DictConfig) -> dict:
             shutdown_pool()  # a model's worker threads must not slow the next model (common/threads.py)
         infos.append(info)
     profiles = _profiles(cfg, infos, out_dir, hamiltonian=hamiltonian, device=device, dtype=dtype, batch=batch,
-                         seed=seed) if cfg.get("profile", False) else {}
+                         seed=seed) if profile else {}
 
     # memory target: one full step of the memory preset at memory_L
     memory = None
@@ -273,7 +276,7 @@ def run(cfg: DictConfig) -> dict:
              "txt": atomic_write_text(out_dir / "bench.txt", text + "\n")}
     lines = [(float(targets["enn_ceiling_fraction"]), "enn target"), (float(targets["gnn_ceiling_fraction"]), "gnn target")]
     fig = report.make_figure(model_rows, ed_rows, summaries, comparison, f"{device}, {ceiling_key}", lines)
-    if cfg.get("tracking", {}).get("enabled", False):
+    if tracked:
         _track(cfg, result, out_dir, fig, device)
     paths["png"] = report.write_png(out_dir / "bench.png", fig)
     print(text)

@@ -104,7 +104,9 @@ class TrackingSettings:
                  if k in section}
         out = cls(**known)
         out.tags = dict(out.tags or {})
-        out.enabled = bool(out.enabled)
+        from lattice_lab.common.switch import check_flag
+
+        out.enabled = check_flag(out.enabled, "tracking.enabled")
         return out
 
 
