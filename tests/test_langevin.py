@@ -180,3 +180,11 @@ def test_random_hot_start_distribution():
     assert abs(float(V.var()) / (5.0 / 5.0) - 1) < 5 * math.sqrt(2 / n)
     Q2, V2 = random_hot_start(40, 16, 0.18, 5.0, 5.0, torch.Generator().manual_seed(0))
     assert torch.equal(Q, Q2) and torch.equal(V, V2)
+
+
+def test_checked_params_name_their_config_section():
+    assert LangevinParams.checked({"dt": 0.1}, "langevin").dt == 0.1
+    with pytest.raises(ConfigError, match=r"^dataset.gamma=-1: must be >= 0"):
+        LangevinParams.checked({"gamma": -1}, "dataset")
+    with pytest.raises(ConfigError, match=r"^langevin.tau: unknown setting"):
+        LangevinParams.checked({"tau": 1.0}, "langevin")

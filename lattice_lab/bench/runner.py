@@ -33,6 +33,7 @@ from lattice_lab.common.io import atomic_write_text
 from lattice_lab.common.seeding import check_seed, seed_everything
 from lattice_lab.common.switch import check_flag, check_switch
 from lattice_lab.common.threads import shutdown_pool
+from lattice_lab.dynamics.langevin import LangevinParams
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ def run(cfg: DictConfig) -> dict:
                                                (("measure_memory", True), ("compile", False), ("profile", False)))
     tracked = check_flag((cfg.get("tracking") or {}).get("enabled", False), "tracking.enabled")  # used at the end
     langevin = OmegaConf.to_container(cfg.langevin, resolve=True) if cfg.get("langevin") else {}
+    LangevinParams.checked(langevin, "langevin")  # before any work
     hamiltonian = _hamiltonian(cfg)
     seed = check_seed(cfg.get("seed", 0))
     seed_everything(seed)

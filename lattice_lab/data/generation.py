@@ -105,10 +105,7 @@ def validate_generate_config(cfg) -> tuple[dict, HolsteinParams]:
                           "so every environment fits on the lattice")
     if ds["n_random"] + ds["n_quench"] < 1:
         raise ConfigError("dataset.n_random=0, dataset.n_quench=0: the dataset would be empty")
-    try:
-        LangevinParams(mass=ds["mass"], gamma=ds["gamma"], dt=ds["dt"], temperature=ds["temperature"])
-    except ConfigError as exc:  # LangevinParams names the simulate keys (dynamics.*); here they are dataset.*
-        raise ConfigError(str(exc).replace("dynamics.", "dataset.", 1)) from None
+    LangevinParams.checked({k: ds[k] for k in ("mass", "gamma", "dt", "temperature")}, "dataset")
     seed = c.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed={seed!r}: expected a non-negative integer")

@@ -62,6 +62,18 @@ class LangevinParams:
         kw.update(overrides)
         return cls(**kw)
 
+    @classmethod
+    def checked(cls, values: Mapping, section: str = "dynamics") -> LangevinParams:
+        """``cls(**values)`` with errors naming ``<section>.<key>`` (the config section the values came
+        from: ``dataset`` in generate, ``langevin`` in bench), unknown keys included."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"{section}.{unknown[0]}: unknown setting (expected {[f.name for f in fields(cls)]})")
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("dynamics.", f"{section}.", 1)) from None
+
     @property
     def ou_decay(self) -> float:
         """a = exp(-gamma dt)."""
