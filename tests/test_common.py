@@ -1,5 +1,6 @@
 import os
 import stat
+import time
 
 import pytest
 import torch
@@ -210,3 +211,50 @@ def test_check_flag_refuses_non_booleans(bad):
     assert check_flag(True, "overwrite") is True and check_flag(False, "overwrite") is False
     with pytest.raises(ConfigError, match=r"^overwrite=.*expected true or false"):
         check_flag(bad, "overwrite")
+
+
+def test_friendly_errors_turns_an_interrupt_into_one_line_and_exit_130(capsys, monkeypatch):
+    import signal
+
+    from lattice_lab.common import cli
+    from lattice_lab.common.errors import Interrupted
+
+    @friendly_errors
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        ctrl_c()
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(cli, "_job_name", lambda: "simulate")  # inside `python -m lattice_lab.simulate`
+    with pytest.raises(SystemExit):
+        ctrl_c()
+    assert capsys.readouterr().err.startswith("interrupted: rerun with resume=true to continue")
+    monkeypatch.undo()
+
+    @friendly_errors
+    def saved_and_stopped():  # a run that saved its state says where and how to continue
+        raise Interrupted("stopped at step 1200 of 4000, checkpoint runs/trajectories/x/checkpoint.pt; "
+                          "resume=true continues")
+
+    with pytest.raises(SystemExit) as exc:
+        saved_and_stopped()
+    assert exc.value.code == 130, "Interrupted is an interruption, not a user error (exit 2)"
+    err = capsys.readouterr().err
+    assert err == ("interrupted: stopped at step 1200 of 4000, checkpoint runs/trajectories/x/checkpoint.pt; "
+                   "resume=true continues\n")
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    @friendly_errors
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread before kill returns
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    with pytest.raises(SystemExit) as exc:
+        terminated()
+    assert exc.value.code == 143
+    assert capsys.readouterr().err.strip() == "interrupted (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is previous, "the previous SIGTERM handler must be restored"
