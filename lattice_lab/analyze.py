@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
 
@@ -65,6 +65,7 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
+@hydra_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="analyze")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

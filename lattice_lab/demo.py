@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 from lattice_lab.common.errors import LatticeLabError
 
 REPO = Path(CONFIG_DIR).parent
@@ -94,6 +94,7 @@ def _print_summary(cfg: DictConfig, s: dict, analysis: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+@hydra_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="demo")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

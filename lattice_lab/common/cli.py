@@ -1,14 +1,30 @@
 """Entrypoint helpers: user errors become one line on stderr (exit code 2), not a traceback.
 
-An interruption (Ctrl-C, SIGTERM) prints one line ``interrupted...`` and exits 130 (143 after a
-SIGTERM): a run that saved its state raises :class:`~lattice_lab.common.errors.Interrupted`, whose
-message says where and how to continue.
+Every Hydra entrypoint is decorated twice::
+
+    @hydra_errors                                       # outside Hydra: Hydra's own errors, multirun failures
+    @hydra.main(config_path=CONFIG_DIR, config_name="simulate")
+    @friendly_errors                                    # inside a job: our errors, interruptions
+    def main(cfg): ...
+
+- :func:`friendly_errors`: a :class:`LatticeLabError` (or an ``OSError`` naming a file) prints
+  ``error: ...`` and exits 2. In a multirun it is raised on, labelled with its job, so that launchers
+  and sweepers record the job as failed (Optuna: the trial is ``FAIL`` and the sweep goes on).
+- :func:`hydra_errors`: Hydra's composition errors (``dynamics=quench_smal``, an unparsable override,
+  an unknown key) and the failed job that ends a plain multirun (``error: job N (overrides): message``)
+  print one line and exit 2; anything else is reported the way Hydra reports it (traceback, exit 1).
+- An interruption (Ctrl-C, SIGTERM) prints one line ``interrupted...`` and exits 130 (143 after a
+  SIGTERM): a run that saved its state raises :class:`~lattice_lab.common.errors.Interrupted`, whose
+  message says where and how to continue.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
+import logging
+import os
 import signal
 import sys
 import threading
@@ -29,7 +45,12 @@ _RESUME_HINTS = {
     "simulate": "rerun with resume=true to continue from the last checkpoint (if one was written)",
 }
 
+log = logging.getLogger(__name__)
+
 _received: dict = {"signal": None}  # the last SIGTERM turned into a KeyboardInterrupt by _sigterm_interrupts
+# user errors of this process's multirun jobs, (job label, message), for the line that ends the multirun
+_failed_jobs: list[tuple[str, str]] = []
+_JOB_ATTR = "_lattice_lab_job"  # the label a multirun job's user error carries to hydra_errors (survives pickling)
 
 
 def _hydra_job():
@@ -57,6 +78,31 @@ def _job_name() -> str | None:
         return str(hc.job.name) if hc is not None else None
     except Exception:  # noqa: BLE001
         return None
+
+
+def _job_label() -> str:
+    """``job N (overrides)`` of the running multirun job."""
+    hc = _hydra_job()
+    try:
+        overrides = " ".join(o for o in hc.overrides.task if not o.startswith("hydra."))
+        return f"job {hc.job.num}" + (f" ({overrides})" if overrides else "")
+    except Exception:  # noqa: BLE001
+        return "a job"
+
+
+def _user_message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, LatticeLabError):
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
+def _job_failed(exc: BaseException) -> None:
+    """A multirun job ends in a user error: label it, remember it, log it (one line), and let it propagate."""
+    label, message = _job_label(), _user_message(exc)
+    with contextlib.suppress(Exception):
+        setattr(exc, _JOB_ATTR, label)
+    _failed_jobs.append((label, message))
+    log.error("%s failed: %s", label, message)
 
 
 def _exit_code() -> int:
@@ -112,19 +158,130 @@ def friendly_errors(fn):
         try:
             with _sigterm_interrupts():
                 return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            _interrupted(_RESUME_HINTS.get(_job_name() or ""))
+        except KeyboardInterrupt:  # a multirun stops too: the user wants the sweep to end
+            hint = _RESUME_HINTS.get(_job_name() or "")
+            _interrupted(f"{_job_label()}; {hint}" if _in_multirun() and hint else hint)
         except Interrupted as exc:  # before LatticeLabError: an interruption is not a user error
-            _interrupted(str(exc))
-        except LatticeLabError as exc:
+            _interrupted(f"{_job_label()}: {exc}" if _in_multirun() else str(exc))
+        except (LatticeLabError, OSError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, LatticeLabError) and exc.filename is None:
+                raise  # not about a path: a real failure keeps its traceback
             if _in_multirun():
+                _job_failed(exc)
                 raise
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_user_message(exc)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
-        except OSError as exc:
-            if exc.filename is None or _in_multirun():
+
+    return wrapper
+
+
+def _hydra_message(exc: BaseException) -> str | None:
+    """One line for Hydra's own errors (config composition, override grammar); None for others."""
+    try:
+        from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
+    except ImportError:  # pragma: no cover - Hydra is a dependency
+        return None
+    if not isinstance(exc, CompactHydraException):
+        return None
+    text = str(exc)
+    for marker in ("\nConfig search path:", "\nSearch path:"):
+        text = text.split(marker)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(exc, MissingConfigException) and exc.options and "/" in (exc.missing_cfg_file or ""):
+        group, name = exc.missing_cfg_file.rsplit("/", 1)
+        options = list(exc.options)
+        close = difflib.get_close_matches(name, options, n=1)
+        return (f"{group}={name}: no such config in group {group!r}" + (f"; did you mean {close[0]}?" if close else "")
+                + f" (options: {', '.join(options)})")
+    if isinstance(exc, OverrideParseException):
+        reason = [line for line in lines if not line.startswith(("Error when parsing", "See https://"))]
+        return f"{exc.override}: cannot parse this override ({'; '.join(reason) or 'syntax error'}; " \
+               "grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)"
+    message = " ".join(lines) or type(exc).__name__
+    if "hydra.mode changed during config composition" in message and not {"-m", "--multirun"} & set(sys.argv[1:]):
+        message += " (this config, e.g. an +experiment=..., is a multirun: add -m)"
+    return message
+
+
+def _raised_in(exc: BaseException, functions: tuple[str, ...]) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in functions:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _top_level_message(exc: BaseException) -> str | None:
+    """The one line for an exception that ended a Hydra entrypoint, or None where it is not a user error."""
+    hydra_msg = _hydra_message(exc)
+    if hydra_msg is not None:
+        return hydra_msg
+    label = getattr(exc, _JOB_ATTR, None)
+    if label is not None:  # the failed multirun job that ended the sweep
+        others = [other for other, _ in _failed_jobs if other != label]
+        more = f"; {len(others)} more failed ({', '.join(o.split(' (')[0] for o in others)}, see above)" if others else ""
+        return f"{label}: {_user_message(exc)}{more}"
+    if isinstance(exc, LatticeLabError):
+        return str(exc)
+    if _failed_jobs and isinstance(exc, ValueError) and _raised_in(exc, ("best_trial", "best_trials")):
+        label, message = _failed_jobs[0]  # an Optuna sweep whose every trial failed has no best trial
+        return f"every trial failed; {label}: {message}"
+    return None
+
+
+def _report_like_hydra(exc: BaseException) -> None:
+    """Report ``exc`` as Hydra does without HYDRA_FULL_ERROR (its traceback without Hydra's frames, exit 1)."""
+    try:
+        from hydra._internal.utils import run_and_report
+    except ImportError:  # pragma: no cover
+        return
+
+    def again():
+        raise exc
+
+    run_and_report(again)
+
+
+def hydra_errors(main):
+    """Decorate a ``hydra.main`` function (outermost): the errors Hydra itself would print as several lines or a
+    traceback, exit status 1, become one line ``error: ...`` and exit 2 where they are the user's (see the
+    module docstring); Ctrl-C outside a job prints ``interrupted`` and exits 130.
+
+    Hydra is asked to raise (``HYDRA_FULL_ERROR=1`` while ``main`` runs) so that the exception reaches this
+    wrapper; other errors are then reported exactly as Hydra reports them, and a ``HYDRA_FULL_ERROR=1`` set by
+    the user still shows their full traceback.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        saved = os.environ.get("HYDRA_FULL_ERROR")
+
+        def restore():
+            if saved is None:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+            else:
+                os.environ["HYDRA_FULL_ERROR"] = saved
+
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        _failed_jobs.clear()
+        _received["signal"] = None
+        try:
+            with _sigterm_interrupts():
+                return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            restore()
+            _interrupted(None)
+        except Exception as exc:  # noqa: BLE001 - sorted into user errors and the rest below
+            restore()
+            message = _top_level_message(exc)
+            if message is None:
+                if os.environ.get("HYDRA_FULL_ERROR") != "1":
+                    _report_like_hydra(exc)
                 raise
-            print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        finally:
+            restore()
 
     return wrapper
