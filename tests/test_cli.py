@@ -2,6 +2,7 @@
 a failed trial and goes on; genuine bugs keep Hydra's traceback (exit 1)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -116,6 +117,14 @@ def test_optuna_sweep_records_a_failed_trial_and_goes_on(app, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith("error: every trial failed; job ")
+
+
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="on a SLURM machine the launcher would submit jobs")
+def test_slurm_launcher_without_slurm_is_one_line(app, tmp_path):
+    proc = _run(app, tmp_path, "-m", "hydra/launcher=submitit_slurm", "x=1,2")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: hydra/launcher=submitit_slurm (+launcher=slurm): no SLURM here")
+    assert len(proc.stderr.splitlines()) == 1
 
 
 def test_every_entrypoint_reports_through_hydra_errors():

@@ -11,8 +11,9 @@ Every Hydra entrypoint is decorated twice::
   ``error: ...`` and exits 2. In a multirun it is raised on, labelled with its job, so that launchers
   and sweepers record the job as failed (Optuna: the trial is ``FAIL`` and the sweep goes on).
 - :func:`hydra_errors`: Hydra's composition errors (``dynamics=quench_smal``, an unparsable override,
-  an unknown key) and the failed job that ends a plain multirun (``error: job N (overrides): message``)
-  print one line and exit 2; anything else is reported the way Hydra reports it (traceback, exit 1).
+  an unknown key), the failed job that ends a plain multirun (``error: job N (overrides): message``)
+  and ``+launcher=slurm`` without SLURM print one line and exit 2; anything else is reported the way
+  Hydra reports it (traceback, exit 1).
 - An interruption (Ctrl-C, SIGTERM) prints one line ``interrupted...`` and exits 130 (143 after a
   SIGTERM): a run that saved its state raises :class:`~lattice_lab.common.errors.Interrupted`, whose
   message says where and how to continue.
@@ -25,6 +26,7 @@ import difflib
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -224,6 +226,9 @@ def _top_level_message(exc: BaseException) -> str | None:
         return f"{label}: {_user_message(exc)}{more}"
     if isinstance(exc, LatticeLabError):
         return str(exc)
+    if isinstance(exc, RuntimeError) and '"srun"' in str(exc) and shutil.which("srun") is None:
+        return ('hydra/launcher=submitit_slurm (+launcher=slurm): no SLURM here ("srun" not found); submit from a '
+                "SLURM login node, or run the jobs on this machine with +launcher=parallel or +launcher=local")
     if _failed_jobs and isinstance(exc, ValueError) and _raised_in(exc, ("best_trial", "best_trials")):
         label, message = _failed_jobs[0]  # an Optuna sweep whose every trial failed has no best trial
         return f"every trial failed; {label}: {message}"
