@@ -407,3 +407,27 @@ def test_compare_pairs_frames_by_requested_step_when_save_grids_differ(tmp_path)
     pairs = [(s["requested"], s["step_a"], s["step_b"]) for s in res["steps"]]
     assert pairs == [(200, 200, 0), (1000, 1000, 0), (9000, 9000, 9000)]
     assert res["steps"][-1]["max_abs_z"] == 0.0  # the same frame on both sides
+
+
+def test_growth_exponent_is_logged_with_sensible_digits_or_why_it_is_missing(tmp_path, caplog):
+    from lattice_lab.analysis.growth import describe_exponent, format_with_error
+
+    assert format_with_error(0.0893456789012345, 0.006123456789) == "0.0893 +- 0.0061"
+    assert format_with_error(0.2281234, 0.0131) == "0.228 +- 0.013"
+    assert format_with_error(123.456, 45.6) == "123 +- 46"
+    assert format_with_error(0.0893456789, float("nan")) == "0.08935"
+    assert describe_exponent({"alpha": 0.41234567, "alpha_err": 0.0234567}) == "0.412 +- 0.023"
+    assert describe_exponent({"alpha": None, "alpha_err": None, "fit_error": "only 2 saved frames"}) == \
+        "not fitted (only 2 saved frames)"
+    assert describe_exponent(None) == "not fitted (no fit result)"
+
+    rng = np.random.default_rng(3)
+    steps = [0, 100, 200]  # the default window (the last decade of time) holds only 2 frames: no fit
+    Q, n = coarsening_frames(rng, 2, 16, steps)
+    (tmp_path / "run").mkdir()
+    path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    with caplog.at_level("INFO", logger="lattice_lab.analysis.pipeline"):
+        analyze_trajectory(path, {"correlation_steps": [200], "device": "cpu", "tracking": {"enabled": False}})
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("analysis of"))
+    assert "alpha = not fitted (fit.t_min=1, fit.t_max=10: only 2 saved frames in the window" in line
+    assert "None" not in line
