@@ -80,6 +80,11 @@ def test_a_bug_keeps_hydras_traceback_and_exit_1(app, tmp_path):
     assert "error:" not in proc.stderr
     full = _run(app, tmp_path, "x=99", env={"HYDRA_FULL_ERROR": "1"})  # the user's own setting still works
     assert full.returncode == 1 and "hydra/_internal" in full.stderr
+    # a process started by a run (a demo stage, a submitit job) inherits hydra_errors' HYDRA_FULL_ERROR=1,
+    # which is not the user's: it still reports like Hydra
+    child = _run(app, tmp_path, "x=99", env={"HYDRA_FULL_ERROR": "1", "LATTICE_LAB_USER_HYDRA_FULL_ERROR": ""})
+    assert child.returncode == 1 and "ZeroDivisionError: a bug" in child.stderr
+    assert "hydra/_internal" not in child.stderr
 
 
 def test_plain_multirun_runs_every_job_then_ends_with_the_failed_one(app, tmp_path):

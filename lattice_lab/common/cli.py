@@ -236,7 +236,7 @@ def _top_level_message(exc: BaseException) -> str | None:
 
 
 def _report_like_hydra(exc: BaseException) -> None:
-    """Report ``exc`` as Hydra does without HYDRA_FULL_ERROR (its traceback without Hydra's frames, exit 1)."""
+    """Report ``exc`` as Hydra does without HYDRA_FULL_ERROR (its traceback without Hydra's frames) and exit 1."""
     try:
         from hydra._internal.utils import run_and_report
     except ImportError:  # pragma: no cover
@@ -245,7 +245,13 @@ def _report_like_hydra(exc: BaseException) -> None:
     def again():
         raise exc
 
+    os.environ.pop("HYDRA_FULL_ERROR", None)  # the process ends here
     run_and_report(again)
+
+
+# The user's own HYDRA_FULL_ERROR, for processes a run starts (demo stages, submitit jobs): they inherit the
+# HYDRA_FULL_ERROR=1 that hydra_errors sets, which is not the user's.
+_USER_FULL_ERROR = "LATTICE_LAB_USER_HYDRA_FULL_ERROR"
 
 
 def hydra_errors(main):
@@ -260,15 +266,17 @@ def hydra_errors(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        saved = os.environ.get("HYDRA_FULL_ERROR")
+        outer = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", _USER_FULL_ERROR)}
+        user_full_error = os.environ.get(_USER_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", ""))
 
         def restore():
-            if saved is None:
-                os.environ.pop("HYDRA_FULL_ERROR", None)
-            else:
-                os.environ["HYDRA_FULL_ERROR"] = saved
+            for key, value in outer.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
-        os.environ["HYDRA_FULL_ERROR"] = "1"
+        os.environ.update({"HYDRA_FULL_ERROR": "1", _USER_FULL_ERROR: user_full_error})
         _failed_jobs.clear()
         _received["signal"] = None
         try:
@@ -281,7 +289,7 @@ def hydra_errors(main):
             restore()
             message = _top_level_message(exc)
             if message is None:
-                if os.environ.get("HYDRA_FULL_ERROR") != "1":
+                if user_full_error != "1":
                     _report_like_hydra(exc)
                 raise
             print(f"error: {message}", file=sys.stderr)
