@@ -13,6 +13,16 @@ SEARCH ?= enn_optuna
 
 .PHONY: help install test demo data train simulate analyze sweep ui bench paper lint clean
 
+# Generate a dataset unless its file is already there ($(1): generate's overrides). A finished build is never
+# partial (an interrupted one lives in <path>.partial.pt and is resumed), and make demo builds holstein_L16
+# first; with overwrite=true it always rebuilds.
+define generate_once
+	@path=$$($(PY) -m lattice_lab.generate $(1) --cfg job --resolve --package dataset.path) || exit; \
+	if [ -z "$(filter overwrite=true,$(1))" ] && [ -f "$$path" ]; then \
+	  echo "$$path exists, nothing to generate (overwrite=true rebuilds it)"; \
+	else echo "$(PY) -m lattice_lab.generate $(1)" && $(PY) -m lattice_lab.generate $(1); fi
+endef
+
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
@@ -31,8 +41,8 @@ test: $(STAMP)  ## run the test suite (tiny lattices, CPU)
 demo: $(STAMP)  ## end to end on a small default: data -> enn_small -> 96x96 quench -> analysis
 	$(PY) -m lattice_lab.demo $(ARGS)
 
-data: $(STAMP)  ## generate an ED dataset (default holstein_L16; ARGS="dataset=holstein_L40")
-	$(PY) -m lattice_lab.generate $(ARGS)
+data: $(STAMP)  ## generate an ED dataset unless it exists (default holstein_L16; ARGS="dataset=holstein_L40")
+	$(call generate_once,$(ARGS))
 
 train: $(STAMP)  ## train a force field (ARGS="model=enn dataset=holstein_L40")
 	$(PY) -m lattice_lab.train $(ARGS)
@@ -54,7 +64,7 @@ bench: $(STAMP)  ## speed benchmark: matmul ceiling, models, Langevin step, ED c
 	$(PY) -m lattice_lab.bench $(ARGS)
 
 paper: $(STAMP)  ## full reproduction of both papers' figures (GPU recommended, hours)
-	$(PY) -m lattice_lab.generate dataset=holstein_L40
+	$(call generate_once,dataset=holstein_L40)
 	$(PY) -m lattice_lab.train -m +experiment=paper_force_accuracy
 	$(PY) -m lattice_lab.simulate --config-name simulate_compare +experiment=paper_ed_vs_ml
 	$(PY) -m lattice_lab.simulate -m +experiment=paper_coarsening

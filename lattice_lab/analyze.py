@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
 
@@ -33,6 +33,7 @@ def _abs(path) -> Path:
 
 def run(cfg: DictConfig) -> dict:
     """Analyse ``cfg.trajectory`` (and compare with ``cfg.compare_with``); returns the summary."""
+    from lattice_lab.analysis.growth import describe_exponent
     from lattice_lab.analysis.pipeline import analyze_trajectory, compare_trajectories, open_trajectory
 
     if OmegaConf.is_missing(cfg, "trajectory") or cfg.get("trajectory") in (None, ""):
@@ -59,12 +60,14 @@ def run(cfg: DictConfig) -> dict:
         ed, ml = (other, traj) if (src_a != "ed" and src_b == "ed") else (traj, other)
         summary["comparison"] = compare_trajectories(ed, ml, list(cfg.correlation_steps), acfg,
                                                      out_dir=out / "compare")
-    log.info("alpha = %s +- %s (fit window %s); outputs in %s", summary.get("alpha"), summary.get("alpha_err"),
-             summary.get("fit_window"), out)
+    window = [t for t in summary.get("fit_window") or [] if t is not None]
+    log.info("alpha = %s%s; outputs in %s", describe_exponent(summary.get("growth_L")),
+             f" (fit window t = {window[0]:.3g}..{window[1]:.3g})" if len(window) == 2 else "", out)
     print(json.dumps({k: summary.get(k) for k in ("alpha", "alpha_err", "alpha_xi", "fit_window", "out_dir")}))
     return summary
 
 
+@hydra_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="analyze")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

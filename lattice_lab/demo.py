@@ -16,7 +16,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
+from lattice_lab.analysis.growth import describe_exponent
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 from lattice_lab.common.errors import LatticeLabError
 
 REPO = Path(CONFIG_DIR).parent
@@ -83,7 +84,7 @@ def _print_summary(cfg: DictConfig, s: dict, analysis: dict) -> None:
         f"(RMSE {_fmt(s['val_rmse'])}; enn_paper's full ENN on 40x40: 0.0084)",
         f"dynamics      {sim.L}x{sim.L}, {sim.replicas} replicas, {sim.steps} steps to T = {sim.temperature}: "
         f"{_fmt(s['steps_per_s'], '.3g')} steps/s, {_fmt(s['site_steps_per_s'], '.3g')} site-steps/s",
-        f"coarsening    alpha = {_fmt(s['alpha'], '.3f')} +- {_fmt(s['alpha_err'], '.3f')} "
+        f"coarsening    alpha = {describe_exponent(analysis.get('growth_L'))} "
         f"(fit window t = {_fmt(analysis['fit_window'][0], '.3g')}..{_fmt(analysis['fit_window'][1], '.3g')}; "
         "Allen-Cahn 0.5; papers at T=0.1: 0.059 on 200x200, t=1250)",
         "stage times   " + ", ".join(f"{k} {v:.0f} s" for k, v in s["times_s"].items()),
@@ -94,6 +95,7 @@ def _print_summary(cfg: DictConfig, s: dict, analysis: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
+@hydra_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="demo")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

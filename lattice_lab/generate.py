@@ -16,7 +16,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def run(cfg: DictConfig):
     return path
 
 
+@hydra_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="generate")
 @friendly_errors
 def main(cfg: DictConfig):

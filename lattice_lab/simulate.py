@@ -15,7 +15,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 
 
 def run(cfg: DictConfig) -> dict:
@@ -29,6 +29,7 @@ def run(cfg: DictConfig) -> dict:
     return run_simulation(cfg)
 
 
+@hydra_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="simulate")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

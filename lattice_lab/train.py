@@ -17,7 +17,7 @@ import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text, check_run_name
 
@@ -196,6 +196,7 @@ def run(cfg: DictConfig) -> float:
     return float(best_val)
 
 
+@hydra_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="train")
 @friendly_errors
 def main(cfg: DictConfig) -> float:

@@ -417,3 +417,27 @@ def test_select_frames_warns_only_inside_the_run(caplog):
     assert [(s["requested"], s["step"]) for s in got] == [(200, 20), (9, 10)]
     levels = {r.getMessage().split()[2]: r.levelname for r in caplog.records}
     assert levels == {"200": "INFO", "9": "WARNING"}
+
+
+def test_growth_exponent_is_logged_with_sensible_digits_or_why_it_is_missing(tmp_path, caplog):
+    from lattice_lab.analysis.growth import describe_exponent, format_with_error
+
+    assert format_with_error(0.0893456789012345, 0.006123456789) == "0.0893 +- 0.0061"
+    assert format_with_error(0.2281234, 0.0131) == "0.228 +- 0.013"
+    assert format_with_error(123.456, 45.6) == "123 +- 46"
+    assert format_with_error(0.0893456789, float("nan")) == "0.08935"
+    assert describe_exponent({"alpha": 0.41234567, "alpha_err": 0.0234567}) == "0.412 +- 0.023"
+    assert describe_exponent({"alpha": None, "alpha_err": None, "fit_error": "only 2 saved frames"}) == \
+        "not fitted (only 2 saved frames)"
+    assert describe_exponent(None) == "not fitted (no fit result)"
+
+    rng = np.random.default_rng(3)
+    steps = [0, 100, 200]  # the default window (the last decade of time) holds only 2 frames: no fit
+    Q, n = coarsening_frames(rng, 2, 16, steps)
+    (tmp_path / "run").mkdir()
+    path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    with caplog.at_level("INFO", logger="lattice_lab.analysis.pipeline"):
+        analyze_trajectory(path, {"correlation_steps": [200], "device": "cpu", "tracking": {"enabled": False}})
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("analysis of"))
+    assert "alpha = not fitted (fit.t_min=1, fit.t_max=10: only 2 saved frames in the window" in line
+    assert "None" not in line

@@ -302,3 +302,23 @@ def test_a_later_round_out_of_memory_keeps_the_first(tmp_path, monkeypatch):
              "ed_sizes=[]", "measure_memory=false"))
     rows = [r for r in json.loads((out / "bench.json").read_text())["rows"] if r["status"] == "ok"]
     assert rows and all(r["rounds"] == 1 and r["force_s"] > 0 and "out of memory" in r["note"] for r in rows)
+
+
+def test_compiled_timings_appear_in_the_printed_table():
+    """``compile=true`` measures the torch.compile'd force call; bench.txt and stdout must show it, not only bench.json."""
+    from lattice_lab.bench.report import model_table, summary_table
+
+    row = {"set": "scaling", "status": "ok", "preset": "gnn", "L": 32, "force_s": 2.0e-3, "force_s_per_site": 2.0e-6,
+           "step_s": 2.1e-3, "site_steps_per_s": 5e5, "gflops": 10.0, "ceiling_fraction": 0.5,
+           "langevin_overhead": 0.05, "mem_per_site_step": 100.0, "note": ""}
+    skipped = {"set": "scaling", "status": "skipped", "preset": "gnn", "L": 8, "note": "receptive field > L/2"}
+    plain = model_table([row, skipped])
+    assert "compiled" not in plain  # compile=false: no empty columns
+    text = model_table([{**row, "compiled_force_s": 1.25e-3, "compiled_speedup": 1.6}, skipped]).splitlines()
+    header = text[0].split()
+    assert header[:6] == ["preset", "L", "force", "ms", "us/site", "compiled"]
+    assert "1.25" in text[2] and "1.60x" in text[2]
+    assert text[3].index("receptive field") == text[1].rindex("  ") + 2, "a skipped row keeps the columns aligned"
+    summary = {"preset": "enn", "params": 10, "flops_per_site": 1e5, "compile_error": "BackendCompilerFailed: x"}
+    table = summary_table([summary], {"models": {}}, 40, 64)
+    assert "compile failed: BackendCompilerFailed" in table

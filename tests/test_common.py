@@ -1,5 +1,6 @@
 import os
 import stat
+import time
 
 import pytest
 import torch
@@ -210,3 +211,90 @@ def test_check_flag_refuses_non_booleans(bad):
     assert check_flag(True, "overwrite") is True and check_flag(False, "overwrite") is False
     with pytest.raises(ConfigError, match=r"^overwrite=.*expected true or false"):
         check_flag(bad, "overwrite")
+
+
+def test_friendly_errors_turns_an_interrupt_into_one_line_and_exit_130(capsys, monkeypatch):
+    import signal
+
+    from lattice_lab.common import cli
+    from lattice_lab.common.errors import Interrupted
+
+    @friendly_errors
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        ctrl_c()
+    assert exc.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(cli, "_job_name", lambda: "simulate")  # inside `python -m lattice_lab.simulate`
+    with pytest.raises(SystemExit):
+        ctrl_c()
+    assert capsys.readouterr().err.startswith("interrupted: rerun with resume=true to continue")
+    monkeypatch.undo()
+
+    @friendly_errors
+    def saved_and_stopped():  # a run that saved its state says where and how to continue
+        raise Interrupted("stopped at step 1200 of 4000, checkpoint runs/trajectories/x/checkpoint.pt; "
+                          "resume=true continues")
+
+    with pytest.raises(SystemExit) as exc:
+        saved_and_stopped()
+    assert exc.value.code == 130, "Interrupted is an interruption, not a user error (exit 2)"
+    err = capsys.readouterr().err
+    assert err == ("interrupted: stopped at step 1200 of 4000, checkpoint runs/trajectories/x/checkpoint.pt; "
+                   "resume=true continues\n")
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    @friendly_errors
+    def terminated():
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to this (main) thread before kill returns
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    with pytest.raises(SystemExit) as exc:
+        terminated()
+    assert exc.value.code == 143
+    assert capsys.readouterr().err.strip() == "interrupted (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is previous, "the previous SIGTERM handler must be restored"
+
+
+def test_dataset_build_shows_one_bar_per_phase_with_its_own_count(tmp_path, monkeypatch):
+    """The quench phase costs snapshot_every ED solves per config, the random phase one: a single bar over both
+    promised the random phase's rate for the whole build (~5 min shown for a 2-3 h holstein_L40)."""
+    import io
+
+    from hydra import compose, initialize_config_dir
+
+    from lattice_lab.common import progress as P
+    from lattice_lab.common.cli import CONFIG_DIR
+    from lattice_lab.data import generation
+
+    monkeypatch.setenv("LATTICE_LAB_NO_PROGRESS", "0")
+    buf = io.StringIO()
+    bar = P.progress(total=10, desc="work a", file=buf)
+    bar.update(10)
+    P.start_phase(bar, "work b", 4, done=1)
+    assert (bar.n, bar.total, bar.initial, bar.desc) == (1, 4, 1, "work b")
+    bar.close()
+    assert "work b:  25%" in buf.getvalue()
+
+    bars, phases = [], []
+
+    def recording_progress(**kw):
+        bars.append(P.progress(file=io.StringIO(), **kw))
+        return bars[-1]
+
+    def recording_start_phase(bar, desc, total, done=0):
+        phases.append((bar.desc, bar.n, bar.total, bar.postfix))  # the phase that ends here
+        P.start_phase(bar, desc, total, done)
+
+    monkeypatch.setattr(generation, "progress", recording_progress)
+    monkeypatch.setattr(generation, "start_phase", recording_start_phase)
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("generate", overrides=["dataset=holstein_L8_tiny", f"dataset.path={tmp_path / 'd.h5'}",
+                                             "device=cpu"])
+    generation.build_dataset(cfg)
+    assert phases == [("ED holstein_L8_tiny (L=8) random", 12, 12, "then 12 quench configs, 3 ED solves each")]
+    assert len(bars) == 1 and (bars[0].desc, bars[0].n, bars[0].total) == ("ED holstein_L8_tiny (L=8) quench", 12, 12)

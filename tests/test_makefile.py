@@ -35,3 +35,48 @@ def test_clean_keeps_runs_outputs_unless_confirmed(tmp_path):
     (runs / "checkpoints").mkdir()
     clean("YES=1")
     assert sorted(p.name for p in runs.iterdir()) == ["README.md"]
+
+
+def _fake_env(tmp_path):
+    """The Makefile in a folder whose .venv/bin/python is a stand-in: ``--cfg job`` prints the dataset path
+    generate would write; other calls are recorded in calls.txt."""
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").write_text("")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\ncase " $* " in\n'
+                      '  *" --cfg job "*) case " $* " in *" dataset=holstein_L40 "*) echo runs/data/holstein_L40.h5;; '
+                      '*) echo runs/data/holstein_L16.h5;; esac;;\n'
+                      '  *) echo "$*" >> calls.txt;;\nesac\n')
+    python.chmod(0o755)
+    (tmp_path / ".venv" / ".installed").touch()  # newer than pyproject.toml: nothing to install
+
+    def make(*args):
+        proc = subprocess.run(["make", "-s", *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        calls = (tmp_path / "calls.txt").read_text().splitlines() if (tmp_path / "calls.txt").exists() else []
+        (tmp_path / "calls.txt").unlink(missing_ok=True)
+        return proc, calls
+
+    return make
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_data_and_paper_skip_a_dataset_that_is_already_built(tmp_path):
+    """README's order: ``make demo`` builds holstein_L16, then ``make data`` must not fail on the existing file."""
+    make = _fake_env(tmp_path)
+    proc, calls = make("data")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == ["-m lattice_lab.generate"], "no dataset yet: generate runs (and resumes a partial build)"
+    (tmp_path / "runs" / "data").mkdir(parents=True)
+    (tmp_path / "runs" / "data" / "holstein_L16.h5").write_text("built by make demo")
+    proc, calls = make("data")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [] and "runs/data/holstein_L16.h5 exists, nothing to generate" in proc.stdout
+    proc, calls = make("data", "ARGS=overwrite=true")
+    assert calls == ["-m lattice_lab.generate overwrite=true"]
+    proc, calls = make("data", "ARGS=dataset=holstein_L40")
+    assert calls == ["-m lattice_lab.generate dataset=holstein_L40"], "another dataset is still built"
+    (tmp_path / "runs" / "data" / "holstein_L40.h5").write_text("hours of ED")
+    proc, calls = make("paper")
+    assert proc.returncode == 0, proc.stderr
+    assert not any("lattice_lab.generate" in c for c in calls) and len(calls) == 3, calls

@@ -12,6 +12,7 @@ Allen-Cahn (non-conserved Ising) coarsening gives alpha = 1/2.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -116,3 +117,22 @@ def growth_exponent(t, y_mean, y_replicas=None, y_jackknife=None,
     # the error quoted with alpha: the larger of the fit error and the replica error(s)
     out["alpha_err"] = float(max([fit.alpha_err, *errs])) if np.isfinite(fit.alpha_err) else float("nan")
     return out
+
+
+def format_with_error(value: float, err: float | None, digits: int = 2) -> str:
+    """``value +- err`` for a log line: the error to ``digits`` significant digits and the value to the same
+    decimal place (``0.0893 +- 0.0061``); without a usable error, the value to 4 significant digits."""
+    if err is None or not math.isfinite(err) or err <= 0:
+        return f"{value:.4g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(err)))
+    return f"{value:.{decimals}f} +- {err:.{decimals}f}"
+
+
+def describe_exponent(growth: dict | None) -> str:
+    """A growth exponent from :func:`growth_exponent`'s result (or a summary's ``growth_L`` / ``growth_xi``)
+    for a log line: ``0.0893 +- 0.0061``, or ``not fitted (<reason>)``."""
+    growth = growth or {}
+    alpha = growth.get("alpha")
+    if alpha is None or not math.isfinite(alpha):
+        return f"not fitted ({growth.get('fit_error') or 'no fit result'})"
+    return format_with_error(float(alpha), growth.get("alpha_err"))

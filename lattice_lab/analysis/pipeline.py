@@ -37,7 +37,7 @@ from lattice_lab.analysis.correlation import (
     distance_bins,
     normalized_correlation_t,
 )
-from lattice_lab.analysis.growth import PowerLawFit, growth_exponent
+from lattice_lab.analysis.growth import PowerLawFit, describe_exponent, growth_exponent
 from lattice_lab.analysis.order_parameter import cdw_order_parameter_t, domain_wall_fraction_t
 from lattice_lab.analysis.scaling import collapse_correlation, collapse_quality, collapse_structure_factor
 from lattice_lab.analysis.stats import jackknife_error, leave_one_out_means, replica_mean_sem
@@ -446,7 +446,8 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
     if run_id:
         summary["mlflow_run_id"] = run_id
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
-    log.info("analysis of %s: alpha = %s +- %s -> %s", path, summary["alpha"], summary["alpha_err"], out)
+    log.info("analysis of %s: alpha = %s from L(t), %s from xi(t) -> %s", path, describe_exponent(summary["growth_L"]),
+             describe_exponent(summary["growth_xi"]), out)
     return summary
 
 

@@ -4,9 +4,10 @@ import hydra
 from omegaconf import DictConfig
 
 from lattice_lab.bench.runner import run
-from lattice_lab.common.cli import CONFIG_DIR, friendly_errors
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 
 
+@hydra_errors
 @hydra.main(config_path=CONFIG_DIR, config_name="bench")
 @friendly_errors
 def main(cfg: DictConfig) -> None:

@@ -41,16 +41,23 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def model_table(model_rows: list[dict]) -> str:
-    headers = ["preset", "L", "force ms", "us/site", "step ms", "site-steps/s", "GFLOP/s", "%ceil",
-               "overhead", "B/site(step)", "note"]
+    """One row per preset and L of the scaling set; with ``compile=true`` also the ``torch.compile``d force
+    call (``compiled ms``) and its speed-up over the eager one (``compiled x``, > 1: compiled is faster)."""
+    compiled = any(r.get("compiled_force_s") is not None for r in model_rows if r["set"] == "scaling")
+    headers = ["preset", "L", "force ms", "us/site", *(["compiled ms", "compiled x"] if compiled else []),
+               "step ms", "site-steps/s", "GFLOP/s", "%ceil", "overhead", "B/site(step)", "note"]
     rows = []
     for r in model_rows:
         if r["set"] != "scaling":
             continue
         if r["status"] != "ok":
-            rows.append([r["preset"], str(r["L"]), *["-"] * 8, r["note"][:60]])
+            rows.append([r["preset"], str(r["L"]), *["-"] * (len(headers) - 3), r["note"][:60]])
             continue
+        comp = r.get("compiled_force_s")
         rows.append([r["preset"], str(r["L"]), _fmt(1e3 * r["force_s"]), _fmt(1e6 * r["force_s_per_site"]),
+                     *([_fmt(1e3 * comp if comp is not None else None),
+                        _fmt(r.get("compiled_speedup"), ".2f") + "x" if r.get("compiled_speedup") else "-"]
+                       if compiled else []),
                      _fmt(1e3 * r["step_s"]) if r.get("step_s") else "-",
                      _fmt(r.get("site_steps_per_s"), ".3e"), _fmt(r.get("gflops")),
                      _fmt(100 * r["ceiling_fraction"], ".1f") if r.get("ceiling_fraction") is not None else "-",
@@ -78,7 +85,7 @@ def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_mi
                      _fmt(cmp_.get("crossover_L"), ".3g"),
                      (_fmt(sp["speedup"], ".3g") + "x" + ("" if sp["how"] == "measured" else f" ({sp['how'][:6]})"))
                      if sp and sp["speedup"] else "-",
-                     (s.get("error") or "")[:50]])
+                     (s.get("error") or (f"compile failed: {s['compile_error']}" if s.get("compile_error") else ""))[:50]])
     return table(headers, rows)
 
 

@@ -33,7 +33,7 @@ import torch
 
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_torch_save, load_torch_file
-from lattice_lab.common.progress import progress
+from lattice_lab.common.progress import progress, start_phase
 from lattice_lab.common.switch import check_flag
 from lattice_lab.data.h5io import write_force_dataset
 from lattice_lab.dynamics.initial import random_hot_start
@@ -216,7 +216,8 @@ def build_dataset(cfg) -> Path:
         atomic_torch_save({**saved, "fingerprint": fp}, ppath)
 
     ed = ExactForces(params, device=device)
-    bar = progress(total=total, desc=f"ED {ds['name']} (L={L})", unit="config", initial=n_done())
+    # one bar per phase (random, then the far slower quench: snapshot_every ED solves per config), each its own ETA
+    bar = progress(total=n_rand, desc=f"ED {ds['name']} (L={L}) random", unit="config", initial=min(n_done(), n_rand))
     with contextlib.closing(bar):
         # -- random configurations ------------------------------------------------------------
         if n_done() < n_rand:
@@ -225,7 +226,7 @@ def build_dataset(cfg) -> Path:
                                         dtype=torch.float64, device="cpu")
             step = ds["ed_batch"]
             last_save = n_done()
-            bar.set_postfix_str("random")
+            bar.set_postfix_str(f"then {n_quench} quench configs, {ds['snapshot_every']} ED solves each" if n_quench else "")
             for start in range(n_done(), n_rand, step):  # chunks stay aligned to multiples of ed_batch
                 Q = Q_all[start:start + step]
                 res = ed.compute(Q.to(device))
@@ -241,6 +242,7 @@ def build_dataset(cfg) -> Path:
                 save_partial()
         # -- quench snapshots -----------------------------------------------------------------
         if n_done() < total:
+            start_phase(bar, f"ED {ds['name']} (L={L}) quench", n_quench, done=n_done() - n_rand)
             provider = _CachingED(ed)
             lp = LangevinParams(mass=ds["mass"], gamma=ds["gamma"], dt=ds["dt"], temperature=ds["temperature"])
             gen = torch.Generator(device=device).manual_seed(seed + 1)
