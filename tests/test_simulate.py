@@ -638,8 +638,9 @@ def test_interrupt_saves_the_state_and_resume_is_exact(tmp_path, sig):
 
     whole = run(make_cfg(tmp_path, "force=ed", "run_name=whole"))
     before = signal.getsignal(sig)
-    with pytest.raises(Interrupted, match=r"at step 7 of 20: saved .*checkpoint.pt.*resume=true"):
+    with pytest.raises(Interrupted, match=r"at step 7 of 20: saved .*checkpoint.pt.*resume=true") as stopped:
         run_simulation(make_cfg(tmp_path, "force=ed", "run_name=cut"), force_provider=SignalAt(sig, 8))
+    assert stopped.value.signum == sig  # the exit status says which signal (128 + signum)
     assert signal.getsignal(sig) == before  # the handler is gone with the run
     done = run(make_cfg(tmp_path, "force=ed", "run_name=cut", "resume=true"))
     a, _ = read_all(whole["trajectory"])

@@ -164,6 +164,8 @@ def friendly_errors(fn):
             hint = _RESUME_HINTS.get(_job_name() or "")
             _interrupted(f"{_job_label()}; {hint}" if _in_multirun() and hint else hint)
         except Interrupted as exc:  # before LatticeLabError: an interruption is not a user error
+            if exc.signum is not None:  # the run caught the signal itself (to stop at a safe point)
+                _received["signal"] = exc.signum
             _interrupted(f"{_job_label()}: {exc}" if _in_multirun() else str(exc))
         except (LatticeLabError, OSError) as exc:
             if isinstance(exc, OSError) and not isinstance(exc, LatticeLabError) and exc.filename is None:

@@ -15,7 +15,12 @@ class SimulationDiverged(LatticeLabError):
 
 class Interrupted(LatticeLabError):
     """The user interrupted a run (Ctrl-C, SIGTERM) after it saved what it had; the message says where,
-    and how to continue. Entrypoints print it as one line and exit 130 (:mod:`lattice_lab.common.cli`)."""
+    and how to continue. Entrypoints print it as one line and exit 128 + ``signum`` (130 for Ctrl-C;
+    :mod:`lattice_lab.common.cli`)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 def require(condition: bool, message: str) -> None:

@@ -20,6 +20,7 @@ class StopRequests:
 
     def __init__(self):
         self.signal: str | None = None  # the name of the first signal received
+        self.signum: int | None = None
         self._previous: dict = {}
 
     def __enter__(self) -> StopRequests:
@@ -37,6 +38,6 @@ class StopRequests:
     def _handle(self, signum, _frame) -> None:
         if self.signal is not None:  # asked twice: stop now
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
+        self.signal, self.signum = signal.Signals(signum).name, signum
         print(f"\n{self.signal}: stopping at the next safe point and saving (again to stop at once)",
               file=sys.stderr, flush=True)

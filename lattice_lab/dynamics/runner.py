@@ -315,7 +315,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
                     ck.save(state, wall_before + time.perf_counter() - t0)
                     tracker.set_tags({"status": f"interrupted at step {state.step}"})
                     raise Interrupted(f"{stop.signal} at step {state.step} of {steps}: saved {ck_path}; "
-                                      "the same command with resume=true continues it")
+                                      "the same command with resume=true continues it", stop.signum)
                 state = integrator.step(state)
                 s = state.step
                 save = s % save_every == 0
