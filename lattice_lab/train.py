@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text, check_run_name
+from lattice_lab.common.switch import check_flag
 
 
 def _choice(group: str) -> str | None:
@@ -64,7 +65,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     prefix = f"{model_label(cfg)}_{dataset_name(cfg)}_"
     if cfg.run_name:
         return root / check_run_name(cfg.run_name)
-    if cfg.resume:
+    if check_flag(cfg.resume, "resume"):
         candidates = sorted((p for p in root.glob(prefix + "*") if (p / "last.pt").is_file()),
                             key=lambda p: (p / "last.pt").stat().st_mtime)
         if not candidates:
@@ -112,16 +113,21 @@ def run(cfg: DictConfig) -> float:
     from lattice_lab.models.checkpoint import load_checkpoint
     from lattice_lab.models.registry import build_model, count_parameters
     from lattice_lab.sweeps.parent import current_parent_run_id
-    from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
+    from lattice_lab.tracking.mlflow_utils import TrackingSettings, standard_tags, start_run
+    from lattice_lab.training.config import TrainerConfig
     from lattice_lab.training.metrics import METRIC_KEYS
     from lattice_lab.training.trainer import Trainer
 
     t_start = time.perf_counter()
+    # every setting is checked before anything is read or written (a typo is not found after training)
+    resume, plots = check_flag(cfg.resume, "resume"), check_flag(cfg.get("plots", True), "plots")
+    TrackingSettings.from_config(cfg)
+    TrainerConfig.from_config(cfg.trainer)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     seed = check_seed(cfg.seed)
     data_path = _dataset_path(cfg)
     run_dir = resolve_run_dir(cfg)
-    if not cfg.resume and (run_dir / "last.pt").exists():
+    if not resume and (run_dir / "last.pt").exists():
         raise ConfigError(f"run_name={run_dir.name!r}: {run_dir} already holds a run "
                           "(resume=true continues it, or choose another run_name)")
     seed_everything(seed)
@@ -135,10 +141,11 @@ def run(cfg: DictConfig) -> float:
 
     # built before the MLflow run is (re)opened: a refused resume (other data or settings) leaves that run as it was
     trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir,
-                      seed=seed, resume=bool(cfg.resume),
+                      seed=seed, resume=resume,
                       meta={"config": cfg_yaml, "dataset_path": str(data_path), "dataset_name": dataset_name(cfg)})
-    atomic_write_text(run_dir / ("config.yaml" if not cfg.resume else "config_resume.yaml"), cfg_yaml)
-    run_id = load_checkpoint(run_dir / "last.pt").get("mlflow_run_id") if cfg.resume else None
+    config_file = run_dir / ("config_resume.yaml" if resume else "config.yaml")
+    atomic_write_text(config_file, cfg_yaml)
+    run_id = load_checkpoint(run_dir / "last.pt").get("mlflow_run_id") if resume else None
     parent = cfg.tracking.get("parent_run_id") or current_parent_run_id()
     tags = standard_tags("train", model_family=str(cfg.model.name), dataset_path=data_path, device=device,
                          model_preset=model_label(cfg), dataset=dataset_name(cfg), run_dir=str(run_dir),
@@ -146,7 +153,7 @@ def run(cfg: DictConfig) -> float:
     with start_run(task="train", cfg=cfg, run_name=run_dir.name, tags=tags, run_id=run_id,
                    parent_run_id=parent) as tracker:
         tracker.log_params(cfg)
-        tracker.log_artifact(run_dir / ("config.yaml" if not cfg.resume else "config_resume.yaml"))
+        tracker.log_artifact(config_file)
         static = {"n_params": count_parameters(model), "n_train_configs": int((~data.is_val).sum()),
                   "n_val_configs": int(data.is_val.sum()), "L": data.L}
         flops = _optional_flops(model)
@@ -173,7 +180,7 @@ def run(cfg: DictConfig) -> float:
         tracker.set_tags({"stop_reason": trainer.stop_reason, "best_epoch": trainer.best_epoch})
         atomic_write_text(run_dir / "final_metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(final)))
 
-        if cfg.get("plots", True):
+        if plots:
             from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
 
             label = f"{model_label(cfg)} on {dataset_name(cfg)}"

@@ -168,3 +168,12 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset.path=")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override", ["resume=maybe", "plots=no", "tracking.enabled=no", "trainer.progress=1",
+                                      "model.elastic_prior=yes"])
+def test_true_false_settings_refuse_other_values_before_the_run(dataset_file, tmp_path, tmp_mlflow, override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"^{key}='?{value}'?: expected true or false$"):
+        run(_cfg(dataset_file, tmp_path / "out", override))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()

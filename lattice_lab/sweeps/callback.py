@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from lattice_lab.sweeps.parent import FILE_NAME as PARENT_FILE
 from lattice_lab.sweeps.parent import publish_parent_run_id
+from lattice_lab.tracking.mlflow_utils import TrackingSettings
 
 log = logging.getLogger(__name__)
 STUDY_TAG = "lattice_lab.study"
@@ -33,7 +34,6 @@ def client_and_experiment(config: DictConfig):
     from mlflow.tracking import MlflowClient
 
     from lattice_lab.tracking.mlflow_utils import (
-        TrackingSettings,
         experiment_name,
         get_or_create_experiment,
         quiet_mlflow,
@@ -117,7 +117,7 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         offset_sampler_seed(config)
-        if not self.enabled or not config.get("tracking", {}).get("enabled", True):
+        if not self.enabled or not TrackingSettings.from_config(config.get("tracking")).enabled:
             return
         client, experiment_id = client_and_experiment(config)
         study = _study_name(config)
