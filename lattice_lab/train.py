@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> float:
     """Train, evaluate, log; return the best validation RMSE."""
     import torch
 
-    from lattice_lab.common.device import resolve_device, resolve_dtype
+    from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
     from lattice_lab.common.seeding import check_seed, seed_everything
     from lattice_lab.data.h5io import read_force_dataset
     from lattice_lab.models.checkpoint import load_checkpoint
@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> float:
     resume, plots = check_flag(cfg.resume, "resume"), check_flag(cfg.get("plots", True), "plots")
     TrackingSettings.from_config(cfg)
     TrainerConfig.from_config(cfg.trainer)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype, MODEL_DTYPES)
     seed = check_seed(cfg.seed)
     data_path = _dataset_path(cfg)
     run_dir = resolve_run_dir(cfg)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
+from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype, synchronize
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
 from lattice_lab.common.progress import progress
@@ -99,7 +99,7 @@ class Trainer:
                  model_cfg: dict | None = None, seed: int = 0, resume: bool = False, meta: dict | None = None):
         self.cfg = TrainerConfig.from_config(cfg)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, MODEL_DTYPES)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.tracker = tracker
         self.model_cfg = dict(model_cfg) if model_cfg is not None else dict(getattr(model, "model_cfg", {}) or {})
