@@ -130,3 +130,45 @@ def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(
         "the trials' configs are composed from the overrides and must see the same sweeper"
     again = first_draws(cfg.hydra.sweeper.sampler, "resume_seed")
     assert set(again).isdisjoint(first)
+
+
+def _enn_trials():
+    """Two completed trials of enn_optuna's search space (list elements model.hidden.0/1 among them)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    dists = {"trainer.lr": FloatDistribution(1e-4, 3e-3, log=True),
+             "trainer.batch_size": CategoricalDistribution([2, 4, 8]),
+             "model.hidden.0": CategoricalDistribution([8, 16, 32]), "model.hidden.1": CategoricalDistribution([4, 8]),
+             "model.activation": CategoricalDistribution(["gate", "tanh"])}
+    points = [{"trainer.lr": 1e-3, "trainer.batch_size": 2, "model.hidden.0": 16, "model.hidden.1": 8,
+               "model.activation": "tanh"},
+              {"trainer.lr": 2e-4, "trainer.batch_size": 2, "model.hidden.0": 32, "model.hidden.1": 8,
+               "model.activation": "tanh"}]
+    study = optuna.create_study(direction="minimize")
+    for value, params in zip((0.5, 0.4), points):
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+    return study, points
+
+
+def test_trials_are_linked_to_their_mlflow_runs_when_list_elements_are_searched():
+    """MLflow logs model.hidden='[16, 8, 2]', not model.hidden.0: enn trials were left without a run id."""
+    from lattice_lab.sweeps.report import trials_table
+    from lattice_lab.tracking.mlflow_utils import flatten_config
+
+    study, points = _enn_trials()
+    run_params = {}
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        for i, params in enumerate(points):  # what each trial's train run logs: its flattened config
+            cfg = compose("train", overrides=["hparams_search=enn_optuna", *(f"{k}={v}" for k, v in params.items())])
+            run_params[f"run{i}"] = flatten_config(cfg)
+    assert "model.hidden.0" not in run_params["run0"] and run_params["run0"]["model.hidden"] == "[16, 8, 2]"
+    rows = trials_table(study, run_params)
+    assert [r["mlflow_run_id"] for r in rows] == ["run0", "run1"]
+    # a run that differs in one list element is not the trial's
+    assert [r["mlflow_run_id"] for r in trials_table(study, {"run1": run_params["run1"]})] == ["", "run1"]
+    # nested below a list, missing, or not readable back (a value cut at MLflow's length limit)
+    from lattice_lab.sweeps.report import logged_value
+
+    assert logged_value({"a.b": "[{'c': [1, None]}]"}, "a.b.0.c.1") == "null"
+    assert logged_value({"a.b": "[1, 2]"}, "a.b.2") is None and logged_value({}, "a.b.0") is None
+    assert logged_value({"a.b": "[1, 2, ..."}, "a.b.0") is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import shlex
@@ -14,10 +15,40 @@ from lattice_lab.common.io import atomic_write_text
 
 RUN_ID_ATTR = "mlflow_run_id"
 
+
+def _param_text(value) -> str:
+    """A value as :func:`lattice_lab.tracking.mlflow_utils.flatten_config` logs it."""
+    return "null" if value is None else str(value)
+
+
+def logged_value(params: dict[str, str], key: str) -> str | None:
+    """The value a run logged for the dotted config ``key``, as text; None when it logged none.
+
+    ``flatten_config`` dots only mappings, so a searched list element (``model.hidden.0``) or anything
+    below a list lies inside one logged value (``model.hidden = '[16, 8, 2]'``): that value is read back
+    as a Python literal and indexed with the rest of the key."""
+    if key in params:
+        return params[key]
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:i])
+        if head not in params:
+            continue
+        try:
+            node = ast.literal_eval(params[head])
+            for part in parts[i:]:
+                node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+        except (ValueError, SyntaxError, TypeError, KeyError, IndexError):
+            return None
+        return _param_text(node)
+    return None
+
+
 def match_run(trial_params: dict, run_params: dict[str, dict]) -> str:
-    """The MLflow run whose logged (flattened-config) params equal the trial's sampled values."""
-    want = {k: str(v) for k, v in trial_params.items()}
-    hits = [rid for rid, params in run_params.items() if all(params.get(k) == v for k, v in want.items())]
+    """The MLflow run whose logged (flattened-config) params equal the trial's sampled values
+    (list elements and keys below them included, see :func:`logged_value`); "" unless exactly one does."""
+    want = {k: _param_text(v) for k, v in trial_params.items()}
+    hits = [rid for rid, params in run_params.items() if all(logged_value(params, k) == v for k, v in want.items())]
     return hits[0] if len(hits) == 1 else ""
 
 
