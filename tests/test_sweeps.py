@@ -132,7 +132,7 @@ def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(
     assert set(again).isdisjoint(first)
 
 
-def _enn_trials():
+def _enn_trials(storage=None):
     """Two completed trials of enn_optuna's search space (list elements model.hidden.0/1 among them)."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
@@ -144,7 +144,7 @@ def _enn_trials():
                "model.activation": "tanh"},
               {"trainer.lr": 2e-4, "trainer.batch_size": 2, "model.hidden.0": 32, "model.hidden.1": 8,
                "model.activation": "tanh"}]
-    study = optuna.create_study(direction="minimize")
+    study = optuna.create_study(direction="minimize", storage=storage, study_name="enn")
     for value, params in zip((0.5, 0.4), points):
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
     return study, points
@@ -172,3 +172,28 @@ def test_trials_are_linked_to_their_mlflow_runs_when_list_elements_are_searched(
     assert logged_value({"a.b": "[{'c': [1, None]}]"}, "a.b.0.c.1") == "null"
     assert logged_value({"a.b": "[1, 2]"}, "a.b.2") is None and logged_value({}, "a.b.0") is None
     assert logged_value({"a.b": "[1, 2, ..."}, "a.b.0") is None
+
+
+def test_best_config_command_composes_the_best_trials_whole_config(tmp_path):
+    """The command kept the presets and the command line but dropped what the search config sets itself
+    (optuna_base: trainer.max_epochs 60, patience 15): it trained another schedule than the trial's."""
+    import shlex
+
+    from lattice_lab.sweeps.callback import fixed_overrides
+    from lattice_lab.sweeps.report import write_study_report
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    _, points = _enn_trials(storage)
+    sweep = ["hparams_search=enn_optuna", "dataset.name=tiny", "trainer.lr_patience=3"]
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        sweep_cfg = compose("train", overrides=sweep, return_hydra_config=True)
+    write_study_report(storage, "enn", tmp_path, fixed_overrides=fixed_overrides(sweep_cfg))
+    best = OmegaConf.load(tmp_path / "best_config.yaml")
+    assert best.trial == 1 and shlex.split(best.command)[3:] == list(best.overrides)
+    assert not any("hparams_search" in o for o in best.overrides), "one plain run, not a search"
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        rerun = compose("train", overrides=shlex.split(best.command)[3:])
+        trial = compose("train", overrides=[*sweep, *(f"{k}={v}" for k, v in points[1].items())])
+    assert rerun.trainer.max_epochs == 60 and rerun.trainer.patience == 15 and rerun.trainer.lr_patience == 3
+    assert rerun.model.hidden == [32, 8, 2] and rerun.trainer.lr == 2e-4
+    assert OmegaConf.to_container(rerun) == OmegaConf.to_container(trial)

@@ -18,9 +18,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from lattice_lab.common.cli import CONFIG_DIR
 from lattice_lab.sweeps.parent import FILE_NAME as PARENT_FILE
 from lattice_lab.sweeps.parent import publish_parent_run_id
 from lattice_lab.tracking.mlflow_utils import TrackingSettings
@@ -91,8 +94,11 @@ RERUN_GROUPS = ("hamiltonian", "dataset", "model", "trainer")  # presets a singl
 
 
 def fixed_overrides(config: DictConfig) -> list[str]:
-    """The sweep's settings that are not searched: its command-line overrides without the searched
-    keys and ``hparams_search``, plus the presets the search config chose (e.g. its family's model)."""
+    """The sweep's settings that are not searched, as the overrides of one plain (not multirun) run:
+    the presets the search config chose (e.g. its family's model), the command-line overrides without
+    the searched keys and ``hparams_search``, and every value the search config itself sets
+    (``optuna_base``'s ``trainer.max_epochs``, ``trainer.patience``, ...). With a trial's values they
+    compose that trial's config."""
     searched = set((config.hydra.sweeper.get("params") or {}).keys())
     task = [str(o) for o in config.hydra.overrides.get("task", [])]
 
@@ -104,7 +110,40 @@ def fixed_overrides(config: DictConfig) -> list[str]:
     choices = config.hydra.runtime.get("choices") or {}
     given = {key(o) for o in out}
     presets = [f"{g}={choices[g]}" for g in RERUN_GROUPS if choices.get(g) and g not in given]
-    return presets + out
+    return presets + out + search_config_settings(config, presets + out, searched)
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """Dotted key -> value of every non-mapping value (lists are values, as in an override)."""
+    if not isinstance(node, dict) or (not node and prefix):
+        return {prefix: node}
+    out = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def search_config_settings(config: DictConfig, overrides: list[str], searched=()) -> list[str]:
+    """Overrides for what the sweep's config holds beyond ``overrides`` composed alone: the values the
+    search config (``conf/hparams_search/*``) sets, which a plain run without it would not get."""
+    from lattice_lab.sweeps.report import override_value  # optuna: imported where needed
+
+    name = config.hydra.job.get("config_name") or "train"
+    if GlobalHydra.instance().is_initialized():  # in the sweep's process, as Hydra started it
+        plain = compose(name, overrides=list(overrides))
+    else:
+        with initialize_config_dir(config_dir=CONFIG_DIR):
+            plain = compose(name, overrides=list(overrides))
+
+    def leaves(cfg):
+        tree = OmegaConf.to_container(cfg, resolve=False)
+        tree.pop("hydra", None)
+        return _leaves(tree)
+
+    swept, alone = leaves(config), leaves(plain)
+    out = [f"{'' if k in alone else '+'}{k}={override_value(v)}" for k, v in swept.items()
+           if k not in searched and (k not in alone or alone[k] != v)]
+    return out + [f"~{k}" for k in alone if k not in swept]
 
 
 class MlflowSweepCallback(Callback):

@@ -9,11 +9,33 @@ import shlex
 from pathlib import Path
 
 import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from lattice_lab.common.io import atomic_write_text
 
 RUN_ID_ATTR = "mlflow_run_id"
+
+
+def override_value(value) -> str:
+    """``value`` in Hydra's override grammar (``null``, ``true``, ``1e-05``, ``gate``, ``'a b'``, ``[16,8,2]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(override_value, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    try:  # unquoted where Hydra reads it back as this very string
+        if OverridesParser.create().parse_override(f"k={text}").value() == text:
+            return text
+    except Exception:  # noqa: BLE001 - not a bare word of the grammar: quote it
+        pass
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _param_text(value) -> str:
@@ -93,7 +115,8 @@ def write_study_report(storage: str, study_name: str, out_dir: str | Path,
         best_value = best.value
         best_cfg = {"study_name": study_name, "trial": best.number, "value": best.value,
                     "params": dict(best.params),
-                    "overrides": [*(fixed_overrides or []), *(f"{k}={v}" for k, v in sorted(best.params.items()))]}
+                    "overrides": [*(fixed_overrides or []),
+                                  *(f"{k}={override_value(v)}" for k, v in sorted(best.params.items()))]}
         best_cfg["command"] = f"python -m lattice_lab.{task} " + " ".join(map(shlex.quote, best_cfg["overrides"]))
         files.append(atomic_write_text(out_dir / "best_config.yaml", OmegaConf.to_yaml(OmegaConf.create(best_cfg))))
     n_failed = sum(t.state == optuna.trial.TrialState.FAIL for t in study.get_trials(deepcopy=False))
