@@ -10,6 +10,7 @@ The Hydra task function returns the best validation RMSE, the objective of Optun
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text, check_run_name
 from lattice_lab.common.switch import check_flag
+from lattice_lab.sweeps.trial import TRIAL_FILE, current_trial, is_trial_dir
+
+log = logging.getLogger(__name__)
 
 
 def _choice(group: str) -> str | None:
@@ -59,18 +63,22 @@ def model_label(cfg: DictConfig) -> str:
 def resolve_run_dir(cfg: DictConfig) -> Path:
     """``<output_root>/<run_name>``; run_name defaults to ``<model>_<dataset>_<time>`` (``_<job>`` in sweeps).
 
-    ``resume=true`` without run_name picks the newest run of this model and dataset that has ``last.pt``.
+    ``resume=true`` without run_name picks the newest run of this model and dataset that has ``last.pt``
+    and is not a trial of an Optuna sweep (:mod:`lattice_lab.sweeps.trial`).
     """
     root = Path(to_absolute_path(str(cfg.output_root)))
     prefix = f"{model_label(cfg)}_{dataset_name(cfg)}_"
     if cfg.run_name:
         return root / check_run_name(cfg.run_name)
     if check_flag(cfg.resume, "resume"):
-        candidates = sorted((p for p in root.glob(prefix + "*") if (p / "last.pt").is_file()),
-                            key=lambda p: (p / "last.pt").stat().st_mtime)
+        runs = [p for p in root.glob(prefix + "*") if (p / "last.pt").is_file()]
+        candidates = sorted((p for p in runs if not is_trial_dir(p)), key=lambda p: (p / "last.pt").stat().st_mtime)
+        trials = f"; {len(runs) - len(candidates)} sweep trial folders skipped" if len(runs) > len(candidates) else ""
         if not candidates:
-            raise ConfigError(f"resume=true: no run {root / (prefix + '*')}/last.pt to resume "
+            raise ConfigError(f"resume=true: no run {root / (prefix + '*')}/last.pt to resume{trials} "
                               "(set run_name=... to pick one)")
+        log.info("resume=true without run_name: %s is the newest run of %s* with last.pt%s", candidates[-1].name,
+                 prefix, trials)
         return candidates[-1]
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     job = _job_num()
@@ -140,16 +148,29 @@ def run(cfg: DictConfig) -> float:
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
 
     # built before the MLflow run is (re)opened: a refused resume (other data or settings) leaves that run as it was
-    trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir,
-                      seed=seed, resume=resume,
-                      meta={"config": cfg_yaml, "dataset_path": str(data_path), "dataset_name": dataset_name(cfg)})
+    if resume:
+        log.info("resuming %s", run_dir)
+    try:
+        trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir,
+                          seed=seed, resume=resume,
+                          meta={"config": cfg_yaml, "dataset_path": str(data_path), "dataset_name": dataset_name(cfg)})
+    except ConfigError as exc:
+        if resume and not cfg.run_name:
+            raise ConfigError(f"{exc}; resume=true without run_name picked it as the newest run of this model and "
+                              "dataset: set run_name=... to resume another") from None
+        raise
     config_file = run_dir / ("config_resume.yaml" if resume else "config.yaml")
     atomic_write_text(config_file, cfg_yaml)
+    trial = current_trial()
+    if trial is not None:  # marks the folder as a sweep's (resume=true without run_name skips it)
+        atomic_write_text(run_dir / TRIAL_FILE, OmegaConf.to_yaml(OmegaConf.create(trial)))
     run_id = load_checkpoint(run_dir / "last.pt").get("mlflow_run_id") if resume else None
     parent = cfg.tracking.get("parent_run_id") or current_parent_run_id()
     tags = standard_tags("train", model_family=str(cfg.model.name), dataset_path=data_path, device=device,
                          model_preset=model_label(cfg), dataset=dataset_name(cfg), run_dir=str(run_dir),
-                         dtype=str(cfg.dtype), data_content_sha256=trainer.data_sha256[:16])
+                         dtype=str(cfg.dtype), data_content_sha256=trainer.data_sha256[:16],
+                         run_kind="single" if _job_num() is None else "sweep_trial" if trial else "multirun_job",
+                         sweep_study=trial and trial["study"])
     with start_run(task="train", cfg=cfg, run_name=run_dir.name, tags=tags, run_id=run_id,
                    parent_run_id=parent) as tracker:
         tracker.log_params(cfg)

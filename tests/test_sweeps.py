@@ -93,12 +93,22 @@ def test_sweep_records_trials_failures_resumes_and_shares_parent(tmp_path, tiny_
     n_complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) == n_complete, "every completed trial is an MLflow child of the one parent"
+    # trials say they are trials: tags (compare_runs --filter) and a marker in the run folder (resume=true)
+    assert all(r.data.tags["run_kind"] == "sweep_trial" and r.data.tags["sweep_study"] == "test_study"
+               for r in finished)
+    folders = sorted((tmp_path / "ckpt").iterdir())
+    assert len(folders) == n_complete
+    assert all(OmegaConf.load(f / "sweep_trial.yaml").study == "test_study" for f in folders)
     linked = [line.split(",")[3] for line in (sweep2 / "trials.csv").read_text().splitlines()[1:]
               if ",COMPLETE," in line]
     assert linked and all(rid in {r.info.run_id for r in finished} for rid in linked)
     parent_run = client.get_run(parent)
     assert parent_run.data.metrics["n_trials_complete"] == n_complete
     assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.tags["run_kind"] == "sweep" and parent_run.data.tags["sweep_study"] == "test_study"
+    # what docs/platform.md gives compare_runs to leave sweeps out
+    exp_id = parent_run.info.experiment_id
+    assert not client.search_runs([exp_id], filter_string="tags.sweep_study IS NULL")
 
 
 def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(tmp_path):

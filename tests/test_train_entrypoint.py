@@ -88,6 +88,8 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     p = r.data.params
     assert p["model.widths"] == "[1, 16, 32, 16, 1]" and p["trainer.max_epochs"] == "3" and p["dtype"] == "float64"
     assert r.data.tags["task"] == "train" and r.data.tags["model_family"] == "gnn"
+    assert r.data.tags["run_kind"] == "single" and "sweep_study" not in r.data.tags
+    assert not (run_dir / "sweep_trial.yaml").exists()
     assert r.data.tags["dataset_sha256"] == mu.file_sha256(dataset_file)[:12]
     # the content hash (Q, F, split) names the data itself: equal for a rebuilt file with another timestamp
     from lattice_lab.training.trainer import data_fingerprint
@@ -185,3 +187,21 @@ def test_half_precision_is_refused_before_training(dataset_file, tmp_path, dtype
     with pytest.raises(ConfigError, match=rf"^dtype='{dtype}': expected one of \['float32', 'float64'\]$"):
         run(_cfg(dataset_file, tmp_path, f"dtype={dtype}", "tracking.enabled=false"))
     assert not any(tmp_path.iterdir())
+
+
+def test_resume_without_run_name_skips_sweep_trials_and_names_the_run_it_picked(dataset_file, tmp_path, caplog):
+    import logging
+
+    off = ("tracking.enabled=false", "plots=false", "trainer.max_epochs=1")
+    run(_cfg(dataset_file, tmp_path, *off, "run_name=gnn_holstein_L8_tiny_mine"))
+    run(_cfg(dataset_file, tmp_path, *off, "run_name=gnn_holstein_L8_tiny_other", "model.widths=[1,4,4,4,1]"))
+    # the newest run of this model and dataset is another size: the refusal names the folder it picked
+    with pytest.raises(ConfigError, match=r"^model\.widths=.*: the run being resumed \(\S+/gnn_holstein_L8_tiny_other\) "
+                                          r"was trained with .*; resume=true without run_name picked it .*run_name="):
+        run(_cfg(dataset_file, tmp_path, *off[:2], "resume=true"))
+    # ... and is not picked once it is marked as an Optuna trial, as a sweep's trials are
+    (tmp_path / "gnn_holstein_L8_tiny_other" / "sweep_trial.yaml").write_text("study: s\n")
+    with caplog.at_level(logging.INFO, logger="lattice_lab.train"):
+        run(_cfg(dataset_file, tmp_path, *off[:2], "resume=true", "trainer.max_epochs=2"))
+    assert "gnn_holstein_L8_tiny_mine is the newest run" in caplog.text and "1 sweep trial folders skipped" in caplog.text
+    assert len(list(csv.DictReader((tmp_path / "gnn_holstein_L8_tiny_mine" / "metrics.csv").open()))) == 2

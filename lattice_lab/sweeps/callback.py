@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from lattice_lab.common.cli import CONFIG_DIR
 from lattice_lab.sweeps.parent import FILE_NAME as PARENT_FILE
 from lattice_lab.sweeps.parent import publish_parent_run_id
+from lattice_lab.sweeps.trial import study_name
 from lattice_lab.tracking.mlflow_utils import TrackingSettings
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,7 @@ def client_and_experiment(config: DictConfig):
 
 
 def _study_name(config: DictConfig) -> str:
-    sweeper = config.hydra.sweeper
-    return str(sweeper.get("study_name") or "default")
+    return study_name(config.hydra.sweeper)
 
 
 def offset_sampler_seed(config: DictConfig) -> int | None:
@@ -163,13 +163,17 @@ class MlflowSweepCallback(Callback):
         existing = client.search_runs(
             [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'", max_results=1,
             order_by=["attributes.start_time DESC"])
+        # run_kind / sweep_study as on the trials: --filter "tags.sweep_study IS NULL" leaves out both
+        kind = {"run_kind": "sweep", "sweep_study": study}
         if existing:
             self.parent_run_id = existing[0].info.run_id
             client.update_run(self.parent_run_id, status="RUNNING")
+            for k, v in kind.items():  # a parent created before these tags
+                client.set_tag(self.parent_run_id, k, v)
             log.info("sweep %s: resuming MLflow parent run %s", study, self.parent_run_id)
         else:
             run = client.create_run(experiment_id, run_name=f"sweep-{study}",
-                                    tags={STUDY_TAG: study, "lattice_lab.task": "sweep"})
+                                    tags={STUDY_TAG: study, "lattice_lab.task": "sweep", **kind})
             self.parent_run_id = run.info.run_id
             storage = config.hydra.sweeper.get("storage")
             client.log_param(self.parent_run_id, "study_name", study)

@@ -188,20 +188,21 @@ class Trainer:
         if self.last_path is None or not self.last_path.is_file():
             raise ConfigError(f"resume=true: no checkpoint to resume from at {self.last_path}")
         ckpt = load_checkpoint(self.last_path)
+        resumed = f"the run being resumed ({self.out_dir})"  # named: resume=true may have picked it
         saved_dtype = ckpt.get("dtype")
         if saved_dtype is not None and saved_dtype != str(self.dtype).removeprefix("torch."):
-            raise ConfigError(f"dtype={str(self.dtype).removeprefix('torch.')}: the run being resumed "
+            raise ConfigError(f"dtype={str(self.dtype).removeprefix('torch.')}: {resumed} "
                               f"was trained in {saved_dtype}")
         saved_cfg = ckpt.get("model_cfg")
         if self.model_cfg and saved_cfg and dict(saved_cfg) != self.model_cfg:
             diff = sorted(k for k in set(saved_cfg) | set(self.model_cfg) if saved_cfg.get(k) != self.model_cfg.get(k))
             now = ", ".join(f"model.{k}={self.model_cfg.get(k)!r}" for k in diff)
             then = ", ".join(f"{k}={saved_cfg.get(k)!r}" for k in diff)
-            raise ConfigError(f"{now}: the run being resumed was trained with {then}")
+            raise ConfigError(f"{now}: {resumed} was trained with {then}")
         saved_data = ckpt.get("data_sha256")
         if saved_data is not None and saved_data != self.data_sha256:
             where = self.meta.get("dataset_path")
-            raise ConfigError(f"dataset.path={where!r}: the run being resumed was trained on other data "
+            raise ConfigError(f"dataset.path={where!r}: {resumed} was trained on other data "
                               f"({ckpt.get('dataset_path', 'path unknown')}; Q, F or the validation split differ)")
         saved_trainer = ckpt.get("trainer_cfg") or {}
         now_trainer = self.cfg.as_dict()
@@ -209,7 +210,7 @@ class Trainer:
         if diff:
             now = ", ".join(f"trainer.{k}={now_trainer[k]!r}" for k in diff)
             then = ", ".join(f"{k}={saved_trainer[k]!r}" for k in diff)
-            raise ConfigError(f"{now}: the run being resumed was trained with {then} (a resume may change "
+            raise ConfigError(f"{now}: {resumed} was trained with {then} (a resume may change "
                               "only max_epochs, max_time, patience, eval_batch_size and progress)")
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.to(device=self.device, dtype=self.dtype)
