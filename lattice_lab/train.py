@@ -4,7 +4,8 @@ Reads ``runs/data/<dataset>.h5``, builds the model for the dataset's Hamiltonian
 force MSE (:mod:`lattice_lab.training.trainer`), evaluates the best model on train and validation
 sets, and writes ``runs/checkpoints/<run_name>/`` (best.pt, last.pt, config.yaml, metrics.csv,
 parity.png, error_hist.png). Everything is logged to MLflow (experiment ``lattice_lab/train``).
-The Hydra task function returns the best validation RMSE, the objective of Optuna sweeps.
+The Hydra task function returns the best validation RMSE, the objective of Optuna sweeps. Ctrl-C stops
+with one line naming ``last.pt`` (the last finished epoch) and the ``resume=true run_name=...`` that continues.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
-from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.errors import ConfigError, Interrupted
 from lattice_lab.common.io import atomic_write_text, check_run_name
 from lattice_lab.common.switch import check_flag
 from lattice_lab.sweeps.trial import TRIAL_FILE, current_trial, is_trial_dir
@@ -111,8 +112,36 @@ def _optional_flops(model) -> float | None:
     return None
 
 
+def interrupted_message(run_dir: Path | None) -> str:
+    """What Ctrl-C leaves of a run: ``last.pt``, saved after every epoch, and how to continue it."""
+    last = run_dir / "last.pt" if run_dir is not None else None
+    if last is None or not last.is_file():
+        where = f" ({run_dir} holds no last.pt)" if run_dir is not None else ""
+        return f"before the first epoch finished: nothing to resume{where}; run the command again"
+    from lattice_lab.models.checkpoint import load_checkpoint
+
+    try:  # the file itself: it is written atomically, so it is either the previous epoch or this one
+        epoch = f"epoch {int(load_checkpoint(last)['epoch'])}"
+    except (ConfigError, KeyError, TypeError, ValueError):
+        epoch = "epoch unknown"
+    return (f"{last} holds the last finished epoch ({epoch}; the one under way is lost); "
+            f"rerun with resume=true run_name={run_dir.name} to continue")
+
+
 def run(cfg: DictConfig) -> float:
-    """Train, evaluate, log; return the best validation RMSE."""
+    """Train, evaluate, log; return the best validation RMSE.
+
+    Ctrl-C raises :class:`~lattice_lab.common.errors.Interrupted`, which says where the last checkpoint is
+    and how to continue (the MLflow run is marked KILLED; ``friendly_errors`` prints the one line)."""
+    where: dict = {}
+    try:
+        return _run(cfg, where)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(where.get("run_dir"))) from None
+
+
+def _run(cfg: DictConfig, where: dict) -> float:
+    """:func:`run`; ``where["run_dir"]`` is set as soon as the run folder is known."""
     import torch
 
     from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
@@ -134,7 +163,7 @@ def run(cfg: DictConfig) -> float:
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype, MODEL_DTYPES)
     seed = check_seed(cfg.seed)
     data_path = _dataset_path(cfg)
-    run_dir = resolve_run_dir(cfg)
+    run_dir = where["run_dir"] = resolve_run_dir(cfg)
     if not resume and (run_dir / "last.pt").exists():
         raise ConfigError(f"run_name={run_dir.name!r}: {run_dir} already holds a run "
                           "(resume=true continues it, or choose another run_name)")

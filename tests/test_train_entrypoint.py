@@ -205,3 +205,59 @@ def test_resume_without_run_name_skips_sweep_trials_and_names_the_run_it_picked(
         run(_cfg(dataset_file, tmp_path, *off[:2], "resume=true", "trainer.max_epochs=2"))
     assert "gnn_holstein_L8_tiny_mine is the newest run" in caplog.text and "1 sweep trial folders skipped" in caplog.text
     assert len(list(csv.DictReader((tmp_path / "gnn_holstein_L8_tiny_mine" / "metrics.csv").open()))) == 2
+
+
+def _ctrl_c_in_epoch(n):
+    """A Trainer._train_epoch that is interrupted (Ctrl-C) inside epoch ``n``."""
+    from lattice_lab.training.trainer import Trainer
+
+    train_epoch = Trainer._train_epoch
+
+    def epoch(self, i):
+        if i == n:
+            raise KeyboardInterrupt
+        return train_epoch(self, i)
+
+    return epoch
+
+
+def test_ctrl_c_names_the_checkpoint_of_the_last_finished_epoch_and_the_resume(dataset_file, tmp_path, monkeypatch):
+    from lattice_lab.common.errors import Interrupted
+    from lattice_lab.models.checkpoint import load_checkpoint
+    from lattice_lab.training.trainer import Trainer
+
+    off = ("tracking.enabled=false", "plots=false", "run_name=cut")
+    monkeypatch.setattr(Trainer, "_train_epoch", _ctrl_c_in_epoch(1))
+    with pytest.raises(Interrupted, match=r"before the first epoch finished: nothing to resume \(\S+/cut holds no"):
+        run(_cfg(dataset_file, tmp_path, *off))
+    monkeypatch.undo()
+    monkeypatch.setattr(Trainer, "_train_epoch", _ctrl_c_in_epoch(3))
+    with pytest.raises(Interrupted, match=r"^\S+/cut/last\.pt holds the last finished epoch \(epoch 2; .*\); "
+                                          r"rerun with resume=true run_name=cut to continue$"):
+        run(_cfg(dataset_file, tmp_path, *off))
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    monkeypatch.undo()
+    run(_cfg(dataset_file, tmp_path, *off, "resume=true"))
+    assert len(list(csv.DictReader((tmp_path / "cut" / "metrics.csv").open()))) == 3
+
+
+def test_cli_reports_ctrl_c_in_one_line(dataset_file, tmp_path):
+    script = ("import sys, test_train_entrypoint as t\n"
+              "from lattice_lab.training.trainer import Trainer\n"
+              "Trainer._train_epoch = t._ctrl_c_in_epoch(2)\n"
+              "from lattice_lab.train import main\n"
+              "sys.argv = ['train', *sys.argv[1:]]\n"
+              "main()\n")
+    args = ["model=gnn_small", "dataset=holstein_L8_tiny", f"dataset.path={dataset_file}", "trainer=quick",
+            "trainer.progress=false", "device=cpu", "dtype=float64", f"output_root={tmp_path}", "run_name=cut",
+            "tracking.enabled=false", "plots=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1", "PYTHONPATH": str(REPO / "tests")}
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in proc.stderr
+    # common.cli.friendly_errors prints Interrupted as one line: "interrupted: ..." with exit code 130 once it
+    # handles interruptions (fix-cli), "error: ..." with exit code 2 before
+    head, _, message = proc.stderr.strip().splitlines()[-1].partition(": ")
+    assert (head, proc.returncode) in (("interrupted", 130), ("error", 2)), proc.stderr
+    assert message.startswith(f"{tmp_path / 'cut' / 'last.pt'} holds the last finished epoch (epoch 1;")
+    assert message.endswith("rerun with resume=true run_name=cut to continue")
