@@ -207,3 +207,12 @@ def test_best_config_command_composes_the_best_trials_whole_config(tmp_path):
     assert rerun.trainer.max_epochs == 60 and rerun.trainer.patience == 15 and rerun.trainer.lr_patience == 3
     assert rerun.model.hidden == [32, 8, 2] and rerun.trainer.lr == 2e-4
     assert OmegaConf.to_container(rerun) == OmegaConf.to_container(trial)
+
+
+def test_sweep_callback_switch_is_true_or_false():
+    from lattice_lab.common.errors import ConfigError
+    from lattice_lab.sweeps.callback import MlflowSweepCallback
+
+    assert MlflowSweepCallback(enabled=False).enabled is False
+    with pytest.raises(ConfigError, match=r"^hydra.callbacks.mlflow_sweep.enabled='no': expected true or false$"):
+        MlflowSweepCallback(enabled="no")

@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.switch import check_flag
 from lattice_lab.sweeps.parent import FILE_NAME as PARENT_FILE
 from lattice_lab.sweeps.parent import publish_parent_run_id
 from lattice_lab.sweeps.trial import study_name
@@ -148,7 +149,7 @@ def search_config_settings(config: DictConfig, overrides: list[str], searched=()
 
 class MlflowSweepCallback(Callback):
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+        self.enabled = check_flag(enabled, "hydra.callbacks.mlflow_sweep.enabled")
         self.parent_run_id: str | None = None
 
     # ------------------------------------------------------------------ start
