@@ -207,6 +207,12 @@ def test_best_config_command_composes_the_best_trials_whole_config(tmp_path):
     assert rerun.trainer.max_epochs == 60 and rerun.trainer.patience == 15 and rerun.trainer.lr_patience == 3
     assert rerun.model.hidden == [32, 8, 2] and rerun.trainer.lr == 2e-4
     assert OmegaConf.to_container(rerun) == OmegaConf.to_container(trial)
+    # a config that cannot be composed alone costs the command its completeness, never the report
+    from omegaconf import open_dict
+
+    with open_dict(sweep_cfg):
+        sweep_cfg.hydra.job.config_name = "no_such_config"
+    assert fixed_overrides(sweep_cfg)[:3] == ["dataset=holstein_L16", "model=enn_small", "trainer=default"]
 
 
 def test_sweep_callback_switch_is_true_or_false():

@@ -130,11 +130,16 @@ def search_config_settings(config: DictConfig, overrides: list[str], searched=()
     from lattice_lab.sweeps.report import override_value  # optuna: imported where needed
 
     name = config.hydra.job.get("config_name") or "train"
-    if GlobalHydra.instance().is_initialized():  # in the sweep's process, as Hydra started it
-        plain = compose(name, overrides=list(overrides))
-    else:
-        with initialize_config_dir(config_dir=CONFIG_DIR):
+    try:
+        if GlobalHydra.instance().is_initialized():  # in the sweep's process, as Hydra started it
             plain = compose(name, overrides=list(overrides))
+        else:
+            with initialize_config_dir(config_dir=CONFIG_DIR):
+                plain = compose(name, overrides=list(overrides))
+    except Exception as exc:  # noqa: BLE001 - the report (trials.csv) must be written all the same
+        log.warning("best_config.yaml: cannot compose %s without the search config (%s: %s); its command "
+                    "lists the sweep's presets and overrides only", name, type(exc).__name__, exc)
+        return []
 
     def leaves(cfg):
         tree = OmegaConf.to_container(cfg, resolve=False)
