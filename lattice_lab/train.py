@@ -4,12 +4,14 @@ Reads ``runs/data/<dataset>.h5``, builds the model for the dataset's Hamiltonian
 force MSE (:mod:`lattice_lab.training.trainer`), evaluates the best model on train and validation
 sets, and writes ``runs/checkpoints/<run_name>/`` (best.pt, last.pt, config.yaml, metrics.csv,
 parity.png, error_hist.png). Everything is logged to MLflow (experiment ``lattice_lab/train``).
-The Hydra task function returns the best validation RMSE, the objective of Optuna sweeps.
+The Hydra task function returns the best validation RMSE, the objective of Optuna sweeps. Ctrl-C stops
+with one line naming ``last.pt`` (the last finished epoch) and the ``resume=true run_name=...`` that continues.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import time
 from pathlib import Path
 
@@ -18,8 +20,12 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
-from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.errors import ConfigError, Interrupted
 from lattice_lab.common.io import atomic_write_text, check_run_name
+from lattice_lab.common.switch import check_flag
+from lattice_lab.sweeps.trial import TRIAL_FILE, current_trial, is_trial_dir
+
+log = logging.getLogger(__name__)
 
 
 def _choice(group: str) -> str | None:
@@ -58,18 +64,22 @@ def model_label(cfg: DictConfig) -> str:
 def resolve_run_dir(cfg: DictConfig) -> Path:
     """``<output_root>/<run_name>``; run_name defaults to ``<model>_<dataset>_<time>`` (``_<job>`` in sweeps).
 
-    ``resume=true`` without run_name picks the newest run of this model and dataset that has ``last.pt``.
+    ``resume=true`` without run_name picks the newest run of this model and dataset that has ``last.pt``
+    and is not a trial of an Optuna sweep (:mod:`lattice_lab.sweeps.trial`).
     """
     root = Path(to_absolute_path(str(cfg.output_root)))
     prefix = f"{model_label(cfg)}_{dataset_name(cfg)}_"
     if cfg.run_name:
         return root / check_run_name(cfg.run_name)
-    if cfg.resume:
-        candidates = sorted((p for p in root.glob(prefix + "*") if (p / "last.pt").is_file()),
-                            key=lambda p: (p / "last.pt").stat().st_mtime)
+    if check_flag(cfg.resume, "resume"):
+        runs = [p for p in root.glob(prefix + "*") if (p / "last.pt").is_file()]
+        candidates = sorted((p for p in runs if not is_trial_dir(p)), key=lambda p: (p / "last.pt").stat().st_mtime)
+        trials = f"; {len(runs) - len(candidates)} sweep trial folders skipped" if len(runs) > len(candidates) else ""
         if not candidates:
-            raise ConfigError(f"resume=true: no run {root / (prefix + '*')}/last.pt to resume "
+            raise ConfigError(f"resume=true: no run {root / (prefix + '*')}/last.pt to resume{trials} "
                               "(set run_name=... to pick one)")
+        log.info("resume=true without run_name: %s is the newest run of %s* with last.pt%s", candidates[-1].name,
+                 prefix, trials)
         return candidates[-1]
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     job = _job_num()
@@ -102,26 +112,59 @@ def _optional_flops(model) -> float | None:
     return None
 
 
+def interrupted_message(run_dir: Path | None) -> str:
+    """What Ctrl-C leaves of a run: ``last.pt``, saved after every epoch, and how to continue it."""
+    last = run_dir / "last.pt" if run_dir is not None else None
+    if last is None or not last.is_file():
+        where = f" ({run_dir} holds no last.pt)" if run_dir is not None else ""
+        return f"before the first epoch finished: nothing to resume{where}; run the command again"
+    from lattice_lab.models.checkpoint import load_checkpoint
+
+    try:  # the file itself: it is written atomically, so it is either the previous epoch or this one
+        epoch = f"epoch {int(load_checkpoint(last)['epoch'])}"
+    except (ConfigError, KeyError, TypeError, ValueError):
+        epoch = "epoch unknown"
+    return (f"{last} holds the last finished epoch ({epoch}; the one under way is lost); "
+            f"rerun with resume=true run_name={run_dir.name} to continue")
+
+
 def run(cfg: DictConfig) -> float:
-    """Train, evaluate, log; return the best validation RMSE."""
+    """Train, evaluate, log; return the best validation RMSE.
+
+    Ctrl-C raises :class:`~lattice_lab.common.errors.Interrupted`, which says where the last checkpoint is
+    and how to continue (the MLflow run is marked KILLED; ``friendly_errors`` prints the one line)."""
+    where: dict = {}
+    try:
+        return _run(cfg, where)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(where.get("run_dir"))) from None
+
+
+def _run(cfg: DictConfig, where: dict) -> float:
+    """:func:`run`; ``where["run_dir"]`` is set as soon as the run folder is known."""
     import torch
 
-    from lattice_lab.common.device import resolve_device, resolve_dtype
+    from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
     from lattice_lab.common.seeding import check_seed, seed_everything
     from lattice_lab.data.h5io import read_force_dataset
     from lattice_lab.models.checkpoint import load_checkpoint
     from lattice_lab.models.registry import build_model, count_parameters
     from lattice_lab.sweeps.parent import current_parent_run_id
-    from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
+    from lattice_lab.tracking.mlflow_utils import TrackingSettings, standard_tags, start_run
+    from lattice_lab.training.config import TrainerConfig
     from lattice_lab.training.metrics import METRIC_KEYS
     from lattice_lab.training.trainer import Trainer
 
     t_start = time.perf_counter()
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    # every setting is checked before anything is read or written (a typo is not found after training)
+    resume, plots = check_flag(cfg.resume, "resume"), check_flag(cfg.get("plots", True), "plots")
+    TrackingSettings.from_config(cfg)
+    TrainerConfig.from_config(cfg.trainer)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype, MODEL_DTYPES)
     seed = check_seed(cfg.seed)
     data_path = _dataset_path(cfg)
-    run_dir = resolve_run_dir(cfg)
-    if not cfg.resume and (run_dir / "last.pt").exists():
+    run_dir = where["run_dir"] = resolve_run_dir(cfg)
+    if not resume and (run_dir / "last.pt").exists():
         raise ConfigError(f"run_name={run_dir.name!r}: {run_dir} already holds a run "
                           "(resume=true continues it, or choose another run_name)")
     seed_everything(seed)
@@ -134,19 +177,33 @@ def run(cfg: DictConfig) -> float:
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
 
     # built before the MLflow run is (re)opened: a refused resume (other data or settings) leaves that run as it was
-    trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir,
-                      seed=seed, resume=bool(cfg.resume),
-                      meta={"config": cfg_yaml, "dataset_path": str(data_path), "dataset_name": dataset_name(cfg)})
-    atomic_write_text(run_dir / ("config.yaml" if not cfg.resume else "config_resume.yaml"), cfg_yaml)
-    run_id = load_checkpoint(run_dir / "last.pt").get("mlflow_run_id") if cfg.resume else None
+    if resume:
+        log.info("resuming %s", run_dir)
+    try:
+        trainer = Trainer(model, data, cfg.trainer, device=device, dtype=dtype, out_dir=run_dir,
+                          seed=seed, resume=resume,
+                          meta={"config": cfg_yaml, "dataset_path": str(data_path), "dataset_name": dataset_name(cfg)})
+    except ConfigError as exc:
+        if resume and not cfg.run_name:
+            raise ConfigError(f"{exc}; resume=true without run_name picked it as the newest run of this model and "
+                              "dataset: set run_name=... to resume another") from None
+        raise
+    config_file = run_dir / ("config_resume.yaml" if resume else "config.yaml")
+    atomic_write_text(config_file, cfg_yaml)
+    trial = current_trial()
+    if trial is not None:  # marks the folder as a sweep's (resume=true without run_name skips it)
+        atomic_write_text(run_dir / TRIAL_FILE, OmegaConf.to_yaml(OmegaConf.create(trial)))
+    run_id = load_checkpoint(run_dir / "last.pt").get("mlflow_run_id") if resume else None
     parent = cfg.tracking.get("parent_run_id") or current_parent_run_id()
     tags = standard_tags("train", model_family=str(cfg.model.name), dataset_path=data_path, device=device,
                          model_preset=model_label(cfg), dataset=dataset_name(cfg), run_dir=str(run_dir),
-                         dtype=str(cfg.dtype), data_content_sha256=trainer.data_sha256[:16])
+                         dtype=str(cfg.dtype), data_content_sha256=trainer.data_sha256[:16],
+                         run_kind="single" if _job_num() is None else "sweep_trial" if trial else "multirun_job",
+                         sweep_study=trial and trial["study"])
     with start_run(task="train", cfg=cfg, run_name=run_dir.name, tags=tags, run_id=run_id,
                    parent_run_id=parent) as tracker:
         tracker.log_params(cfg)
-        tracker.log_artifact(run_dir / ("config.yaml" if not cfg.resume else "config_resume.yaml"))
+        tracker.log_artifact(config_file)
         static = {"n_params": count_parameters(model), "n_train_configs": int((~data.is_val).sum()),
                   "n_val_configs": int(data.is_val.sum()), "L": data.L}
         flops = _optional_flops(model)
@@ -173,7 +230,7 @@ def run(cfg: DictConfig) -> float:
         tracker.set_tags({"stop_reason": trainer.stop_reason, "best_epoch": trainer.best_epoch})
         atomic_write_text(run_dir / "final_metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(final)))
 
-        if cfg.get("plots", True):
+        if plots:
             from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
 
             label = f"{model_label(cfg)} on {dataset_name(cfg)}"

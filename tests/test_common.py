@@ -41,6 +41,18 @@ def test_device_and_dtype_errors_name_the_value():
         resolve_dtype("float8")
 
 
+def test_model_dtypes_refuse_half_precision_by_name():
+    from lattice_lab.common.device import MODEL_DTYPES
+
+    assert resolve_dtype("float32", MODEL_DTYPES) is torch.float32 and resolve_dtype(torch.float64, MODEL_DTYPES)
+    for bad in ("bfloat16", torch.float16):
+        with pytest.raises(ConfigError, match=r"^dtype='(bfloat16|float16)': expected one of \['float32', 'float64'\]$"):
+            resolve_dtype(bad, MODEL_DTYPES)
+    with pytest.raises(ConfigError, match=r"^integrator_dtype='float16'"):
+        resolve_dtype("float16", MODEL_DTYPES, key="integrator_dtype")
+    assert resolve_dtype("bfloat16") is torch.bfloat16  # the default table keeps them (e.g. a matmul ceiling)
+
+
 def test_friendly_errors_prints_one_line_and_exits_2(capsys):
     @friendly_errors
     def task():

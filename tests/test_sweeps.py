@@ -93,12 +93,22 @@ def test_sweep_records_trials_failures_resumes_and_shares_parent(tmp_path, tiny_
     n_complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) == n_complete, "every completed trial is an MLflow child of the one parent"
+    # trials say they are trials: tags (compare_runs --filter) and a marker in the run folder (resume=true)
+    assert all(r.data.tags["run_kind"] == "sweep_trial" and r.data.tags["sweep_study"] == "test_study"
+               for r in finished)
+    folders = sorted((tmp_path / "ckpt").iterdir())
+    assert len(folders) == n_complete
+    assert all(OmegaConf.load(f / "sweep_trial.yaml").study == "test_study" for f in folders)
     linked = [line.split(",")[3] for line in (sweep2 / "trials.csv").read_text().splitlines()[1:]
               if ",COMPLETE," in line]
     assert linked and all(rid in {r.info.run_id for r in finished} for rid in linked)
     parent_run = client.get_run(parent)
     assert parent_run.data.metrics["n_trials_complete"] == n_complete
     assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.tags["run_kind"] == "sweep" and parent_run.data.tags["sweep_study"] == "test_study"
+    # what docs/platform.md gives compare_runs to leave sweeps out
+    exp_id = parent_run.info.experiment_id
+    assert not client.search_runs([exp_id], filter_string="tags.sweep_study IS NULL")
 
 
 def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(tmp_path):
@@ -130,3 +140,85 @@ def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(
         "the trials' configs are composed from the overrides and must see the same sweeper"
     again = first_draws(cfg.hydra.sweeper.sampler, "resume_seed")
     assert set(again).isdisjoint(first)
+
+
+def _enn_trials(storage=None):
+    """Two completed trials of enn_optuna's search space (list elements model.hidden.0/1 among them)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    dists = {"trainer.lr": FloatDistribution(1e-4, 3e-3, log=True),
+             "trainer.batch_size": CategoricalDistribution([2, 4, 8]),
+             "model.hidden.0": CategoricalDistribution([8, 16, 32]), "model.hidden.1": CategoricalDistribution([4, 8]),
+             "model.activation": CategoricalDistribution(["gate", "tanh"])}
+    points = [{"trainer.lr": 1e-3, "trainer.batch_size": 2, "model.hidden.0": 16, "model.hidden.1": 8,
+               "model.activation": "tanh"},
+              {"trainer.lr": 2e-4, "trainer.batch_size": 2, "model.hidden.0": 32, "model.hidden.1": 8,
+               "model.activation": "tanh"}]
+    study = optuna.create_study(direction="minimize", storage=storage, study_name="enn")
+    for value, params in zip((0.5, 0.4), points):
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+    return study, points
+
+
+def test_trials_are_linked_to_their_mlflow_runs_when_list_elements_are_searched():
+    """MLflow logs model.hidden='[16, 8, 2]', not model.hidden.0: enn trials were left without a run id."""
+    from lattice_lab.sweeps.report import trials_table
+    from lattice_lab.tracking.mlflow_utils import flatten_config
+
+    study, points = _enn_trials()
+    run_params = {}
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        for i, params in enumerate(points):  # what each trial's train run logs: its flattened config
+            cfg = compose("train", overrides=["hparams_search=enn_optuna", *(f"{k}={v}" for k, v in params.items())])
+            run_params[f"run{i}"] = flatten_config(cfg)
+    assert "model.hidden.0" not in run_params["run0"] and run_params["run0"]["model.hidden"] == "[16, 8, 2]"
+    rows = trials_table(study, run_params)
+    assert [r["mlflow_run_id"] for r in rows] == ["run0", "run1"]
+    # a run that differs in one list element is not the trial's
+    assert [r["mlflow_run_id"] for r in trials_table(study, {"run1": run_params["run1"]})] == ["", "run1"]
+    # nested below a list, missing, or not readable back (a value cut at MLflow's length limit)
+    from lattice_lab.sweeps.report import logged_value
+
+    assert logged_value({"a.b": "[{'c': [1, None]}]"}, "a.b.0.c.1") == "null"
+    assert logged_value({"a.b": "[1, 2]"}, "a.b.2") is None and logged_value({}, "a.b.0") is None
+    assert logged_value({"a.b": "[1, 2, ..."}, "a.b.0") is None
+
+
+def test_best_config_command_composes_the_best_trials_whole_config(tmp_path):
+    """The command kept the presets and the command line but dropped what the search config sets itself
+    (optuna_base: trainer.max_epochs 60, patience 15): it trained another schedule than the trial's."""
+    import shlex
+
+    from lattice_lab.sweeps.callback import fixed_overrides
+    from lattice_lab.sweeps.report import write_study_report
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    _, points = _enn_trials(storage)
+    sweep = ["hparams_search=enn_optuna", "dataset.name=tiny", "trainer.lr_patience=3"]
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        sweep_cfg = compose("train", overrides=sweep, return_hydra_config=True)
+    write_study_report(storage, "enn", tmp_path, fixed_overrides=fixed_overrides(sweep_cfg))
+    best = OmegaConf.load(tmp_path / "best_config.yaml")
+    assert best.trial == 1 and shlex.split(best.command)[3:] == list(best.overrides)
+    assert not any("hparams_search" in o for o in best.overrides), "one plain run, not a search"
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        rerun = compose("train", overrides=shlex.split(best.command)[3:])
+        trial = compose("train", overrides=[*sweep, *(f"{k}={v}" for k, v in points[1].items())])
+    assert rerun.trainer.max_epochs == 60 and rerun.trainer.patience == 15 and rerun.trainer.lr_patience == 3
+    assert rerun.model.hidden == [32, 8, 2] and rerun.trainer.lr == 2e-4
+    assert OmegaConf.to_container(rerun) == OmegaConf.to_container(trial)
+    # a config that cannot be composed alone costs the command its completeness, never the report
+    from omegaconf import open_dict
+
+    with open_dict(sweep_cfg):
+        sweep_cfg.hydra.job.config_name = "no_such_config"
+    assert fixed_overrides(sweep_cfg)[:3] == ["dataset=holstein_L16", "model=enn_small", "trainer=default"]
+
+
+def test_sweep_callback_switch_is_true_or_false():
+    from lattice_lab.common.errors import ConfigError
+    from lattice_lab.sweeps.callback import MlflowSweepCallback
+
+    assert MlflowSweepCallback(enabled=False).enabled is False
+    with pytest.raises(ConfigError, match=r"^hydra.callbacks.mlflow_sweep.enabled='no': expected true or false$"):
+        MlflowSweepCallback(enabled="no")

@@ -136,6 +136,14 @@ def test_disabled_tracking_is_a_no_op(tmp_path, monkeypatch):
     assert not db.exists()
 
 
+def test_tracking_enabled_null_leaves_the_choice_to_the_caller(store):
+    # analyze's default (null: only under a parent run) is decided by analyze, which then opens the run
+    # with enabled=True: the null in its tracking section is not a wrong flag
+    with mu.start_run(task="analyze", cfg={"tracking": {"enabled": None, "parent_run_id": None}}, enabled=True) as tr:
+        assert tr.enabled
+    assert mu.TrackingSettings.from_config({"enabled": None}).enabled is False
+
+
 def test_tracking_failures_warn_and_the_run_goes_on(store, monkeypatch):
     with mu.start_run(task="train") as tr:
         def broken(*a, **k):

@@ -88,6 +88,8 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     p = r.data.params
     assert p["model.widths"] == "[1, 16, 32, 16, 1]" and p["trainer.max_epochs"] == "3" and p["dtype"] == "float64"
     assert r.data.tags["task"] == "train" and r.data.tags["model_family"] == "gnn"
+    assert r.data.tags["run_kind"] == "single" and "sweep_study" not in r.data.tags
+    assert not (run_dir / "sweep_trial.yaml").exists()
     assert r.data.tags["dataset_sha256"] == mu.file_sha256(dataset_file)[:12]
     # the content hash (Q, F, split) names the data itself: equal for a rebuilt file with another timestamp
     from lattice_lab.training.trainer import data_fingerprint
@@ -168,3 +170,91 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset.path=")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override", ["resume=maybe", "plots=no", "tracking.enabled=no", "trainer.progress=1",
+                                      "model.elastic_prior=yes"])
+def test_true_false_settings_refuse_other_values_before_the_run(dataset_file, tmp_path, tmp_mlflow, override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"^{key}='?{value}'?: expected true or false$"):
+        run(_cfg(dataset_file, tmp_path / "out", override))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_is_refused_before_training(dataset_file, tmp_path, dtype):
+    # bfloat16 crashed in the plots after training; float16 diverged and the error blamed the learning rate
+    with pytest.raises(ConfigError, match=rf"^dtype='{dtype}': expected one of \['float32', 'float64'\]$"):
+        run(_cfg(dataset_file, tmp_path, f"dtype={dtype}", "tracking.enabled=false"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_without_run_name_skips_sweep_trials_and_names_the_run_it_picked(dataset_file, tmp_path, caplog):
+    import logging
+
+    off = ("tracking.enabled=false", "plots=false", "trainer.max_epochs=1")
+    run(_cfg(dataset_file, tmp_path, *off, "run_name=gnn_holstein_L8_tiny_mine"))
+    run(_cfg(dataset_file, tmp_path, *off, "run_name=gnn_holstein_L8_tiny_other", "model.widths=[1,4,4,4,1]"))
+    # the newest run of this model and dataset is another size: the refusal names the folder it picked
+    with pytest.raises(ConfigError, match=r"^model\.widths=.*: the run being resumed \(\S+/gnn_holstein_L8_tiny_other\) "
+                                          r"was trained with .*; resume=true without run_name picked it .*run_name="):
+        run(_cfg(dataset_file, tmp_path, *off[:2], "resume=true"))
+    # ... and is not picked once it is marked as an Optuna trial, as a sweep's trials are
+    (tmp_path / "gnn_holstein_L8_tiny_other" / "sweep_trial.yaml").write_text("study: s\n")
+    with caplog.at_level(logging.INFO, logger="lattice_lab.train"):
+        run(_cfg(dataset_file, tmp_path, *off[:2], "resume=true", "trainer.max_epochs=2"))
+    assert "gnn_holstein_L8_tiny_mine is the newest run" in caplog.text and "1 sweep trial folders skipped" in caplog.text
+    assert len(list(csv.DictReader((tmp_path / "gnn_holstein_L8_tiny_mine" / "metrics.csv").open()))) == 2
+
+
+def _ctrl_c_in_epoch(n):
+    """A Trainer._train_epoch that is interrupted (Ctrl-C) inside epoch ``n``."""
+    from lattice_lab.training.trainer import Trainer
+
+    train_epoch = Trainer._train_epoch
+
+    def epoch(self, i):
+        if i == n:
+            raise KeyboardInterrupt
+        return train_epoch(self, i)
+
+    return epoch
+
+
+def test_ctrl_c_names_the_checkpoint_of_the_last_finished_epoch_and_the_resume(dataset_file, tmp_path, monkeypatch):
+    from lattice_lab.common.errors import Interrupted
+    from lattice_lab.models.checkpoint import load_checkpoint
+    from lattice_lab.training.trainer import Trainer
+
+    off = ("tracking.enabled=false", "plots=false", "run_name=cut")
+    monkeypatch.setattr(Trainer, "_train_epoch", _ctrl_c_in_epoch(1))
+    with pytest.raises(Interrupted, match=r"before the first epoch finished: nothing to resume \(\S+/cut holds no"):
+        run(_cfg(dataset_file, tmp_path, *off))
+    monkeypatch.undo()
+    monkeypatch.setattr(Trainer, "_train_epoch", _ctrl_c_in_epoch(3))
+    with pytest.raises(Interrupted, match=r"^\S+/cut/last\.pt holds the last finished epoch \(epoch 2; .*\); "
+                                          r"rerun with resume=true run_name=cut to continue$"):
+        run(_cfg(dataset_file, tmp_path, *off))
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    monkeypatch.undo()
+    run(_cfg(dataset_file, tmp_path, *off, "resume=true"))
+    assert len(list(csv.DictReader((tmp_path / "cut" / "metrics.csv").open()))) == 3
+
+
+def test_cli_reports_ctrl_c_in_one_line(dataset_file, tmp_path):
+    script = ("import sys, test_train_entrypoint as t\n"
+              "from lattice_lab.training.trainer import Trainer\n"
+              "Trainer._train_epoch = t._ctrl_c_in_epoch(2)\n"
+              "from lattice_lab.train import main\n"
+              "sys.argv = ['train', *sys.argv[1:]]\n"
+              "main()\n")
+    args = ["model=gnn_small", "dataset=holstein_L8_tiny", f"dataset.path={dataset_file}", "trainer=quick",
+            "trainer.progress=false", "device=cpu", "dtype=float64", f"output_root={tmp_path}", "run_name=cut",
+            "tracking.enabled=false", "plots=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1", "PYTHONPATH": str(REPO / "tests")}
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # printed by common.cli.friendly_errors
+    assert last.startswith(f"interrupted: {tmp_path / 'cut' / 'last.pt'} holds the last finished epoch (epoch 1;")
+    assert last.endswith("rerun with resume=true run_name=cut to continue")

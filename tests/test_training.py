@@ -1,6 +1,7 @@
 """Trainer: force metrics, learning, exact resume, checkpoints, conservative models, config errors."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -122,7 +123,8 @@ def test_resume_needs_last_checkpoint_and_same_dtype(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="dtype=float32"):
         Trainer(_model(), tiny_data, _cfg(), device="cpu", dtype="float32", out_dir=tmp_path, resume=True)
     other = _model(0, {"name": "gnn", "widths": [1, 4, 1]})
-    with pytest.raises(ConfigError, match=r"model\.widths=\[1, 4, 1\]: the run being resumed was trained with .*widths=\[1, 8, 8, 1\]"):
+    with pytest.raises(ConfigError, match=r"model\.widths=\[1, 4, 1\]: the run being resumed \(.+\) was trained with "
+                                          r".*widths=\[1, 8, 8, 1\]"):
         Trainer(other, tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
 
 
@@ -173,7 +175,8 @@ def test_resume_refuses_other_data_and_other_optimisation_settings(tiny_data, tm
                       is_val=tiny_data.is_val, attrs=tiny_data.attrs)
     with pytest.raises(ConfigError, match="trained on other data"):
         Trainer(_model(), other, _cfg(max_epochs=2), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
-    with pytest.raises(ConfigError, match=r"trainer\.batch_size=3: the run being resumed was trained with batch_size=2"):
+    with pytest.raises(ConfigError, match=rf"trainer\.batch_size=3: the run being resumed \({re.escape(str(tmp_path))}\) "
+                                          r"was trained with batch_size=2"):
         Trainer(_model(), tiny_data, _cfg(max_epochs=2, batch_size=3), device="cpu", dtype="float64",
                 out_dir=tmp_path, resume=True)
     resumed = Trainer(_model(), tiny_data, _cfg(max_epochs=2, patience=5, eval_batch_size=2), device="cpu",

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.switch import check_flag
 from lattice_lab.models.base import ForceField
 
 
@@ -98,7 +99,8 @@ def build_model(model_cfg, hamiltonian) -> ForceField:
     cls = model_class(name)
     allowed = constructor_keys(cls)
     # elastic_prior: the model's own option (energy models) or the generic ElasticPrior wrapper
-    wrap_prior = bool(cfg.pop("elastic_prior", False)) if "elastic_prior" not in allowed else False
+    wrap_prior = check_flag(cfg.pop("elastic_prior", False), "model.elastic_prior") \
+        if "elastic_prior" not in allowed else False
     for key in cfg:
         if key not in allowed:
             raise ConfigError(f"model.{key}={cfg[key]!r}: unknown key for model {name!r} (allowed: {allowed})")

@@ -18,11 +18,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.switch import check_flag
 from lattice_lab.sweeps.parent import FILE_NAME as PARENT_FILE
 from lattice_lab.sweeps.parent import publish_parent_run_id
+from lattice_lab.sweeps.trial import study_name
+from lattice_lab.tracking.mlflow_utils import TrackingSettings
 
 log = logging.getLogger(__name__)
 STUDY_TAG = "lattice_lab.study"
@@ -33,7 +39,6 @@ def client_and_experiment(config: DictConfig):
     from mlflow.tracking import MlflowClient
 
     from lattice_lab.tracking.mlflow_utils import (
-        TrackingSettings,
         experiment_name,
         get_or_create_experiment,
         quiet_mlflow,
@@ -50,8 +55,7 @@ def client_and_experiment(config: DictConfig):
 
 
 def _study_name(config: DictConfig) -> str:
-    sweeper = config.hydra.sweeper
-    return str(sweeper.get("study_name") or "default")
+    return study_name(config.hydra.sweeper)
 
 
 def offset_sampler_seed(config: DictConfig) -> int | None:
@@ -91,8 +95,11 @@ RERUN_GROUPS = ("hamiltonian", "dataset", "model", "trainer")  # presets a singl
 
 
 def fixed_overrides(config: DictConfig) -> list[str]:
-    """The sweep's settings that are not searched: its command-line overrides without the searched
-    keys and ``hparams_search``, plus the presets the search config chose (e.g. its family's model)."""
+    """The sweep's settings that are not searched, as the overrides of one plain (not multirun) run:
+    the presets the search config chose (e.g. its family's model), the command-line overrides without
+    the searched keys and ``hparams_search``, and every value the search config itself sets
+    (``optuna_base``'s ``trainer.max_epochs``, ``trainer.patience``, ...). With a trial's values they
+    compose that trial's config."""
     searched = set((config.hydra.sweeper.get("params") or {}).keys())
     task = [str(o) for o in config.hydra.overrides.get("task", [])]
 
@@ -104,12 +111,50 @@ def fixed_overrides(config: DictConfig) -> list[str]:
     choices = config.hydra.runtime.get("choices") or {}
     given = {key(o) for o in out}
     presets = [f"{g}={choices[g]}" for g in RERUN_GROUPS if choices.get(g) and g not in given]
-    return presets + out
+    return presets + out + search_config_settings(config, presets + out, searched)
+
+
+def _leaves(node, prefix: str = "") -> dict:
+    """Dotted key -> value of every non-mapping value (lists are values, as in an override)."""
+    if not isinstance(node, dict) or (not node and prefix):
+        return {prefix: node}
+    out = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def search_config_settings(config: DictConfig, overrides: list[str], searched=()) -> list[str]:
+    """Overrides for what the sweep's config holds beyond ``overrides`` composed alone: the values the
+    search config (``conf/hparams_search/*``) sets, which a plain run without it would not get."""
+    from lattice_lab.sweeps.report import override_value  # optuna: imported where needed
+
+    name = config.hydra.job.get("config_name") or "train"
+    try:
+        if GlobalHydra.instance().is_initialized():  # in the sweep's process, as Hydra started it
+            plain = compose(name, overrides=list(overrides))
+        else:
+            with initialize_config_dir(config_dir=CONFIG_DIR):
+                plain = compose(name, overrides=list(overrides))
+    except Exception as exc:  # noqa: BLE001 - the report (trials.csv) must be written all the same
+        log.warning("best_config.yaml: cannot compose %s without the search config (%s: %s); its command "
+                    "lists the sweep's presets and overrides only", name, type(exc).__name__, exc)
+        return []
+
+    def leaves(cfg):
+        tree = OmegaConf.to_container(cfg, resolve=False)
+        tree.pop("hydra", None)
+        return _leaves(tree)
+
+    swept, alone = leaves(config), leaves(plain)
+    out = [f"{'' if k in alone else '+'}{k}={override_value(v)}" for k, v in swept.items()
+           if k not in searched and (k not in alone or alone[k] != v)]
+    return out + [f"~{k}" for k in alone if k not in swept]
 
 
 class MlflowSweepCallback(Callback):
     def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+        self.enabled = check_flag(enabled, "hydra.callbacks.mlflow_sweep.enabled")
         self.parent_run_id: str | None = None
 
     # ------------------------------------------------------------------ start
@@ -117,20 +162,24 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         offset_sampler_seed(config)
-        if not self.enabled or not config.get("tracking", {}).get("enabled", True):
+        if not self.enabled or not TrackingSettings.from_config(config.get("tracking")).enabled:
             return
         client, experiment_id = client_and_experiment(config)
         study = _study_name(config)
         existing = client.search_runs(
             [experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'", max_results=1,
             order_by=["attributes.start_time DESC"])
+        # run_kind / sweep_study as on the trials: --filter "tags.sweep_study IS NULL" leaves out both
+        kind = {"run_kind": "sweep", "sweep_study": study}
         if existing:
             self.parent_run_id = existing[0].info.run_id
             client.update_run(self.parent_run_id, status="RUNNING")
+            for k, v in kind.items():  # a parent created before these tags
+                client.set_tag(self.parent_run_id, k, v)
             log.info("sweep %s: resuming MLflow parent run %s", study, self.parent_run_id)
         else:
             run = client.create_run(experiment_id, run_name=f"sweep-{study}",
-                                    tags={STUDY_TAG: study, "lattice_lab.task": "sweep"})
+                                    tags={STUDY_TAG: study, "lattice_lab.task": "sweep", **kind})
             self.parent_run_id = run.info.run_id
             storage = config.hydra.sweeper.get("storage")
             client.log_param(self.parent_run_id, "study_name", study)

@@ -43,6 +43,8 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from lattice_lab.common.switch import check_flag
+
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _BATCH = 100  # MLflow's limit on params/tags per log_batch call
 _METRIC_BATCH = 1000
@@ -104,9 +106,9 @@ class TrackingSettings:
                  if k in section}
         out = cls(**known)
         out.tags = dict(out.tags or {})
-        from lattice_lab.common.switch import check_flag
-
-        out.enabled = check_flag(out.enabled, "tracking.enabled")
+        if out.enabled is not None:  # null: off here (analyze decides it before, see its tracking_enabled)
+            check_flag(out.enabled, "tracking.enabled")
+        out.enabled = bool(out.enabled)
         return out
 
 

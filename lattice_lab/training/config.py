@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.switch import check_flag
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class TrainerConfig:
             raise ConfigError(f"trainer.lr_factor={self.lr_factor!r}: expected 0 < lr_factor < 1")
         if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
             raise ConfigError(f"trainer.min_lr={self.min_lr!r}: expected 0 <= min_lr <= lr={self.lr}")
+        check_flag(self.progress, "trainer.progress")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

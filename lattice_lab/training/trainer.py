@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
+from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype, synchronize
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
 from lattice_lab.common.progress import progress
@@ -99,7 +99,7 @@ class Trainer:
                  model_cfg: dict | None = None, seed: int = 0, resume: bool = False, meta: dict | None = None):
         self.cfg = TrainerConfig.from_config(cfg)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype, MODEL_DTYPES)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.tracker = tracker
         self.model_cfg = dict(model_cfg) if model_cfg is not None else dict(getattr(model, "model_cfg", {}) or {})
@@ -188,20 +188,21 @@ class Trainer:
         if self.last_path is None or not self.last_path.is_file():
             raise ConfigError(f"resume=true: no checkpoint to resume from at {self.last_path}")
         ckpt = load_checkpoint(self.last_path)
+        resumed = f"the run being resumed ({self.out_dir})"  # named: resume=true may have picked it
         saved_dtype = ckpt.get("dtype")
         if saved_dtype is not None and saved_dtype != str(self.dtype).removeprefix("torch."):
-            raise ConfigError(f"dtype={str(self.dtype).removeprefix('torch.')}: the run being resumed "
+            raise ConfigError(f"dtype={str(self.dtype).removeprefix('torch.')}: {resumed} "
                               f"was trained in {saved_dtype}")
         saved_cfg = ckpt.get("model_cfg")
         if self.model_cfg and saved_cfg and dict(saved_cfg) != self.model_cfg:
             diff = sorted(k for k in set(saved_cfg) | set(self.model_cfg) if saved_cfg.get(k) != self.model_cfg.get(k))
             now = ", ".join(f"model.{k}={self.model_cfg.get(k)!r}" for k in diff)
             then = ", ".join(f"{k}={saved_cfg.get(k)!r}" for k in diff)
-            raise ConfigError(f"{now}: the run being resumed was trained with {then}")
+            raise ConfigError(f"{now}: {resumed} was trained with {then}")
         saved_data = ckpt.get("data_sha256")
         if saved_data is not None and saved_data != self.data_sha256:
             where = self.meta.get("dataset_path")
-            raise ConfigError(f"dataset.path={where!r}: the run being resumed was trained on other data "
+            raise ConfigError(f"dataset.path={where!r}: {resumed} was trained on other data "
                               f"({ckpt.get('dataset_path', 'path unknown')}; Q, F or the validation split differ)")
         saved_trainer = ckpt.get("trainer_cfg") or {}
         now_trainer = self.cfg.as_dict()
@@ -209,7 +210,7 @@ class Trainer:
         if diff:
             now = ", ".join(f"trainer.{k}={now_trainer[k]!r}" for k in diff)
             then = ", ".join(f"{k}={saved_trainer[k]!r}" for k in diff)
-            raise ConfigError(f"{now}: the run being resumed was trained with {then} (a resume may change "
+            raise ConfigError(f"{now}: {resumed} was trained with {then} (a resume may change "
                               "only max_epochs, max_time, patience, eval_batch_size and progress)")
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.to(device=self.device, dtype=self.dtype)
