@@ -20,7 +20,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
-from lattice_lab.common.errors import ConfigError, Interrupted
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.interrupts import interrupts_as
 from lattice_lab.common.io import atomic_write_text, check_run_name
 from lattice_lab.common.switch import check_flag
 from lattice_lab.sweeps.trial import TRIAL_FILE, current_trial, is_trial_dir
@@ -134,10 +135,8 @@ def run(cfg: DictConfig) -> float:
     Ctrl-C raises :class:`~lattice_lab.common.errors.Interrupted`, which says where the last checkpoint is
     and how to continue (the MLflow run is marked KILLED; ``friendly_errors`` prints the one line)."""
     where: dict = {}
-    try:
+    with interrupts_as(lambda: interrupted_message(where.get("run_dir"))):
         return _run(cfg, where)
-    except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(where.get("run_dir"))) from None
 
 
 def _run(cfg: DictConfig, where: dict) -> float:

@@ -143,6 +143,7 @@ def test_bad_config_names_the_key(tmp_path, override, key):
     ("compile=yes", "compile='yes': expected true or false"), ("profile=1", "profile=1: expected true or false"),
     ("measure_memory=no", "measure_memory='no': expected true or false"),
     ("tracking.enabled=no", "tracking.enabled='no': expected true or false"),
+    ("dtype=float16", "dtype='float16': expected one of ['float32', 'float64']"),
     ("langevin.dt=-1", "langevin.dt=-1: must be > 0"), ("langevin.mass=x", "langevin.mass='x': expected a finite number"),
 ])
 def test_bad_value_is_named_before_any_work(tmp_path, override, message):

@@ -223,3 +223,24 @@ def test_entrypoint_prints_one_line_error_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("error: hamiltonian.kappa=0.3: need |kappa| < k/4 = 0.25 "
                                    "(otherwise the elastic energy is unbounded below)")
+
+
+@pytest.mark.parametrize("interrupt_at_call, kept", [(1, "nothing was saved yet"),
+                                                     (6, r"ds\.h5\S* holds the configurations saved so far")])
+def test_ctrl_c_says_what_was_saved_and_the_build_resumes(tmp_path, monkeypatch, interrupt_at_call, kept):
+    from lattice_lab.common.errors import Interrupted
+
+    original = ExactForces.compute
+    calls = {"n": 0}
+
+    def interrupted(self, Q, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at_call:
+            raise KeyboardInterrupt
+        return original(self, Q, *args, **kwargs)
+
+    monkeypatch.setattr(ExactForces, "compute", interrupted)
+    with pytest.raises(Interrupted, match=rf"{kept}.*the same command resumes the build"):
+        run(_cfg(tmp_path / "ds.h5"))
+    monkeypatch.setattr(ExactForces, "compute", original)
+    assert read_force_dataset(run(_cfg(tmp_path / "ds.h5"))).Q.shape[0] == 24

@@ -587,7 +587,8 @@ def test_overwrite_removes_the_resume_config_and_the_analysis(tmp_path):
 
 @pytest.mark.parametrize("bad", ["divergence.scale_factor=abc", "divergence.scale_factor=-1",
                                  "divergence.scale_factor=0", "divergence.check_every=0",
-                                 "resume=no", "overwrite=no", "analyze=no"])
+                                 "resume=no", "overwrite=no", "analyze=no", "dtype=bfloat16",
+                                 "integrator_dtype=float16"])
 def test_bad_run_settings_are_named(tmp_path, bad):
     key = bad.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key}="):

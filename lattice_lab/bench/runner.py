@@ -27,7 +27,7 @@ from lattice_lab.bench import report, summary
 from lattice_lab.bench.ceiling import matmul_ceiling
 from lattice_lab.bench.timing import memory_method
 from lattice_lab.common.cuda_graph import wanted
-from lattice_lab.common.device import resolve_device, resolve_dtype
+from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
 from lattice_lab.common.seeding import check_seed, seed_everything
@@ -155,7 +155,7 @@ def run(cfg: DictConfig) -> dict:
     """Run the benchmark described by ``cfg`` (``conf/bench.yaml``); return the result dict."""
     t_start = time.perf_counter()
     device = resolve_device(cfg.get("device", "auto"))
-    dtype = resolve_dtype(cfg.get("dtype", "float32"))
+    dtype = resolve_dtype(cfg.get("dtype", "float32"), MODEL_DTYPES)
     if cfg.get("threads") is not None:
         torch.set_num_threads(_positive(cfg, "threads", int))
     sizes = _sizes(cfg, "sizes")

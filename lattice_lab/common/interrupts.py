@@ -4,13 +4,18 @@ Inside ``with StopRequests() as stop:`` the first SIGINT / SIGTERM only sets ``s
 loop checks it between steps, saves its state and raises
 :class:`~lattice_lab.common.errors.Interrupted`); a second one interrupts at once, as Python would
 (KeyboardInterrupt). Outside the main thread signals cannot be caught, and nothing changes there.
+:func:`interrupts_as` turns a KeyboardInterrupt into that one line for loops that save as they go.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Callable
+
+from lattice_lab.common.errors import Interrupted
 
 
 class StopRequests:
@@ -41,3 +46,13 @@ class StopRequests:
         self.signal, self.signum = signal.Signals(signum).name, signum
         print(f"\n{self.signal}: stopping at the next safe point and saving (again to stop at once)",
               file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def interrupts_as(message: Callable[[], str]):
+    """A KeyboardInterrupt (Ctrl-C; SIGTERM under :func:`lattice_lab.common.cli.friendly_errors`) inside
+    becomes :class:`Interrupted` with ``message()``: what the run has saved and how to continue."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(message()) from None

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.interrupts import interrupts_as
 from lattice_lab.common.io import atomic_torch_save, load_torch_file
 from lattice_lab.common.progress import progress, start_phase
 from lattice_lab.common.switch import check_flag
@@ -218,7 +219,12 @@ def build_dataset(cfg) -> Path:
     ed = ExactForces(params, device=device)
     # one bar per phase (random, then the far slower quench: snapshot_every ED solves per config), each its own ETA
     bar = progress(total=n_rand, desc=f"ED {ds['name']} (L={L}) random", unit="config", initial=min(n_done(), n_rand))
-    with contextlib.closing(bar):
+    def interrupted() -> str:
+        kept = (f"{ppath} holds the configurations saved so far (every dataset.checkpoint_every="
+                f"{ds['checkpoint_every']})" if ppath.exists() else "nothing was saved yet")
+        return f"{kept}; the same command resumes the build"
+
+    with contextlib.closing(bar), interrupts_as(interrupted):
         # -- random configurations ------------------------------------------------------------
         if n_done() < n_rand:
             gen = torch.Generator().manual_seed(seed)

@@ -21,7 +21,7 @@ import shutil
 
 from omegaconf import DictConfig, OmegaConf
 
-from lattice_lab.common.device import resolve_dtype
+from lattice_lab.common.device import MODEL_DTYPES, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text, check_run_name, load_torch_file, run_lock
 from lattice_lab.common.switch import check_flag
@@ -184,7 +184,7 @@ _NEW_SHARED_RUN = "another compare.ed_run"
 def _shared_fingerprint_check(ed_cfg, checkpoint: dict, ck_path) -> None:
     """The shared run's checkpoint against this comparison's ED settings (the resume check, with advice
     that names the setting the user chose: ``compare.ed_run``)."""
-    state_dtype = resolve_dtype(_get(ed_cfg, "integrator_dtype") or "float64")  # ED forces are float64
+    state_dtype = resolve_dtype(_get(ed_cfg, "integrator_dtype") or "float64", MODEL_DTYPES, "integrator_dtype")  # ED forces are float64
     _check_resumable(checkpoint, _fingerprint(ed_cfg, state_dtype), ck_path, new_run=_NEW_SHARED_RUN)
 
 

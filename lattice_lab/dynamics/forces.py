@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lattice_lab.common.device import resolve_device, resolve_dtype
+from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", 
                 f"dynamics.L={L}: exact diagonalisation above force.max_L={max_L} costs O(L^6) per step; "
                 f"use force=ml with a trained model (or raise force.max_L)")
         return EDForceProvider(hamiltonian, device, chunk_replicas=chunk)
-    provider = MLForceProvider(hamiltonian, device, resolve_dtype(dtype), _cfg_get(force_cfg, "checkpoint"),
+    provider = MLForceProvider(hamiltonian, device, resolve_dtype(dtype, MODEL_DTYPES), _cfg_get(force_cfg, "checkpoint"),
                                chunk_replicas=chunk, compile=bool(_cfg_get(force_cfg, "compile", False)),
                                model=model)
     need = 2 * math.ceil(float(getattr(provider.model, "receptive_field", 0))) + 1

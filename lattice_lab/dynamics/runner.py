@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cuda_graph import wanted
-from lattice_lab.common.device import resolve_device, resolve_dtype, synchronize
+from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype, synchronize
 from lattice_lab.common.errors import ConfigError, Interrupted, SimulationDiverged
 from lattice_lab.common.interrupts import StopRequests
 from lattice_lab.common.io import (
@@ -189,11 +189,12 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     native_setting = check_switch(_get(cfg, "native_integrator", "auto"), "native_integrator")
     L, R, steps, save_every = dyn["L"], dyn["replicas"], dyn["steps"], dyn["save_every"]
     seed = check_seed(_get(cfg, "seed", 0))
+    resolve_dtype(_get(cfg, "dtype", "float32"), MODEL_DTYPES)  # the model's (checked under ED forces too)
     device = resolve_device(_get(cfg, "device", "auto"))
     hamiltonian = build_hamiltonian(cfg)
     provider = force_provider or make_force_provider(cfg.force, hamiltonian, device,
                                                      _get(cfg, "dtype", "float32"), L=L)
-    state_dtype = resolve_dtype(_get(cfg, "integrator_dtype") or provider.dtype)
+    state_dtype = resolve_dtype(_get(cfg, "integrator_dtype") or provider.dtype, MODEL_DTYPES, "integrator_dtype")
     q_limit = _divergence_limit(cfg, hamiltonian)
     check_every = _positive_int(cfg, "divergence.check_every") if _get(cfg, "divergence.check_every") is not None else 1
     ck_every_s = (_positive_float(cfg, "checkpoint_every_s", allow_zero=True)
