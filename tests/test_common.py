@@ -310,3 +310,59 @@ def test_dataset_build_shows_one_bar_per_phase_with_its_own_count(tmp_path, monk
     generation.build_dataset(cfg)
     assert phases == [("ED holstein_L8_tiny (L=8) random", 12, 12, "then 12 quench configs, 3 ED solves each")]
     assert len(bars) == 1 and (bars[0].desc, bars[0].n, bars[0].total) == ("ED holstein_L8_tiny (L=8) quench", 12, 12)
+
+
+def test_stop_requests_leave_ignored_and_foreign_handlers_alone():
+    """A job started with & from a script ignores Ctrl-C; submitit handles SIGTERM itself: neither changes."""
+    import signal
+
+    from lattice_lab.common.interrupts import StopRequests
+
+    def foreign(signum, frame):  # someone else's handler (not marked as one that interrupts)
+        pass
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, foreign)
+    try:
+        with StopRequests():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is foreign
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
+def test_stop_requests_second_signal_goes_to_the_handler_before():
+    """The first SIGTERM asks for a stop at the next safe point; the second is handled as if the run had not
+    asked (here a marked handler that records it and interrupts, as friendly_errors' SIGTERM handler does)."""
+    import signal
+
+    from lattice_lab.common.interrupts import StopRequests, interrupting
+
+    seen = []
+
+    @interrupting
+    def recording(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, recording)
+    try:
+        with pytest.raises(KeyboardInterrupt), StopRequests() as stop:
+            signal.raise_signal(signal.SIGTERM)
+            assert (stop.signal, stop.signum, seen) == ("SIGTERM", signal.SIGTERM, [])
+            signal.raise_signal(signal.SIGTERM)
+        assert seen == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is recording
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_reader_lock_writes_nothing(tmp_path):
+    from lattice_lab.common.io import run_lock
+
+    with run_lock(tmp_path, "reader", shared=True), run_lock(tmp_path, "another reader", shared=True):
+        pass
+    assert list(tmp_path.iterdir()) == []  # a run made before locks: read without creating .lock
+    with run_lock(tmp_path, "writer"):
+        with pytest.raises(ConfigError, match="^reader: .* in use by another process"), run_lock(tmp_path, "reader", shared=True):
+            pass
+    with run_lock(tmp_path, "reader", shared=True), pytest.raises(ConfigError, match="^writer: "), run_lock(tmp_path, "writer"):
+        pass

@@ -648,3 +648,64 @@ def test_interrupt_saves_the_state_and_resume_is_exact(tmp_path, sig):
     b, _ = read_all(done["trajectory"])
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+class LockProbe(EDForceProvider):
+    """Exact forces; at its first call it tries to take the shared ED run's folder for writing, as a
+    comparison extending that run would, and records whether it was refused."""
+
+    def __init__(self, folder):
+        super().__init__(HolsteinParams(temperature=0.1), "cpu")
+        self.folder, self.refused = folder, None
+
+    def __call__(self, Q):
+        if self.refused is None:
+            from lattice_lab.common.io import run_lock
+
+            try:
+                with run_lock(self.folder, "extending run"):
+                    self.refused = False
+            except ConfigError:
+                self.refused = True
+        return super().__call__(Q)
+
+
+def test_a_shared_ed_run_is_held_while_comparisons_read_it(tmp_path, gnn_checkpoint):
+    from lattice_lab.common.io import run_lock
+
+    path, _ = gnn_checkpoint
+    shared = tmp_path / "ed_shared"
+    common = [f"force.checkpoint={path}", "compare.steps=[5,20]", f"compare.ed_run={shared}"]
+    run(make_cfg(tmp_path, *common, "compare.name=cmp_a", config_name="simulate_compare"))
+    probe = LockProbe(shared)
+    run_comparison(make_cfg(tmp_path, *common, "compare.name=cmp_b", config_name="simulate_compare"), ml_provider=probe)
+    assert probe.refused is True  # nobody extends the ED run while this comparison still has to read it
+    with run_lock(shared, "another comparison"), pytest.raises(ConfigError, match=r"^compare.ed_run=.*in use"):
+        run(make_cfg(tmp_path, *common, "compare.name=cmp_c", config_name="simulate_compare"))
+
+
+def test_the_ml_run_draws_the_shared_ed_runs_noise(tmp_path, gnn_checkpoint):
+    """A shared ED run made with torch's generator: the next comparison's ML run (native_integrator=auto)
+    draws the same noise; an explicit setting that cannot is refused before the ML run starts."""
+    path, _ = gnn_checkpoint
+    common = [f"force.checkpoint={path}", "compare.steps=[5,20]", f"compare.ed_run={tmp_path / 'ed_torch'}"]
+    first = run(make_cfg(tmp_path, *common, "compare.name=cmp_a", "native_integrator=false",
+                         config_name="simulate_compare"))
+    assert first["ed"]["noise_source"] == first["ml"]["noise_source"] == "torch"
+    second = run(make_cfg(tmp_path, *common, "compare.name=cmp_b", config_name="simulate_compare"))
+    assert second["ml"]["noise_source"] == "torch"
+    with pytest.raises(ConfigError, match="native_integrator=true: the ED run drew its bath noise from 'torch'"):
+        run(make_cfg(tmp_path, *common, "compare.name=cmp_c", "native_integrator=true", config_name="simulate_compare"))
+    assert not (tmp_path / "cmp_c" / "ml").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("compare.integrator_dtype=float16", "compare.integrator_dtype='float16': expected one of"),
+    ("integrator_dtype=float32", "integrator_dtype='float32': a comparison integrates both runs in compare.integrator_dtype"),
+    ("compare.analyze_runs=no", "compare.analyze_runs='no': expected true or false"),
+])
+def test_comparison_settings_are_named(tmp_path, gnn_checkpoint, bad, message):
+    path, _ = gnn_checkpoint
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        run(make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[5,20]", bad, config_name="simulate_compare"))
+    assert not (tmp_path / "ed_vs_ml_L8_R2_T0.1_seed3").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.errors import ConfigError, Interrupted
 from lattice_lab.tracking import mlflow_utils as mu
 from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
 
@@ -205,3 +205,15 @@ def test_tracking_enabled_must_be_a_flag():
     assert TrackingSettings.from_config({"tracking": {"enabled": False}}).enabled is False
     with pytest.raises(ConfigError, match=r"^tracking.enabled='no': expected true or false"):
         TrackingSettings.from_config({"tracking": {"enabled": "no"}})
+
+
+@pytest.mark.parametrize(("raised", "status"), [(KeyboardInterrupt, "KILLED"), (Interrupted, "KILLED"),
+                                                 (ValueError, "FAILED")])
+def test_run_status_says_interrupted_or_failed(tmp_mlflow, raised, status):
+    """Ctrl-C -- bare, or as Interrupted after the run saved its state -- ends the MLflow run KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    with pytest.raises(raised), mu.start_run(task="simulate", cfg={"tracking": {"enabled": True}}) as tracker:
+        run_id = tracker.run_id
+        raise raised("stop")
+    assert MlflowClient(tracking_uri=tmp_mlflow).get_run(run_id).info.status == status

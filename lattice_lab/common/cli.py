@@ -34,6 +34,7 @@ from pathlib import Path
 
 from lattice_lab.common.allocator import tune_malloc
 from lattice_lab.common.errors import Interrupted, LatticeLabError
+from lattice_lab.common.interrupts import interrupting
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -119,6 +120,7 @@ def _interrupted(detail: str | None) -> None:
     sys.exit(_exit_code())
 
 
+@interrupting
 def _raise_keyboard_interrupt(signum, frame):
     _received["signal"] = signum
     raise KeyboardInterrupt(signal.Signals(signum).name)

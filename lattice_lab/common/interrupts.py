@@ -32,7 +32,8 @@ class StopRequests:
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 sig = getattr(signal, name)
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if interruptible(signal.getsignal(sig)):
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -41,11 +42,28 @@ class StopRequests:
         self._previous.clear()
 
     def _handle(self, signum, _frame) -> None:
-        if self.signal is not None:  # asked twice: stop now
-            raise KeyboardInterrupt
+        if self.signal is not None:  # asked twice: stop now, as the handler before this one would
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
         self.signal, self.signum = signal.Signals(signum).name, signum
         print(f"\n{self.signal}: stopping at the next safe point and saving (again to stop at once)",
               file=sys.stderr, flush=True)
+
+
+def interrupting(handler):
+    """Mark ``handler`` as one that turns its signal into a KeyboardInterrupt (as Python's SIGINT handler
+    does): :class:`StopRequests` may stand in for it, and gives the signal back to it when asked twice."""
+    handler._lattice_lab_interrupts = True
+    return handler
+
+
+def interruptible(handler) -> bool:
+    """Whether a signal with this handler may be turned into a stop request: the default action, Python's
+    Ctrl-C handler or one marked by :func:`interrupting` -- not an ignored signal (a job started with ``&``
+    from a script ignores Ctrl-C) nor someone else's handler (submitit's SIGTERM handling)."""
+    return (handler is signal.SIG_DFL or handler is signal.default_int_handler
+            or getattr(handler, "_lattice_lab_interrupts", False))
 
 
 @contextlib.contextmanager

@@ -84,9 +84,10 @@ LOCK_FILE = ".lock"
 @contextlib.contextmanager
 def run_lock(folder: str | os.PathLike, what: str, *, shared: bool = False):
     """Hold ``<folder>/.lock`` while a run writes there (exclusive) or reads a finished run (``shared``):
-    a second process on the same folder -- the same command started twice, comparisons resuming one
-    shared run at once -- gets a ConfigError naming ``what`` instead of two writers in one HDF5 file.
-    An advisory ``flock`` (POSIX; released by the OS when the process dies; elsewhere no lock)."""
+    a second process on the same folder -- the same command started twice, a comparison extending a
+    shared ED run that others read -- gets a ConfigError naming ``what`` instead of two writers in one
+    HDF5 file. An advisory ``flock`` (POSIX; released by the OS when the process dies; elsewhere no
+    lock). A reader opens the lock file read-only and, where there is none, holds no lock."""
     from lattice_lab.common.errors import ConfigError
 
     try:
@@ -95,7 +96,10 @@ def run_lock(folder: str | os.PathLike, what: str, *, shared: bool = False):
         yield
         return
     path = Path(folder) / LOCK_FILE
-    with open(path, "a+") as f:
+    if shared and not path.exists():  # a reader writes nothing (a run made before locks, a read-only disk)
+        yield
+        return
+    with open(path, "r" if shared else "a+") as f:
         try:
             fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:

@@ -15,6 +15,7 @@ as children and the agreement metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lattice_lab.common.device import MODEL_DTYPES, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text, check_run_name, load_torch_file, run_lock
-from lattice_lab.common.switch import check_flag
+from lattice_lab.common.switch import check_flag, check_switch
 from lattice_lab.dynamics.runner import (
     CHECKPOINT_FILE,
     RESUME_CONFIG_FILE,
@@ -77,7 +78,7 @@ def _child_config(cfg, force, root, name: str, parent_run_id: str | None) -> Dic
     c["run_name"] = name
     c["output_root"] = str(root)
     c["integrator_dtype"] = _get(cfg, "compare.integrator_dtype", "float64")
-    c["analyze"] = bool(_get(cfg, "compare.analyze_runs", False))
+    c["analyze"] = check_flag(_get(cfg, "compare.analyze_runs", False), "compare.analyze_runs")
     tracking = dict(c.get("tracking") or {})
     if parent_run_id:
         tracking["parent_run_id"] = parent_run_id
@@ -104,6 +105,12 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
         raise ConfigError(f"compare.ed_force.source={ed_force.get('source')!r}: must be 'ed'")
     name = comparison_name(cfg)
     root = _to_abs(_get(cfg, "output_root", "runs/trajectories")) / name
+    if _get(cfg, "integrator_dtype") is not None:
+        raise ConfigError(f"integrator_dtype={_get(cfg, 'integrator_dtype')!r}: a comparison integrates both runs in "
+                          "compare.integrator_dtype (same noise on both sides); set that one")
+    resolve_dtype(_get(cfg, "compare.integrator_dtype", "float64"), MODEL_DTYPES, "compare.integrator_dtype")
+    check_flag(_get(cfg, "compare.analyze_runs", False), "compare.analyze_runs")
+    native = check_switch(_get(cfg, "native_integrator", "auto"), "native_integrator")
     resume = check_flag(_get(cfg, "resume", False), "resume")
     overwrite = check_flag(_get(cfg, "overwrite", False), "overwrite")
     shared = _shared_ed_dir(cfg, root) if _get(cfg, "compare.ed_run") else None
@@ -118,17 +125,27 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
             (root / stale).unlink(missing_ok=True)
 
     with start_run(task="simulate", cfg=cfg, run_name=name,
-                   tags=standard_tags("simulate", mode="ed_vs_ml", force_source="ed+ml")) as tracker:
+                   tags=standard_tags("simulate", mode="ed_vs_ml", force_source="ed+ml")) as tracker, \
+            contextlib.ExitStack() as reading:
         tracker.log_params(cfg)
         ml_force = OmegaConf.to_container(cfg.force, resolve=True)
         ed_cfg = _child_config(cfg, ed_force, root, "ed", tracker.run_id)
-        res_ed = _finished_shared_run(ed_cfg, shared) if shared is not None else None
-        if res_ed is None:
-            if shared is not None:
+        res_ed = None
+        if shared is not None:  # read under a shared lock until the comparison is done: nobody extends it meanwhile
+            label = f"compare.ed_run={shared}"
+            if shared.is_dir():
+                reading.enter_context(run_lock(shared, label, shared=True))
+            res_ed = _finished_shared_run(ed_cfg, shared)
+            if res_ed is None:  # created or continued here
+                reading.close()
                 _share_ed_run(ed_cfg, shared)
+                res_ed = run_simulation(ed_cfg, folder_label=label)
+                reading.enter_context(run_lock(shared, label, shared=True))
+        else:
             res_ed = run_simulation(ed_cfg)
-        res_ml = run_simulation(_child_config(cfg, ml_force, root, "ml", tracker.run_id),
-                                force_provider=ml_provider)
+        ml_cfg = _child_config(cfg, ml_force, root, "ml", tracker.run_id)
+        ml_cfg.native_integrator = _same_noise(native, res_ed.get("noise_source"))
+        res_ml = run_simulation(ml_cfg, force_provider=ml_provider)
         # both runs accepted their settings: now the comparison's own config (the first one stays)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         first = root / "config.yaml"
@@ -191,23 +208,22 @@ def _shared_fingerprint_check(ed_cfg, checkpoint: dict, ck_path) -> None:
 def _finished_shared_run(ed_cfg, shared) -> dict | None:
     """The shared ED run as :func:`run_simulation` would report it, read without writing anything, if it
     is finished and at least as long as this comparison (None otherwise: it is created or continued).
-    Comparisons may then run at once on one shared run."""
+    Comparisons may then run at once on one shared run (the caller holds its shared lock)."""
     checkpoint_path, trajectory = shared / CHECKPOINT_FILE, shared / TRAJECTORY_FILE
     if not (checkpoint_path.exists() and trajectory.exists()):
         return None
-    with run_lock(shared, f"compare.ed_run={shared}", shared=True):
-        checkpoint = load_torch_file(checkpoint_path, "compare.ed_run: checkpoint")
-        _shared_fingerprint_check(ed_cfg, checkpoint, checkpoint_path)
-        done = int(checkpoint["state"]["step"])
-        if done < int(ed_cfg.dynamics.steps):
-            return None
-        log.info("compare.ed_run: reading the finished ED run %s (step %d)", shared, done)
-        return {"run_dir": str(shared), "trajectory": str(trajectory), "checkpoint": str(checkpoint_path),
-                "config": str(shared / "config.yaml"), "step": done, "steps": done,
-                "frames": _count_frames(trajectory), "completed": True, "wall_s": float(checkpoint.get("wall_s", 0.0)),
-                "steps_per_s": 0.0, "site_steps_per_s": 0.0, "model_run_id": "",  # no step computed here
-                "mlflow_run_id": checkpoint.get("mlflow_run_id"), "analysis": None,
-                "noise_source": checkpoint.get("noise", "torch")}
+    checkpoint = load_torch_file(checkpoint_path, "compare.ed_run: checkpoint")
+    _shared_fingerprint_check(ed_cfg, checkpoint, checkpoint_path)
+    done = int(checkpoint["state"]["step"])
+    if done < int(ed_cfg.dynamics.steps):
+        return None
+    log.info("compare.ed_run: reading the finished ED run %s (step %d)", shared, done)
+    return {"run_dir": str(shared), "trajectory": str(trajectory), "checkpoint": str(checkpoint_path),
+            "config": str(shared / "config.yaml"), "step": done, "steps": done,
+            "frames": _count_frames(trajectory), "completed": True, "wall_s": float(checkpoint.get("wall_s", 0.0)),
+            "steps_per_s": 0.0, "site_steps_per_s": 0.0, "model_run_id": "",  # no step computed here
+            "mlflow_run_id": checkpoint.get("mlflow_run_id"), "analysis": None,
+            "noise_source": checkpoint.get("noise", "torch")}
 
 
 def _share_ed_run(ed_cfg, shared) -> None:
@@ -228,6 +244,20 @@ def _share_ed_run(ed_cfg, shared) -> None:
             raise ConfigError(f"compare.ed_run={shared}: {checkpoint} is not a simulation checkpoint")
         _shared_fingerprint_check(ed_cfg, state, checkpoint)
         ed_cfg.dynamics.steps = max(int(ed_cfg.dynamics.steps), int(state["state"]["step"]))
+
+
+def _same_noise(setting, ed_noise: str | None):
+    """The ML run's ``native_integrator``: the one that draws the ED run's bath noise (Philox: the native
+    step; torch: the generator), checked before the ML run starts. ``auto`` follows the ED run; an
+    explicit setting that would give the other noise is an error."""
+    if ed_noise not in ("philox", "torch"):
+        return setting
+    want = ed_noise == "philox"
+    if setting != "auto" and setting is not want:
+        raise ConfigError(f"native_integrator={str(setting).lower()}: the ED run drew its bath noise from "
+                          f"{ed_noise!r} (native_integrator={str(want).lower()}); both runs of a comparison must "
+                          "feel the same noise")
+    return want
 
 
 def _agreement_metrics(comparison: dict) -> dict:

@@ -175,11 +175,12 @@ def _divergence_limit(cfg, hamiltonian) -> float:
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
-def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
+def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | None = None) -> dict:
     """Run (or resume) the Langevin quench described by ``cfg``; return a summary dict.
 
     ``force_provider`` injects a ready-made provider (tests: harmonic or failing forces) instead of
-    building one from ``cfg.force``. Keys of the result: ``run_dir, trajectory, checkpoint, config,
+    building one from ``cfg.force``; ``folder_label`` names the run folder in errors (default
+    ``run_name=...``; a comparison's shared ED run: ``compare.ed_run=...``). Keys of the result: ``run_dir, trajectory, checkpoint, config,
     step, steps, frames, completed, wall_s, steps_per_s, site_steps_per_s, model_run_id,
     mlflow_run_id, analysis``.
     """
@@ -253,7 +254,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None) -> dict:
     result: dict = {}
     with contextlib.ExitStack() as stack:
         run_dir.mkdir(parents=True, exist_ok=True)
-        stack.enter_context(run_lock(run_dir, f"run_name={run_name!r}"))
+        stack.enter_context(run_lock(run_dir, folder_label or f"run_name={run_name!r}"))
         if checkpoint is not None:
             st = checkpoint["state"]
             state = LangevinState(Q=st["Q"].to(device, state_dtype), V=st["V"].to(device, state_dtype),

@@ -43,6 +43,7 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from lattice_lab.common.errors import Interrupted
 from lattice_lab.common.switch import check_flag
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -495,7 +496,7 @@ def start_run(experiment: str | None = None, run_name: str | None = None, tags: 
     status = "FINISHED"
     try:
         yield tracker
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):  # Interrupted: stopped by Ctrl-C / SIGTERM after saving
         status = "KILLED"
         raise
     except BaseException:
