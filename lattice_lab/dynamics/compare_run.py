@@ -130,7 +130,6 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
         tracker.log_params(cfg)
         ml_force = OmegaConf.to_container(cfg.force, resolve=True)
         ed_cfg = _child_config(cfg, ed_force, root, "ed", tracker.run_id)
-        res_ed = None
         if shared is not None:  # read under a shared lock until the comparison is done: nobody extends it meanwhile
             label = f"compare.ed_run={shared}"
             if shared.is_dir():
