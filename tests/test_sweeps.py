@@ -128,7 +128,7 @@ def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(
 
     def first_draws(sampler_cfg, study_name, n=2):
         study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
-                                    sampler=instantiate(sampler_cfg))
+                                    sampler=instantiate(sampler_cfg, _execution_whitelist_=["optuna.samplers.TPESampler"]))
         trials = [study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)}) for _ in range(n)]
         for t in trials:
             study.tell(t, t.params["x"])
