@@ -188,3 +188,10 @@ def test_checked_params_name_their_config_section():
         LangevinParams.checked({"gamma": -1}, "dataset")
     with pytest.raises(ConfigError, match=r"^langevin.tau: unknown setting"):
         LangevinParams.checked({"tau": 1.0}, "langevin")
+
+
+def test_native_step_asked_for_off_the_cpu_is_an_error():
+    integ = LangevinIntegrator(HarmonicForce(1.0), LangevinParams(), torch.Generator(), native=True)
+    Q = torch.zeros(1, 4, 4, device="meta")
+    with pytest.raises(ConfigError, match="native_integrator=true: the native Langevin step runs on the CPU only"):
+        integ.noise_source(LangevinState(Q=Q, V=Q.clone(), F=Q.clone()))

@@ -497,7 +497,8 @@ def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint, tmp_mlflow):
     with pytest.raises(ConfigError, match="compare.ed_run=.*without its checkpoint.pt.*never overwritten"):
         run(make_cfg(tmp_path, *common, "compare.name=cmp_e", "overwrite=true", config_name="simulate_compare"))
     assert ed_file.exists()
-    for inside in ("cmp_d/ml", "cmp_d"):  # the comparison's own ML run or folder: refused, not compared with itself
+    for inside in ("cmp_d/ml", "cmp_d", "elsewhere/../cmp_d/ml"):  # the comparison's own ML run or folder (however
+        # named): refused, not compared with itself
         with pytest.raises(ConfigError, match="compare.ed_run=.*outside this comparison's folder"):
             run(make_cfg(tmp_path, *common[:2], f"compare.ed_run={tmp_path / inside}", "compare.name=cmp_d",
                          config_name="simulate_compare"))
@@ -709,3 +710,31 @@ def test_comparison_settings_are_named(tmp_path, gnn_checkpoint, bad, message):
     with pytest.raises(ConfigError, match=f"^{message}"):
         run(make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[5,20]", bad, config_name="simulate_compare"))
     assert not (tmp_path / "ed_vs_ml_L8_R2_T0.1_seed3").exists()
+
+
+def test_a_stop_during_the_last_step_is_not_lost(tmp_path):
+    """The signal comes while the last step runs: the run finishes, and nothing that would follow runs."""
+    from lattice_lab.common.errors import Interrupted
+
+    with pytest.raises(Interrupted, match="SIGTERM during the last step: the run reached step 20 of 20") as stopped:
+        run_simulation(make_cfg(tmp_path, "force=ed", "run_name=last", "analyze=true"),
+                       force_provider=SignalAt(signal.SIGTERM, 21))
+    assert stopped.value.signum == signal.SIGTERM
+    assert (tmp_path / "last" / "trajectory.h5").exists() and not (tmp_path / "last" / "analysis").exists()
+
+
+def test_a_shared_run_started_meanwhile_is_named(tmp_path):
+    run(make_cfg(tmp_path, "force=ed", "run_name=ed_shared", "stop_after_steps=5"))
+    with pytest.raises(ConfigError, match="^compare.ed_run=X: another comparison started this ED run meanwhile"):
+        run_simulation(make_cfg(tmp_path, "force=ed", "run_name=ed_shared"), folder_label="compare.ed_run=X")
+
+
+def test_philox_noise_where_the_ml_run_cannot_draw_it_is_refused_first(tmp_path, gnn_checkpoint, monkeypatch):
+    path, _ = gnn_checkpoint
+    common = [f"force.checkpoint={path}", "compare.steps=[5,20]", f"compare.ed_run={tmp_path / 'ed_philox'}"]
+    first = run(make_cfg(tmp_path, *common, "compare.name=cmp_a", config_name="simulate_compare"))
+    assert first["ed"]["noise_source"] == "philox"  # the native CPU step (this suite builds the kernels)
+    monkeypatch.setenv("LATTICE_LAB_NATIVE", "0")
+    with pytest.raises(ConfigError, match=r"^compare.ed_run=.*ed_philox: .*Philox.*LATTICE_LAB_NATIVE=0"):
+        run(make_cfg(tmp_path, *common, "compare.name=cmp_b", config_name="simulate_compare"))
+    assert not (tmp_path / "cmp_b" / "ml").exists()

@@ -82,12 +82,13 @@ LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | os.PathLike, what: str, *, shared: bool = False):
+def run_lock(folder: str | os.PathLike, what: str, *, shared: bool = False, wait: bool = False):
     """Hold ``<folder>/.lock`` while a run writes there (exclusive) or reads a finished run (``shared``):
     a second process on the same folder -- the same command started twice, a comparison extending a
     shared ED run that others read -- gets a ConfigError naming ``what`` instead of two writers in one
     HDF5 file. An advisory ``flock`` (POSIX; released by the OS when the process dies; elsewhere no
-    lock). A reader opens the lock file read-only and, where there is none, holds no lock."""
+    lock). A reader opens the lock file read-only and, where there is none, holds no lock. ``wait``:
+    block until the lock is free instead of refusing."""
     from lattice_lab.common.errors import ConfigError
 
     try:
@@ -101,10 +102,10 @@ def run_lock(folder: str | os.PathLike, what: str, *, shared: bool = False):
         return
     with open(path, "r" if shared else "a+") as f:
         try:
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except OSError:
-            raise ConfigError(f"{what}: {folder} is in use by another process (a run writing there); wait for it "
-                              "to finish, or choose another folder") from None
+            raise ConfigError(f"{what}: {folder} is in use by another process (a run writing there, or "
+                              "comparisons reading it); wait for it to finish, or choose another folder") from None
         try:
             yield
         finally:

@@ -22,7 +22,7 @@ import shutil
 
 from omegaconf import DictConfig, OmegaConf
 
-from lattice_lab.common.device import MODEL_DTYPES, resolve_dtype
+from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text, check_run_name, load_torch_file, run_lock
 from lattice_lab.common.switch import check_flag, check_switch
@@ -139,11 +139,11 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
                 reading.close()
                 _share_ed_run(ed_cfg, shared)
                 res_ed = run_simulation(ed_cfg, folder_label=label)
-                reading.enter_context(run_lock(shared, label, shared=True))
-        else:
+                reading.enter_context(run_lock(shared, label, shared=True, wait=True))  # a run extending it
+        else:                                                                             # meanwhile only adds frames
             res_ed = run_simulation(ed_cfg)
         ml_cfg = _child_config(cfg, ml_force, root, "ml", tracker.run_id)
-        ml_cfg.native_integrator = _same_noise(native, res_ed.get("noise_source"))
+        ml_cfg.native_integrator = _same_noise(native, res_ed.get("noise_source"), cfg, shared)
         res_ml = run_simulation(ml_cfg, force_provider=ml_provider)
         # both runs accepted their settings: now the comparison's own config (the first one stays)
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -183,8 +183,9 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
 def _shared_ed_dir(cfg, root):
     """``compare.ed_run`` as an absolute path, outside this comparison's own folder (an ED run there
     would be this comparison's ML run, or overwrite its config) and not another comparison's folder."""
-    shared = _to_abs(str(_get(cfg, "compare.ed_run")))
+    shared = _to_abs(str(_get(cfg, "compare.ed_run"))).resolve()  # "..", symlinks: where it really is
     check_run_name(shared.name, "compare.ed_run")
+    root = root.resolve()
     if shared == root or root in shared.parents or shared in root.parents:
         raise ConfigError(f"compare.ed_run={shared}: must lie outside this comparison's folder {root} "
                           "(e.g. runs/trajectories/ed_L16_R8)")
@@ -245,10 +246,11 @@ def _share_ed_run(ed_cfg, shared) -> None:
         ed_cfg.dynamics.steps = max(int(ed_cfg.dynamics.steps), int(state["state"]["step"]))
 
 
-def _same_noise(setting, ed_noise: str | None):
+def _same_noise(setting, ed_noise: str | None, cfg, shared):
     """The ML run's ``native_integrator``: the one that draws the ED run's bath noise (Philox: the native
-    step; torch: the generator), checked before the ML run starts. ``auto`` follows the ED run; an
-    explicit setting that would give the other noise is an error."""
+    CPU step; torch: the generator), checked before the ML run starts. ``auto`` follows the ED run; an
+    explicit setting that would give the other noise, or Philox noise where the ML run cannot draw it
+    (a GPU, no native kernel), is an error."""
     if ed_noise not in ("philox", "torch"):
         return setting
     want = ed_noise == "philox"
@@ -256,7 +258,31 @@ def _same_noise(setting, ed_noise: str | None):
         raise ConfigError(f"native_integrator={str(setting).lower()}: the ED run drew its bath noise from "
                           f"{ed_noise!r} (native_integrator={str(want).lower()}); both runs of a comparison must "
                           "feel the same noise")
+    why_not = _native_step_unavailable(cfg) if want else None
+    if why_not:
+        source = f"compare.ed_run={shared}" if shared is not None else "the ED run"
+        raise ConfigError(f"{source}: its bath noise is the native CPU step's (Philox), which the ML run cannot "
+                          f"draw here ({why_not}); run the comparison where that ED run was made, or give it an "
+                          "ED run of its own")
     return want
+
+
+def _native_step_unavailable(cfg) -> str | None:
+    """Why the ML run could not take the native Langevin step (None if it can)."""
+    from lattice_lab.native.build import NativeUnavailable
+    from lattice_lab.native.langevin import LangevinKernel
+    from lattice_lab.native.policy import disabled_by_environment
+
+    device = resolve_device(_get(cfg, "device", "auto"))
+    if device.type != "cpu":
+        return f"device={device}"
+    if disabled_by_environment():
+        return "LATTICE_LAB_NATIVE=0"
+    try:
+        LangevinKernel(resolve_dtype(_get(cfg, "compare.integrator_dtype", "float64"), MODEL_DTYPES))
+    except NativeUnavailable as exc:
+        return f"no native kernel: {str(exc).splitlines()[0]}"
+    return None
 
 
 def _agreement_metrics(comparison: dict) -> dict:

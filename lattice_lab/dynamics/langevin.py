@@ -238,7 +238,12 @@ class LangevinIntegrator:
 
     def _native_kernel(self, state: LangevinState):
         """The native kernel for this state, or None for the torch path (checked once per state)."""
-        if self.native is False or not state.Q.is_cpu:
+        if self.native is False:
+            return None
+        if not state.Q.is_cpu:
+            if self.native is True:
+                raise ConfigError(f"native_integrator=true: the native Langevin step runs on the CPU only "
+                                  f"(the state is on {state.Q.device}); use auto or false")
             return None
         # Q and V are updated in place; F is replaced every step by the force call (forces() gives it
         # Q's dtype). A tensor's shape, dtype and layout change only with its data pointer or object.

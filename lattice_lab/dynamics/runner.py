@@ -229,6 +229,9 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
         raise ConfigError(f"resume=true: {ck_path} is missing but {run_dir} holds a trajectory; a new run would "
                           f"replace it: pass overwrite=true to do that, or choose another run_name")
     elif ck_path.exists() or traj_path.exists() or partial_path(traj_path).exists():
+        if not overwrite and folder_label:  # a comparison's shared ED run, started by another one meanwhile
+            raise ConfigError(f"{folder_label}: another comparison started this ED run meanwhile; run this "
+                              "comparison again once it has finished, to read it")
         if not overwrite:
             raise ConfigError(f"run_name={run_name!r}: {run_dir} already holds a run; pass resume=true to "
                               f"continue it, overwrite=true to replace it, or choose another run_name")
@@ -311,7 +314,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
         t0 = last_ck = last_post = time.perf_counter()
         bar = progress(total=steps, initial=state.step, desc=f"simulate {provider.source} L={L} R={R}",
                        unit="step")
-        with bar, StopRequests() as stop:
+        with bar, StopRequests() as stop:  # a request during the last step is honoured below
             while state.step < target:
                 if stop.signal is not None:  # between steps: the state is consistent
                     ck.save(state, wall_before + time.perf_counter() - t0)
@@ -357,11 +360,16 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
         tracker.log_metrics({"steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
                              "wall_time_s": result["wall_s"]}, step=int(state.step))
         tracker.set_tags({"status": "completed" if completed else f"stopped at step {state.step}"})
-        if completed and analyze:
+        late_stop = (stop.signal, stop.signum) if stop.signal is not None else None
+        if completed and analyze and late_stop is None:
             result["analysis"] = _analyze(traj_path, cfg, tracker)
         _write_run_summary(run_dir / "run_summary.json", result)
     log.info("%s: step %d/%d, %.3g steps/s, %.3g site-steps/s", run_name, result.get("step", -1), steps,
              result.get("steps_per_s", 0.0), result.get("site_steps_per_s", 0.0))
+    if late_stop is not None:  # asked to stop during the last step: the run is done, what follows is not
+        raise Interrupted(f"{late_stop[0]} during the last step: the run reached step {result['step']} of {steps} "
+                          f"({result['trajectory']}); stopped before what would follow (analysis, another run)",
+                          late_stop[1])
     return result
 
 
