@@ -81,15 +81,21 @@ def _to_abs(path: str | os.PathLike) -> Path:
         return Path(path).absolute()
 
 
-def _positive_int(cfg, key: str, minimum: int = 1) -> int:
+def _positive_int(cfg, key: str, minimum: int = 1, default: int | None = None) -> int:
+    """``cfg.<key>`` as an integer >= ``minimum``; ``default`` where it is unset (null)."""
     value = _get(cfg, key)
+    if value is None and default is not None:
+        return default
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}={value!r}: expected an integer >= {minimum}")
     return int(value)
 
 
-def _positive_float(cfg, key: str, allow_zero: bool = False) -> float:
+def _positive_float(cfg, key: str, allow_zero: bool = False, default: float | None = None) -> float:
+    """``cfg.<key>`` as a finite number > 0 (>= 0 with ``allow_zero``); ``default`` where it is unset (null)."""
     value = _get(cfg, key)
+    if value is None and default is not None:
+        return default
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}={value!r}: expected a {'non-negative' if allow_zero else 'positive'} number")
@@ -168,7 +174,7 @@ def _divergence_limit(cfg, hamiltonian) -> float:
     explicit = _get(cfg, "divergence.max_abs_q")
     if explicit is not None:
         return _positive_float(cfg, "divergence.max_abs_q")
-    factor = _positive_float(cfg, "divergence.scale_factor") if _get(cfg, "divergence.scale_factor") is not None else 50.0
+    factor = _positive_float(cfg, "divergence.scale_factor", default=50.0)
     return factor * equilibrium_q_scale(hamiltonian)
 
 
@@ -197,9 +203,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
                                                      _get(cfg, "dtype", "float32"), L=L)
     state_dtype = resolve_dtype(_get(cfg, "integrator_dtype") or provider.dtype, MODEL_DTYPES, "integrator_dtype")
     q_limit = _divergence_limit(cfg, hamiltonian)
-    check_every = _positive_int(cfg, "divergence.check_every") if _get(cfg, "divergence.check_every") is not None else 1
-    ck_every_s = (_positive_float(cfg, "checkpoint_every_s", allow_zero=True)
-                  if _get(cfg, "checkpoint_every_s") is not None else 300.0)
+    check_every = _positive_int(cfg, "divergence.check_every", default=1)
+    ck_every_s = _positive_float(cfg, "checkpoint_every_s", allow_zero=True, default=300.0)
     level = _get(cfg, "trajectory.compression_level", 4)
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
         raise ConfigError(f"trajectory.compression_level={level!r}: expected an integer from 0 to 9")
@@ -360,16 +365,15 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
         tracker.log_metrics({"steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
                              "wall_time_s": result["wall_s"]}, step=int(state.step))
         tracker.set_tags({"status": "completed" if completed else f"stopped at step {state.step}"})
-        late_stop = (stop.signal, stop.signum) if stop.signal is not None else None
-        if completed and analyze and late_stop is None:
+        if completed and analyze and stop.signal is None:  # a request during the last step: no analysis
             result["analysis"] = _analyze(traj_path, cfg, tracker)
         _write_run_summary(run_dir / "run_summary.json", result)
     log.info("%s: step %d/%d, %.3g steps/s, %.3g site-steps/s", run_name, result.get("step", -1), steps,
              result.get("steps_per_s", 0.0), result.get("site_steps_per_s", 0.0))
-    if late_stop is not None:  # asked to stop during the last step: the run is done, what follows is not
-        raise Interrupted(f"{late_stop[0]} during the last step: the run reached step {result['step']} of {steps} "
+    if stop.signal is not None:  # asked to stop during the last step: the run is done, what follows is not
+        raise Interrupted(f"{stop.signal} during the last step: the run reached step {result['step']} of {steps} "
                           f"({result['trajectory']}); stopped before what would follow (analysis, another run)",
-                          late_stop[1])
+                          stop.signum)
     return result
 
 
