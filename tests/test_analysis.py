@@ -305,6 +305,22 @@ def test_compare_statistic():
         compare_curves(a[:1], a)
 
 
+def test_compare_paired_replicas_use_the_error_of_the_difference():
+    """ED and ML runs of simulate_compare share hot starts and noise: replica j of one is strongly
+    correlated with replica j of the other (C(r) correlation ~0.999 at step 200 for ED at g vs 1.02 g),
+    so sqrt(sem_a^2 + sem_b^2) hides a systematic difference that the paired error sees."""
+    rng = np.random.default_rng(12)
+    a = 1.0 + 0.3 * rng.standard_normal((8, 6))  # large replica-to-replica spread
+    b = 1.02 * a + 0.001 * rng.standard_normal((8, 6))  # a 2% systematic error, replica by replica
+    assert compare_curves(a, b)["max_abs_z"] < 1.0  # independent formula: "indistinguishable"
+    paired = compare_curves(a, b, paired=True)
+    assert paired["paired"] and paired["max_abs_z"] > 10
+    d = a - b
+    np.testing.assert_allclose(paired["z"], d.mean(0) / (d.std(0, ddof=1) / np.sqrt(8)))
+    with pytest.raises(ValueError, match="paired"):
+        compare_curves(a, b[:5], paired=True)
+
+
 # ------------------------------------------------------------------------------ pipeline
 def write_trajectory(path, Q, n, steps, dt=0.05, **attrs):
     """A trajectory file in the docs/ARCHITECTURE.md format, written directly with h5py."""
@@ -391,6 +407,27 @@ def test_select_frames_and_compare_trajectories(tmp_path):
     diff = compare_trajectories(ed, shifted, [200, 1000], {"tracking": {"enabled": False}, "device": "cpu"})
     assert diff["max_abs_z"] > 8
     assert [s["step_b"] for s in diff["steps"]] == [200, 1000]
+
+
+def test_compare_trajectories_pairs_replicas_with_shared_hot_starts(tmp_path):
+    rng = np.random.default_rng(13)
+    steps = [0, 200, 1000]
+    Q, n = coarsening_frames(rng, 6, 12, steps)
+    Q = Q + 0.3 * rng.standard_normal(Q.shape)  # replica spread of C(r)
+    Q_ml = Q.copy()
+    Q_ml[1:] *= 1.01  # same hot start, C(r) 2% larger later on in every replica
+    Q_indep = Q_ml.copy()
+    Q_indep[0] += 1e-3  # another hot start: independent ensembles
+    for name, q in (("ed", Q), ("ml", Q_ml), ("other", Q_indep)):
+        (tmp_path / name).mkdir()
+        write_trajectory(tmp_path / name / "trajectory.h5", q, n, steps)
+    cfg = {"tracking": {"enabled": False}, "device": "cpu"}
+    ed, ml, other = (tmp_path / name / "trajectory.h5" for name in ("ed", "ml", "other"))
+    res = compare_trajectories(ed, ml, [200, 1000], cfg)
+    assert res["paired"] is True and "paired" in res["statistic"]
+    assert res["max_abs_z"] > 10
+    res = compare_trajectories(ed, other, [200, 1000], cfg)
+    assert res["paired"] is False and res["max_abs_z"] < 2
 
 
 def test_compare_pairs_frames_by_requested_step_when_save_grids_differ(tmp_path):

@@ -454,24 +454,28 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
 # --------------------------------------------------------------------------------------------
 # ED vs ML
 # --------------------------------------------------------------------------------------------
-def _replica_correlations(path, requested, bins_cfg, device) -> tuple[dict, list, dict, np.ndarray]:
+def _replica_correlations(path, requested, bins_cfg, device):
+    """Per-replica C(r) at the requested steps, the frames used, the attributes, r, and Q at step 0
+    (None if step 0 is not saved)."""
     with open_trajectory(path) as traj:
         sel = select_frames(traj.step, requested, unique=False)  # one entry per request: paired by it
         bins = distance_bins(traj.L, bins_cfg.get("r_max"), bins_cfg.get("binning", "exact"))
         curves = {s["index"]: correlation_t(as_field(traj.Q[s["index"]], device), bins).cpu().numpy() for s in sel}
-        return curves, sel, dict(traj.attrs, L=traj.L, R=traj.R, _time=traj.time.copy()), bins.r
+        start = traj.Q[0] if int(traj.step[0]) == 0 else None
+        return curves, sel, dict(traj.attrs, L=traj.L, R=traj.R, _time=traj.time.copy()), bins.r, start
 
 
 def compare_trajectories(ed_path, ml_path, steps=None, cfg=None, out_dir=None) -> dict:
     """C(r) of ED-driven vs ML-driven runs at ``steps`` (nearest saved frames): z-scores per r,
-    max |z| per step and overall; writes ``compare_C_r.png``, ``compare_C_r.csv``, ``compare.json``
+    max |z| per step and overall, paired replica by replica when both runs saved the same Q at step 0
+    (the same hot starts, as ``simulate_compare`` runs them); writes ``compare_C_r.png``, ``compare_C_r.csv``, ``compare.json``
     into ``out_dir`` (default ``<ml trajectory folder>/analysis/compare``). Needs R >= 2 in both.
     """
     c = resolve_config(cfg)
     steps = _steps_list(c["correlation_steps"] if steps is None else steps, "correlation_steps")
     device = resolve_device(c.get("device", "auto"))
-    ca, sa, attrs_a, r = _replica_correlations(ed_path, steps, c["correlation"], device)
-    cb, sb, attrs_b, _ = _replica_correlations(ml_path, steps, c["correlation"], device)
+    ca, sa, attrs_a, r, start_a = _replica_correlations(ed_path, steps, c["correlation"], device)
+    cb, sb, attrs_b, _, start_b = _replica_correlations(ml_path, steps, c["correlation"], device)
     if attrs_a["L"] != attrs_b["L"]:
         raise ConfigError(f"compare_with: lattice sizes differ (L={attrs_a['L']} in {ed_path}, L={attrs_b['L']} "
                           f"in {ml_path})")
@@ -481,6 +485,9 @@ def compare_trajectories(ed_path, ml_path, steps=None, cfg=None, out_dir=None) -
     if _attr(attrs_a, "temperature") != _attr(attrs_b, "temperature"):
         log.warning("comparing runs at different temperatures: %s vs %s", _attr(attrs_a, "temperature"),
                     _attr(attrs_b, "temperature"))
+    # replicas with the same hot start (simulate_compare: one seed for both runs) are pairs, strongly
+    # correlated: their difference is judged by its own standard error (analysis/compare.py)
+    paired = start_a is not None and start_b is not None and np.array_equal(start_a, start_b)
     names = (str(_attr(attrs_a, "force_source", "A")).upper(), str(_attr(attrs_b, "force_source", "B")).upper())
     if names[0] == names[1]:
         names = (f"{names[0]} (1)", f"{names[1]} (2)")
@@ -494,7 +501,7 @@ def compare_trajectories(ed_path, ml_path, steps=None, cfg=None, out_dir=None) -
         if s_a["step"] != s_b["step"]:
             log.warning("step %d: nearest saved frames differ (%d in %s, %d in %s)", s_a["requested"], s_a["step"],
                         ed_path, s_b["step"], ml_path)
-        res = compare_curves(ca[s_a["index"]], cb[s_b["index"]])
+        res = compare_curves(ca[s_a["index"]], cb[s_b["index"]], paired=paired)
         per_step[s_a["step"] if s_a["step"] == s_b["step"] else f"{s_a['step']}/{s_b['step']}"] = res
         result_steps.append({"requested": s_a["requested"], "step_a": s_a["step"], "step_b": s_b["step"],
                              "max_abs_z": res["max_abs_z"], "chi2": res["chi2"], "dof": res["dof"],
@@ -513,7 +520,9 @@ def compare_trajectories(ed_path, ml_path, steps=None, cfg=None, out_dir=None) -
         "a": str(Path(ed_path).resolve()), "b": str(Path(ml_path).resolve()), "names": list(names),
         "L": attrs_a["L"], "R_a": attrs_a["R"], "R_b": attrs_b["R"], "T": _attr(attrs_b, "temperature"),
         "steps": result_steps, "max_abs_z": max(maxz) if maxz else float("nan"),
-        "statistic": "max over r of |mean_a - mean_b| / sqrt(sem_a^2 + sem_b^2)",
+        "paired": paired,
+        "statistic": ("max over r of |mean_j (a_j - b_j)| / sem_j(a_j - b_j) (replicas paired by their shared hot "
+                      "start)" if paired else "max over r of |mean_a - mean_b| / sqrt(sem_a^2 + sem_b^2)"),
         "files": [p.name for p in files] + ["compare.json"], "out_dir": str(out.resolve()),
     })
     atomic_write_text(out / "compare.json", json.dumps(result, indent=2, allow_nan=False))

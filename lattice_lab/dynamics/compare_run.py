@@ -4,8 +4,9 @@ Both runs start from the same hot states (same seed) and feel the same bath nois
 integrated in ``compare.integrator_dtype``, float64 by default, so the random streams coincide);
 they differ only in the force. The equal-time correlation C(r) = <Q_i Q_j> at the chosen steps
 (default 200, 1000, 9000) is compared by :func:`lattice_lab.analysis.pipeline.compare_trajectories`,
-which computes the agreement statistic of :mod:`lattice_lab.analysis.compare` (per-point z-scores,
-max|z|) and plots both curves together.
+which computes the agreement statistic of :mod:`lattice_lab.analysis.compare` (per-point z-scores of
+the replica-by-replica differences, since the shared starts and noise pair the replicas; max|z|) and
+plots both curves together.
 
 Layout: ``<output_root>/<compare.name>/{ed,ml}/`` (two ordinary simulation folders, resumable) and
 ``<output_root>/<compare.name>/comparison/`` (plots, tables) plus ``comparison.json``. In MLflow a
@@ -286,7 +287,7 @@ def _native_step_unavailable(cfg) -> str | None:
 
 
 def _agreement_metrics(comparison: dict) -> dict:
-    """MLflow metrics from :func:`compare_trajectories`: overall and per-step max|z|, chi2 p-values."""
+    """MLflow metrics from :func:`compare_trajectories`: overall and per-step max|z| (paired replicas)."""
     out = {}
     if isinstance(comparison.get("max_abs_z"), (int, float)):
         out["compare/max_abs_z"] = float(comparison["max_abs_z"])
