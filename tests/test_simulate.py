@@ -448,6 +448,7 @@ def test_comparison_same_initial_states_and_noise(tmp_path, gnn_checkpoint):
     np.testing.assert_array_equal(a["Q"][0], b["Q"][0])  # same hot start
     assert not np.array_equal(a["Q"][-1], b["Q"][-1])
     assert res["comparison"]["max_abs_z"] > 0
+    assert res["comparison"]["paired"] is True  # shared starts and noise: replica-by-replica differences
     with pytest.raises(ConfigError, match="compare.steps"):
         run(make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[7]", config_name="simulate_compare"))
 
