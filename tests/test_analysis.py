@@ -25,6 +25,7 @@ from lattice_lab.analysis import (
     replica_mean_sem,
     structure_factor,
 )
+from lattice_lab.analysis.growth import describe_exponent
 from lattice_lab.analysis.pipeline import analyze_trajectory, compare_trajectories, select_frames
 from lattice_lab.analysis.scaling import collapse_correlation, collapse_quality, collapse_structure_factor
 from lattice_lab.analysis.stats import jackknife_error, leave_one_out_means
@@ -272,6 +273,23 @@ def test_power_law_fit_exact_and_noisy():
         fit_power_law(t, t**0.5, t_min=900, t_max=1000)
 
 
+def test_growth_exponent_of_one_replica_has_no_error_bar():
+    """One replica: the fit error of its autocorrelated time points is no error bar of alpha (it is
+    ~10x too small for a coarsening run), so alpha_err is NaN with a note, not the fit error."""
+    t = np.geomspace(1, 1000, 30)
+    rng = np.random.default_rng(3)
+    one = 1.5 * t**0.2 * np.exp(0.05 * rng.standard_normal((1, t.size)))
+    res = growth_exponent(t, one[0], one, t_min=10, t_max=1000)
+    assert np.isfinite(res["alpha"]) and res["alpha_fit_err"] > 0
+    assert np.isnan(res["alpha_err"]) and "2 replicas" in res["alpha_err_note"]
+    text = describe_exponent(res)
+    assert text.startswith(f"{res['alpha']:.4g} (") and "2 replicas" in text
+    two = np.concatenate([one, one * np.exp(0.05 * rng.standard_normal((1, t.size)))])
+    res2 = growth_exponent(t, two.mean(0), two, t_min=10, t_max=1000)
+    assert np.isfinite(res2["alpha_err"]) and "alpha_err_note" not in res2
+    assert "+-" in describe_exponent(res2)
+
+
 # --------------------------------------------------------------------------------- scaling
 def test_scaling_collapse_quality():
     q = np.linspace(0, np.pi, 40)
@@ -315,6 +333,8 @@ def test_compare_paired_replicas_use_the_error_of_the_difference():
     assert compare_curves(a, b)["max_abs_z"] < 1.0  # independent formula: "indistinguishable"
     paired = compare_curves(a, b, paired=True)
     assert paired["paired"] and paired["max_abs_z"] > 10
+    assert paired["max_abs_z_unpaired"] == compare_curves(a, b)["max_abs_z"]  # kept for reference
+    assert "max_abs_z_unpaired" not in compare_curves(a, b)
     d = a - b
     np.testing.assert_allclose(paired["z"], d.mean(0) / (d.std(0, ddof=1) / np.sqrt(8)))
     with pytest.raises(ValueError, match="paired"):
@@ -426,8 +446,10 @@ def test_compare_trajectories_pairs_replicas_with_shared_hot_starts(tmp_path):
     res = compare_trajectories(ed, ml, [200, 1000], cfg)
     assert res["paired"] is True and "paired" in res["statistic"]
     assert res["max_abs_z"] > 10
+    assert all(s["max_abs_z_unpaired"] < s["max_abs_z"] for s in res["steps"])
     res = compare_trajectories(ed, other, [200, 1000], cfg)
     assert res["paired"] is False and res["max_abs_z"] < 2
+    assert all("max_abs_z_unpaired" not in s for s in res["steps"])
 
 
 def test_compare_pairs_frames_by_requested_step_when_save_grids_differ(tmp_path):
@@ -457,7 +479,7 @@ def test_select_frames_warns_only_inside_the_run(caplog):
 
 
 def test_growth_exponent_is_logged_with_sensible_digits_or_why_it_is_missing(tmp_path, caplog):
-    from lattice_lab.analysis.growth import describe_exponent, format_with_error
+    from lattice_lab.analysis.growth import format_with_error
 
     assert format_with_error(0.0893456789012345, 0.006123456789) == "0.0893 +- 0.0061"
     assert format_with_error(0.2281234, 0.0131) == "0.228 +- 0.013"

@@ -334,6 +334,8 @@ def test_bad_seed_refused_before_anything_is_written(tmp_path, seed):
     ("trajectory.compression_level=42", "trajectory.compression_level=42: expected an integer from 0 to 9"),
     ("trajectory.compression_level=abc", "trajectory.compression_level='abc': expected an integer from 0 to 9"),
     ("force.max_L=abc", "force.max_L='abc': expected an integer >= 2"),
+    ("+dynamics.integrator=euler", "dynamics.integrator='euler': the only integrator is verlet_ou"),
+    ("+dynamics.tempertaure=0.2", "dynamics.tempertaure: no such setting (dynamics has integrator, mass,"),
 ])
 def test_bad_run_settings_are_config_errors(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as info:
@@ -475,6 +477,7 @@ def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint, tmp_mlflow):
     assert second["comparison"]["max_abs_z"] == 0.0  # exact forces on the ML side: the same trajectory
     summary = json.loads((tmp_path / "cmp_b" / "comparison.json").read_text())
     assert summary["ed_trajectory"] == str(ed_file)
+    assert {"compare/max_abs_z", "compare/max_abs_z_step5", "compare/max_abs_z_unpaired_step20"} <= set(summary["metrics"])
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tmp_mlflow)  # one MLflow run for the shared ED side, not nested under

@@ -18,6 +18,8 @@ few replicas (z is t-distributed with ~R - 1 paired or ~Ra + Rb - 2 independent 
 freedom), so chi2 is not chi2-distributed and no p-value is claimed; two ensembles from the same
 dynamics give max|z| of a few, a systematic difference gives a large one. Points with zero
 standard error count as z = 0 when the means agree exactly and are left out (NaN) otherwise.
+Paired comparisons also report ``max_abs_z_unpaired``: the same difference in units of the two
+ensembles' own standard errors (how far apart the curves are on the scale of their error bars).
 """
 
 from __future__ import annotations
@@ -44,17 +46,30 @@ def compare_curves(a, b, paired: bool = False) -> dict:
     ma, sa = replica_mean_sem(a)
     mb, sb = replica_mean_sem(b)
     diff = ma - mb
-    se = replica_mean_sem(a - b)[1] if paired else np.sqrt(sa**2 + sb**2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.where(se > 0, diff / np.where(se > 0, se, 1.0), np.where(diff == 0, 0.0, np.nan))
+    unpaired_se = np.sqrt(sa**2 + sb**2)
+    se = replica_mean_sem(a - b)[1] if paired else unpaired_se
+    z = _z_scores(diff, se)
     valid = np.isfinite(z)
     chi2 = float((z[valid] ** 2).sum())
     dof = int(valid.sum())
-    return {
+    out = {
         "z": z, "diff": diff, "combined_se": se, "paired": bool(paired),
         "mean_a": ma, "sem_a": sa, "mean_b": mb, "sem_b": sb,
-        "max_abs_z": float(np.abs(z[valid]).max()) if dof else float("nan"),
-        "chi2": chi2, "dof": dof,
+        "max_abs_z": _max_abs(z), "chi2": chi2, "dof": dof,
         "frac_abs_z_gt_2": float((np.abs(z[valid]) > 2).mean()) if dof else float("nan"),
         "max_abs_diff": float(np.abs(diff).max()),
     }
+    if paired:  # for reference: the difference in units of the two ensembles' own errors
+        out["max_abs_z_unpaired"] = _max_abs(_z_scores(diff, unpaired_se))
+    return out
+
+
+def _z_scores(diff: np.ndarray, se: np.ndarray) -> np.ndarray:
+    """diff / se; where se = 0: 0 if diff = 0 too, else NaN (left out)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(se > 0, diff / np.where(se > 0, se, 1.0), np.where(diff == 0, 0.0, np.nan))
+
+
+def _max_abs(z: np.ndarray) -> float:
+    valid = np.isfinite(z)
+    return float(np.abs(z[valid]).max()) if valid.any() else float("nan")

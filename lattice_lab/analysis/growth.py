@@ -7,6 +7,8 @@ Two error bars are reported (DESIGN.md section 6):
   replica-averaged curve about the straight line;
 - the replica-to-replica error: each replica's L_r(t) fitted separately, standard error of the
   mean of the R slopes; and, when delete-one curves are given, the jackknife error of alpha.
+The error quoted with alpha (``alpha_err``) is the largest of them; with one replica it is NaN (see
+``alpha_err_note``): the fit error alone, from one curve's autocorrelated time points, understates it.
 Allen-Cahn (non-conserved Ising) coarsening gives alpha = 1/2.
 """
 
@@ -114,9 +116,19 @@ def growth_exponent(t, y_mean, y_replicas=None, y_jackknife=None,
         out["alpha_jackknife_err"] = float(jackknife_error(slopes))
     errs = [out.get(k, np.nan) for k in ("alpha_replica_err", "alpha_jackknife_err")]
     errs = [e for e in errs if np.isfinite(e)]
-    # the error quoted with alpha: the larger of the fit error and the replica error(s)
-    out["alpha_err"] = float(max([fit.alpha_err, *errs])) if np.isfinite(fit.alpha_err) else float("nan")
+    # the error quoted with alpha: the larger of the fit error and the replica error(s). Without a
+    # replica error there is none: the points of one curve are autocorrelated in time, so the fit
+    # error alone understates the error of alpha (~10x for one replica of a coarsening run)
+    if errs and np.isfinite(fit.alpha_err):
+        out["alpha_err"] = float(max([fit.alpha_err, *errs]))
+    else:
+        out["alpha_err"] = float("nan")
+        out["alpha_err_note"] = (NO_REPLICA_ERROR if not errs else "the fit has no error (too few points)")
     return out
+
+
+NO_REPLICA_ERROR = ("no error bar: it needs >= 2 replicas (the fit error of one curve's autocorrelated "
+                    "time points, alpha_fit_err, understates it)")
 
 
 def format_with_error(value: float, err: float | None, digits: int = 2) -> str:
@@ -135,4 +147,6 @@ def describe_exponent(growth: dict | None) -> str:
     alpha = growth.get("alpha")
     if alpha is None or not math.isfinite(alpha):
         return f"not fitted ({growth.get('fit_error') or 'no fit result'})"
-    return format_with_error(float(alpha), growth.get("alpha_err"))
+    text = format_with_error(float(alpha), growth.get("alpha_err"))
+    note = growth.get("alpha_err_note")
+    return f"{text} ({note})" if note else text

@@ -505,7 +505,8 @@ def compare_trajectories(ed_path, ml_path, steps=None, cfg=None, out_dir=None) -
         per_step[s_a["step"] if s_a["step"] == s_b["step"] else f"{s_a['step']}/{s_b['step']}"] = res
         result_steps.append({"requested": s_a["requested"], "step_a": s_a["step"], "step_b": s_b["step"],
                              "max_abs_z": res["max_abs_z"], "chi2": res["chi2"], "dof": res["dof"],
-                             "frac_abs_z_gt_2": res["frac_abs_z_gt_2"]})
+                             "frac_abs_z_gt_2": res["frac_abs_z_gt_2"],
+                             **({"max_abs_z_unpaired": res["max_abs_z_unpaired"]} if paired else {})})
         rows["step"].append(np.full(len(r), s_a["step"], dtype=np.float64))
         rows["r"].append(r)
         for key, val in (("C_a", res["mean_a"]), ("C_a_sem", res["sem_a"]), ("C_b", res["mean_b"]),

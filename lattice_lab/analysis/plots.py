@@ -103,7 +103,8 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
             fit, err = fits[name]
             tt = np.geomspace(fit.t_min, fit.t_max, 50)
             ax.plot(tt, fit.predict(tt), "-", color=color, lw=1.5,
-                    label=rf"fit: $\alpha = {fit.alpha:.3f} \pm {err:.3f}$")
+                    label=(rf"fit: $\alpha = {fit.alpha:.3f} \pm {err:.3f}$" if np.isfinite(err)
+                           else rf"fit: $\alpha = {fit.alpha:.3f}$ (< 2 replicas: no error bar)"))
         if anchor is None:
             anchor = (t[ok][-1], y[ok][-1])
     if anchor is not None:

@@ -293,7 +293,7 @@ def _agreement_metrics(comparison: dict) -> dict:
         out["compare/max_abs_z"] = float(comparison["max_abs_z"])
     for entry in comparison.get("steps", []):
         s = entry.get("requested", entry.get("step_a"))
-        for key in ("max_abs_z", "p_value"):
+        for key in ("max_abs_z", "max_abs_z_unpaired"):
             if isinstance(entry.get(key), (int, float)):
                 out[f"compare/{key}_step{s}"] = float(entry[key])
     return out

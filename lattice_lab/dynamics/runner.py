@@ -60,8 +60,9 @@ TRAJECTORY_FILE = "trajectory.h5"
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
 RESUME_CONFIG_FILE = "config_resume.yaml"  # the config of the latest resume (config.yaml: the run's first)
-DYNAMICS_KEYS = ("mass", "gamma", "dt", "temperature", "init_temperature", "L", "replicas", "steps",
+DYNAMICS_KEYS = ("integrator", "mass", "gamma", "dt", "temperature", "init_temperature", "L", "replicas", "steps",
                  "save_every")
+INTEGRATORS = ("verlet_ou",)  # velocity Verlet + exact Ornstein-Uhlenbeck velocity update (DESIGN.md section 3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +107,13 @@ def validate_dynamics(cfg) -> dict:
     """Check ``cfg.dynamics``; return its values as a plain dict."""
     if _get(cfg, "dynamics") is None:
         raise ConfigError("dynamics=None: choose a dynamics preset (e.g. dynamics=quench_small)")
+    unknown = sorted(set(map(str, cfg.dynamics.keys())) - set(DYNAMICS_KEYS))
+    if unknown:  # e.g. +dynamics.tempertaure=0.2: a typo would otherwise be ignored
+        raise ConfigError(f"dynamics.{unknown[0]}: no such setting (dynamics has {', '.join(DYNAMICS_KEYS)})")
+    integrator = _get(cfg, "dynamics.integrator", INTEGRATORS[0])
+    if integrator not in INTEGRATORS:
+        raise ConfigError(f"dynamics.integrator={integrator!r}: the only integrator is "
+                          f"{' | '.join(INTEGRATORS)} (velocity Verlet + exact Ornstein-Uhlenbeck step)")
     dyn = {
         "mass": _positive_float(cfg, "dynamics.mass"),
         "gamma": _positive_float(cfg, "dynamics.gamma", allow_zero=True),
