@@ -421,6 +421,19 @@ def test_mlflow_and_analysis(tmp_path, tmp_mlflow, gnn_checkpoint):
     history = client.get_metric_history(res["mlflow_run_id"], "L")
     assert sorted(m.step for m in history) == [0, 5, 10, 15, 20, 25, 30, 35, 40]
     assert all(math.isfinite(m.value) for m in history)
+    # the analysis is logged as the analyze entrypoint logs it: same scalars, every output file
+    from lattice_lab.analysis.pipeline import analyze_trajectory
+
+    own = analyze_trajectory(res["trajectory"], {"correlation_steps": [0, 20, 40], "tracking": {"enabled": True}},
+                             out_dir=tmp_path / "own_analysis")
+    analyze_run = client.get_run(own["mlflow_run_id"])
+    sim_metrics = client.get_run(res["mlflow_run_id"]).data.metrics
+    assert {"final_L", "collapse_quality_S"} <= set(analyze_run.data.metrics)
+    assert set(analyze_run.data.metrics) <= set(sim_metrics)
+    for key, value in analyze_run.data.metrics.items():
+        assert sim_metrics[key] == pytest.approx(value, rel=1e-12), key
+    listed = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "analysis")}
+    assert {f"analysis/{name}" for name in own["files"]} <= listed
 
 
 # -- ED vs ML comparison ------------------------------------------------------------------------

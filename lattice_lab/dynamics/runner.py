@@ -403,30 +403,13 @@ def _count_frames(path: Path) -> int:
 
 
 def _analyze(traj_path: Path, cfg, tracker) -> dict:
-    """Coarsening analysis of the finished trajectory (into ``<run_dir>/analysis``), logged to this run:
-    L(t) and xi(t) as step metrics, the growth exponents as scalars, the PNGs as artifacts."""
-    import csv
-
+    """Coarsening analysis of the finished trajectory (into ``<run_dir>/analysis``), logged to this run
+    as the ``analyze`` entrypoint logs it (:func:`lattice_lab.analysis.pipeline.log_analysis`)."""
     from lattice_lab.analysis.pipeline import analyze_trajectory
 
     acfg = OmegaConf.to_container(cfg.analysis, resolve=True) if _get(cfg, "analysis") is not None else {}
     acfg["tracking"] = {**(acfg.get("tracking") or {}), "enabled": False}  # logged here, into this run
-    summary = analyze_trajectory(str(traj_path), acfg)
-    out = Path(summary["out_dir"])
-    for name, key in (("L_t.csv", "L"), ("xi_t.csv", "xi")):
-        if (out / name).exists():
-            with open(out / name, newline="") as f:
-                for row in csv.DictReader(f):
-                    value = float(row[key])
-                    if math.isfinite(value):
-                        tracker.log_metrics({key: value}, step=int(float(row["step"])))
-    scalars = {k: summary.get(k) for k in ("alpha", "alpha_err", "alpha_xi", "alpha_xi_err")}
-    tracker.log_metrics({k: v for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)})
-    for png in sorted(out.glob("*.png")):
-        tracker.log_artifact(png, "analysis")
-    if (out / "summary.json").exists():
-        tracker.log_artifact(out / "summary.json", "analysis")
-    return summary
+    return analyze_trajectory(str(traj_path), acfg, tracker=tracker)
 
 
 def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path, new_run: str = "another run_name") -> None:
