@@ -427,7 +427,7 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
     summary = {
         "trajectory": str(path.resolve()), "out_dir": str(out.resolve()),
         "T": T, "L": L, "R": R, "force_source": _attr(attrs, "force_source"),
-        "model_run_id": _attr(attrs, "model_run_id"), "dt": _attr(attrs, "dt"),
+        "model_run_id": _attr(attrs, "model_run_id"), "seed": _attr(attrs, "seed"), "dt": _attr(attrs, "dt"),
         "n_frames": S_frames, "steps": [int(steps[0]), int(steps[-1])], "times": [float(times[0]), float(times[-1])],
         "alpha": growth_L.get("alpha"), "alpha_err": growth_L.get("alpha_err"), "growth_L": growth_L,
         "alpha_xi": growth_xi.get("alpha"), "alpha_xi_err": growth_xi.get("alpha_err"), "growth_xi": growth_xi,
@@ -601,7 +601,7 @@ def _log_to_mlflow(c: dict, out: Path, summary: dict, steps, L_ens, xi_ens, path
     tags = standard_tags("analyze", trajectory=str(path.resolve()),
                          model_run_id=summary.get("model_run_id") or None,
                          force_source=summary.get("force_source"), T=summary.get("T"), L=summary.get("L"),
-                         R=summary.get("R"))
+                         R=summary.get("R"), seed=summary.get("seed"))
     try:
         import mlflow
 
