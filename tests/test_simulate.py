@@ -415,6 +415,10 @@ def test_mlflow_and_analysis(tmp_path, tmp_mlflow, gnn_checkpoint):
     assert run_info.info.experiment_id == exp.experiment_id
     assert run_info.data.params["dynamics.L"] == str(L) and run_info.data.params["force.source"] == "ml"
     assert run_info.data.metrics["steps_per_s"] > 0 and "site_steps_per_s" in run_info.data.metrics
+    # the kinetic temperature of the last state (equipartition: m <v^2> -> T once thermalised)
+    state = torch.load(res["checkpoint"], weights_only=False)["state"]
+    t_kin = float((5.0 * state["V"].double() ** 2).mean())
+    assert run_info.data.metrics["kinetic_temperature"] == pytest.approx(t_kin, rel=1e-5) == res["kinetic_temperature"]
     assert run_info.data.tags["force_source"] == "ml" and run_info.data.tags["status"] == "completed"
     assert run_info.data.tags["model_sha256"] == weights_sha256(gnn_checkpoint[1])[:12]
     assert "config.yaml" in {a.path for a in client.list_artifacts(res["mlflow_run_id"])}

@@ -349,6 +349,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
         done = state.step - start_step
         steps_per_s = done / loop_s if loop_s > 0 and done else 0.0
         completed = state.step >= steps
+        # equipartition check: sum_i m v_i^2 / N per replica, averaged (-> the bath temperature once thermalised)
+        t_kin = float(integrator.energy_kinetic(state).mean()) * 2.0 / (L * L)
         if completed:
             writer.finalize()
         else:
@@ -359,11 +361,11 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
             "frames": None, "completed": completed, "wall_s": wall_before + loop_s,
             "steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
             "model_run_id": provider.model_run_id, "mlflow_run_id": tracker.run_id, "analysis": None,
-            "noise_source": noise,
+            "noise_source": noise, "kinetic_temperature": t_kin,
         }
         result["frames"] = _count_frames(Path(result["trajectory"]))
         tracker.log_metrics({"steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
-                             "wall_time_s": result["wall_s"]}, step=int(state.step))
+                             "wall_time_s": result["wall_s"], "kinetic_temperature": t_kin}, step=int(state.step))
         tracker.set_tags({"status": "completed" if completed else f"stopped at step {state.step}"})
         if completed and analyze and stop.signal is None:  # a request during the last step: no analysis
             result["analysis"] = _analyze(traj_path, cfg, tracker)
