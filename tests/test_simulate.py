@@ -421,6 +421,7 @@ def test_mlflow_and_analysis(tmp_path, tmp_mlflow, gnn_checkpoint):
     assert run_info.data.metrics["kinetic_temperature"] == pytest.approx(t_kin, rel=1e-5) == res["kinetic_temperature"]
     assert run_info.data.tags["force_source"] == "ml" and run_info.data.tags["status"] == "completed"
     assert run_info.data.tags["model_sha256"] == weights_sha256(gnn_checkpoint[1])[:12]
+    assert run_info.data.tags["model_family"] == "gnn"  # as the train run's tag: simulations group by family
     assert "config.yaml" in {a.path for a in client.list_artifacts(res["mlflow_run_id"])}
     history = client.get_metric_history(res["mlflow_run_id"], "L")
     assert sorted(m.step for m in history) == [0, 5, 10, 15, 20, 25, 30, 35, 40]
@@ -533,6 +534,8 @@ def test_ml_run_from_torchscript_export(tmp_path):
     assert res["completed"] and res["frames"] == 5
     data, attrs = read_all(res["trajectory"])
     assert attrs["force_source"] == "ml" and attrs["model_path"] == str(path)
+    assert make_force_provider({"source": "ml", "checkpoint": str(path)}, HolsteinParams(), "cpu",
+                               "float64").model_family == "enn"  # the export's family, not "exported"
     assert np.isfinite(data["Q"]).all()
     state = torch.load(res["checkpoint"], weights_only=False)["state"]
     with torch.no_grad():

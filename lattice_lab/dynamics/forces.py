@@ -67,6 +67,7 @@ class ForceProvider:
         self.model_path = ""
         self.model_run_id = ""
         self.model_sha256 = ""
+        self.model_family = ""
 
     def _evaluate(self, Q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -146,6 +147,8 @@ class MLForceProvider(ForceProvider):
         self.model = model
         self.model_run_id = model_run_id_of(checkpoint, model) if checkpoint not in (None, "") else ""
         self.model_sha256 = weights_sha256(model)
+        # the family that trained it (an export says so in its metadata): tag model_family, as on train runs
+        self.model_family = str((getattr(model, "metadata", None) or {}).get("name") or model.name)
         self.conservative = bool(getattr(model, "conservative", False))
         self._fn = model
         self._compiled = False

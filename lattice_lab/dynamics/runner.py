@@ -256,7 +256,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
     attrs = {**{k: dyn[k] for k in ("dt", "mass", "gamma", "temperature", "init_temperature")},
              **{k: v for k, v in hamiltonian.as_dict().items() if k != "temperature"},
              **provider.describe(), "seed": seed, "save_every": save_every, "config": config_yaml}
-    tags = standard_tags("simulate", device=device, model_run_id=provider.model_run_id or None,
+    tags = standard_tags("simulate", device=device, model_family=getattr(provider, "model_family", "") or None,
+                         model_run_id=provider.model_run_id or None,
                          force_source=provider.source, model_path=provider.model_path or None,
                          model_sha256=getattr(provider, "model_sha256", "")[:12] or None, run_dir=str(run_dir))
     result: dict = {}
