@@ -22,10 +22,14 @@ from lattice_lab.common.errors import ConfigError
 DEFAULT_COLUMNS = {
     "lattice_lab/train": ["tags.model_family", "tags.model_preset", "params.dataset.name", "metrics.final/val_sigma",
                           "metrics.final/val_rmse", "metrics.final/train_sigma", "metrics.n_params",
-                          "metrics.flops_per_site", "metrics.final/epochs", "tags.device"],
+                          "metrics.flops_per_site", "metrics.final/epochs", "params.seed", "tags.device"],
     "lattice_lab/simulate": ["params.force.source", "params.dynamics.L", "params.dynamics.replicas",
-                             "params.dynamics.temperature", "metrics.alpha", "metrics.alpha_err",
+                             "params.dynamics.temperature", "params.seed", "metrics.alpha", "metrics.alpha_err",
                              "metrics.steps_per_s", "metrics.site_steps_per_s", "tags.model_run_id", "tags.device"],
+    # the trajectory's settings are tags of an analysis run (its params are the analysis settings)
+    "lattice_lab/analyze": ["tags.force_source", "tags.L", "tags.R", "tags.T", "tags.seed", "metrics.alpha",
+                            "metrics.alpha_err", "metrics.alpha_xi", "metrics.alpha_xi_err", "metrics.final_L",
+                            "metrics.final_xi", "tags.model_run_id"],
     # bench logs one run per benchmark; its per-model metrics are named <preset>/<metric>
     "lattice_lab/bench": ["params.presets", "params.sizes", "params.threads", "metrics.ceiling_gflops_float32",
                           "metrics.targets_passed", "metrics.targets_failed", "tags.device"],

@@ -204,7 +204,7 @@ def _run(cfg: DictConfig, where: dict) -> float:
         tracker.log_params(cfg)
         tracker.log_artifact(config_file)
         static = {"n_params": count_parameters(model), "n_train_configs": int((~data.is_val).sum()),
-                  "n_val_configs": int(data.is_val.sum()), "L": data.L}
+                  "n_val_configs": int(data.is_val.sum()), "lattice_L": data.L}  # metric L: domain size L(t)
         flops = _optional_flops(model)
         if flops is not None:
             static["flops_per_site"] = flops

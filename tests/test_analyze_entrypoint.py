@@ -110,6 +110,14 @@ def test_run_with_comparison_and_mlflow(trajectories, tmp_mlflow, tmp_path):
     names = {a.path for a in client.list_artifacts(run_.info.run_id, "analysis")}
     assert {"analysis/growth.png", "analysis/L_t.csv", "analysis/xi_t.csv", "analysis/summary.json"} <= names
     assert json.loads((out / "summary.json").read_text())["mlflow_run_id"] == run_.info.run_id
+    # compare_runs lines analysis runs up by the trajectory's settings (its seed too) and exponents
+    from lattice_lab.compare_runs import runs_table
+
+    assert run_.data.tags["seed"] == "0" and summary["seed"] == 0
+    header, rows = runs_table("lattice_lab/analyze", tracking_uri=tmp_mlflow)
+    assert {"seed", "T", "alpha", "alpha_err", "final_L", "model_run_id"} <= set(header)
+    row = next(r for r in rows if r[0] == run_.info.run_id)  # (the comparison is a run of its own)
+    assert row[header.index("seed")] == "0" and row[header.index("model_run_id")] == "abc123"
 
     # nested under tracking.parent_run_id (a parent that is not active in this process)
     parent = client.create_run(client.create_experiment("sweep_parent")).info.run_id

@@ -281,3 +281,22 @@ def test_load_from_mlflow_run(tmp_path, monkeypatch):
     assert ckpt.is_file()
     with pytest.raises(ConfigError, match="fedcba9876543210fedcba9876543210"):
         load_force_field("fedcba9876543210fedcba9876543210")
+
+
+def test_export_of_a_checkpoint_names_its_training_run_and_weights(tmp_path):
+    """An export made from a training checkpoint keeps its provenance: a simulation driven by the export
+    records the MLflow run that trained the model (tag model_run_id), and the export names the weights'
+    hash of the checkpoint it came from."""
+    from lattice_lab.dynamics.forces import model_run_id_of, weights_sha256
+
+    run_id = "0123456789abcdef0123456789abcdef"
+    model = trained_like("gnn_small")
+    ckpt = save_checkpoint(tmp_path / "best.pt", model, {"mlflow_run_id": run_id})
+    path = export_force_field(load_force_field(ckpt, device="cpu"), tmp_path / "m.ts.pt")
+    exported = load_force_field(path, device="cpu")
+    assert exported.metadata["mlflow_run_id"] == run_id
+    assert exported.metadata["weights_sha256"] == weights_sha256(model)
+    assert model_run_id_of(path, exported) == run_id
+    # a model built in Python (no training run) exports with no run id rather than a wrong one
+    bare = load_force_field(export_force_field(model, tmp_path / "bare.ts.pt"), device="cpu")
+    assert bare.metadata["mlflow_run_id"] is None and model_run_id_of(tmp_path / "bare.ts.pt", bare) == ""

@@ -417,12 +417,30 @@ def test_mlflow_and_analysis(tmp_path, tmp_mlflow, gnn_checkpoint):
     assert run_info.info.experiment_id == exp.experiment_id
     assert run_info.data.params["dynamics.L"] == str(L) and run_info.data.params["force.source"] == "ml"
     assert run_info.data.metrics["steps_per_s"] > 0 and "site_steps_per_s" in run_info.data.metrics
+    # the kinetic temperature of the last state (equipartition: m <v^2> -> T once thermalised)
+    state = torch.load(res["checkpoint"], weights_only=False)["state"]
+    t_kin = float((5.0 * state["V"].double() ** 2).mean())
+    assert run_info.data.metrics["kinetic_temperature"] == pytest.approx(t_kin, rel=1e-5) == res["kinetic_temperature"]
     assert run_info.data.tags["force_source"] == "ml" and run_info.data.tags["status"] == "completed"
     assert run_info.data.tags["model_sha256"] == weights_sha256(gnn_checkpoint[1])[:12]
+    assert run_info.data.tags["model_family"] == "gnn"  # as the train run's tag: simulations group by family
     assert "config.yaml" in {a.path for a in client.list_artifacts(res["mlflow_run_id"])}
     history = client.get_metric_history(res["mlflow_run_id"], "L")
     assert sorted(m.step for m in history) == [0, 5, 10, 15, 20, 25, 30, 35, 40]
     assert all(math.isfinite(m.value) for m in history)
+    # the analysis is logged as the analyze entrypoint logs it: same scalars, every output file
+    from lattice_lab.analysis.pipeline import analyze_trajectory
+
+    own = analyze_trajectory(res["trajectory"], {"correlation_steps": [0, 20, 40], "tracking": {"enabled": True}},
+                             out_dir=tmp_path / "own_analysis")
+    analyze_run = client.get_run(own["mlflow_run_id"])
+    sim_metrics = client.get_run(res["mlflow_run_id"]).data.metrics
+    assert {"final_L", "collapse_quality_S"} <= set(analyze_run.data.metrics)
+    assert set(analyze_run.data.metrics) <= set(sim_metrics)
+    for key, value in analyze_run.data.metrics.items():
+        assert sim_metrics[key] == pytest.approx(value, rel=1e-12), key
+    listed = {a.path for a in client.list_artifacts(res["mlflow_run_id"], "analysis")}
+    assert {f"analysis/{name}" for name in own["files"]} <= listed
 
 
 # -- ED vs ML comparison ------------------------------------------------------------------------
@@ -520,6 +538,8 @@ def test_ml_run_from_torchscript_export(tmp_path):
     assert res["completed"] and res["frames"] == 5
     data, attrs = read_all(res["trajectory"])
     assert attrs["force_source"] == "ml" and attrs["model_path"] == str(path)
+    assert make_force_provider({"source": "ml", "checkpoint": str(path)}, HolsteinParams(), "cpu",
+                               "float64").model_family == "enn"  # the export's family, not "exported"
     assert np.isfinite(data["Q"]).all()
     state = torch.load(res["checkpoint"], weights_only=False)["state"]
     with torch.no_grad():

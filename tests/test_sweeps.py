@@ -222,3 +222,34 @@ def test_sweep_callback_switch_is_true_or_false():
     assert MlflowSweepCallback(enabled=False).enabled is False
     with pytest.raises(ConfigError, match=r"^hydra.callbacks.mlflow_sweep.enabled='no': expected true or false$"):
         MlflowSweepCallback(enabled="no")
+
+
+def test_sweep_parent_records_the_sampler_and_each_invocations_seed(tmp_path, tmp_mlflow):
+    """The sampler seed decides which trials a sweep draws (offset when a study is resumed): the parent run
+    records the sampler and the seed of every invocation."""
+    import mlflow
+
+    from lattice_lab.sweeps.callback import MlflowSweepCallback
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def start():
+        with initialize_config_dir(config_dir=CONFIG_DIR):
+            cfg = compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
+                                              "hydra.sweeper.study_name=seeded", "hydra.job.name=train",
+                                              f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+        cb = MlflowSweepCallback()
+        cb.on_multirun_start(cfg)
+        return cb.parent_run_id, int(cfg.hydra.sweeper.sampler.seed)
+
+    parent, seed0 = start()
+    study = optuna.create_study(study_name="seeded", storage=storage, load_if_exists=True)
+    for x in (0.1, 0.2):
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, value=x,
+                                                  distributions={"x": optuna.distributions.FloatDistribution(0, 1)}))
+    again, seed1 = start()
+    assert again == parent and seed1 == seed0 + 2
+    client = mlflow.MlflowClient(tracking_uri=tmp_mlflow)
+    assert client.get_run(parent).data.tags["sampler"] == "optuna.samplers.TPESampler"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(parent, "sampler_seed"))
+    assert history == [(0, seed0), (1, seed0 + 2)]

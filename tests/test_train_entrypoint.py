@@ -101,6 +101,8 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
                 "val/max_err", "lr", "epoch_time", "final/val_sigma", "final/train_rmse", "n_params"):
         assert key in r.data.metrics, key
     assert r.data.metrics["final/val_rmse"] == pytest.approx(best, rel=1e-12)
+    # metric L is the domain size L(t) in simulate and analyze runs; the training lattice is lattice_L
+    assert r.data.metrics["lattice_L"] == read_force_dataset(dataset_file).L and "L" not in r.data.metrics
     arts = {a.path for d in ("", "plots", "checkpoints") for a in client.list_artifacts(r.info.run_id, d or None)}
     assert {"config.yaml", "metrics.csv", "checkpoints/best.pt", "plots/parity.png", "plots/error_hist.png"} <= arts
 

@@ -270,12 +270,13 @@ def _fit_obj(res: dict):
 # --------------------------------------------------------------------------------------------
 # the pipeline
 # --------------------------------------------------------------------------------------------
-def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
+def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
     """Analyse a trajectory file; returns the summary dict (also written to ``summary.json``).
 
     ``cfg``: mapping or DictConfig with the keys listed in the module docstring (missing keys
     take ``DEFAULTS``). Output folder: ``out_dir`` argument, else ``cfg.out_dir``, else
-    ``<trajectory folder>/analysis``.
+    ``<trajectory folder>/analysis``. ``tracker``: an open MLflow run to log the results into (the
+    simulation that produced the trajectory) instead of a run of their own (``cfg.tracking``).
     """
     c = resolve_config(cfg)
     path = Path(path)
@@ -426,7 +427,7 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
     summary = {
         "trajectory": str(path.resolve()), "out_dir": str(out.resolve()),
         "T": T, "L": L, "R": R, "force_source": _attr(attrs, "force_source"),
-        "model_run_id": _attr(attrs, "model_run_id"), "dt": _attr(attrs, "dt"),
+        "model_run_id": _attr(attrs, "model_run_id"), "seed": _attr(attrs, "seed"), "dt": _attr(attrs, "dt"),
         "n_frames": S_frames, "steps": [int(steps[0]), int(steps[-1])], "times": [float(times[0]), float(times[-1])],
         "alpha": growth_L.get("alpha"), "alpha_err": growth_L.get("alpha_err"), "growth_L": growth_L,
         "alpha_xi": growth_xi.get("alpha"), "alpha_xi_err": growth_xi.get("alpha_err"), "growth_xi": growth_xi,
@@ -442,7 +443,11 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
     summary = _json_safe(summary)
     summary["mlflow_run_id"] = None
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
-    run_id = _log_to_mlflow(c, out, summary, steps, L_ens, xi_ens, path)
+    if tracker is not None:
+        log_analysis(tracker, out, summary, steps, L_ens, xi_ens)
+        run_id = tracker.run_id
+    else:
+        run_id = _log_to_mlflow(c, out, summary, steps, L_ens, xi_ens, path)
     if run_id:
         summary["mlflow_run_id"] = run_id
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
@@ -564,6 +569,38 @@ def tracking_enabled(tracking: dict) -> bool:
         return False
 
 
+def log_analysis(tracker, out: Path, summary: dict, steps, L_ens, xi_ens) -> None:
+    """Log an analysis into ``tracker``'s run: L(t) and xi(t) as step metrics, alpha and its errors, final L
+    and xi and the collapse quality as scalars, every output file (PNG, CSV, JSON) under ``analysis/``.
+    The one implementation for a run of its own (``analyze``) and for the simulation that ran it, so both
+    carry the same metrics."""
+    if not tracker.enabled:
+        return
+    try:  # the whole L(t), xi(t) history in a few batches (one call per frame would be slow)
+        import time as _time
+
+        from mlflow.entities import Metric
+
+        ts = int(_time.time() * 1000)
+        batch = [Metric(k, float(v), ts, int(s)) for s, Lv, xv in zip(steps, L_ens, xi_ens)
+                 for k, v in (("L", Lv), ("xi", xv)) if np.isfinite(v)]
+        for i in range(0, len(batch), 1000):
+            tracker.client.log_batch(tracker.run_id, metrics=batch[i:i + 1000])
+    except Exception as exc:  # noqa: BLE001 - tracking never stops the analysis
+        log.warning("MLflow: could not log L(t), xi(t) (%s: %s)", type(exc).__name__, exc)
+    scalars = {k: summary.get(k) for k in ("alpha", "alpha_err", "alpha_xi", "alpha_xi_err")}
+    for k in ("alpha_fit_err", "alpha_replica_err", "alpha_jackknife_err"):
+        scalars[k] = summary["growth_L"].get(k)
+    scalars.update(final_L=summary["final"]["L"], final_xi=summary["final"]["xi"],
+                   collapse_quality_S=summary["collapse"]["quality_S"],
+                   collapse_quality_G=summary["collapse"]["quality_G"])
+    tracker.log_metrics({k: float(v) for k, v in scalars.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+    for name in summary["files"]:
+        if (out / name).exists():
+            tracker.log_artifact(out / name, "analysis")
+
+
 def _log_to_mlflow(c: dict, out: Path, summary: dict, steps, L_ens, xi_ens, path: Path):
     """Log L(t), xi(t) (step metrics), alpha & errors, params, PNG/CSV/JSON artifacts; returns the run id."""
     tracking = dict(c.get("tracking") or {})
@@ -574,7 +611,7 @@ def _log_to_mlflow(c: dict, out: Path, summary: dict, steps, L_ens, xi_ens, path
     tags = standard_tags("analyze", trajectory=str(path.resolve()),
                          model_run_id=summary.get("model_run_id") or None,
                          force_source=summary.get("force_source"), T=summary.get("T"), L=summary.get("L"),
-                         R=summary.get("R"))
+                         R=summary.get("R"), seed=summary.get("seed"))
     try:
         import mlflow
 
@@ -586,26 +623,5 @@ def _log_to_mlflow(c: dict, out: Path, summary: dict, steps, L_ens, xi_ens, path
         if not tracker.enabled:
             return None
         tracker.log_params({k: v for k, v in c.items() if k != "tracking"} | {"trajectory": str(path)})
-        try:  # the whole L(t), xi(t) history in a few batches (one call per frame would be slow)
-            import time as _time
-
-            from mlflow.entities import Metric
-
-            ts = int(_time.time() * 1000)
-            batch = [Metric(k, float(v), ts, int(s)) for s, Lv, xv in zip(steps, L_ens, xi_ens)
-                     for k, v in (("L", Lv), ("xi", xv)) if np.isfinite(v)]
-            for i in range(0, len(batch), 1000):
-                tracker.client.log_batch(tracker.run_id, metrics=batch[i:i + 1000])
-        except Exception as exc:  # noqa: BLE001 - tracking never stops the analysis
-            log.warning("MLflow: could not log L(t), xi(t) (%s: %s)", type(exc).__name__, exc)
-        scalars = {k: summary.get(k) for k in ("alpha", "alpha_err", "alpha_xi", "alpha_xi_err")}
-        for k in ("alpha_fit_err", "alpha_replica_err", "alpha_jackknife_err"):
-            scalars[k] = summary["growth_L"].get(k)
-        scalars.update(final_L=summary["final"]["L"], final_xi=summary["final"]["xi"],
-                       collapse_quality_S=summary["collapse"]["quality_S"],
-                       collapse_quality_G=summary["collapse"]["quality_G"])
-        tracker.log_metrics({k: float(v) for k, v in scalars.items() if v is not None and np.isfinite(v)})
-        for name in summary["files"]:
-            if (out / name).exists():
-                tracker.log_artifact(out / name, "analysis")
+        log_analysis(tracker, out, summary, steps, L_ens, xi_ens)
         return tracker.run_id

@@ -27,6 +27,7 @@ import torch
 
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.models.checkpoint import weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class ForceProvider:
         self.model_path = ""
         self.model_run_id = ""
         self.model_sha256 = ""
+        self.model_family = ""
 
     def _evaluate(self, Q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -145,6 +147,8 @@ class MLForceProvider(ForceProvider):
         self.model = model
         self.model_run_id = model_run_id_of(checkpoint, model) if checkpoint not in (None, "") else ""
         self.model_sha256 = weights_sha256(model)
+        # the family that trained it (an export says so in its metadata): tag model_family, as on train runs
+        self.model_family = str((getattr(model, "metadata", None) or {}).get("name") or model.name)
         self.conservative = bool(getattr(model, "conservative", False))
         self._fn = model
         self._compiled = False
@@ -187,21 +191,6 @@ class MLForceProvider(ForceProvider):
                           "running the model eagerly", stacklevel=2)
             self._fn, self._compiled = self.model, False
             return self._run(Q)
-
-
-def weights_sha256(model) -> str:
-    """SHA-256 of a model's parameters and buffers (names, shapes and values; floats as float64, so the
-    same weights give the same hash in float32 and float64): which model drove a run, whatever its path."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu()
-        if t.is_floating_point():
-            t = t.double()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def model_run_id_of(checkpoint, model=None) -> str:

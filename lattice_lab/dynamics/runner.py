@@ -264,7 +264,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
     attrs = {**{k: dyn[k] for k in ("dt", "mass", "gamma", "temperature", "init_temperature")},
              **{k: v for k, v in hamiltonian.as_dict().items() if k != "temperature"},
              **provider.describe(), "seed": seed, "save_every": save_every, "config": config_yaml}
-    tags = standard_tags("simulate", device=device, model_run_id=provider.model_run_id or None,
+    tags = standard_tags("simulate", device=device, model_family=getattr(provider, "model_family", "") or None,
+                         model_run_id=provider.model_run_id or None,
                          force_source=provider.source, model_path=provider.model_path or None,
                          model_sha256=getattr(provider, "model_sha256", "")[:12] or None, run_dir=str(run_dir))
     result: dict = {}
@@ -357,6 +358,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
         done = state.step - start_step
         steps_per_s = done / loop_s if loop_s > 0 and done else 0.0
         completed = state.step >= steps
+        # equipartition check: sum_i m v_i^2 / N per replica, averaged (-> the bath temperature once thermalised)
+        t_kin = float(integrator.energy_kinetic(state).mean()) * 2.0 / (L * L)
         if completed:
             writer.finalize()
         else:
@@ -367,11 +370,11 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
             "frames": None, "completed": completed, "wall_s": wall_before + loop_s,
             "steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
             "model_run_id": provider.model_run_id, "mlflow_run_id": tracker.run_id, "analysis": None,
-            "noise_source": noise,
+            "noise_source": noise, "kinetic_temperature": t_kin,
         }
         result["frames"] = _count_frames(Path(result["trajectory"]))
         tracker.log_metrics({"steps_per_s": steps_per_s, "site_steps_per_s": steps_per_s * site_count,
-                             "wall_time_s": result["wall_s"]}, step=int(state.step))
+                             "wall_time_s": result["wall_s"], "kinetic_temperature": t_kin}, step=int(state.step))
         tracker.set_tags({"status": "completed" if completed else f"stopped at step {state.step}"})
         if completed and analyze and stop.signal is None:  # a request during the last step: no analysis
             result["analysis"] = _analyze(traj_path, cfg, tracker)
@@ -411,30 +414,13 @@ def _count_frames(path: Path) -> int:
 
 
 def _analyze(traj_path: Path, cfg, tracker) -> dict:
-    """Coarsening analysis of the finished trajectory (into ``<run_dir>/analysis``), logged to this run:
-    L(t) and xi(t) as step metrics, the growth exponents as scalars, the PNGs as artifacts."""
-    import csv
-
+    """Coarsening analysis of the finished trajectory (into ``<run_dir>/analysis``), logged to this run
+    as the ``analyze`` entrypoint logs it (:func:`lattice_lab.analysis.pipeline.log_analysis`)."""
     from lattice_lab.analysis.pipeline import analyze_trajectory
 
     acfg = OmegaConf.to_container(cfg.analysis, resolve=True) if _get(cfg, "analysis") is not None else {}
     acfg["tracking"] = {**(acfg.get("tracking") or {}), "enabled": False}  # logged here, into this run
-    summary = analyze_trajectory(str(traj_path), acfg)
-    out = Path(summary["out_dir"])
-    for name, key in (("L_t.csv", "L"), ("xi_t.csv", "xi")):
-        if (out / name).exists():
-            with open(out / name, newline="") as f:
-                for row in csv.DictReader(f):
-                    value = float(row[key])
-                    if math.isfinite(value):
-                        tracker.log_metrics({key: value}, step=int(float(row["step"])))
-    scalars = {k: summary.get(k) for k in ("alpha", "alpha_err", "alpha_xi", "alpha_xi_err")}
-    tracker.log_metrics({k: v for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)})
-    for png in sorted(out.glob("*.png")):
-        tracker.log_artifact(png, "analysis")
-    if (out / "summary.json").exists():
-        tracker.log_artifact(out / "summary.json", "analysis")
-    return summary
+    return analyze_trajectory(str(traj_path), acfg, tracker=tracker)
 
 
 def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path, new_run: str = "another run_name") -> None:

@@ -97,12 +97,28 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+def weights_sha256(model) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes and values; floats as float64, so the
+    same weights give the same hash in float32 and float64): which model drove a run, whatever its path."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu()
+        if t.is_floating_point():
+            t = t.double()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def model_from_checkpoint(ckpt: dict, source=None) -> ForceField:
     """Rebuild the model of a checkpoint dict and load its weights (CPU, training mode). Weights that
     do not fit the model the checkpoint describes are a ConfigError (naming ``source``, the file)."""
     from lattice_lab.models.registry import build_model
 
     model = build_model(ckpt["model_cfg"], ckpt["hamiltonian"])
+    model.mlflow_run_id = ckpt.get("mlflow_run_id") or None  # the training run, carried into an export
     model.to(resolve_dtype(ckpt.get("dtype", "float32")))
     try:
         model.load_state_dict(ckpt["state_dict"])
@@ -153,6 +169,9 @@ def export_metadata(model: ForceField) -> dict:
         "dtype": _dtype_name(_model_dtype(model)),
         "parameters": count_parameters(model),
         "version": _version(),
+        # provenance: the training run (set on models loaded from a checkpoint) and the weights exported
+        "mlflow_run_id": getattr(model, "mlflow_run_id", None) or None,
+        "weights_sha256": weights_sha256(model),
     }
     try:
         meta["flops_per_site"] = flops_per_site(model)

@@ -152,6 +152,18 @@ def search_config_settings(config: DictConfig, overrides: list[str], searched=()
     return out + [f"~{k}" for k in alone if k not in swept]
 
 
+def record_sampler(client, run_id: str, config: DictConfig) -> None:
+    """What drew this invocation's trials, on the sweep's parent run: tag ``sampler`` (its class) and metric
+    ``sampler_seed`` at step = the invocation (0, 1, ... for a resumed study, whose seed is offset by
+    :func:`offset_sampler_seed`), so every sweep's draws can be reproduced from MLflow alone."""
+    sampler = config.hydra.sweeper.get("sampler") or {}
+    if sampler.get("_target_"):
+        client.set_tag(run_id, "sampler", str(sampler.get("_target_")))
+    if sampler.get("seed") is not None:
+        invocation = len(client.get_metric_history(run_id, "sampler_seed"))
+        client.log_metric(run_id, "sampler_seed", int(sampler.get("seed")), step=invocation)
+
+
 class MlflowSweepCallback(Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = check_flag(enabled, "hydra.callbacks.mlflow_sweep.enabled")
@@ -188,6 +200,7 @@ class MlflowSweepCallback(Callback):
             space = OmegaConf.to_container(params) if params is not None else {}
             client.log_param(self.parent_run_id, "search_space", str(space)[:6000])
             log.info("sweep %s: MLflow parent run %s", study, self.parent_run_id)
+        record_sampler(client, self.parent_run_id, config)
         publish_parent_run_id(self.parent_run_id, sweep_dir)
 
     # ------------------------------------------------------------------ end
