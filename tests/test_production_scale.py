@@ -1,0 +1,66 @@
+"""Production-scale behaviour of simulate and analyze, checked on tiny lattices: memory held per frame,
+analysis of unfinished runs, several runs together, storage estimates."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lattice_lab.analysis.correlation import as_field, distance_bins
+from lattice_lab.analysis.pipeline import frame_observables
+
+
+def _held_bytes(array: np.ndarray) -> int:
+    """Bytes kept alive by ``array``: its own, or those of the torch storage it is a view of."""
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, torch.Tensor):
+        return base.untyped_storage().nbytes()
+    return base.nbytes if isinstance(base, np.ndarray) else array.nbytes
+
+
+def test_frame_observables_keep_no_whole_frame_alive():
+    """The analysis keeps the per-replica results of every frame; on the CPU a numpy view of a slice
+    (S at Q, replica 0's phi) kept the whole [R, L, L] float64 tensor alive: the S(k) of every frame,
+    ~9.6 MB per frame at 200 x 200 x 30 (~1 GB for the papers' 101 frames, 10 GB with save_every=25)."""
+    R, L = 4, 16
+    n = as_field(np.random.default_rng(0).random((R, L, L)))
+    obs = frame_observables(n, distance_bins(L), 0.5)
+    for key, value in obs.items():
+        if isinstance(value, np.ndarray):
+            assert _held_bytes(value) <= value.nbytes, f"{key} {value.shape} holds {_held_bytes(value)} bytes"
+
+
+def _trajectory(path, R=3, L=8, frames=6, dt=0.05, **attrs):
+    from lattice_lab.dynamics.trajectory import TrajectoryWriter
+
+    rng = np.random.default_rng(1)
+    w = TrajectoryWriter(path, L, R, {"dt": dt, "temperature": 0.1, "force_source": "ml", **attrs})
+    for i in range(frames):
+        w.append(10 * i, 10 * i * dt, rng.normal(size=(R, L, L)), rng.random((R, L, L)))
+    return w
+
+
+def test_analysis_keeps_no_per_frame_objects(tmp_path, monkeypatch):
+    """Thousands of small per-frame arrays kept in lists between the frames' large temporaries fragmented the
+    heap: the RSS grew by ~14 MB per frame at 200 x 200 x 30 (2 GB after 120 frames, flat at 0.4 GB when the
+    results go into arrays allocated once). The arrays a frame returns must be dead two frames later."""
+    import weakref
+
+    from lattice_lab.analysis import pipeline
+
+    path = _trajectory(tmp_path / "t.h5").finalize()
+    refs, alive = [], []
+    real = pipeline.frame_observables
+
+    def watched(*args, **kwargs):
+        if len(refs) >= 2:
+            alive.append(sum(r() is not None for r in refs[-2]))
+        obs = real(*args, **kwargs)
+        refs.append([weakref.ref(v) for v in obs.values() if isinstance(v, np.ndarray)])
+        return obs
+
+    monkeypatch.setattr(pipeline, "frame_observables", watched)
+    pipeline.analyze_trajectory(path, {"tracking": {"enabled": False}, "device": "cpu"}, out_dir=tmp_path / "a")
+    assert alive and max(alive) == 0, f"arrays of earlier frames still alive: {alive}"
