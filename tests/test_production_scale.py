@@ -64,3 +64,46 @@ def test_analysis_keeps_no_per_frame_objects(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "frame_observables", watched)
     pipeline.analyze_trajectory(path, {"tracking": {"enabled": False}, "device": "cpu"}, out_dir=tmp_path / "a")
     assert alive and max(alive) == 0, f"arrays of earlier frames still alive: {alive}"
+
+
+WRITER = """
+import sys
+import numpy as np
+from lattice_lab.dynamics.trajectory import TrajectoryWriter
+w = TrajectoryWriter(sys.argv[1], 8, 3, {"dt": 0.05, "temperature": 0.1})
+rng = np.random.default_rng(0)
+for i in range(4):
+    w.append(10 * i, 0.5 * i, rng.normal(size=(3, 8, 8)), rng.random((3, 8, 8)))
+w.flush()  # as at a checkpoint
+w.append(40, 2.0, rng.normal(size=(3, 8, 8)), rng.random((3, 8, 8)))  # not flushed yet
+print("ready", flush=True)
+sys.stdin.readline()
+w.close()
+"""
+
+
+def test_a_running_simulations_trajectory_can_be_analysed(tmp_path, caplog):
+    """A running simulation holds its trajectory.h5.partial open for writing (HDF5 file lock): the analysis
+    of a run in progress (is L(t) on track after 3 of 6 hours?) failed with 'not a readable trajectory file
+    (BlockingIOError: unable to lock file)'. It now reads the frames flushed at the last checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from lattice_lab.analysis.pipeline import analyze_trajectory
+    from lattice_lab.dynamics.trajectory import partial_path, read_trajectory
+
+    path = tmp_path / "trajectory.h5"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with read_trajectory(partial_path(path)) as traj:
+            assert len(traj) >= 4 and traj.Q.shape[0] == len(traj)
+        summary = analyze_trajectory(partial_path(path), {"tracking": {"enabled": False}, "device": "cpu"},
+                                     out_dir=tmp_path / "a")
+        assert summary["n_frames"] >= 4
+        assert "being written" in caplog.text
+    finally:
+        proc.communicate("\n", timeout=30)
