@@ -149,3 +149,15 @@ def test_a_full_disk_stops_the_run_with_a_checkpoint_and_resume_continues(tmp_pa
     with h5py.File(whole["trajectory"]) as a, h5py.File(done["trajectory"]) as b:
         np.testing.assert_array_equal(a["step"][...], b["step"][...])
         np.testing.assert_array_equal(a["Q"][...], b["Q"][...])
+
+
+def test_default_snapshots_include_the_end_of_the_run(tmp_path):
+    """The snapshots defaulted to correlation_steps [200, 1000, 9000]: a papers' run of 25,000 steps never
+    showed its late domains (t = 450..1250). The last frame is now among them."""
+    from lattice_lab.analysis.pipeline import analyze_trajectory
+
+    path = _trajectory(tmp_path / "t.h5", frames=8).finalize()  # steps 0..70
+    summary = analyze_trajectory(path, {"tracking": {"enabled": False}, "device": "cpu", "correlation_steps": [10, 30]},
+                                 out_dir=tmp_path / "a")
+    assert [s["step"] for s in summary["snapshot_steps"]] == [10, 30, 70]
+    assert [s["step"] for s in summary["correlation_steps"]] == [10, 30]

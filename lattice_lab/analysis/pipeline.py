@@ -9,7 +9,7 @@ a complete analysis) into ``<trajectory folder>/analysis/`` and logs to MLflow w
 
 Configuration keys (all optional; defaults in ``DEFAULTS`` and ``conf/analyze.yaml``):
 ``correlation_steps`` (steps for C(r), default [200, 1000, 9000]; the nearest saved frame is used),
-``snapshot_steps`` (steps of the phi / S(k) snapshots; default: ``correlation_steps``),
+``snapshot_steps`` (steps of the phi / S(k) snapshots; default: ``correlation_steps`` and the last frame),
 ``collapse_frames`` (number of late frames in the collapse plots), ``fit.t_min``, ``fit.t_max``
 (fit window in time units; default the last decade of saved times), ``correlation.binning``
 (``exact`` | ``integer``), ``correlation.r_max``, ``order_parameter.wall_threshold``, ``device``,
@@ -299,7 +299,8 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
         attrs, L, R = traj.attrs, traj.L, traj.R
         steps, times = traj.step.astype(np.int64), traj.time.astype(np.float64)
         corr_req = _steps_list(c["correlation_steps"], "correlation_steps")
-        snap_req = _steps_list(c["snapshot_steps"], "snapshot_steps") if c["snapshot_steps"] is not None else corr_req
+        snap_req = (_steps_list(c["snapshot_steps"], "snapshot_steps") if c["snapshot_steps"] is not None
+                    else corr_req + [int(steps[-1])])  # and the run's end (the papers' 25,000 steps, past 9000)
         if not snap_req:
             snap_req = [int(steps[0]), int(steps[len(steps) // 2]), int(steps[-1])]
         corr_sel = select_frames(steps, corr_req)
