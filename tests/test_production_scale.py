@@ -161,3 +161,30 @@ def test_default_snapshots_include_the_end_of_the_run(tmp_path):
                                  out_dir=tmp_path / "a")
     assert [s["step"] for s in summary["snapshot_steps"]] == [10, 30, 70]
     assert [s["step"] for s in summary["correlation_steps"]] == [10, 30]
+
+
+def test_several_runs_are_compared_on_one_growth_plot(tmp_path):
+    """The papers' study is three quenches (T = 0.1, 0.2, 0.3): each had its own analysis folder, but no L(t)
+    of the runs together and no table of alpha(T). `analyze runs=[...]` writes both."""
+    from hydra import compose, initialize_config_dir
+
+    from lattice_lab.analyze import run
+    from lattice_lab.common.cli import CONFIG_DIR
+
+    folders = []
+    for T in (0.1, 0.3):
+        folder = tmp_path / f"T{T}"
+        _trajectory(folder / "trajectory.h5", frames=8, temperature=T).finalize()
+        folders.append(str(folder))
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose(config_name="analyze", overrides=[f"runs=[{','.join(folders)}]", "tracking.enabled=false",
+                                                         "device=cpu"])
+    result = run(cfg)
+    out = tmp_path / "growth_runs"
+    assert result["out_dir"] == str(out.resolve())
+    assert (out / "growth_runs.png").stat().st_size > 0
+    assert "runs:" in (out / "analyze_config.yaml").read_text()
+    lines = (out / "growth_runs.csv").read_text().splitlines()
+    assert lines[0].startswith("T,L,R,last_step,alpha,alpha_err") and len(lines) == 3
+    assert [float(line.split(",")[0]) for line in lines[1:]] == [0.1, 0.3]
+    assert all((tmp_path / f"T{T}" / "analysis" / "summary.json").exists() for T in (0.1, 0.3))

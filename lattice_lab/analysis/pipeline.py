@@ -459,6 +459,62 @@ def analyze_trajectory(path, cfg=None, out_dir=None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# several runs together
+# --------------------------------------------------------------------------------------------
+def _run_analysis(path, cfg: dict) -> tuple[dict, Path]:
+    """The analysis of one run (a run folder or its trajectory file): its ``analysis/summary.json`` where
+    there is one, else analysed now. Returns (summary, analysis folder)."""
+    path = Path(path)
+    traj = path / "trajectory.h5" if path.is_dir() else path
+    out = traj.parent / "analysis"
+    if (out / "summary.json").exists() and (out / "L_t.csv").exists():
+        return json.loads((out / "summary.json").read_text()), out
+    if not traj.exists():
+        raise ConfigError(f"runs: {path} is neither a run folder with trajectory.h5 nor a trajectory file")
+    return analyze_trajectory(traj, {**cfg, "out_dir": None}), out
+
+
+def compare_growth(paths, cfg=None, out_dir=None) -> dict:
+    """L(t) of several runs (e.g. the papers' T = 0.1 / 0.2 / 0.3 quenches) on one log-log plot with their fits,
+    and their exponents in one table: ``growth_runs.png`` and ``growth_runs.csv`` (T, L, R, steps, alpha and
+    alpha_xi with errors, fit window, run folder) in ``out_dir``. Each run's own analysis is reused where it
+    exists (``<run>/analysis``), else made. Returns ``{"runs": [...], "out_dir": ...}``."""
+    c = resolve_config(cfg)
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths or [])
+    if not paths:
+        raise ConfigError("runs=[]: give the run folders (or trajectory files) to compare")
+    out = Path(out_dir or c.get("out_dir") or "runs/analysis_runs")
+    rows, curves = [], []
+    for p in paths:
+        summary, folder = _run_analysis(p, c)
+        data = np.genfromtxt(folder / "L_t.csv", delimiter=",", names=True)
+        g = summary.get("growth_L") or {}
+        fit = None
+        if g.get("alpha") is not None and g.get("amplitude") is not None:
+            fit = (PowerLawFit(g["alpha"], g.get("alpha_fit_err") or 0.0, g["amplitude"], g["t_min"], g["t_max"],
+                               g.get("n_points") or 0), g.get("alpha_err") or float("nan"))
+        label = plots.run_label(summary.get("T"), summary.get("L"), summary.get("R"),
+                                str(summary.get("force_source") or ""))
+        curves.append({"label": label, "t": np.atleast_1d(data["time"]), "L": np.atleast_1d(data["L"]),
+                       "L_err": np.atleast_1d(data["L_err"]), "fit": fit})
+        rows.append({"T": summary.get("T"), "L": summary.get("L"), "R": summary.get("R"),
+                     "last_step": (summary.get("steps") or [None, None])[1], "alpha": summary.get("alpha"),
+                     "alpha_err": summary.get("alpha_err"), "alpha_xi": summary.get("alpha_xi"),
+                     "alpha_xi_err": summary.get("alpha_xi_err"), "t_min": (summary.get("fit_window") or [None])[0],
+                     "t_max": (summary.get("fit_window") or [None, None])[1], "run": str(Path(folder).parent)})
+    out.mkdir(parents=True, exist_ok=True)
+    save_figure(plots.growth_runs_plot(curves), out / "growth_runs.png")
+    header = list(rows[0])
+    text = ",".join(header) + "\n" + "".join(
+        ",".join("" if r[k] is None else (f"{r[k]:.10g}" if isinstance(r[k], float) else str(r[k])) for k in header)
+        + "\n" for r in rows)
+    atomic_write_text(out / "growth_runs.csv", text)
+    log.info("growth of %d runs: %s -> %s", len(rows),
+             ", ".join(f"T = {r['T']}: alpha = {r['alpha']}" for r in rows), out)
+    return {"runs": rows, "out_dir": str(out.resolve())}
+
+
+# --------------------------------------------------------------------------------------------
 # ED vs ML
 # --------------------------------------------------------------------------------------------
 def _replica_correlations(path, requested, bins_cfg, device) -> tuple[dict, list, dict, np.ndarray]:
