@@ -3,6 +3,7 @@
     python -m lattice_lab.analyze trajectory=runs/trajectories/<run>/trajectory.h5 \
         [out_dir=...] [fit.t_min=100] [correlation_steps=[200,1000,9000]] \
         [compare_with=runs/trajectories/<ed_run>/trajectory.h5] [tracking.enabled=false]
+    python -m lattice_lab.analyze 'runs=[<run folder>,<run folder>,...]'   # L(t) and alpha of several runs
 
 Writes PNGs, CSVs and summary.json (see :mod:`lattice_lab.analysis.pipeline`); with
 ``compare_with`` also the ED-vs-ML comparison of C(r) (``compare/`` inside the output folder).
@@ -36,6 +37,8 @@ def run(cfg: DictConfig) -> dict:
     from lattice_lab.analysis.growth import describe_exponent
     from lattice_lab.analysis.pipeline import analyze_trajectory, compare_trajectories, open_trajectory
 
+    if cfg.get("runs"):  # several runs together: L(t) on one plot, alpha per run in one table
+        return _compare_runs(cfg)
     if OmegaConf.is_missing(cfg, "trajectory") or cfg.get("trajectory") in (None, ""):
         raise ConfigError("trajectory=???: give the trajectory file, e.g. "
                           "trajectory=runs/trajectories/<run>/trajectory.h5")
@@ -65,6 +68,24 @@ def run(cfg: DictConfig) -> dict:
              f" (fit window t = {window[0]:.3g}..{window[1]:.3g})" if len(window) == 2 else "", out)
     print(json.dumps({k: summary.get(k) for k in ("alpha", "alpha_err", "alpha_xi", "fit_window", "out_dir")}))
     return summary
+
+
+def _compare_runs(cfg: DictConfig) -> dict:
+    import os
+
+    from lattice_lab.analysis.pipeline import compare_growth
+
+    runs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
+    paths = [_abs(p) for p in runs]
+    out = _abs(cfg.out_dir) if cfg.get("out_dir") else Path(os.path.commonpath([p.parent for p in paths])) / "growth_runs"
+    acfg = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("hydra", "trajectory", "compare_with", "out_dir", "runs"):
+        acfg.pop(key, None)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    result = compare_growth(paths, acfg, out_dir=out)
+    print(json.dumps({"out_dir": result["out_dir"], "alpha": {str(r["T"]): r["alpha"] for r in result["runs"]}}))
+    return result
 
 
 @hydra_errors

@@ -169,3 +169,31 @@ def comparison_plot(r, per_step: dict, names=("ED", "ML"), label: str = ""):
     az.set_xlabel("distance r (lattice spacings)")
     az.set_ylabel("z-score")
     return fig
+
+
+def growth_runs_plot(runs: list[dict]):
+    """L(t) of several runs (temperatures) on one log-log plot, each with its fitted power law.
+
+    ``runs[i]``: ``label``, ``t``, ``L``, ``L_err`` (arrays) and ``fit`` (``(PowerLawFit, alpha_err)`` or None).
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), constrained_layout=True)
+    for i, run in enumerate(runs):
+        t, y = np.asarray(run["t"], dtype=np.float64), np.asarray(run["L"], dtype=np.float64)
+        ok = (t > 0) & np.isfinite(y) & (y > 0)
+        color = f"C{i}"
+        label = run["label"]
+        if run.get("fit") is not None:
+            fit, err = run["fit"]
+            tt = np.geomspace(fit.t_min, fit.t_max, 50)
+            ax.plot(tt, fit.predict(tt), "-", color="k", lw=1.2, zorder=5)
+            label += rf": $\alpha = {fit.alpha:.3f} \pm {err:.3f}$"
+        yerr = np.nan_to_num(np.asarray(run["L_err"], dtype=np.float64)[ok])
+        ax.errorbar(t[ok], y[ok], yerr=yerr, fmt="o", ms=2.5, capsize=1.5, elinewidth=0.7, color=color, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_ticks(ax)
+    ax.set_xlabel(r"time $t$ = step $\times$ dt (model units, $\hbar = t_{hop} = 1$)")
+    ax.set_ylabel("domain size L(t) (lattice spacings)")
+    ax.set_title("domain growth of several runs (black: fitted power laws)")
+    ax.legend(fontsize=8)
+    return fig

@@ -13,6 +13,11 @@ class SimulationDiverged(LatticeLabError):
     """A dynamics run produced NaN/inf or runaway values; the last good state was saved."""
 
 
+class DiskFull(LatticeLabError):
+    """The output disk has no room for the next frame or checkpoint; the run stopped before writing
+    anything incomplete, and the message says what was saved and how to continue."""
+
+
 class Interrupted(LatticeLabError):
     """The user interrupted a run (Ctrl-C, SIGTERM) after it saved what it had; the message says where,
     and how to continue. Entrypoints print it as one line and exit 128 + ``signum`` (130 for Ctrl-C;

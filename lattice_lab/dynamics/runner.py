@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype, synchronize
-from lattice_lab.common.errors import ConfigError, Interrupted, SimulationDiverged
+from lattice_lab.common.errors import ConfigError, DiskFull, Interrupted, SimulationDiverged
 from lattice_lab.common.interrupts import StopRequests
 from lattice_lab.common.io import (
     atomic_torch_save,
@@ -324,6 +324,9 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
 
         target = steps if stop_after is None else min(steps, state.step + int(stop_after))
         start_step, site_count = state.step, R * L * L
+        space = _DiskSpace(run_dir, frame_bytes=2 * 4 * site_count,
+                           checkpoint_bytes=3 * site_count * state.Q.element_size() + (1 << 20))
+        space.warn_if_short((target // save_every - state.step // save_every) * space.frame_bytes)
         synchronize(device)
         t0 = last_ck = last_post = time.perf_counter()
         bar = progress(total=steps, initial=state.step, desc=f"simulate {provider.source} L={L} R={R}",
@@ -335,6 +338,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
                     tracker.set_tags({"status": f"interrupted at step {state.step}"})
                     raise Interrupted(f"{stop.signal} at step {state.step} of {steps}: saved {ck_path}; "
                                       "the same command with resume=true continues it", stop.signum)
+                if (state.step + 1) % save_every == 0:  # room for the next frame, checked before it is due
+                    space.ensure(state, ck, wall_before + time.perf_counter() - t0, steps)
                 state = integrator.step(state)
                 s = state.step
                 save = s % save_every == 0
@@ -433,6 +438,39 @@ def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path, new_run
             raise ConfigError(f"resume=true: {key}={fingerprint.get(key)!r} differs from the checkpoint's "
                               f"{old.get(key)!r} ({ck_path}); resume with the original settings or start a "
                               f"new run ({new_run})")
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+class _DiskSpace:
+    """Free space on the run's disk. HDF5 reports a failed chunk write only as an ignored error in a destructor:
+    a full disk would lose frames silently and then fail in the checkpoint. So a run checks before every frame
+    that the frame and a checkpoint fit, and otherwise stops with a checkpoint (:class:`DiskFull`)."""
+
+    def __init__(self, run_dir: Path, frame_bytes: int, checkpoint_bytes: int):
+        self.run_dir, self.frame_bytes, self.checkpoint_bytes = run_dir, frame_bytes, checkpoint_bytes
+
+    def warn_if_short(self, trajectory_bytes: int) -> None:
+        free = _free_bytes(self.run_dir)
+        if trajectory_bytes + self.checkpoint_bytes > free:
+            log.warning("%s: the rest of this run's trajectory needs up to %.3g GB (uncompressed) but only %.3g GB "
+                        "are free; it will stop with a checkpoint when the disk is full", self.run_dir,
+                        trajectory_bytes / 1e9, free / 1e9)
+
+    def ensure(self, state, ck: _Checkpointer, wall_s: float, steps: int) -> None:
+        free = _free_bytes(self.run_dir)
+        if free >= self.frame_bytes + self.checkpoint_bytes:
+            return
+        saved = f"the last checkpoint (step {ck.step}) is kept"
+        if free >= self.checkpoint_bytes:
+            ck.save(state, wall_s)
+            saved = f"saved {ck.path} at step {ck.step}"
+        raise DiskFull(f"{self.run_dir}: only {free / 1e6:.3g} MB free on its disk, the next frame and a checkpoint "
+                       f"need {(self.frame_bytes + self.checkpoint_bytes) / 1e6:.3g} MB: stopped at step {state.step} "
+                       f"of {steps}, {saved}; free some space, then the "
+                       "same command with resume=true continues it")
 
 
 class _Checkpointer:

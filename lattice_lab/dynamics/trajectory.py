@@ -176,9 +176,11 @@ class Trajectory:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
-            hint = " (the run is unfinished: a .partial file exists)" if partial_path(path).exists() else ""
+            part = partial_path(path)
+            hint = (f" (the run is unfinished: give trajectory={part} to read its frames so far)"
+                    if part.exists() else "")
             raise ConfigError(f"trajectory={self.path}: no such file{hint}")
-        self._f = h5py.File(self.path, "r")
+        self._f = _open_for_reading(self.path)
         missing = [k for k in ("Q", "n", "step", "time") if k not in self._f]
         if missing:
             self._f.close()
@@ -187,6 +189,11 @@ class Trajectory:
         self.n = self._f["n"]
         self.step = self._f["step"][...]
         self.time = self._f["time"][...]
+        lengths = {self.Q.shape[0], self.n.shape[0], len(self.step), len(self.time)}
+        if len(lengths) > 1:  # a writer's metadata caught between two flushes
+            self._f.close()
+            raise ConfigError(f"trajectory={self.path}: its datasets hold {sorted(lengths)} frames: a simulation "
+                              "is writing it right now; try again in a moment")
         self.attrs = {k: _decode(v) for k, v in self._f.attrs.items()}
         self.L = int(self.attrs["L"])
         self.R = int(self.attrs["R"])
@@ -223,6 +230,22 @@ class Trajectory:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _open_for_reading(path: Path) -> h5py.File:
+    """Open read-only. A file a running simulation is writing (its ``.partial``) is locked by HDF5: it is then
+    read without the lock, as of the writer's last flush (every checkpoint), with a warning."""
+    try:
+        return h5py.File(path, "r")
+    except BlockingIOError:
+        pass
+    import logging
+
+    f = h5py.File(path, "r", locking=False)
+    logging.getLogger(__name__).warning(
+        "%s is being written by a running simulation: reading the %d frames it had saved at its last checkpoint "
+        "(checkpoint_every_s); analyse it again when the run has finished", path, f["step"].shape[0] if "step" in f else 0)
+    return f
 
 
 def read_trajectory(path: str | os.PathLike) -> Trajectory:
