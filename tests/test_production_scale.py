@@ -188,3 +188,16 @@ def test_several_runs_are_compared_on_one_growth_plot(tmp_path):
     assert lines[0].startswith("T,L,R,last_step,alpha,alpha_err") and len(lines) == 3
     assert [float(line.split(",")[0]) for line in lines[1:]] == [0.1, 0.3]
     assert all((tmp_path / f"T{T}" / "analysis" / "summary.json").exists() for T in (0.1, 0.3))
+    # a run's own analysis is reused, unless its trajectory changed since (a resumed run)
+    import json
+    import os
+
+    done = tmp_path / "T0.1" / "analysis" / "summary.json"
+    marked = json.loads(done.read_text()) | {"alpha": 99.0}
+    done.write_text(json.dumps(marked))
+    run(cfg)
+    assert (out / "growth_runs.csv").read_text().splitlines()[1].split(",")[4] == "99"
+    traj = tmp_path / "T0.1" / "trajectory.h5"
+    os.utime(done, (traj.stat().st_mtime - 10,) * 2)
+    run(cfg)
+    assert (out / "growth_runs.csv").read_text().splitlines()[1].split(",")[4] != "99"

@@ -472,8 +472,10 @@ def _run_analysis(path, cfg: dict) -> tuple[dict, Path]:
     path = Path(path)
     traj = path / "trajectory.h5" if path.is_dir() else path
     out = traj.parent / "analysis"
-    if (out / "summary.json").exists() and (out / "L_t.csv").exists():
-        return json.loads((out / "summary.json").read_text()), out
+    done = out / "summary.json"
+    if (done.exists() and (out / "L_t.csv").exists() and traj.exists()
+            and traj.stat().st_mtime <= done.stat().st_mtime):  # not a run resumed since its analysis
+        return json.loads(done.read_text()), out
     if not traj.exists():
         raise ConfigError(f"runs: {path} is neither a run folder with trajectory.h5 nor a trajectory file")
     return analyze_trajectory(traj, {**cfg, "out_dir": None}), out
@@ -495,7 +497,7 @@ def compare_growth(paths, cfg=None, out_dir=None) -> dict:
         data = np.genfromtxt(folder / "L_t.csv", delimiter=",", names=True)
         g = summary.get("growth_L") or {}
         fit = None
-        if g.get("alpha") is not None and g.get("amplitude") is not None:
+        if all(isinstance(g.get(k), (int, float)) and math.isfinite(g[k]) for k in ("alpha", "amplitude")):
             fit = (PowerLawFit(g["alpha"], g.get("alpha_fit_err") or 0.0, g["amplitude"], g["t_min"], g["t_max"],
                                g.get("n_points") or 0), g.get("alpha_err") or float("nan"))
         label = plots.run_label(summary.get("T"), summary.get("L"), summary.get("R"),

@@ -103,8 +103,7 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
             fit, err = fits[name]
             tt = np.geomspace(fit.t_min, fit.t_max, 50)
             ax.plot(tt, fit.predict(tt), "-", color=color, lw=1.5,
-                    label=(rf"fit: $\alpha = {fit.alpha:.3f} \pm {err:.3f}$" if np.isfinite(err)
-                           else rf"fit: $\alpha = {fit.alpha:.3f}$ (< 2 replicas: no error bar)"))
+                    label=f"fit: {alpha_label(fit.alpha, err)}")
         if anchor is None:
             anchor = (t[ok][-1], y[ok][-1])
     if anchor is not None:
@@ -186,7 +185,7 @@ def growth_runs_plot(runs: list[dict]):
             fit, err = run["fit"]
             tt = np.geomspace(fit.t_min, fit.t_max, 50)
             ax.plot(tt, fit.predict(tt), "-", color="k", lw=1.2, zorder=5)
-            label += rf": $\alpha = {fit.alpha:.3f} \pm {err:.3f}$"
+            label += f": {alpha_label(fit.alpha, err)}"
         yerr = np.nan_to_num(np.asarray(run["L_err"], dtype=np.float64)[ok])
         ax.errorbar(t[ok], y[ok], yerr=yerr, fmt="o", ms=2.5, capsize=1.5, elinewidth=0.7, color=color, label=label)
     ax.set_xscale("log")
@@ -197,3 +196,10 @@ def growth_runs_plot(runs: list[dict]):
     ax.set_title("domain growth of several runs (black: fitted power laws)")
     ax.legend(fontsize=8)
     return fig
+
+
+def alpha_label(alpha: float, err: float) -> str:
+    """A fitted exponent for a legend: alpha +- err, or alpha alone, saying why, when it has no error bar."""
+    if np.isfinite(err):
+        return rf"$\alpha = {alpha:.3f} \pm {err:.3f}$"
+    return rf"$\alpha = {alpha:.3f}$ (< 2 replicas: no error bar)"
