@@ -366,3 +366,27 @@ def test_a_reader_lock_writes_nothing(tmp_path):
             pass
     with run_lock(tmp_path, "reader", shared=True), pytest.raises(ConfigError, match="^writer: "), run_lock(tmp_path, "writer"):
         pass
+
+
+def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
+    """A cluster job's log gets a line per redraw: once a minute there, every 0.5 s on a terminal."""
+    import io
+
+    from lattice_lab.common import progress as P
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("LATTICE_LAB_PROGRESS_INTERVAL", raising=False)
+    monkeypatch.setenv("LATTICE_LAB_NO_PROGRESS", "0")
+    assert P.progress(total=3, file=io.StringIO()).mininterval == P.LOG_INTERVAL_S == 60.0
+    assert P.progress(total=3, file=Terminal()).mininterval == P.TERMINAL_INTERVAL_S == 0.5
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # tqdm's default stream
+    assert P.update_interval() == 60.0
+    monkeypatch.setenv("LATTICE_LAB_PROGRESS_INTERVAL", "5")
+    assert P.progress(total=3, file=Terminal()).mininterval == 5.0
+    for bad in ("abc", "-1", "nan"):
+        monkeypatch.setenv("LATTICE_LAB_PROGRESS_INTERVAL", bad)
+        with pytest.raises(ConfigError, match=f"LATTICE_LAB_PROGRESS_INTERVAL='{bad}'"):
+            P.update_interval()
