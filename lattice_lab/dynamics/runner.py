@@ -10,8 +10,8 @@ Robustness: the full state (Q, V, cached F, step, the noise generator's state, t
 frames written, the config) is checkpointed atomically every ``checkpoint_every_s`` seconds and at
 the end; ``resume=true`` continues from it and reproduces an uninterrupted run bit for bit (same
 device). Runaway dynamics (NaN/inf or max|Q| above ``divergence.max_abs_q``) stop with
-:class:`~lattice_lab.common.errors.SimulationDiverged`, keeping the last good checkpoint and the
-trajectory up to it. Ctrl-C / SIGTERM stop after the step in progress with a checkpoint there
+:class:`~lattice_lab.common.errors.SimulationDiverged`, keeping the last good checkpoint and every
+frame written (each was checked first). Ctrl-C / SIGTERM stop after the step in progress with a checkpoint there
 (:class:`~lattice_lab.common.errors.Interrupted`); a run holds ``<run_dir>/.lock`` while it writes, so
 a second process on the same folder is refused; a refused resume writes nothing.
 
@@ -502,16 +502,18 @@ class _Checkpointer:
         self.step, self.n_frames = int(state.step), self.writer.n_frames
 
     def diverged(self, message: str):
-        """Roll the trajectory back to the last checkpoint and raise SimulationDiverged."""
-        where = "no checkpoint was written"
-        if self.n_frames is not None:
-            self.writer.truncate(self.n_frames)
-            self.writer.flush()
-            where = (f"last good checkpoint {self.path} (step {self.step}); trajectory kept up to it in "
-                     f"{self.writer.partial}")
+        """Keep every frame written so far (each passed the divergence check before it was written: the
+        run's approach to the blow-up is there to look at; a resume cuts the file back to the checkpoint)
+        and raise SimulationDiverged naming the last good checkpoint."""
+        self.writer.flush()
+        frames = self.writer.n_frames
+        kept = (f"its {frames} frames (every one checked) kept in {self.writer.partial}" if frames
+                else "no frame was written")
+        where = ("no checkpoint was written" if self.n_frames is None
+                 else f"last good checkpoint {self.path} (step {self.step})")
         self.writer.close()
         self.tracker.set_tags({"status": "diverged"})
-        raise SimulationDiverged(f"{message}; {where}. Reduce dynamics.dt or check the force field")
+        raise SimulationDiverged(f"{message}; {where}; {kept}. Reduce dynamics.dt or check the force field")
 
 
 def _check_state(state, q_limit: float, ck: _Checkpointer) -> None:

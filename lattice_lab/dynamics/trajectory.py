@@ -134,11 +134,6 @@ class TrajectoryWriter:
             self._f[key][i] = val
         return i + 1
 
-    def truncate(self, n_frames: int) -> None:
-        """Drop frames beyond the first ``n_frames`` (e.g. back to the last good checkpoint)."""
-        for key in ("Q", "n", "step", "time"):
-            self._f[key].resize(min(n_frames, self.n_frames), axis=0)
-
     def set_attrs(self, **attrs) -> None:
         for key, value in attrs.items():
             self._f.attrs[key] = _attr_value(value)
