@@ -233,6 +233,27 @@ def test_resume_refuses_other_settings_and_existing_runs(tmp_path):
     assert read_all(done["trajectory"])[1]["noise_source"] == "philox"
 
 
+def test_log_spaced_frames_are_saved_and_resume_extends_them(tmp_path):
+    """dynamics.save_log_per_decade adds frames at round(10^(j/k)): early times on log axes. A run extended
+    on resume (larger dynamics.steps) saves exactly the frames one longer run saves."""
+    over = ["dynamics.save_log_per_decade=4", "run_name=logt", "checkpoint_every_steps=7"]
+    ref = run_simulation(make_cfg(tmp_path / "a", *over, "dynamics.steps=40"), force_provider=Harmonic())
+    a, attrs = read_all(ref["trajectory"])
+    assert a["step"].tolist() == [0, 1, 2, 3, 5, 6, 10, 15, 18, 20, 25, 30, 32, 35, 40]
+    assert attrs["save_log_per_decade"] == 4
+    run_simulation(make_cfg(tmp_path / "b", *over, "dynamics.steps=20"), force_provider=Harmonic())
+    done = run_simulation(make_cfg(tmp_path / "b", *over, "dynamics.steps=40", "resume=true"),
+                          force_provider=Harmonic())
+    b, _ = read_all(done["trajectory"])
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    with pytest.raises(ConfigError, match="resume=true.*dynamics"):  # another schedule is another run
+        run_simulation(make_cfg(tmp_path / "b", *over[1:], "dynamics.steps=60", "resume=true"),
+                       force_provider=Harmonic())
+    with pytest.raises(ConfigError, match=r"dynamics.save_log_per_decade=-1: expected an integer >= 0"):
+        run_simulation(make_cfg(tmp_path / "c", "dynamics.save_log_per_decade=-1"), force_provider=Harmonic())
+
+
 def test_resume_without_checkpoint_keeps_an_existing_trajectory(tmp_path):
     done = run(make_cfg(tmp_path, "force=ed", "dynamics.steps=5", "run_name=kept"))
     (tmp_path / "kept" / "checkpoint.pt").unlink()
@@ -476,6 +497,11 @@ def test_comparison_same_initial_states_and_noise(tmp_path, gnn_checkpoint):
     assert res["comparison"]["paired"] is True  # shared starts and noise: replica-by-replica differences
     with pytest.raises(ConfigError, match="compare.steps"):
         run(make_cfg(tmp_path, f"force.checkpoint={path}", "compare.steps=[7]", config_name="simulate_compare"))
+    from lattice_lab.dynamics.compare_run import comparison_steps  # a log-spaced frame may be compared
+
+    logged = make_cfg(tmp_path, "compare.steps=[6,18,20]", "dynamics.save_log_per_decade=4",
+                      config_name="simulate_compare")
+    assert comparison_steps(logged) == [6, 18, 20]
 
 
 def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint, tmp_mlflow):

@@ -39,6 +39,7 @@ from lattice_lab.dynamics.runner import (
     run_simulation,
     validate_dynamics,
 )
+from lattice_lab.dynamics.schedule import SaveSchedule
 from lattice_lab.dynamics.trajectory import partial_path
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,16 @@ def comparison_steps(cfg) -> list[int]:
     raw = _get(cfg, "compare.steps")
     if raw is None or isinstance(raw, (str, int)) or len(raw) == 0:
         raise ConfigError(f"compare.steps={raw!r}: expected a non-empty list of MD steps, e.g. [200, 1000, 9000]")
-    steps = []
+    steps, saved = [], SaveSchedule(dyn["save_every"], dyn["save_log_per_decade"])
     for s in raw:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ConfigError(f"compare.steps={list(raw)}: {s!r} is not a non-negative integer")
         if s > dyn["steps"]:
             raise ConfigError(f"compare.steps={list(raw)}: step {s} is beyond dynamics.steps={dyn['steps']}")
-        if s % dyn["save_every"]:
+        if s not in saved:
             raise ConfigError(f"compare.steps={list(raw)}: step {s} is not a saved frame "
-                              f"(dynamics.save_every={dyn['save_every']})")
+                              f"(dynamics.save_every={dyn['save_every']}, "
+                              f"save_log_per_decade={dyn['save_log_per_decade']})")
         steps.append(int(s))
     return steps
 

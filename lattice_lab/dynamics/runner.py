@@ -49,6 +49,7 @@ from lattice_lab.common.switch import check_flag, check_switch
 from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
 from lattice_lab.dynamics.initial import random_hot_start
 from lattice_lab.dynamics.langevin import LangevinIntegrator, LangevinParams, LangevinState
+from lattice_lab.dynamics.schedule import SaveSchedule
 from lattice_lab.dynamics.trajectory import TrajectoryWriter, partial_path
 from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
 
@@ -61,7 +62,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
 RESUME_CONFIG_FILE = "config_resume.yaml"  # the config of the latest resume (config.yaml: the run's first)
 DYNAMICS_KEYS = ("integrator", "mass", "gamma", "dt", "temperature", "init_temperature", "L", "replicas", "steps",
-                 "save_every")
+                 "save_every", "save_log_per_decade")
 INTEGRATORS = ("verlet_ou",)  # velocity Verlet + exact Ornstein-Uhlenbeck velocity update (DESIGN.md section 3)
 
 
@@ -124,6 +125,7 @@ def validate_dynamics(cfg) -> dict:
         "replicas": _positive_int(cfg, "dynamics.replicas"),
         "steps": _positive_int(cfg, "dynamics.steps", 0),
         "save_every": _positive_int(cfg, "dynamics.save_every"),
+        "save_log_per_decade": _positive_int(cfg, "dynamics.save_log_per_decade", 0, default=0),
     }
     if dyn["L"] % 2:
         raise ConfigError(f"dynamics.L={dyn['L']}: use even L; the checkerboard CDW (ordering vector (pi, pi)) "
@@ -145,6 +147,8 @@ def _fingerprint(cfg, state_dtype: torch.dtype | None = None) -> dict:
     resolved (``integrator_dtype: null`` means the force's dtype), so null and its value compare equal."""
     c = OmegaConf.to_container(cfg, resolve=True)
     dyn = {k: v for k, v in (c.get("dynamics") or {}).items() if k != "steps"}
+    if not dyn.get("save_log_per_decade"):  # 0 is what a run made before the setting existed did
+        dyn.pop("save_log_per_decade", None)
     force = c.get("force") or {}
     integrator = str(state_dtype).removeprefix("torch.") if state_dtype is not None else c.get("integrator_dtype")
     return {"hamiltonian": c.get("hamiltonian"), "dynamics": dyn, "seed": c.get("seed"),
@@ -263,7 +267,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
 
     attrs = {**{k: dyn[k] for k in ("dt", "mass", "gamma", "temperature", "init_temperature")},
              **{k: v for k, v in hamiltonian.as_dict().items() if k != "temperature"},
-             **provider.describe(), "seed": seed, "save_every": save_every, "config": config_yaml}
+             **provider.describe(), "seed": seed, "save_every": save_every,
+             "save_log_per_decade": dyn["save_log_per_decade"], "config": config_yaml}
     tags = standard_tags("simulate", device=device, model_family=getattr(provider, "model_family", "") or None,
                          model_run_id=provider.model_run_id or None,
                          force_source=provider.source, model_path=provider.model_path or None,
@@ -326,7 +331,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
         start_step, site_count = state.step, R * L * L
         space = _DiskSpace(run_dir, frame_bytes=2 * 4 * site_count,
                            checkpoint_bytes=3 * site_count * state.Q.element_size() + (1 << 20))
-        space.warn_if_short((target // save_every - state.step // save_every) * space.frame_bytes)
+        schedule = SaveSchedule(save_every, dyn["save_log_per_decade"])
+        space.warn_if_short(schedule.count(state.step, target) * space.frame_bytes)
         synchronize(device)
         t0 = last_ck = last_post = time.perf_counter()
         bar = progress(total=steps, initial=state.step, desc=f"simulate {provider.source} L={L} R={R}",
@@ -338,11 +344,11 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
                     tracker.set_tags({"status": f"interrupted at step {state.step}"})
                     raise Interrupted(f"{stop.signal} at step {state.step} of {steps}: saved {ck_path}; "
                                       "the same command with resume=true continues it", stop.signum)
-                if (state.step + 1) % save_every == 0:  # room for the next frame, checked before it is due
+                if state.step + 1 in schedule:  # room for the next frame, checked before it is due
                     space.ensure(state, ck, wall_before + time.perf_counter() - t0, steps)
                 state = integrator.step(state)
                 s = state.step
-                save = s % save_every == 0
+                save = s in schedule
                 now = time.perf_counter()
                 ck_due = (s == target or now - last_ck >= ck_every_s
                           or (ck_every_steps is not None and s % int(ck_every_steps) == 0))

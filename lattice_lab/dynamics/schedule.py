@@ -1,0 +1,47 @@
+"""Which steps of a run save a frame: step 0, every ``save_every`` steps, and optionally log-spaced steps.
+
+Coarsening is read on log-log axes (L(t) ~ t^alpha over decades), where frames every ``save_every``
+steps leave the early decades almost empty: with the papers' ``save_every=250`` the first frame
+after the quench is at t = 12.5, and 90 of 101 frames lie in the last decade. ``per_decade = k > 0``
+adds the frames at steps round(10^(j/k)), j = 0, 1, 2, ... (1, 2, 3, 6, 10, 18, 32, ... for k = 4):
+k per decade from step 1 on. The rule does not depend on the run's length, so a run extended on
+resume (a larger ``dynamics.steps``) keeps the frames it already has.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class SaveSchedule:
+    """The saved steps of a run (``step in schedule``) and how many fall in a range (disk estimates)."""
+
+    def __init__(self, save_every: int, per_decade: int = 0):
+        self.save_every, self.per_decade = int(save_every), int(per_decade)
+        self._log_steps: set[int] = set()
+        self._log_upto = 0  # log-spaced steps are known up to this step
+
+    def log_steps(self, upto: int) -> set[int]:
+        """The log-spaced saved steps <= ``upto`` that are not multiples of ``save_every``."""
+        if self.per_decade > 0 and upto > self._log_upto:
+            j_max = math.ceil(self.per_decade * math.log10(max(upto, 1))) + 1
+            for j in range(j_max + 1):
+                s = round(10 ** (j / self.per_decade))
+                if s <= upto and s % self.save_every:
+                    self._log_steps.add(s)
+            self._log_upto = upto
+        return {s for s in self._log_steps if s <= upto}
+
+    def __contains__(self, step: int) -> bool:
+        if step % self.save_every == 0:
+            return True
+        if self.per_decade <= 0:
+            return False
+        if step > self._log_upto:
+            self.log_steps(max(step, 2 * self._log_upto))
+        return step in self._log_steps
+
+    def count(self, after: int, upto: int) -> int:
+        """Frames saved at steps ``after < s <= upto``."""
+        regular = upto // self.save_every - after // self.save_every
+        return regular + sum(1 for s in self.log_steps(upto) if s > after)
