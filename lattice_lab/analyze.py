@@ -84,7 +84,8 @@ def _compare_runs(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     result = compare_growth(paths, acfg, out_dir=out)
-    print(json.dumps({"out_dir": result["out_dir"], "alpha": {str(r["T"]): r["alpha"] for r in result["runs"]}}))
+    print(json.dumps({"out_dir": result["out_dir"],
+                      "runs": [{k: r[k] for k in ("run", "T", "alpha", "alpha_err")} for r in result["runs"]]}))
     return result
 
 

@@ -297,6 +297,12 @@ def test_export_of_a_checkpoint_names_its_training_run_and_weights(tmp_path):
     assert exported.metadata["mlflow_run_id"] == run_id
     assert exported.metadata["weights_sha256"] == weights_sha256(model)
     assert model_run_id_of(path, exported) == run_id
+    from lattice_lab.dynamics.forces import MLForceProvider
+    from lattice_lab.physics.holstein import HolsteinParams
+
+    by_path = {name: MLForceProvider(HolsteinParams(), "cpu", torch.float64, str(p)).model_sha256
+               for name, p in (("checkpoint", ckpt), ("export", path))}
+    assert by_path["checkpoint"] == by_path["export"] == weights_sha256(model)  # one model, one hash
     # a model built in Python (no training run) exports with no run id rather than a wrong one
     bare = load_force_field(export_force_field(model, tmp_path / "bare.ts.pt"), device="cpu")
     assert bare.metadata["mlflow_run_id"] is None and model_run_id_of(tmp_path / "bare.ts.pt", bare) == ""

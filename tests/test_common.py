@@ -386,6 +386,15 @@ def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
     assert P.update_interval() == 60.0
     monkeypatch.setenv("LATTICE_LAB_PROGRESS_INTERVAL", "5")
     assert P.progress(total=3, file=Terminal()).mininterval == 5.0
+    monkeypatch.delenv("LATTICE_LAB_PROGRESS_INTERVAL")
+    log = io.StringIO()  # a log file: a status text every call does not redraw the bar
+    bar = P.progress(total=500, file=log)
+    assert bar.maxinterval >= 60.0  # nor does tqdm's monitor thread every 10 s
+    for i in range(500):
+        P.set_status(bar, f"{i} site-steps/s")
+        bar.update(1)
+    bar.close()
+    assert log.getvalue().count("\r") <= 3 and "499 site-steps/s" in log.getvalue()  # start, end (and close)
     for bad in ("abc", "-1", "nan"):
         monkeypatch.setenv("LATTICE_LAB_PROGRESS_INTERVAL", bad)
         with pytest.raises(ConfigError, match=f"LATTICE_LAB_PROGRESS_INTERVAL='{bad}'"):

@@ -142,6 +142,11 @@ def test_a_full_disk_stops_the_run_with_a_checkpoint_and_resume_continues(tmp_pa
     monkeypatch.setattr(runner, "_free_bytes", lambda folder: 10**12 if len(frames_seen) < 3 else 1_052_000)
     with pytest.raises(DiskFull, match=r"MB free.*stopped at step 14 of 20, saved .*checkpoint.pt at step 14.*resume=true"):
         run(cfg(tmp_path / "b"))
+    # a checkpoint due between frames (checkpoint_every_steps=2 here) that does not fit: the last one is kept
+    monkeypatch.setattr(runner, "_free_bytes", lambda folder: 10**12 if len(frames_seen) < 4 else 1000)
+    with pytest.raises(DiskFull, match=r"MB of a checkpoint: stopped at step 16 of 20, the last checkpoint \(step 14\)"):
+        run(cfg(tmp_path / "b", "resume=true", "checkpoint_every_steps=2"))
+    assert torch.load(tmp_path / "b" / "ed_L8_R2_T0.1_seed3" / "checkpoint.pt", weights_only=False)["state"]["step"] == 14
     monkeypatch.setattr(runner, "_free_bytes", lambda folder: 10**12)
     done = run(cfg(tmp_path / "b", "resume=true"))
     import h5py
@@ -201,3 +206,12 @@ def test_several_runs_are_compared_on_one_growth_plot(tmp_path):
     os.utime(done, (traj.stat().st_mtime - 10,) * 2)
     run(cfg)
     assert (out / "growth_runs.csv").read_text().splitlines()[1].split(",")[4] != "99"
+    # other analysis settings: analysed again into the comparison's folder, the runs' own are left alone
+    own = done.read_text()
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        other = compose(config_name="analyze", overrides=[f"runs=[{','.join(folders)}]", "tracking.enabled=false",
+                                                           "device=cpu", "fit.t_min=0.1"])
+    run(other)
+    assert done.read_text() == own
+    fresh = json.loads((out / "run0_T0.1" / "summary.json").read_text())
+    assert fresh["settings"]["fit"]["t_min"] == 0.1 and fresh["fit_window"][0] >= 0.1

@@ -123,7 +123,7 @@ def growth_exponent(t, y_mean, y_replicas=None, y_jackknife=None,
         out["alpha_err"] = float(max([fit.alpha_err, *errs]))
     else:
         out["alpha_err"] = float("nan")
-        out["alpha_err_note"] = (NO_REPLICA_ERROR if not errs else "the fit has no error (too few points)")
+        out["alpha_err_note"] = NO_REPLICA_ERROR if not errs else "too few points for a fit error"
     return out
 
 

@@ -19,6 +19,8 @@ Configuration keys (all optional; defaults in ``DEFAULTS`` and ``conf/analyze.ya
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -265,11 +267,14 @@ def _safe_growth(t, mean, rep, jk, t_min, t_max, strict: bool, what: str) -> dic
 
 
 def _fit_obj(res: dict):
+    """``(PowerLawFit, alpha_err, alpha_err_note)`` of a :func:`growth_exponent` result (also as read back
+    from ``summary.json``, where NaN is null), or None without a fit."""
+    res = {k: (float("nan") if v is None else v) for k, v in res.items()}
     if not np.isfinite(res.get("alpha", np.nan)):
         return None
     fit = PowerLawFit(res["alpha"], res["alpha_fit_err"], res["amplitude"], res["t_min"], res["t_max"],
                       res["n_points"])
-    return fit, res["alpha_err"]
+    return fit, res["alpha_err"], res.get("alpha_err_note")
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,8 +305,10 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
         attrs, L, R = traj.attrs, traj.L, traj.R
         steps, times = traj.step.astype(np.int64), traj.time.astype(np.float64)
         corr_req = _steps_list(c["correlation_steps"], "correlation_steps")
-        snap_req = (_steps_list(c["snapshot_steps"], "snapshot_steps") if c["snapshot_steps"] is not None
-                    else corr_req + [int(steps[-1])])  # and the run's end (the papers' 25,000 steps, past 9000)
+        if c["snapshot_steps"] is not None:
+            snap_req = _steps_list(c["snapshot_steps"], "snapshot_steps")
+        else:  # and the run's end (the papers' 25,000 steps, past 9000)
+            snap_req = corr_req + [int(steps[-1])] if corr_req else []
         if not snap_req:
             snap_req = [int(steps[0]), int(steps[len(steps) // 2]), int(steps[-1])]
         corr_sel = select_frames(steps, corr_req)
@@ -432,7 +439,7 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
     # ---- summary (last)
     last = S_frames - 1
     summary = {
-        "trajectory": str(path.resolve()), "out_dir": str(out.resolve()),
+        "trajectory": str(path.resolve()), "out_dir": str(out.resolve()), "settings": result_settings(c),
         "T": T, "L": L, "R": R, "force_source": _attr(attrs, "force_source"),
         "model_run_id": _attr(attrs, "model_run_id"), "seed": _attr(attrs, "seed"), "dt": _attr(attrs, "dt"),
         "n_frames": S_frames, "steps": [int(steps[0]), int(steps[-1])], "times": [float(times[0]), float(times[-1])],
@@ -466,19 +473,35 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
 # --------------------------------------------------------------------------------------------
 # several runs together
 # --------------------------------------------------------------------------------------------
-def _run_analysis(path, cfg: dict) -> tuple[dict, Path]:
-    """The analysis of one run (a run folder or its trajectory file): its ``analysis/summary.json`` where
-    there is one, else analysed now. Returns (summary, analysis folder)."""
+RESULT_SETTINGS = ("correlation_steps", "snapshot_steps", "collapse_frames", "fit", "correlation", "order_parameter")
+
+
+def result_settings(c: dict) -> dict:
+    """The analysis settings that change its numbers (not where it is written, run or logged), as JSON
+    stores them: recorded in ``summary.json`` so that an analysis is reused only for the same ones."""
+    return json.loads(json.dumps({k: c.get(k) for k in RESULT_SETTINGS}))
+
+
+def _run_analysis(path, c: dict, elsewhere: Path) -> tuple[dict, Path]:
+    """The analysis of one run (a run folder or its trajectory file): its own ``analysis/`` where that was
+    made with the same settings (``result_settings``) from the trajectory as it is now; a run whose
+    trajectory changed since (resumed) is analysed again there; other settings are analysed into
+    ``elsewhere`` (the run's own analysis, which its simulate run logged, is left as it is).
+    Returns (summary, analysis folder)."""
     path = Path(path)
     traj = path / "trajectory.h5" if path.is_dir() else path
-    out = traj.parent / "analysis"
-    done = out / "summary.json"
-    if (done.exists() and (out / "L_t.csv").exists() and traj.exists()
-            and traj.stat().st_mtime <= done.stat().st_mtime):  # not a run resumed since its analysis
-        return json.loads(done.read_text()), out
     if not traj.exists():
         raise ConfigError(f"runs: {path} is neither a run folder with trajectory.h5 nor a trajectory file")
-    return analyze_trajectory(traj, {**cfg, "out_dir": None}), out
+    own = traj.parent / "analysis"
+    done = own / "summary.json"
+    if not (done.exists() and (own / "L_t.csv").exists()):
+        return analyze_trajectory(traj, c, out_dir=own), own
+    summary = json.loads(done.read_text())
+    if summary.get("settings") != result_settings(c):
+        return analyze_trajectory(traj, c, out_dir=elsewhere), elsewhere
+    if traj.stat().st_mtime > done.stat().st_mtime:  # a run resumed since its analysis
+        return analyze_trajectory(traj, c, out_dir=own), own
+    return summary, own
 
 
 def compare_growth(paths, cfg=None, out_dir=None) -> dict:
@@ -492,14 +515,10 @@ def compare_growth(paths, cfg=None, out_dir=None) -> dict:
         raise ConfigError("runs=[]: give the run folders (or trajectory files) to compare")
     out = Path(out_dir or c.get("out_dir") or "runs/analysis_runs")
     rows, curves = [], []
-    for p in paths:
-        summary, folder = _run_analysis(p, c)
+    for i, p in enumerate(paths):
+        summary, folder = _run_analysis(p, c, out / f"run{i}_{Path(p).resolve().name}")
         data = np.genfromtxt(folder / "L_t.csv", delimiter=",", names=True)
-        g = summary.get("growth_L") or {}
-        fit = None
-        if all(isinstance(g.get(k), (int, float)) and math.isfinite(g[k]) for k in ("alpha", "amplitude")):
-            fit = (PowerLawFit(g["alpha"], g.get("alpha_fit_err") or 0.0, g["amplitude"], g["t_min"], g["t_max"],
-                               g.get("n_points") or 0), g.get("alpha_err") or float("nan"))
+        fit = _fit_obj(summary.get("growth_L") or {})
         label = plots.run_label(summary.get("T"), summary.get("L"), summary.get("R"),
                                 str(summary.get("force_source") or ""))
         curves.append({"label": label, "t": np.atleast_1d(data["time"]), "L": np.atleast_1d(data["L"]),
@@ -508,14 +527,16 @@ def compare_growth(paths, cfg=None, out_dir=None) -> dict:
                      "last_step": (summary.get("steps") or [None, None])[1], "alpha": summary.get("alpha"),
                      "alpha_err": summary.get("alpha_err"), "alpha_xi": summary.get("alpha_xi"),
                      "alpha_xi_err": summary.get("alpha_xi_err"), "t_min": (summary.get("fit_window") or [None])[0],
-                     "t_max": (summary.get("fit_window") or [None, None])[1], "run": str(Path(folder).parent)})
+                     "t_max": (summary.get("fit_window") or [None, None])[1],
+                     "run": str(Path(summary["trajectory"]).parent)})
     out.mkdir(parents=True, exist_ok=True)
     save_figure(plots.growth_runs_plot(curves), out / "growth_runs.png")
-    header = list(rows[0])
-    text = ",".join(header) + "\n" + "".join(
-        ",".join("" if r[k] is None else (f"{r[k]:.10g}" if isinstance(r[k], float) else str(r[k])) for k in header)
-        + "\n" for r in rows)
-    atomic_write_text(out / "growth_runs.csv", text)
+    table = io.StringIO()  # csv quotes a run folder with a comma in its name
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else (f"{v:.10g}" if isinstance(v, float) else v) for k, v in r.items()}
+                     for r in rows)
+    atomic_write_text(out / "growth_runs.csv", table.getvalue())
     log.info("growth of %d runs: %s -> %s", len(rows),
              ", ".join(f"T = {r['T']}: alpha = {r['alpha']}" for r in rows), out)
     return {"runs": rows, "out_dir": str(out.resolve())}

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from lattice_lab.analysis.growth import NO_REPLICA_ERROR  # noqa: E402
+
 
 def run_label(T=None, L=None, R=None, extra: str = "") -> str:
     parts = []
@@ -85,7 +87,7 @@ def correlation_curves(r, curves: dict, ylabel: str, title: str):
 def growth_plot(t, series: dict, fits: dict, label: str = ""):
     """L(t), xi(t) on log-log axes with fitted power laws and an Allen-Cahn t^(1/2) guide.
 
-    ``series[name] = (y [S], yerr [S])``; ``fits[name] = (PowerLawFit, alpha_err)``.
+    ``series[name] = (y [S], yerr [S])``; ``fits[name] = (PowerLawFit, alpha_err, alpha_err_note)``.
     """
     t = np.asarray(t, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6.2, 4.5), constrained_layout=True)
@@ -100,10 +102,10 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
         yerr_ok = None if yerr is None else np.nan_to_num(np.asarray(yerr)[ok])
         ax.errorbar(t[ok], y[ok], yerr=yerr_ok, fmt="o", ms=3, capsize=2, color=color, label=name)
         if name in fits and fits[name] is not None:
-            fit, err = fits[name]
+            fit, err, note = fits[name]
             tt = np.geomspace(fit.t_min, fit.t_max, 50)
             ax.plot(tt, fit.predict(tt), "-", color=color, lw=1.5,
-                    label=f"fit: {alpha_label(fit.alpha, err)}")
+                    label=f"fit: {alpha_label(fit.alpha, err, note)}")
         if anchor is None:
             anchor = (t[ok][-1], y[ok][-1])
     if anchor is not None:
@@ -173,7 +175,7 @@ def comparison_plot(r, per_step: dict, names=("ED", "ML"), label: str = ""):
 def growth_runs_plot(runs: list[dict]):
     """L(t) of several runs (temperatures) on one log-log plot, each with its fitted power law.
 
-    ``runs[i]``: ``label``, ``t``, ``L``, ``L_err`` (arrays) and ``fit`` (``(PowerLawFit, alpha_err)`` or None).
+    ``runs[i]``: ``label``, ``t``, ``L``, ``L_err`` (arrays) and ``fit`` (``(PowerLawFit, alpha_err, alpha_err_note)`` or None).
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.6), constrained_layout=True)
     for i, run in enumerate(runs):
@@ -182,10 +184,10 @@ def growth_runs_plot(runs: list[dict]):
         color = f"C{i}"
         label = run["label"]
         if run.get("fit") is not None:
-            fit, err = run["fit"]
+            fit, err, note = run["fit"]
             tt = np.geomspace(fit.t_min, fit.t_max, 50)
             ax.plot(tt, fit.predict(tt), "-", color="k", lw=1.2, zorder=5)
-            label += f": {alpha_label(fit.alpha, err)}"
+            label += f": {alpha_label(fit.alpha, err, note)}"
         yerr = np.nan_to_num(np.asarray(run["L_err"], dtype=np.float64)[ok])
         ax.errorbar(t[ok], y[ok], yerr=yerr, fmt="o", ms=2.5, capsize=1.5, elinewidth=0.7, color=color, label=label)
     ax.set_xscale("log")
@@ -198,8 +200,9 @@ def growth_runs_plot(runs: list[dict]):
     return fig
 
 
-def alpha_label(alpha: float, err: float) -> str:
-    """A fitted exponent for a legend: alpha +- err, or alpha alone, saying why, when it has no error bar."""
+def alpha_label(alpha: float, err: float, note: str | None = None) -> str:
+    """A fitted exponent for a legend: alpha +- err, or alpha alone and why it has no error bar."""
     if np.isfinite(err):
         return rf"$\alpha = {alpha:.3f} \pm {err:.3f}$"
-    return rf"$\alpha = {alpha:.3f}$ (< 2 replicas: no error bar)"
+    why = "< 2 replicas" if note == NO_REPLICA_ERROR else (note or "no error")
+    return rf"$\alpha = {alpha:.3f}$ ({why}: no error bar)"

@@ -1,7 +1,8 @@
 """Progress bars with rates (tqdm), one style for every long loop in the project.
 
 On a terminal a bar redraws at most every 0.5 s. Into a file (a cluster job's log) every redraw is
-a new line, so there it prints at most once a minute (a 10-hour run: ~600 lines, not ~70,000).
+a new line, so there it prints at most once a minute (a 10-hour run: ~600 lines, not ~70,000); the
+loops' status texts go through :func:`set_status`, which waits for the next redraw instead of forcing one.
 ``LATTICE_LAB_PROGRESS_INTERVAL=<seconds>`` sets the interval for both; ``LATTICE_LAB_NO_PROGRESS=1``
 silences the bars.
 """
@@ -42,8 +43,14 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", ini
     """A tqdm bar showing the rate in ``unit``/s (see the module doc for how often it redraws)."""
     disable = os.environ.get("LATTICE_LAB_NO_PROGRESS", "") not in ("", "0")
     kw.setdefault("mininterval", update_interval(kw.get("file")))
+    kw.setdefault("maxinterval", max(10.0, kw["mininterval"]))  # tqdm's monitor would redraw every 10 s
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True,
                 disable=disable, **kw)
+
+
+def set_status(bar, text: str) -> None:
+    """The text after a bar's counts (a rate, a loss, a phase): shown at the bar's next redraw."""
+    bar.set_postfix_str(text, refresh=False)
 
 
 def start_phase(bar, desc: str, total: int, done: int = 0) -> None:
@@ -52,6 +59,6 @@ def start_phase(bar, desc: str, total: int, done: int = 0) -> None:
     one would otherwise be promised the fast one's rate). ``done``: of ``total``, already done (a resume)."""
     bar.reset(total=total)
     bar.set_description_str(desc, refresh=False)
-    bar.set_postfix_str("", refresh=False)
+    set_status(bar, "")
     bar.initial = bar.n = bar.last_print_n = done
     bar.refresh()

@@ -34,7 +34,7 @@ import torch
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.interrupts import interrupts_as
 from lattice_lab.common.io import atomic_torch_save, load_torch_file
-from lattice_lab.common.progress import progress, start_phase
+from lattice_lab.common.progress import progress, set_status, start_phase
 from lattice_lab.common.switch import check_flag
 from lattice_lab.data.h5io import write_force_dataset
 from lattice_lab.dynamics.initial import random_hot_start
@@ -232,7 +232,7 @@ def build_dataset(cfg) -> Path:
                                         dtype=torch.float64, device="cpu")
             step = ds["ed_batch"]
             last_save = n_done()
-            bar.set_postfix_str(f"then {n_quench} quench configs, {ds['snapshot_every']} ED solves each" if n_quench else "")
+            set_status(bar, f"then {n_quench} quench configs, {ds['snapshot_every']} ED solves each" if n_quench else "")
             for start in range(n_done(), n_rand, step):  # chunks stay aligned to multiples of ed_batch
                 Q = Q_all[start:start + step]
                 res = ed.compute(Q.to(device))
@@ -275,7 +275,7 @@ def build_dataset(cfg) -> Path:
                 while state.step < target:  # step by step so the bar shows where the quench is
                     integ.step(state)
                     if time.monotonic() - last_shown > 1.0:
-                        bar.set_postfix_str(f"quench step {state.step}/{final_step}")
+                        set_status(bar, f"quench step {state.step}/{final_step}")
                         last_shown = time.monotonic()
                 res = provider.result_for(state.Q)
                 take = min(R, total - n_done())

@@ -146,7 +146,9 @@ class MLForceProvider(ForceProvider):
         model.check_compatible(hamiltonian.as_dict() if hasattr(hamiltonian, "as_dict") else dict(hamiltonian))
         self.model = model
         self.model_run_id = model_run_id_of(checkpoint, model) if checkpoint not in (None, "") else ""
-        self.model_sha256 = weights_sha256(model)
+        # an export carries the hash of the model it was made from: the same weights give the same
+        # model_sha256 from best.pt and from model.ts.pt (whose module holds them under other names)
+        self.model_sha256 = (getattr(model, "metadata", None) or {}).get("weights_sha256") or weights_sha256(model)
         # the family that trained it (an export says so in its metadata): tag model_family, as on train runs
         self.model_family = str((getattr(model, "metadata", None) or {}).get("name") or model.name)
         self.conservative = bool(getattr(model, "conservative", False))

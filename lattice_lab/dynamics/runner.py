@@ -43,7 +43,7 @@ from lattice_lab.common.io import (
     load_torch_file,
     run_lock,
 )
-from lattice_lab.common.progress import progress
+from lattice_lab.common.progress import progress, set_status
 from lattice_lab.common.seeding import check_seed
 from lattice_lab.common.switch import check_flag, check_switch
 from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
@@ -357,20 +357,21 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
                 if save:
                     writer.append(s, s * dyn["dt"], state.Q, provider.density(state.Q, state.F))
                 if ck_due:
+                    space.ensure_checkpoint(state, ck, steps)
                     ck.save(state, wall_before + now - t0)
                     last_ck = time.perf_counter()
                 bar.update(1)
                 if now - last_post >= 1.0:
                     rate = (s - start_step) / max(now - t0, 1e-12)
-                    bar.set_postfix_str(f"{rate * site_count:.3g} site-steps/s")
+                    set_status(bar, f"{rate * site_count:.3g} site-steps/s")
                     last_post = now
         synchronize(device)
         loop_s = time.perf_counter() - t0
         done = state.step - start_step
         steps_per_s = done / loop_s if loop_s > 0 and done else 0.0
         completed = state.step >= steps
-        # equipartition check: sum_i m v_i^2 / N per replica, averaged (-> the bath temperature once thermalised)
-        t_kin = float(integrator.energy_kinetic(state).mean()) * 2.0 / (L * L)
+        # equipartition check: m <v^2> over sites and replicas (-> the bath temperature once thermalised)
+        t_kin = state.kinetic_temperature(dyn["mass"])
         if completed:
             writer.finalize()
         else:
@@ -466,6 +467,7 @@ class _DiskSpace:
                         trajectory_bytes / 1e9, free / 1e9)
 
     def ensure(self, state, ck: _Checkpointer, wall_s: float, steps: int) -> None:
+        """Room for the next frame and a checkpoint; else a checkpoint now (if it fits) and DiskFull."""
         free = _free_bytes(self.run_dir)
         if free >= self.frame_bytes + self.checkpoint_bytes:
             return
@@ -473,10 +475,20 @@ class _DiskSpace:
         if free >= self.checkpoint_bytes:
             ck.save(state, wall_s)
             saved = f"saved {ck.path} at step {ck.step}"
-        raise DiskFull(f"{self.run_dir}: only {free / 1e6:.3g} MB free on its disk, the next frame and a checkpoint "
-                       f"need {(self.frame_bytes + self.checkpoint_bytes) / 1e6:.3g} MB: stopped at step {state.step} "
-                       f"of {steps}, {saved}; free some space, then the "
-                       "same command with resume=true continues it")
+        raise self._full(free, self.frame_bytes + self.checkpoint_bytes, "the next frame and a checkpoint",
+                         state, steps, saved)
+
+    def ensure_checkpoint(self, state, ck: _Checkpointer, steps: int) -> None:
+        """Room for a checkpoint (one between frames, every checkpoint_every_s); else DiskFull, keeping the last."""
+        free = _free_bytes(self.run_dir)
+        if free < self.checkpoint_bytes:
+            raise self._full(free, self.checkpoint_bytes, "a checkpoint", state, steps,
+                             f"the last checkpoint (step {ck.step}) is kept")
+
+    def _full(self, free: int, need: int, what: str, state, steps: int, saved: str) -> DiskFull:
+        return DiskFull(f"{self.run_dir}: only {free / 1e6:.3g} MB free on its disk, less than the "
+                        f"{need / 1e6:.3g} MB of {what}: stopped at step {state.step} of {steps}, {saved}; free "
+                        "some space, then the same command with resume=true continues it")
 
 
 class _Checkpointer:

@@ -229,7 +229,8 @@ class Trajectory:
 
 def _open_for_reading(path: Path) -> h5py.File:
     """Open read-only. A file a running simulation is writing (its ``.partial``) is locked by HDF5: it is then
-    read without the lock, as of the writer's last flush (every checkpoint), with a warning."""
+    read without the lock, with a warning: a best-effort look at the frames of the writer's last flush (every
+    checkpoint); HDF5 promises no consistent view while another process writes."""
     try:
         return h5py.File(path, "r")
     except BlockingIOError:
@@ -238,8 +239,9 @@ def _open_for_reading(path: Path) -> h5py.File:
 
     f = h5py.File(path, "r", locking=False)
     logging.getLogger(__name__).warning(
-        "%s is being written by a running simulation: reading the %d frames it had saved at its last checkpoint "
-        "(checkpoint_every_s); analyse it again when the run has finished", path, f["step"].shape[0] if "step" in f else 0)
+        "%s is being written by a running simulation: reading the %d frames of its last checkpoint "
+        "(checkpoint_every_s) without HDF5's lock, a best-effort look (an error or a frame in the making are "
+        "possible); analyse the run for results when it has finished", path, f["step"].shape[0] if "step" in f else 0)
     return f
 
 

@@ -27,7 +27,7 @@ import torch
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype, synchronize
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
-from lattice_lab.common.progress import progress
+from lattice_lab.common.progress import progress, set_status
 from lattice_lab.common.seeding import rng_state, set_rng_state
 from lattice_lab.training.config import TrainerConfig
 from lattice_lab.training.metrics import METRIC_KEYS, ForceErrorStats, prefixed
@@ -282,7 +282,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(idx.numel())
                     if b % postfix_every == 0 or b == n_batches - 1:
-                        bar.set_postfix(loss=f"{loss.item():.3e}")
+                        set_status(bar, f"loss={loss.item():.3e}")
         finally:
             if bar is not None:
                 bar.close()
