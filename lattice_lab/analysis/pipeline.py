@@ -486,7 +486,7 @@ def _run_analysis(path, c: dict, elsewhere: Path) -> tuple[dict, Path]:
     """The analysis of one run (a run folder or its trajectory file): its own ``analysis/`` where that was
     made with the same settings (``result_settings``) from the trajectory as it is now; a run whose
     trajectory changed since (resumed) is analysed again there; other settings are analysed into
-    ``elsewhere`` (the run's own analysis, which its simulate run logged, is left as it is).
+    ``<elsewhere>_<run folder name>`` (the run's own analysis, which its simulate run logged, is left as it is).
     Returns (summary, analysis folder)."""
     path = Path(path)
     traj = path / "trajectory.h5" if path.is_dir() else path
@@ -498,6 +498,7 @@ def _run_analysis(path, c: dict, elsewhere: Path) -> tuple[dict, Path]:
         return analyze_trajectory(traj, c, out_dir=own), own
     summary = json.loads(done.read_text())
     if summary.get("settings") != result_settings(c):
+        elsewhere = elsewhere.with_name(f"{elsewhere.name}_{traj.parent.name}")
         return analyze_trajectory(traj, c, out_dir=elsewhere), elsewhere
     if traj.stat().st_mtime > done.stat().st_mtime:  # a run resumed since its analysis
         return analyze_trajectory(traj, c, out_dir=own), own
@@ -516,7 +517,7 @@ def compare_growth(paths, cfg=None, out_dir=None) -> dict:
     out = Path(out_dir or c.get("out_dir") or "runs/analysis_runs")
     rows, curves = [], []
     for i, p in enumerate(paths):
-        summary, folder = _run_analysis(p, c, out / f"run{i}_{Path(p).resolve().name}")
+        summary, folder = _run_analysis(p, c, out / f"run{i}")
         data = np.genfromtxt(folder / "L_t.csv", delimiter=",", names=True)
         fit = _fit_obj(summary.get("growth_L") or {})
         label = plots.run_label(summary.get("T"), summary.get("L"), summary.get("R"),
