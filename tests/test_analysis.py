@@ -500,3 +500,25 @@ def test_growth_exponent_is_logged_with_sensible_digits_or_why_it_is_missing(tmp
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("analysis of"))
     assert "alpha = not fitted (fit.t_min=1, fit.t_max=10: only 2 saved frames in the window" in line
     assert "None" not in line
+
+
+def test_log_axes_over_a_narrow_range_get_several_labels():
+    """A domain size growing from 0.5 to 1.5 over two decades of time used to show the single y label 1.0."""
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.analysis.plots import _plain_log_ticks
+
+    fig, ax = plt.subplots()
+    ax.plot([5.0, 200.0], [0.52, 1.5])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_ticks(ax)
+    fig.canvas.draw()
+
+    def labels(axis, lim):
+        lo, hi = lim
+        return [float(v) for v in axis.get_majorticklocs() if lo <= v <= hi]
+
+    assert len(labels(ax.yaxis, ax.get_ylim())) >= 3
+    assert {10.0, 20.0, 50.0, 100.0} <= set(labels(ax.xaxis, ax.get_xlim()))  # wide ranges: 1, 2, 5 x 10^k
+    plt.close(fig)

@@ -6,6 +6,8 @@ the run's temperature T, lattice size L and replica count R (``title_suffix``).
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -122,11 +124,20 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
 
 
 def _plain_log_ticks(ax) -> None:
-    """Log axes over less than a few decades: label major ticks plainly, leave minor ticks unlabelled."""
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    """Log axes over less than a few decades (call after plotting): label the ticks at 1, 2, 5 x 10^k
+    plainly, or, where fewer than 3 of those fall inside the axis, ~6 evenly spaced round values (a
+    domain size growing from 0.5 to 1.5 would otherwise show the single label 1.0); minor ticks unlabelled."""
+    from matplotlib.ticker import FixedLocator, LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+        lo, hi = sorted(lim)
+        if lo > 0 and np.isfinite(hi):
+            decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+            if sum(lo <= m * 10.0**e <= hi for e in decades for m in (1, 2, 5)) < 3:
+                ticks = MaxNLocator(nbins=6).tick_values(lo, hi)
+                locator = FixedLocator([v for v in ticks if lo <= v <= hi and v > 0])
+        axis.set_major_locator(locator)
         axis.set_major_formatter(ScalarFormatter())
         axis.set_minor_formatter(NullFormatter())
 
