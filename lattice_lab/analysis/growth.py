@@ -87,6 +87,10 @@ def fit_power_law(t, y, t_min: float | None = None, t_max: float | None = None) 
                        t_min=lo, t_max=hi, n_points=int(mask.sum()))
 
 
+NO_REPLICA_ERROR = ("no error bar: it needs >= 2 replicas (the fit error of one curve's autocorrelated "
+                    "time points, alpha_fit_err, understates it)")
+
+
 def growth_exponent(t, y_mean, y_replicas=None, y_jackknife=None,
                     t_min: float | None = None, t_max: float | None = None) -> dict:
     """alpha of the replica-averaged curve with its fit error and the replica errors.
@@ -126,9 +130,6 @@ def growth_exponent(t, y_mean, y_replicas=None, y_jackknife=None,
         out["alpha_err_note"] = NO_REPLICA_ERROR if not errs else "too few points for a fit error"
     return out
 
-
-NO_REPLICA_ERROR = ("no error bar: it needs >= 2 replicas (the fit error of one curve's autocorrelated "
-                    "time points, alpha_fit_err, understates it)")
 
 
 def format_with_error(value: float, err: float | None, digits: int = 2) -> str:

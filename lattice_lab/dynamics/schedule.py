@@ -21,24 +21,28 @@ class SaveSchedule:
         self._log_steps: set[int] = set()
         self._log_upto = 0  # log-spaced steps are known up to this step
 
-    def log_steps(self, upto: int) -> set[int]:
-        """The log-spaced saved steps <= ``upto`` that are not multiples of ``save_every``."""
-        if self.per_decade > 0 and upto > self._log_upto:
+    def _extend(self, upto: int) -> None:
+        """Know the log-spaced steps up to ``upto`` (those that are not multiples of ``save_every``)."""
+        if upto <= self._log_upto:
+            return
+        if self.per_decade > 0:
             j_max = math.ceil(self.per_decade * math.log10(max(upto, 1))) + 1
             for j in range(j_max + 1):
                 s = round(10 ** (j / self.per_decade))
                 if s <= upto and s % self.save_every:
                     self._log_steps.add(s)
-            self._log_upto = upto
+        self._log_upto = upto
+
+    def log_steps(self, upto: int) -> set[int]:
+        """The log-spaced saved steps <= ``upto`` that are not multiples of ``save_every``."""
+        self._extend(upto)
         return {s for s in self._log_steps if s <= upto}
 
     def __contains__(self, step: int) -> bool:
         if step % self.save_every == 0:
             return True
-        if self.per_decade <= 0:
-            return False
-        if step > self._log_upto:
-            self.log_steps(max(step, 2 * self._log_upto))
+        if step > self._log_upto:  # once per doubling of the steps asked about
+            self._extend(max(step, 2 * self._log_upto))
         return step in self._log_steps
 
     def count(self, after: int, upto: int) -> int:

@@ -14,6 +14,7 @@ so frames written after the checkpoint are rewritten identically.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 
 from lattice_lab.common.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 TRAJECTORY_VERSION = 1
 _COMPRESSIONS = ("gzip", "lzf", "none")
@@ -235,10 +238,8 @@ def _open_for_reading(path: Path) -> h5py.File:
         return h5py.File(path, "r")
     except BlockingIOError:
         pass
-    import logging
-
     f = h5py.File(path, "r", locking=False)
-    logging.getLogger(__name__).warning(
+    log.warning(
         "%s is being written by a running simulation: reading the %d frames of its last checkpoint "
         "(checkpoint_every_s) without HDF5's lock, a best-effort look (an error or a frame in the making are "
         "possible); analyse the run for results when it has finished", path, f["step"].shape[0] if "step" in f else 0)
