@@ -253,7 +253,7 @@ def test_cli_reports_ctrl_c_in_one_line(dataset_file, tmp_path):
     args = ["model=gnn_small", "dataset=holstein_L8_tiny", f"dataset.path={dataset_file}", "trainer=quick",
             "trainer.progress=false", "device=cpu", "dtype=float64", f"output_root={tmp_path}", "run_name=cut",
             "tracking.enabled=false", "plots=false", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1", "PYTHONPATH": str(REPO / "tests")}
+    env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
