@@ -371,6 +371,17 @@ def test_bad_run_settings_are_config_errors(tmp_path, override, fragment):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("force.chunk_replicas=abc", "force.chunk_replicas='abc': need a positive integer or null"),
+    ("force.chunk_replicas=2.5", "force.chunk_replicas=2.5: need a positive integer or null"),
+    ("force.compile=maybe", "force.compile='maybe': expected true or false"),
+])
+def test_bad_force_settings_are_config_errors(tmp_path, gnn_checkpoint, bad, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={gnn_checkpoint[0]}", bad))
+    assert not any(tmp_path.iterdir())
+
+
 def test_odd_L_refused_before_anything_is_written(tmp_path, gnn_checkpoint):
     with pytest.raises(ConfigError, match=r"dynamics.L=15: use even L"):
         run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={gnn_checkpoint[0]}", "dynamics.L=15"))
