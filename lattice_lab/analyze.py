@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
 def _compare_runs(cfg: DictConfig) -> dict:
     import os
 
-    from lattice_lab.analysis.pipeline import check_config, compare_growth
+    from lattice_lab.analysis.pipeline import compare_growth
 
     runs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
     paths = [_abs(p) for p in runs]
@@ -87,10 +87,8 @@ def _compare_runs(cfg: DictConfig) -> dict:
     acfg = OmegaConf.to_container(cfg, resolve=True)
     for key in ("hydra", "trajectory", "compare_with", "out_dir", "runs"):
         acfg.pop(key, None)
-    check_config(acfg)
-    out.mkdir(parents=True, exist_ok=True)
+    result = compare_growth(paths, acfg, out_dir=out)  # checks the settings and every run first
     atomic_write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    result = compare_growth(paths, acfg, out_dir=out)
     print(json.dumps({"out_dir": result["out_dir"],
                       "runs": [{k: r[k] for k in ("run", "T", "alpha", "alpha_err")} for r in result["runs"]]}))
     return result

@@ -510,16 +510,22 @@ def result_settings(c: dict) -> dict:
     return json.loads(json.dumps({k: c.get(k) for k in RESULT_SETTINGS}))
 
 
+def _run_trajectory(path) -> Path:
+    """The trajectory file of ``runs=[...]`` entry ``path`` (a run folder or the file itself)."""
+    path = Path(path)
+    traj = path / "trajectory.h5" if path.is_dir() else path
+    if not traj.exists():
+        raise ConfigError(f"runs: {path} is neither a run folder with trajectory.h5 nor a trajectory file")
+    return traj
+
+
 def _run_analysis(path, c: dict, elsewhere: Path) -> tuple[dict, Path]:
     """The analysis of one run (a run folder or its trajectory file): its own ``analysis/`` where that was
     made with the same settings (``result_settings``) from the trajectory as it is now; a run whose
     trajectory changed since (resumed) is analysed again there; other settings are analysed into
     ``<elsewhere>_<run folder name>`` (the run's own analysis, which its simulate run logged, is left as it is).
     Returns (summary, analysis folder)."""
-    path = Path(path)
-    traj = path / "trajectory.h5" if path.is_dir() else path
-    if not traj.exists():
-        raise ConfigError(f"runs: {path} is neither a run folder with trajectory.h5 nor a trajectory file")
+    traj = _run_trajectory(path)
     own = traj.parent / "analysis"
     done = own / "summary.json"
     if not (done.exists() and (own / "L_t.csv").exists()):
@@ -542,6 +548,8 @@ def compare_growth(paths, cfg=None, out_dir=None) -> dict:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths or [])
     if not paths:
         raise ConfigError("runs=[]: give the run folders (or trajectory files) to compare")
+    for p in paths:  # every run is there before the first is analysed
+        open_trajectory(_run_trajectory(p)).close()
     out = Path(out_dir or c.get("out_dir") or "runs/analysis_runs")
     rows, curves = [], []
     for i, p in enumerate(paths):
