@@ -35,7 +35,12 @@ def _abs(path) -> Path:
 def run(cfg: DictConfig) -> dict:
     """Analyse ``cfg.trajectory`` (and compare with ``cfg.compare_with``); returns the summary."""
     from lattice_lab.analysis.growth import describe_exponent
-    from lattice_lab.analysis.pipeline import analyze_trajectory, compare_trajectories, open_trajectory
+    from lattice_lab.analysis.pipeline import (
+        analyze_trajectory,
+        check_config,
+        compare_trajectories,
+        open_trajectory,
+    )
 
     if cfg.get("runs"):  # several runs together: L(t) on one plot, alpha per run in one table
         return _compare_runs(cfg)
@@ -52,6 +57,7 @@ def run(cfg: DictConfig) -> dict:
     acfg.pop("hydra", None)
     for key in ("trajectory", "compare_with", "out_dir"):
         acfg.pop(key, None)
+    check_config(acfg)  # every setting, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     summary = analyze_trajectory(traj, acfg, out_dir=out)
@@ -81,9 +87,8 @@ def _compare_runs(cfg: DictConfig) -> dict:
     acfg = OmegaConf.to_container(cfg, resolve=True)
     for key in ("hydra", "trajectory", "compare_with", "out_dir", "runs"):
         acfg.pop(key, None)
-    out.mkdir(parents=True, exist_ok=True)
+    result = compare_growth(paths, acfg, out_dir=out)  # checks the settings and every run first
     atomic_write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    result = compare_growth(paths, acfg, out_dir=out)
     print(json.dumps({"out_dir": result["out_dir"],
                       "runs": [{k: r[k] for k in ("run", "T", "alpha", "alpha_err")} for r in result["runs"]]}))
     return result

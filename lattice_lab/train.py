@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -168,11 +169,18 @@ def _run(cfg: DictConfig, where: dict) -> float:
                           "(resume=true continues it, or choose another run_name)")
     seed_everything(seed)
     data = read_force_dataset(data_path)
+    where_model = f"model={model_label(cfg)} on dataset {dataset_name(cfg)} ({data_path})"
+    cutoff = cfg.model.get("cutoff")  # the environment's reach (enn, mlp): before the model is built, whose
+    if isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool) and math.isfinite(cutoff):  # size grows
+        need = 2 * math.floor(cutoff) + 1  # as cutoff^4 (model.cutoff=100 built until memory ran out)
+        if data.L < need:
+            raise ConfigError(f"{where_model}: model.cutoff={cutoff}: lattice L={data.L} is smaller than the model's "
+                              f"receptive field (needs L >= {need})")
     model = build_model(cfg.model, data.hamiltonian())
     try:  # before the run folder is written: a dataset smaller than the model's reach is refused now
         model.check_input(torch.zeros(1, data.L, data.L))
     except ConfigError as exc:
-        raise ConfigError(f"model={model_label(cfg)} on dataset {dataset_name(cfg)} ({data_path}): {exc}") from None
+        raise ConfigError(f"{where_model}: {exc}") from None
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
 
     # built before the MLflow run is (re)opened: a refused resume (other data or settings) leaves that run as it was

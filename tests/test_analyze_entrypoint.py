@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,19 @@ def test_corrupted_frame_is_a_config_error(trajectories):
 def test_bad_collapse_frames_is_a_config_error(trajectories, value):
     with pytest.raises(ConfigError, match=r"collapse_frames=.*: expected an integer >= 1"):
         run(make_cfg(f"trajectory={trajectories[0]}", f"collapse_frames={value}", "tracking.enabled=false"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("order_parameter.wall_threshold=abc", "order_parameter.wall_threshold='abc': expected 0 < threshold <= 1"),
+    ("order_parameter.wall_threshold=0", "order_parameter.wall_threshold=0: expected 0 < threshold <= 1"),
+    ("correlation.r_max=abc", "correlation.r_max='abc': expected a number >= 0 or null"),
+    ("tracking.enabled=maybe", "tracking.enabled='maybe': expected true or false"),
+])
+def test_bad_settings_are_refused_before_anything_is_written(trajectories, tmp_path, bad, message):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        run(make_cfg(f"trajectory={trajectories[0]}", f"out_dir={out}", bad, "device=cpu"))
+    assert not out.exists()
 
 
 def test_bad_fit_window_is_a_config_error(trajectories):

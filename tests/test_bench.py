@@ -145,6 +145,9 @@ def test_bad_config_names_the_key(tmp_path, override, key):
     ("tracking.enabled=no", "tracking.enabled='no': expected true or false"),
     ("dtype=float16", "dtype='float16': expected one of ['float32', 'float64']"),
     ("langevin.dt=-1", "langevin.dt=-1: must be > 0"), ("langevin.mass=x", "langevin.mass='x': expected a finite number"),
+    # were refused only after every model was measured (ed_device) or named as dtype (ceiling.dtypes)
+    ("ed_device=tpu", "ed_device='tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("ceiling.dtypes=[float32,float16x]", "ceiling.dtypes='float16x': expected one of"),
 ])
 def test_bad_value_is_named_before_any_work(tmp_path, override, message):
     out = tmp_path / "bench"

@@ -124,6 +124,17 @@ def test_optuna_sweep_records_a_failed_trial_and_goes_on(app, tmp_path):
     assert proc.stderr.splitlines()[-1].startswith("error: every trial failed; job ")
 
 
+@pytest.mark.parametrize("storage", ["sqlite:///{tmp}/not_a_database.db", "nosuchdialect://x"])
+def test_a_study_storage_that_cannot_be_opened_is_one_line(app, tmp_path, storage):
+    (tmp_path / "not_a_database.db").write_text("not sqlite")
+    proc = _run(app, tmp_path, "-m", "hydra/sweeper=optuna", f"hydra.sweeper.storage={storage.format(tmp=tmp_path)}",
+                "hydra.sweeper.n_trials=1", "x=choice(1,2)")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("error: hydra.sweeper.storage: the Optuna study storage cannot be "
+                                                   "opened (")
+
+
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="on a SLURM machine the launcher would submit jobs")
 def test_slurm_launcher_without_slurm_is_one_line(app, tmp_path):
     proc = _run(app, tmp_path, "-m", "hydra/launcher=submitit_slurm", "x=1,2")

@@ -72,6 +72,23 @@ def test_missing_file_and_incomplete_files_give_config_errors(tmp_path):
         read_force_dataset(path)
 
 
+def test_damaged_values_give_config_errors_naming_them(tmp_path):
+    """A NaN force was reported by training as a learning rate too high; a non-numeric attribute was a
+    ValueError traceback."""
+    path = write_force_dataset(tmp_path / "nan.h5", _data())
+    with h5py.File(path, "a") as f:
+        F = f["F"][...]
+        F[4, 1, 2] = np.nan
+        f["F"][...] = F
+    with pytest.raises(ConfigError, match=r"nan.h5'?: F holds NaN or inf in 1 configuration\(s\) \(first: index 4\)"):
+        read_force_dataset(path)
+    path = write_force_dataset(tmp_path / "attr.h5", _data())
+    with h5py.File(path, "a") as f:
+        f.attrs["g"] = "abc"
+    with pytest.raises(ConfigError, match=r"attr.h5'?: attribute g='abc' is not a number"):
+        read_force_dataset(path).hamiltonian()
+
+
 def test_bad_data_is_rejected_and_existing_file_survives(tmp_path):
     d = _data()
     path = write_force_dataset(tmp_path / "keep.h5", d)

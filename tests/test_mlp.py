@@ -105,6 +105,12 @@ def test_bad_configuration():
         DescriptorMLP(HAM, SQRT13, [8, -1])
     with pytest.raises(ConfigError, match="model.phase_eps"):
         DescriptorMLP(HAM, SQRT13, [8], phase_eps=0.0)
+    # were a TypeError / ValueError traceback (2.5 was taken as 2)
+    with pytest.raises(ConfigError, match=r"^model.phase_eps='abc': need a positive epsilon"):
+        DescriptorMLP(HAM, SQRT13, [8], phase_eps="abc")
+    for bad in ("abc", 2.5):
+        with pytest.raises(ConfigError, match=rf"^model.reference_shell_r2={bad!r}: expected the integer"):
+            DescriptorMLP(HAM, SQRT13, [8], reference_shell_r2=bad)
     with pytest.raises(ConfigError, match="model.cutoff='abc'"):
         DescriptorMLP(HAM, "abc", [8])
 

@@ -4,10 +4,12 @@ analysis of unfinished runs, several runs together, storage estimates."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lattice_lab.analysis.correlation import as_field, distance_bins
 from lattice_lab.analysis.pipeline import frame_observables
+from lattice_lab.common.errors import ConfigError
 
 
 def _held_bytes(array: np.ndarray) -> int:
@@ -215,3 +217,26 @@ def test_several_runs_are_compared_on_one_growth_plot(tmp_path):
     assert done.read_text() == own
     fresh = json.loads((out / "run0_T0.1" / "summary.json").read_text())
     assert fresh["settings"]["fit"]["t_min"] == 0.1 and fresh["fit_window"][0] >= 0.1
+
+
+@pytest.mark.parametrize("bad, message", [("missing", "neither a run folder with trajectory.h5 nor a trajectory file"),
+                                          ("not_a_trajectory.h5", "not a readable trajectory file"),
+                                          ("order_parameter.wall_threshold=abc", "wall_threshold='abc'")])
+def test_several_runs_are_all_checked_before_the_first_is_analysed(tmp_path, bad, message):
+    """A missing or foreign last entry of runs=[...] (or a bad setting) failed only after the runs before it
+    were analysed."""
+    from hydra import compose, initialize_config_dir
+
+    from lattice_lab.analyze import run
+    from lattice_lab.common.cli import CONFIG_DIR
+
+    good = tmp_path / "T0.1"
+    _trajectory(good / "trajectory.h5", frames=8, temperature=0.1).finalize()
+    (tmp_path / "not_a_trajectory.h5").write_text("not hdf5")
+    runs = [str(good)] + ([] if "=" in bad else [str(tmp_path / bad)])
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose(config_name="analyze", overrides=[f"runs=[{','.join(runs)}]", "tracking.enabled=false",
+                                                         "device=cpu", *([bad] if "=" in bad else [])])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not (good / "analysis").exists() and not (tmp_path / "growth_runs").exists()

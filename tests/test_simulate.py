@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -370,6 +371,17 @@ def test_bad_run_settings_are_config_errors(tmp_path, override, fragment):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("force.chunk_replicas=abc", "force.chunk_replicas='abc': need a positive integer or null"),
+    ("force.chunk_replicas=2.5", "force.chunk_replicas=2.5: need a positive integer or null"),
+    ("force.compile=maybe", "force.compile='maybe': expected true or false"),
+])
+def test_bad_force_settings_are_config_errors(tmp_path, gnn_checkpoint, bad, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={gnn_checkpoint[0]}", bad))
+    assert not any(tmp_path.iterdir())
+
+
 def test_odd_L_refused_before_anything_is_written(tmp_path, gnn_checkpoint):
     with pytest.raises(ConfigError, match=r"dynamics.L=15: use even L"):
         run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={gnn_checkpoint[0]}", "dynamics.L=15"))
@@ -649,6 +661,28 @@ def test_bad_run_settings_are_named(tmp_path, bad):
     key = bad.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key}="):
         run(make_cfg(tmp_path, "force=ed", bad))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("+analysis.order_parameter.wall_threshold=abc", "analysis.order_parameter.wall_threshold='abc': expected 0 <"),
+    ("+analysis.correlation.r_max=abc", "analysis.correlation.r_max='abc': expected a number >= 0"),
+    ("+analysis.correlation.binning=log", "analysis.correlation.binning='log': expected one of"),
+    ("analysis.fit.t_min=abc", "analysis.fit.t_min='abc': expected a number or null"),
+    ("analysis.correlation_steps=abc", "analysis.correlation_steps='abc': expected a list of integer steps"),
+    ("+analysis.collapse_frames=0", "analysis.collapse_frames=0: expected an integer >= 1"),
+])
+def test_bad_analysis_settings_are_refused_before_the_run(tmp_path, bad, message):
+    """The analysis runs after the simulation (hours at the papers' size): its settings are checked first."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        run(make_cfg(tmp_path, "force=ed", "analyze=true", bad))
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_analysis_settings_refuse_a_comparison_before_its_runs(tmp_path, gnn_checkpoint):
+    with pytest.raises(ConfigError, match=r"^analysis.correlation.binning='log'"):
+        run(make_cfg(tmp_path, f"force.checkpoint={gnn_checkpoint[0]}", "compare.steps=[5,20]",
+                     "+analysis.correlation.binning=log", config_name="simulate_compare"))
+    assert not any(tmp_path.iterdir())
 
 
 def test_resume_accepts_equivalent_settings(tmp_path, gnn_checkpoint, monkeypatch):

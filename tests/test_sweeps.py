@@ -215,6 +215,20 @@ def test_best_config_command_composes_the_best_trials_whole_config(tmp_path):
     assert fixed_overrides(sweep_cfg)[:3] == ["dataset=holstein_L16", "model=enn_small", "trainer=default"]
 
 
+def test_a_sqlite_study_storage_in_a_new_folder_is_created(tmp_path):
+    """The default storage sqlite:///runs/optuna.db is relative to the working directory: a sweep started
+    where there is no runs/ failed with 'unable to open database file'."""
+    from lattice_lab.sweeps.callback import MlflowSweepCallback
+
+    db = tmp_path / "new" / "studies" / "optuna.db"
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage=sqlite:///{db}",
+                                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+    MlflowSweepCallback(enabled=False).on_multirun_start(cfg)
+    assert db.parent.is_dir()
+    optuna.create_study(study_name="s", storage=f"sqlite:///{db}")  # what the sweeper does next
+
+
 def test_sweep_callback_switch_is_true_or_false():
     from lattice_lab.common.errors import ConfigError
     from lattice_lab.sweeps.callback import MlflowSweepCallback

@@ -164,6 +164,18 @@ def test_dataset_smaller_than_the_receptive_field_is_refused_before_the_run(data
     assert not any(tmp_path.iterdir())  # no run folder holding just a config
 
 
+def test_a_cutoff_beyond_the_dataset_is_refused_before_the_model_is_built(dataset_file, tmp_path, monkeypatch):
+    """model.cutoff=100 (an ENN's size grows as cutoff^4) was built until memory ran out, and only then compared
+    with the 10 x 10 dataset."""
+    import lattice_lab.models.registry as registry
+
+    monkeypatch.setattr(registry, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match=r"model=enn on dataset .*: model.cutoff=100: lattice L=10 is smaller "
+                                          r"than the model's receptive field \(needs L >= 201\)"):
+        run(_cfg(dataset_file, tmp_path, "model=enn_small", "model.cutoff=100", "tracking.enabled=false"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, "-m", "lattice_lab.train", "dataset=holstein_L8_tiny",

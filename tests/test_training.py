@@ -128,6 +128,23 @@ def test_resume_needs_last_checkpoint_and_same_dtype(tiny_data, tmp_path):
         Trainer(other, tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
 
 
+def test_resume_from_a_last_pt_without_training_state_or_without_best_pt_is_refused(tiny_data, tmp_path):
+    """A best.pt copied over last.pt (weights only) was a KeyError traceback; a run folder without best.pt
+    trained on and failed at the end."""
+    import shutil
+
+    Trainer(_model(), tiny_data, _cfg(max_epochs=1), device="cpu", dtype="float64", out_dir=tmp_path).fit()
+    shutil.copy(tmp_path / "last.pt", tmp_path / "last.bak")
+    shutil.copy(tmp_path / "best.pt", tmp_path / "last.pt")
+    with pytest.raises(ConfigError, match=rf"^resume=true: {re.escape(str(tmp_path / 'last.pt'))} holds no training "
+                                          r"state to continue \(optimizer, scheduler, .* missing"):
+        Trainer(_model(), tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
+    shutil.move(tmp_path / "last.bak", tmp_path / "last.pt")
+    (tmp_path / "best.pt").unlink()
+    with pytest.raises(ConfigError, match=rf"^resume=true: {re.escape(str(tmp_path / 'best.pt'))} is missing"):
+        Trainer(_model(), tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
+
+
 def test_conservative_model_trains_and_evaluates_with_autograd(tiny_data):
     model = _model(0, TINY_ENERGY)
     assert model.conservative

@@ -63,13 +63,25 @@ class DistanceBins:
         return len(self.r)
 
 
-def distance_bins(L: int, r_max: float | None = None, binning: str = "exact") -> DistanceBins:
-    """Distance bins of the periodic L x L lattice up to ``r_max`` (default L/2)."""
+def check_binning(binning: str, r_max) -> float | None:
+    """``correlation.binning`` and ``correlation.r_max`` (a number >= 0 or None = L/2), checked; returns r_max."""
     if binning not in BINNINGS:
         raise ConfigError(f"correlation.binning={binning!r}: expected one of {list(BINNINGS)}")
-    r_max = L / 2 if r_max is None else float(r_max)
-    if not r_max >= 0:
-        raise ConfigError(f"correlation.r_max={r_max}: must be >= 0")
+    if r_max is None:
+        return None
+    try:
+        value = float(r_max)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(r_max, bool) or not value >= 0:
+        raise ConfigError(f"correlation.r_max={r_max!r}: expected a number >= 0 or null (L/2)")
+    return value
+
+
+def distance_bins(L: int, r_max: float | None = None, binning: str = "exact") -> DistanceBins:
+    """Distance bins of the periodic L x L lattice up to ``r_max`` (default L/2)."""
+    r_max = check_binning(binning, r_max)
+    r_max = L / 2 if r_max is None else r_max
     d = minimum_image(L)
     r2 = (d[:, None] ** 2 + d[None, :] ** 2).reshape(-1)
     dist = np.sqrt(r2)

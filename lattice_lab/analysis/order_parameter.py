@@ -29,15 +29,19 @@ def cdw_order_parameter(n, device=None) -> np.ndarray:
     return cdw_order_parameter_t(as_field(n, device)).cpu().numpy()
 
 
-def _check_threshold(threshold: float) -> float:
-    threshold = float(threshold)
-    if not 0 < threshold <= 1:
-        raise ConfigError(f"order_parameter.wall_threshold={threshold}: expected 0 < threshold <= 1")
-    return threshold
+def check_wall_threshold(threshold) -> float:
+    """``order_parameter.wall_threshold`` as a number in (0, 1]; a ConfigError naming it otherwise."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(threshold, bool) or not 0 < value <= 1:
+        raise ConfigError(f"order_parameter.wall_threshold={threshold!r}: expected 0 < threshold <= 1")
+    return value
 
 
 def domain_wall_fraction_t(phi: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    return (phi.abs() < _check_threshold(threshold)).to(phi.dtype).mean(dim=(-2, -1))
+    return (phi.abs() < check_wall_threshold(threshold)).to(phi.dtype).mean(dim=(-2, -1))
 
 
 def domain_wall_fraction(phi, threshold: float = 0.5) -> np.ndarray:

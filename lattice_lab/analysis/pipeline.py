@@ -34,13 +34,18 @@ from lattice_lab.analysis import plots
 from lattice_lab.analysis.compare import compare_curves
 from lattice_lab.analysis.correlation import (
     as_field,
+    check_binning,
     correlation_length,
     correlation_t,
     distance_bins,
     normalized_correlation_t,
 )
 from lattice_lab.analysis.growth import PowerLawFit, describe_exponent, growth_exponent
-from lattice_lab.analysis.order_parameter import cdw_order_parameter_t, domain_wall_fraction_t
+from lattice_lab.analysis.order_parameter import (
+    cdw_order_parameter_t,
+    check_wall_threshold,
+    domain_wall_fraction_t,
+)
 from lattice_lab.analysis.scaling import collapse_correlation, collapse_quality, collapse_structure_factor
 from lattice_lab.analysis.stats import jackknife_error, leave_one_out_means, replica_mean_sem
 from lattice_lab.analysis.structure_factor import circular_average_t, domain_size_t, structure_factor_t
@@ -48,6 +53,7 @@ from lattice_lab.common.device import resolve_device
 from lattice_lab.common.errors import ConfigError, LatticeLabError
 from lattice_lab.common.io import atomic_path, atomic_write_text
 from lattice_lab.common.progress import progress
+from lattice_lab.common.switch import check_flag
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +181,32 @@ def _fit_value(cfg: dict, key: str):
     return v
 
 
+def check_config(cfg=None, key_prefix: str = "") -> dict:
+    """:func:`resolve_config` with every setting checked that does not need the trajectory, so that a bad value
+    is refused before any work: ``analyze`` before it writes, ``simulate`` (its ``analysis`` section,
+    ``key_prefix="analysis."``, named so in the error) before the run rather than after it."""
+    c = resolve_config(cfg)
+    try:
+        _steps_list(c["correlation_steps"], "correlation_steps")
+        _steps_list(c["snapshot_steps"], "snapshot_steps")
+        n_col = c.get("collapse_frames")
+        if isinstance(n_col, bool) or not isinstance(n_col, int) or n_col < 1:
+            raise ConfigError(f"collapse_frames={n_col!r}: expected an integer >= 1")
+        t_min, t_max = _fit_value(c, "t_min"), _fit_value(c, "t_max")
+        if t_min is not None and t_max is not None and t_min >= t_max:
+            raise ConfigError(f"fit.t_min={t_min:g} >= fit.t_max={t_max:g}: the fit window is empty")
+        check_wall_threshold(c["order_parameter"].get("wall_threshold"))
+        check_binning(c["correlation"].get("binning", "exact"), c["correlation"].get("r_max"))
+        resolve_device(c.get("device", "auto"))
+        if (c.get("tracking") or {}).get("enabled") is not None:
+            check_flag(c["tracking"]["enabled"], "tracking.enabled")
+    except ConfigError as exc:
+        if not key_prefix:
+            raise
+        raise ConfigError(f"{key_prefix}{exc}") from None
+    return c
+
+
 # --------------------------------------------------------------------------------------------
 # output helpers
 # --------------------------------------------------------------------------------------------
@@ -288,17 +320,13 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
     ``<trajectory folder>/analysis``. ``tracker``: an open MLflow run to log the results into (the
     simulation that produced the trajectory) instead of a run of their own (``cfg.tracking``).
     """
-    c = resolve_config(cfg)
+    c = check_config(cfg)
     path = Path(path)
     out = Path(out_dir or c["out_dir"] or path.parent / "analysis")
     device = resolve_device(c.get("device", "auto"))
-    thr = float(c["order_parameter"]["wall_threshold"])
-    n_col = c.get("collapse_frames", 6)
-    if isinstance(n_col, bool) or not isinstance(n_col, int) or n_col < 1:
-        raise ConfigError(f"collapse_frames={n_col!r}: expected an integer >= 1")
+    thr = check_wall_threshold(c["order_parameter"]["wall_threshold"])
+    n_col = c["collapse_frames"]
     t_min, t_max = _fit_value(c, "t_min"), _fit_value(c, "t_max")
-    if t_min is not None and t_max is not None and t_min >= t_max:
-        raise ConfigError(f"fit.t_min={t_min:g} >= fit.t_max={t_max:g}: the fit window is empty")
     strict_fit = t_min is not None or t_max is not None
 
     with open_trajectory(path) as traj:
@@ -482,16 +510,22 @@ def result_settings(c: dict) -> dict:
     return json.loads(json.dumps({k: c.get(k) for k in RESULT_SETTINGS}))
 
 
+def _run_trajectory(path) -> Path:
+    """The trajectory file of ``runs=[...]`` entry ``path`` (a run folder or the file itself)."""
+    path = Path(path)
+    traj = path / "trajectory.h5" if path.is_dir() else path
+    if not traj.exists():
+        raise ConfigError(f"runs: {path} is neither a run folder with trajectory.h5 nor a trajectory file")
+    return traj
+
+
 def _run_analysis(path, c: dict, elsewhere: Path) -> tuple[dict, Path]:
     """The analysis of one run (a run folder or its trajectory file): its own ``analysis/`` where that was
     made with the same settings (``result_settings``) from the trajectory as it is now; a run whose
     trajectory changed since (resumed) is analysed again there; other settings are analysed into
     ``<elsewhere>_<run folder name>`` (the run's own analysis, which its simulate run logged, is left as it is).
     Returns (summary, analysis folder)."""
-    path = Path(path)
-    traj = path / "trajectory.h5" if path.is_dir() else path
-    if not traj.exists():
-        raise ConfigError(f"runs: {path} is neither a run folder with trajectory.h5 nor a trajectory file")
+    traj = _run_trajectory(path)
     own = traj.parent / "analysis"
     done = own / "summary.json"
     if not (done.exists() and (own / "L_t.csv").exists()):
@@ -510,10 +544,12 @@ def compare_growth(paths, cfg=None, out_dir=None) -> dict:
     and their exponents in one table: ``growth_runs.png`` and ``growth_runs.csv`` (T, L, R, steps, alpha and
     alpha_xi with errors, fit window, run folder) in ``out_dir``. Each run's own analysis is reused where it
     exists (``<run>/analysis``), else made. Returns ``{"runs": [...], "out_dir": ...}``."""
-    c = resolve_config(cfg)
+    c = check_config(cfg)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths or [])
     if not paths:
         raise ConfigError("runs=[]: give the run folders (or trajectory files) to compare")
+    for p in paths:  # every run is there before the first is analysed
+        open_trajectory(_run_trajectory(p)).close()
     out = Path(out_dir or c.get("out_dir") or "runs/analysis_runs")
     rows, curves = [], []
     for i, p in enumerate(paths):
@@ -563,7 +599,7 @@ def compare_trajectories(ed_path, ml_path, steps=None, cfg=None, out_dir=None) -
     (the same hot starts, as ``simulate_compare`` runs them); writes ``compare_C_r.png``, ``compare_C_r.csv``, ``compare.json``
     into ``out_dir`` (default ``<ml trajectory folder>/analysis/compare``). Needs R >= 2 in both.
     """
-    c = resolve_config(cfg)
+    c = check_config(cfg)
     steps = _steps_list(c["correlation_steps"] if steps is None else steps, "correlation_steps")
     device = resolve_device(c.get("device", "auto"))
     ca, sa, attrs_a, r, start_a = _replica_correlations(ed_path, steps, c["correlation"], device)

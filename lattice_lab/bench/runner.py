@@ -156,6 +156,8 @@ def run(cfg: DictConfig) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(cfg.get("device", "auto"))
     dtype = resolve_dtype(cfg.get("dtype", "float32"), MODEL_DTYPES)
+    ed_device = resolve_device(cfg.get("ed_device"), "ed_device") if cfg.get("ed_device") else device
+    _ceiling_dtypes(cfg, dtype)
     if cfg.get("threads") is not None:
         torch.set_num_threads(_positive(cfg, "threads", int))
     sizes = _sizes(cfg, "sizes")
@@ -236,7 +238,6 @@ def run(cfg: DictConfig) -> dict:
     if ed_sizes:
         from lattice_lab.physics.timing import ed_timing_table
 
-        ed_device = resolve_device(cfg.get("ed_device") or cfg.get("device", "auto"))
         for r in ed_timing_table(ed_sizes, repeats=ed_repeats, device=str(ed_device),
                                  params=hamiltonian, seed=seed):
             ed_rows.append({"kind": "ed", "preset": "ed", "model": "ExactForces", "set": "ed", "L": r["L"],
@@ -287,15 +288,22 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
+def _ceiling_dtypes(cfg, dtype) -> list[str]:
+    """``ceiling.dtypes`` (one name or a list, each checked) and the model dtype."""
+    value = OmegaConf.select(cfg, "ceiling.dtypes")
+    names = [] if value is None else [str(n) for n in value] if _is_list(value) else [str(value)]
+    for name in names:
+        resolve_dtype(name, key="ceiling.dtypes")
+    key = str(dtype).replace("torch.", "")
+    return names + ([key] if key not in names else [])
+
+
 def _ceiling(cfg, device, dtype, seed: int, machine: dict, previous: dict | None = None) -> dict:
     """Matmul ceiling per dtype: GFLOP/s of the fastest repeat (a ceiling is a best case; on a
     shared machine slower repeats measure the other users). With ``previous`` (the measurement
     at the start of the run) the higher of the two is kept and both are recorded."""
-    names = [str(n) for n in cfg.ceiling.dtypes]
-    key = str(dtype).replace("torch.", "")
-    names += [key] if key not in names else []
     out = {}
-    for name in names:
+    for name in _ceiling_dtypes(cfg, dtype):
         c = matmul_ceiling(device, int(cfg.ceiling.n), resolve_dtype(name), warmup=int(cfg.ceiling.warmup),
                            repeats=int(cfg.ceiling.repeats), seed=seed)
         c["gflops_median"] = c.pop("gflops")

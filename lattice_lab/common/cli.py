@@ -233,6 +233,10 @@ def _top_level_message(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and '"srun"' in str(exc) and shutil.which("srun") is None:
         return ('hydra/launcher=submitit_slurm (+launcher=slurm): no SLURM here ("srun" not found); submit from a '
                 "SLURM login node, or run the jobs on this machine with +launcher=parallel or +launcher=local")
+    if type(exc).__module__.startswith("sqlalchemy") and _raised_in(exc, ("get_storage",)):
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        return (f"hydra.sweeper.storage: the Optuna study storage cannot be opened ({type(exc).__name__}: {detail}); "
+                "expected an SQLAlchemy URL of a database, e.g. sqlite:///runs/optuna.db")
     if _failed_jobs and isinstance(exc, ValueError) and _raised_in(exc, ("best_trial", "best_trials")):
         label, message = _failed_jobs[0]  # an Optuna sweep whose every trial failed has no best trial
         return f"every trial failed; {label}: {message}"

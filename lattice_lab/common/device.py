@@ -13,7 +13,8 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 MODEL_DTYPES = ("float32", "float64")
 
 
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+def resolve_device(spec: str | torch.device | None = "auto", key: str = "device") -> torch.device:
+    """The torch device named by ``spec`` (``auto``: CUDA when present); a ConfigError naming ``key`` otherwise."""
     if isinstance(spec, torch.device):
         return spec
     spec = "auto" if spec is None else str(spec).strip().lower()
@@ -21,11 +22,11 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device={spec!r}: CUDA is not available on this machine (use device=auto or cpu)")
+            raise ConfigError(f"{key}={spec!r}: CUDA is not available on this machine (use {key}=auto or cpu)")
         return torch.device(spec)
     if spec == "cpu":
         return torch.device("cpu")
-    raise ConfigError(f"device={spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    raise ConfigError(f"{key}={spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 def resolve_dtype(spec: str | torch.dtype, allowed: tuple[str, ...] | None = None, key: str = "dtype") -> torch.dtype:

@@ -98,10 +98,14 @@ class ForceData:
         missing = [k for k in HAMILTONIAN_ATTRS if k not in self.attrs]
         if missing:
             raise ConfigError(f"force dataset attrs lack {missing} (needed for the Hamiltonian)")
-        return HolsteinParams(t=float(self.attrs["t"]), g=float(self.attrs["g"]), k=float(self.attrs["k"]),
-                              kappa=float(self.attrs["kappa"]),
-                              temperature=float(self.attrs["temperature"]),
-                              filling=str(self.attrs["filling"]))
+        values = {}
+        for key in HAMILTONIAN_ATTRS[:-1]:
+            try:
+                values[key] = float(self.attrs[key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"dataset path={self.attrs.get('path', '?')!r}: attribute {key}={self.attrs[key]!r} "
+                                  "is not a number (the file is damaged or was not written by generate)") from None
+        return HolsteinParams(**values, filling=str(self.attrs["filling"]))
 
 
 def read_force_dataset(path: str | os.PathLike) -> ForceData:
@@ -128,6 +132,11 @@ def read_force_dataset(path: str | os.PathLike) -> ForceData:
         attrs["kind_names"] = [_plain(v) for v in f["kind"].attrs.get("kind_names", KIND_NAMES)]
     attrs["path"] = str(path)
     data = ForceData(attrs=attrs, **arrays)
+    for name in ("Q", "F", "n"):  # one NaN force would be reported by training as a diverging learning rate
+        bad = np.flatnonzero(~np.isfinite(getattr(data, name)).all(axis=(1, 2)))
+        if bad.size:
+            raise ConfigError(f"dataset path={str(path)!r}: {name} holds NaN or inf in {bad.size} configuration(s) "
+                              f"(first: index {int(bad[0])}); the file is damaged or was not written by generate")
     if data.L != int(attrs["L"]):
         raise ConfigError(f"dataset path={str(path)!r}: attribute L={attrs['L']} but Q is {data.Q.shape}")
     return data

@@ -113,6 +113,9 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
                           "compare.integrator_dtype (same noise on both sides); set that one")
     resolve_dtype(_get(cfg, "compare.integrator_dtype", "float64"), MODEL_DTYPES, "compare.integrator_dtype")
     check_flag(_get(cfg, "compare.analyze_runs", False), "compare.analyze_runs")
+    from lattice_lab.analysis.pipeline import check_config
+
+    check_config(_get(cfg, "analysis"), "analysis.")  # the comparison's settings now, not after both runs
     native = check_switch(_get(cfg, "native_integrator", "auto"), "native_integrator")
     resume = check_flag(_get(cfg, "resume", False), "resume")
     overwrite = check_flag(_get(cfg, "overwrite", False), "overwrite")

@@ -27,6 +27,7 @@ import torch
 
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.switch import check_flag
 from lattice_lab.models.checkpoint import weights_sha256
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,9 @@ class ForceProvider:
         self.hamiltonian = hamiltonian
         self.device = resolve_device(device)
         self.dtype = dtype
-        if chunk_replicas is not None and int(chunk_replicas) < 1:
-            raise ConfigError(f"force.chunk_replicas={chunk_replicas}: need a positive integer or null")
+        if chunk_replicas is not None and (isinstance(chunk_replicas, bool) or not isinstance(chunk_replicas, int)
+                                           or chunk_replicas < 1):  # 'abc' was a ValueError, 2.5 taken as 2
+            raise ConfigError(f"force.chunk_replicas={chunk_replicas!r}: need a positive integer or null")
         self.chunk_replicas = int(chunk_replicas) if chunk_replicas else None
         self.model_path = ""
         self.model_run_id = ""
@@ -241,7 +243,7 @@ def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", 
                 f"use force=ml with a trained model (or raise force.max_L)")
         return EDForceProvider(hamiltonian, device, chunk_replicas=chunk)
     provider = MLForceProvider(hamiltonian, device, resolve_dtype(dtype, MODEL_DTYPES), _cfg_get(force_cfg, "checkpoint"),
-                               chunk_replicas=chunk, compile=bool(_cfg_get(force_cfg, "compile", False)),
+                               chunk_replicas=chunk, compile=check_flag(_cfg_get(force_cfg, "compile", False), "force.compile"),
                                model=model)
     need = 2 * math.ceil(float(getattr(provider.model, "receptive_field", 0))) + 1
     if L is not None and int(L) < need:

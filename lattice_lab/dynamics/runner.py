@@ -232,6 +232,10 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
     resume = check_flag(_get(cfg, "resume", False), "resume")
     overwrite = check_flag(_get(cfg, "overwrite", False), "overwrite")
     analyze = check_flag(_get(cfg, "analyze", False), "analyze")
+    if analyze:  # its settings now, not after the run
+        from lattice_lab.analysis.pipeline import check_config
+
+        check_config(_analysis_config(cfg), "analysis.")
     fingerprint = _fingerprint(cfg, state_dtype)
     if getattr(provider, "model_sha256", ""):  # the same path may hold another model by now (retrained)
         fingerprint["model_sha256"] = provider.model_sha256
@@ -430,9 +434,14 @@ def _analyze(traj_path: Path, cfg, tracker) -> dict:
     as the ``analyze`` entrypoint logs it (:func:`lattice_lab.analysis.pipeline.log_analysis`)."""
     from lattice_lab.analysis.pipeline import analyze_trajectory
 
+    return analyze_trajectory(str(traj_path), _analysis_config(cfg), tracker=tracker)
+
+
+def _analysis_config(cfg) -> dict:
+    """The ``analysis`` section as the analysis of the finished trajectory takes it."""
     acfg = OmegaConf.to_container(cfg.analysis, resolve=True) if _get(cfg, "analysis") is not None else {}
-    acfg["tracking"] = {**(acfg.get("tracking") or {}), "enabled": False}  # logged here, into this run
-    return analyze_trajectory(str(traj_path), acfg, tracker=tracker)
+    acfg["tracking"] = {**(acfg.get("tracking") or {}), "enabled": False}  # logged into the simulation's run
+    return acfg
 
 
 def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path, new_run: str = "another run_name") -> None:

@@ -18,6 +18,9 @@ a reference vanishes (the value goes to 0 there). For sqrt(13) it has 9 + 2 * 14
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,8 +35,11 @@ class D4Descriptor(nn.Module):
 
     def __init__(self, cutoff: float, reference_shell_r2: int = 5, phase_eps: float = 1e-2):
         super().__init__()
-        if not phase_eps > 0:
-            raise ConfigError(f"model.phase_eps={phase_eps}: need a positive epsilon")
+        if isinstance(phase_eps, bool) or not isinstance(phase_eps, (int, float)) or not 0 < phase_eps < math.inf:
+            raise ConfigError(f"model.phase_eps={phase_eps!r}: need a positive epsilon")
+        if isinstance(reference_shell_r2, bool) or not isinstance(reference_shell_r2, (int, np.integer)):
+            raise ConfigError(f"model.reference_shell_r2={reference_shell_r2!r}: expected the integer |r|^2 of an 8-site "
+                              "shell, e.g. 5")
         self.proj = EnvironmentProjection(cutoff)
         basis = self.proj.basis
         self.reference_shell_r2 = int(reference_shell_r2)

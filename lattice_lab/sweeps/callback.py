@@ -91,6 +91,18 @@ def offset_sampler_seed(config: DictConfig) -> int | None:
     return seed
 
 
+def prepare_storage(config: DictConfig) -> None:
+    """Create the folder of a sqlite study storage, as every output folder is created: the default
+    ``sqlite:///runs/optuna.db`` is relative to the working directory, and a sweep started where there is
+    no ``runs/`` (or given a storage in a new folder) failed in Optuna with 'unable to open database file'."""
+    from lattice_lab.tracking.mlflow_utils import local_store
+
+    storage = (config.hydra.get("sweeper") or {}).get("storage")
+    store = local_store(str(storage)) if storage else None
+    if store is not None and store[0] == "sqlite":
+        store[1].parent.mkdir(parents=True, exist_ok=True)
+
+
 RERUN_GROUPS = ("hamiltonian", "dataset", "model", "trainer")  # presets a single rerun must name
 
 
@@ -173,6 +185,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        prepare_storage(config)
         offset_sampler_seed(config)
         if not self.enabled or not TrackingSettings.from_config(config.get("tracking")).enabled:
             return

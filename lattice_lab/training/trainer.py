@@ -60,6 +60,11 @@ def _unpack_rng(state: dict) -> dict:
 RESUME_FIXED_KEYS = ("lr", "weight_decay", "batch_size", "lr_factor", "lr_patience", "min_lr", "grad_clip")
 
 
+# what last.pt holds beyond a model checkpoint, for an exact continuation
+RESUME_STATE_KEYS = ("optimizer", "scheduler", "rng", "shuffle_generator", "epoch", "best_val", "bad_epochs",
+                     "elapsed", "history")
+
+
 def data_fingerprint(data) -> str:
     """SHA-256 of what training sees: Q, F and the validation split (not file names or attributes)."""
     import hashlib
@@ -189,6 +194,14 @@ class Trainer:
             raise ConfigError(f"resume=true: no checkpoint to resume from at {self.last_path}")
         ckpt = load_checkpoint(self.last_path)
         resumed = f"the run being resumed ({self.out_dir})"  # named: resume=true may have picked it
+        missing = [k for k in RESUME_STATE_KEYS if k not in ckpt]
+        if missing:  # e.g. a best.pt copied over it: weights only
+            raise ConfigError(f"resume=true: {self.last_path} holds no training state to continue ({', '.join(missing)} "
+                              "missing; a best.pt or an export, not the last.pt a run writes); train again under "
+                              "another run_name")
+        if not self.best_path.is_file():  # needed at the end (the best model's evaluation): refused now, not then
+            raise ConfigError(f"resume=true: {self.best_path} is missing ({resumed} writes it with last.pt); "
+                              "train again under another run_name")
         saved_dtype = ckpt.get("dtype")
         if saved_dtype is not None and saved_dtype != str(self.dtype).removeprefix("torch."):
             raise ConfigError(f"dtype={str(self.dtype).removeprefix('torch.')}: {resumed} "
