@@ -147,6 +147,7 @@ def _run(cfg: DictConfig, where: dict) -> float:
     from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
     from lattice_lab.common.seeding import check_seed, seed_everything
     from lattice_lab.data.h5io import read_force_dataset
+    from lattice_lab.models.base import check_reach
     from lattice_lab.models.checkpoint import load_checkpoint
     from lattice_lab.models.registry import build_model, count_parameters
     from lattice_lab.sweeps.parent import current_parent_run_id
@@ -170,12 +171,12 @@ def _run(cfg: DictConfig, where: dict) -> float:
     seed_everything(seed)
     data = read_force_dataset(data_path)
     where_model = f"model={model_label(cfg)} on dataset {dataset_name(cfg)} ({data_path})"
-    cutoff = cfg.model.get("cutoff")  # the environment's reach (enn, mlp): before the model is built, whose
-    if isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool) and math.isfinite(cutoff):  # size grows
-        need = 2 * math.floor(cutoff) + 1  # as cutoff^4 (model.cutoff=100 built until memory ran out)
-        if data.L < need:
-            raise ConfigError(f"{where_model}: model.cutoff={cutoff}: lattice L={data.L} is smaller than the model's "
-                              f"receptive field (needs L >= {need})")
+    cutoff = cfg.model.get("cutoff")  # an environment's reach is floor(cutoff): checked before the model is
+    if isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool) and math.isfinite(cutoff):  # built, whose
+        try:  # size grows as cutoff^4 (model.cutoff=100 was built until memory ran out)
+            check_reach(data.L, math.floor(cutoff))
+        except ConfigError as exc:
+            raise ConfigError(f"{where_model}: model.cutoff={cutoff}: {exc}") from None
     model = build_model(cfg.model, data.hamiltonian())
     try:  # before the run folder is written: a dataset smaller than the model's reach is refused now
         model.check_input(torch.zeros(1, data.L, data.L))

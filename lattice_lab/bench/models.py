@@ -10,7 +10,6 @@ estimated from the largest size already measured (cost is linear in N for a loca
 
 from __future__ import annotations
 
-import math
 import statistics
 
 import torch
@@ -19,6 +18,7 @@ from lattice_lab.bench.timing import peak_memory, plan_repeats, time_call
 from lattice_lab.common.cuda_graph import GraphedCall
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.progress import progress
+from lattice_lab.models.base import min_lattice as reach_lattice
 
 
 def available_presets() -> list[str]:
@@ -66,7 +66,7 @@ def model_label(model) -> str:
 
 def min_lattice(model) -> int:
     """Smallest L the model accepts (its receptive field must fit: L >= 2 r + 1)."""
-    return 2 * math.ceil(float(getattr(model, "receptive_field", 0))) + 1
+    return reach_lattice(float(getattr(model, "receptive_field", 0)))
 
 
 def make_provider(model, hamiltonian, device, dtype):

@@ -28,6 +28,7 @@ import torch
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.switch import check_flag
+from lattice_lab.models.base import min_lattice
 from lattice_lab.models.checkpoint import weights_sha256
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", 
     provider = MLForceProvider(hamiltonian, device, resolve_dtype(dtype, MODEL_DTYPES), _cfg_get(force_cfg, "checkpoint"),
                                chunk_replicas=chunk, compile=check_flag(_cfg_get(force_cfg, "compile", False), "force.compile"),
                                model=model)
-    need = 2 * math.ceil(float(getattr(provider.model, "receptive_field", 0))) + 1
+    need = min_lattice(float(getattr(provider.model, "receptive_field", 0)))
     if L is not None and int(L) < need:
         raise ConfigError(f"dynamics.L={L}: smaller than this force field's receptive field allows "
                           f"(needs L >= {need})")

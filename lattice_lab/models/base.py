@@ -14,6 +14,19 @@ from lattice_lab.native.policy import tensors_replaced, weights_written
 HAMILTONIAN_KEYS = ("t", "g", "k", "kappa")
 
 
+def min_lattice(receptive_field: float) -> int:
+    """Smallest L on which a model of this reach (sites in x or y) sees no site twice: the periodic
+    window of ``2 ceil(reach) + 1`` sites must fit."""
+    return 2 * math.ceil(receptive_field) + 1
+
+
+def check_reach(L: int, receptive_field: float) -> None:
+    """Refuse a lattice ``L`` smaller than :func:`min_lattice` (ConfigError naming both)."""
+    need = min_lattice(receptive_field)
+    if L < need:
+        raise ConfigError(f"lattice L={L} is smaller than the model's receptive field (needs L >= {need})")
+
+
 class ForceField(nn.Module):
     """Base class of all learned force fields.
 
@@ -105,11 +118,7 @@ class ForceField(nn.Module):
             raise ConfigError(f"force field input dtype {str(Q.dtype).removeprefix('torch.')} differs from the "
                               f"model's {str(want).removeprefix('torch.')}: convert one of them "
                               "(Q.to(dtype) or model.to(dtype))")
-        L = Q.shape[-1]
-        if L < 2 * math.ceil(self.receptive_field) + 1:
-            raise ConfigError(
-                f"lattice L={L} is smaller than the model's receptive field "
-                f"(needs L >= {2 * math.ceil(self.receptive_field) + 1})")
+        check_reach(Q.shape[-1], self.receptive_field)
 
     def check_compatible(self, hamiltonian: dict, cutoff: float | None = None) -> None:
         """Raise ConfigError if ``hamiltonian`` (t, g, k, kappa) or ``cutoff`` differ from training.
