@@ -96,6 +96,9 @@ def _dataset_path(cfg: DictConfig) -> Path:
     if "path" not in cfg.dataset or not cfg.dataset.path:
         raise ConfigError("dataset.path is not set (the dataset preset must say where its HDF5 file is)")
     path = Path(to_absolute_path(str(cfg.dataset.path)))
+    if path.is_dir():
+        raise ConfigError(f"dataset.path={str(cfg.dataset.path)!r}: is a folder; name the dataset's HDF5 file "
+                          "(e.g. runs/data/holstein_L16.h5)")
     if not path.is_file():
         raise ConfigError(f"dataset.path={str(cfg.dataset.path)!r}: file not found; generate it with "
                           f"`python -m lattice_lab.generate dataset={_choice('dataset') or dataset_name(cfg)}`")

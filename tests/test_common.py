@@ -285,12 +285,13 @@ def test_dataset_build_shows_one_bar_per_phase_with_its_own_count(tmp_path, monk
 
     monkeypatch.setenv("LATTICE_LAB_NO_PROGRESS", "0")
     buf = io.StringIO()
-    bar = P.progress(total=10, desc="work a", file=buf)
-    bar.update(10)
+    bar = P.progress(total=10, desc="work a", file=buf, initial=3, mininterval=0)  # a resumed first phase
+    bar.update(7)
     P.start_phase(bar, "work b", 4, done=1)
     assert (bar.n, bar.total, bar.initial, bar.desc) == (1, 4, 1, "work b")
     bar.close()
     assert "work b:  25%" in buf.getvalue()
+    assert "-" not in buf.getvalue().replace("work a", "").replace("work b", "")  # no negative rate or time
 
     bars, phases = [], []
 

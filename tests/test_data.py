@@ -57,6 +57,8 @@ def test_write_accepts_a_mapping_and_fills_defaults(tmp_path):
 def test_missing_file_and_incomplete_files_give_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         read_force_dataset(tmp_path / "nope.h5")
+    with pytest.raises(ConfigError, match="is a folder, not a dataset file"):
+        read_force_dataset(tmp_path)
     (tmp_path / "junk.h5").write_text("not hdf5")
     with pytest.raises(ConfigError, match="not a readable HDF5 file"):
         read_force_dataset(tmp_path / "junk.h5")

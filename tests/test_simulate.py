@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -380,6 +381,46 @@ def test_bad_force_settings_are_config_errors(tmp_path, gnn_checkpoint, bad, mes
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
         run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={gnn_checkpoint[0]}", bad))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("+force.chunk_replica=2", "force.chunk_replica: no such setting (force has source, checkpoint,"),
+    ("+force.checkpont=x.pt", "force.checkpont: no such setting"),
+])
+def test_unknown_force_keys_are_refused(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        run(make_cfg(tmp_path, "force=ed", bad))
+    assert not any(tmp_path.iterdir())
+
+
+def test_force_ed_accepts_every_force_key(tmp_path):
+    """An experiment that sets force.checkpoint still runs with force=ed (every source takes every key)."""
+    res = run(make_cfg(tmp_path, "force=ed", "+force.checkpoint=unused.pt", "+force.compile=false",
+                       "dynamics.steps=2", "analyze=false", "tracking.enabled=false"))
+    assert os.path.exists(res["trajectory"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("compare.ed_force.chunk_replicas=abc", "compare.ed_force.chunk_replicas='abc': need a positive integer"),
+    ("compare.ed_force.max_L=abc", "compare.ed_force.max_L='abc': expected an integer >= 2"),
+    ("+compare.ed_force.max_l=40", "compare.ed_force.max_l: no such setting (compare.ed_force has source,"),
+    ("compare.ed_force.max_L=6", "dynamics.L=8: exact diagonalisation above compare.ed_force.max_L=6"),
+])
+def test_comparison_ed_force_settings_are_named_as_such(tmp_path, gnn_checkpoint, bad, message):
+    cfg = make_cfg(tmp_path, f"force.checkpoint={gnn_checkpoint[0]}", "compare.steps=[5]", "dynamics.L=8", bad,
+                   config_name="simulate_compare")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        run_comparison(cfg)
+    assert not any(tmp_path.iterdir())
+
+
+def test_comparison_ed_run_that_is_a_file_is_named(tmp_path, gnn_checkpoint):
+    (tmp_path / "ed.h5").write_text("not a run folder")
+    cfg = make_cfg(tmp_path / "out", f"force.checkpoint={gnn_checkpoint[0]}", "compare.steps=[5]",
+                   f"compare.ed_run={tmp_path / 'ed.h5'}", config_name="simulate_compare")
+    with pytest.raises(ConfigError, match=r"^compare.ed_run=.*ed.h5: is a file, not a run folder"):
+        run_comparison(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 def test_odd_L_refused_before_anything_is_written(tmp_path, gnn_checkpoint):

@@ -176,6 +176,12 @@ def test_a_cutoff_beyond_the_dataset_is_refused_before_the_model_is_built(datase
     assert not any(tmp_path.iterdir())
 
 
+def test_dataset_path_that_is_a_folder_is_named(tmp_path, dataset_file):
+    with pytest.raises(ConfigError, match=r"^dataset.path=.*: is a folder; name the dataset's HDF5 file"):
+        run(_cfg(dataset_file, tmp_path / "out", f"dataset.path={tmp_path}", "tracking.enabled=false"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, "-m", "lattice_lab.train", "dataset=holstein_L8_tiny",

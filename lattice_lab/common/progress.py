@@ -57,8 +57,9 @@ def start_phase(bar, desc: str, total: int, done: int = 0) -> None:
     """Turn ``bar`` into the bar of a new phase of the same loop: its description (name the phase), total and
     count start afresh, so its rate and time left are those of this phase only (a slower phase after a fast
     one would otherwise be promised the fast one's rate). ``done``: of ``total``, already done (a resume)."""
-    bar.reset(total=total)
     bar.set_description_str(desc, refresh=False)
     set_status(bar, "")
+    bar.initial = 0  # reset() redraws at n = 0: with a resumed bar's initial its rate read negative
+    bar.reset(total=total)
     bar.initial = bar.n = bar.last_print_n = done
     bar.refresh()

@@ -113,6 +113,8 @@ def read_force_dataset(path: str | os.PathLike) -> ForceData:
     import h5py
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"dataset path={str(path)!r}: is a folder, not a dataset file")
     if not path.is_file():
         raise ConfigError(f"dataset path={str(path)!r}: file not found "
                           "(build it with `python -m lattice_lab.generate dataset=...`)")

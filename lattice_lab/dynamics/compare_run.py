@@ -27,6 +27,7 @@ from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtyp
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text, check_run_name, load_torch_file, run_lock
 from lattice_lab.common.switch import check_flag, check_switch
+from lattice_lab.dynamics.forces import check_force_config
 from lattice_lab.dynamics.runner import (
     CHECKPOINT_FILE,
     RESUME_CONFIG_FILE,
@@ -106,6 +107,7 @@ def run_comparison(cfg: DictConfig, *, ml_provider=None) -> dict:
         else {"source": "ed", "max_L": 48}
     if ed_force.get("source") != "ed":
         raise ConfigError(f"compare.ed_force.source={ed_force.get('source')!r}: must be 'ed'")
+    check_force_config(ed_force, "compare.ed_force.", L=_get(cfg, "dynamics.L"))  # named as compare.ed_force.*
     name = comparison_name(cfg)
     root = _to_abs(_get(cfg, "output_root", "runs/trajectories")) / name
     if _get(cfg, "integrator_dtype") is not None:
@@ -195,6 +197,9 @@ def _shared_ed_dir(cfg, root):
     if shared == root or root in shared.parents or shared in root.parents:
         raise ConfigError(f"compare.ed_run={shared}: must lie outside this comparison's folder {root} "
                           "(e.g. runs/trajectories/ed_L16_R8)")
+    if shared.exists() and not shared.is_dir():
+        raise ConfigError(f"compare.ed_run={shared}: is a file, not a run folder (name the ED run's folder, "
+                          "e.g. runs/trajectories/ed_L16_R8, or a new folder for it)")
     if (shared / "comparison.json").exists() or (shared / "ed").is_dir() or (shared / "ml").is_dir():
         raise ConfigError(f"compare.ed_run={shared}: holds an ED-vs-ML comparison, not an ED run; name a folder of "
                           f"its own (e.g. runs/trajectories/ed_L16_R8), or that comparison's ED run {shared / 'ed'}")

@@ -222,26 +222,48 @@ def model_run_id_of(checkpoint, model=None) -> str:
     return ""
 
 
+FORCE_KEYS = ("source", "checkpoint", "chunk_replicas", "compile", "max_L")  # conf/force/{ml,ed}.yaml
+
+
+def check_force_config(force_cfg, prefix: str = "force.", *, L: int | None = None) -> str:
+    """Check a force config before any work; errors name the key as ``<prefix><key>`` (``force.`` or
+    ``compare.ed_force.``). Returns the source, ``ed`` or ``ml``. Unknown keys are refused (a typo such as
+    ``+force.chunk_replica=2`` would otherwise be ignored); both sources accept every key in
+    :data:`FORCE_KEYS`, so an experiment that sets ``force.checkpoint`` still runs with ``force=ed``."""
+    keys = list(force_cfg.keys()) if force_cfg is not None and hasattr(force_cfg, "keys") else []
+    unknown = sorted(set(map(str, keys)) - set(FORCE_KEYS))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: no such setting ({prefix.rstrip('.')} has {', '.join(FORCE_KEYS)})")
+    source = str(_cfg_get(force_cfg, "source", "")).lower()
+    if source not in FORCE_SOURCES:
+        raise ConfigError(f"{prefix}source={source!r}: expected one of {FORCE_SOURCES} (force=ml or force=ed)")
+    chunk = _cfg_get(force_cfg, "chunk_replicas")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ConfigError(f"{prefix}chunk_replicas={chunk!r}: need a positive integer or null")  # 'abc', 2.5
+    check_flag(_cfg_get(force_cfg, "compile", False), f"{prefix}compile")
+    if source == "ed":
+        max_L = _cfg_get(force_cfg, "max_L", 48)
+        if isinstance(max_L, bool) or not isinstance(max_L, int) or max_L < 2:
+            raise ConfigError(f"{prefix}max_L={max_L!r}: expected an integer >= 2")
+        if isinstance(L, int) and not isinstance(L, bool) and L > max_L:
+            raise ConfigError(
+                f"dynamics.L={L}: exact diagonalisation above {prefix}max_L={max_L} costs O(L^6) per step; "
+                f"use force=ml with a trained model (or raise {prefix}max_L)")
+    return source
+
+
 def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", *, L: int | None = None,
                         model=None) -> ForceProvider:
-    """Build the force provider named by ``force_cfg.source`` (``ed`` or ``ml``).
+    """Build the force provider named by ``force_cfg.source`` (``ed`` or ``ml``), checked by
+    :func:`check_force_config`.
 
     ``hamiltonian`` is a :class:`~lattice_lab.physics.holstein.HolsteinParams` (temperature = the
     bath temperature). ``dtype`` is the ML model's dtype (ED is always float64). With ``L`` given,
     ED refuses lattices above ``force.max_L``. ``model`` injects an already built force field.
     """
-    source = str(_cfg_get(force_cfg, "source", "")).lower()
-    if source not in FORCE_SOURCES:
-        raise ConfigError(f"force.source={source!r}: expected one of {FORCE_SOURCES} (force=ml or force=ed)")
+    source = check_force_config(force_cfg, L=L)
     chunk = _cfg_get(force_cfg, "chunk_replicas")
     if source == "ed":
-        max_L = _cfg_get(force_cfg, "max_L", 48)
-        if isinstance(max_L, bool) or not isinstance(max_L, int) or max_L < 2:
-            raise ConfigError(f"force.max_L={max_L!r}: expected an integer >= 2")
-        if L is not None and int(L) > max_L:
-            raise ConfigError(
-                f"dynamics.L={L}: exact diagonalisation above force.max_L={max_L} costs O(L^6) per step; "
-                f"use force=ml with a trained model (or raise force.max_L)")
         return EDForceProvider(hamiltonian, device, chunk_replicas=chunk)
     provider = MLForceProvider(hamiltonian, device, resolve_dtype(dtype, MODEL_DTYPES), _cfg_get(force_cfg, "checkpoint"),
                                chunk_replicas=chunk, compile=check_flag(_cfg_get(force_cfg, "compile", False), "force.compile"),
