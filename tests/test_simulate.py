@@ -364,6 +364,8 @@ def test_bad_seed_refused_before_anything_is_written(tmp_path, seed):
     ("force.max_L=abc", "force.max_L='abc': expected an integer >= 2"),
     ("+dynamics.integrator=euler", "dynamics.integrator='euler': the only integrator is verlet_ou"),
     ("+dynamics.tempertaure=0.2", "dynamics.tempertaure: no such setting (dynamics has integrator, mass,"),
+    ("+divergence.max_abs=3", "divergence.max_abs: no such setting (divergence has max_abs_q, scale_factor,"),
+    ("+trajectory.compresion=lzf", "trajectory.compresion: no such setting (trajectory has compression,"),
 ])
 def test_bad_run_settings_are_config_errors(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as info:

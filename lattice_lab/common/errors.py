@@ -32,3 +32,13 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+def refuse_unknown_keys(section, known, name: str) -> None:
+    """ConfigError naming the first key of the config ``section`` (a mapping, or None) that is not in
+    ``known``, as ``<name>.<key>``: a typo added with ``+`` (``+dynamics.tempertaure=0.2``) would
+    otherwise be ignored."""
+    keys = list(section.keys()) if section is not None and hasattr(section, "keys") else []
+    unknown = sorted(set(map(str, keys)) - set(known))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: no such setting ({name} has {', '.join(known)})")

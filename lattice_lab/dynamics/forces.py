@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
-from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.errors import ConfigError, refuse_unknown_keys
 from lattice_lab.common.switch import check_flag
 from lattice_lab.models.base import min_lattice
 from lattice_lab.models.checkpoint import weights_sha256
@@ -230,10 +230,7 @@ def check_force_config(force_cfg, prefix: str = "force.", *, L: int | None = Non
     ``compare.ed_force.``). Returns the source, ``ed`` or ``ml``. Unknown keys are refused (a typo such as
     ``+force.chunk_replica=2`` would otherwise be ignored); both sources accept every key in
     :data:`FORCE_KEYS`, so an experiment that sets ``force.checkpoint`` still runs with ``force=ed``."""
-    keys = list(force_cfg.keys()) if force_cfg is not None and hasattr(force_cfg, "keys") else []
-    unknown = sorted(set(map(str, keys)) - set(FORCE_KEYS))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: no such setting ({prefix.rstrip('.')} has {', '.join(FORCE_KEYS)})")
+    refuse_unknown_keys(force_cfg, FORCE_KEYS, prefix.rstrip("."))
     source = str(_cfg_get(force_cfg, "source", "")).lower()
     if source not in FORCE_SOURCES:
         raise ConfigError(f"{prefix}source={source!r}: expected one of {FORCE_SOURCES} (force=ml or force=ed)")

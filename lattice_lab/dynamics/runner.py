@@ -34,7 +34,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype, synchronize
-from lattice_lab.common.errors import ConfigError, DiskFull, Interrupted, SimulationDiverged
+from lattice_lab.common.errors import (
+    ConfigError,
+    DiskFull,
+    Interrupted,
+    SimulationDiverged,
+    refuse_unknown_keys,
+)
 from lattice_lab.common.interrupts import StopRequests
 from lattice_lab.common.io import (
     atomic_torch_save,
@@ -63,6 +69,8 @@ CONFIG_FILE = "config.yaml"
 RESUME_CONFIG_FILE = "config_resume.yaml"  # the config of the latest resume (config.yaml: the run's first)
 DYNAMICS_KEYS = ("integrator", "mass", "gamma", "dt", "temperature", "init_temperature", "L", "replicas", "steps",
                  "save_every", "save_log_per_decade")
+DIVERGENCE_KEYS = ("max_abs_q", "scale_factor", "check_every")
+TRAJECTORY_KEYS = ("compression", "compression_level")
 INTEGRATORS = ("verlet_ou",)  # velocity Verlet + exact Ornstein-Uhlenbeck velocity update (DESIGN.md section 3)
 
 
@@ -108,9 +116,9 @@ def validate_dynamics(cfg) -> dict:
     """Check ``cfg.dynamics``; return its values as a plain dict."""
     if _get(cfg, "dynamics") is None:
         raise ConfigError("dynamics=None: choose a dynamics preset (e.g. dynamics=quench_small)")
-    unknown = sorted(set(map(str, cfg.dynamics.keys())) - set(DYNAMICS_KEYS))
-    if unknown:  # e.g. +dynamics.tempertaure=0.2: a typo would otherwise be ignored
-        raise ConfigError(f"dynamics.{unknown[0]}: no such setting (dynamics has {', '.join(DYNAMICS_KEYS)})")
+    refuse_unknown_keys(cfg.dynamics, DYNAMICS_KEYS, "dynamics")  # e.g. +dynamics.tempertaure=0.2
+    refuse_unknown_keys(_get(cfg, "divergence"), DIVERGENCE_KEYS, "divergence")
+    refuse_unknown_keys(_get(cfg, "trajectory"), TRAJECTORY_KEYS, "trajectory")
     integrator = _get(cfg, "dynamics.integrator", INTEGRATORS[0])
     if integrator not in INTEGRATORS:
         raise ConfigError(f"dynamics.integrator={integrator!r}: the only integrator is "
