@@ -73,6 +73,16 @@ def test_hydra_composition_errors_are_one_line_and_exit_2(app, tmp_path):
     assert proc.stderr == "error: Could not override 'nosuchkey'. To append to your config use +nosuchkey=1\n"
 
 
+def test_hydra_flags_that_do_not_go_together_are_one_line_and_exit_2(app, tmp_path):
+    # -m with --cfg job (to look at a multirun experiment's config): Hydra raises a ValueError of its own
+    proc = _run(app, tmp_path, "-m", "--cfg", "job")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be specified\n"
+    proc = _run(app, tmp_path, "--resolve")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: The --resolve flag can only be used in conjunction with --cfg or --help\n"
+
+
 def test_a_bug_keeps_hydras_traceback_and_exit_1(app, tmp_path):
     proc = _run(app, tmp_path, "x=99")
     assert proc.returncode == 1

@@ -11,7 +11,7 @@ Every Hydra entrypoint is decorated twice::
   ``error: ...`` and exits 2. In a multirun it is raised on, labelled with its job, so that launchers
   and sweepers record the job as failed (Optuna: the trial is ``FAIL`` and the sweep goes on).
 - :func:`hydra_errors`: Hydra's composition errors (``dynamics=quench_smal``, an unparsable override,
-  an unknown key), the failed job that ends a plain multirun (``error: job N (overrides): message``)
+  an unknown key, flags that do not go together such as ``-m --cfg job``), the failed job that ends a plain multirun (``error: job N (overrides): message``)
   and ``+launcher=slurm`` without SLURM print one line and exit 2; anything else is reported the way
   Hydra reports it (traceback, exit 1).
 - An interruption (Ctrl-C, SIGTERM) prints one line ``interrupted...`` and exits 130 (143 after a
@@ -218,11 +218,23 @@ def _raised_in(exc: BaseException, functions: tuple[str, ...]) -> bool:
     return False
 
 
+def _raise_site(exc: BaseException) -> str | None:
+    """The name of the function that raised ``exc`` (the innermost frame of its traceback)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_name
+
+
 def _top_level_message(exc: BaseException) -> str | None:
     """The one line for an exception that ended a Hydra entrypoint, or None where it is not a user error."""
     hydra_msg = _hydra_message(exc)
     if hydra_msg is not None:
         return hydra_msg
+    if isinstance(exc, ValueError) and _raise_site(exc) == "_run_hydra":
+        return str(exc)  # Hydra's command-line flags that do not go together (-m with --cfg, --resolve alone)
     label = getattr(exc, _JOB_ATTR, None)
     if label is not None:  # the failed multirun job that ended the sweep
         others = [other for other, _ in _failed_jobs if other != label]
