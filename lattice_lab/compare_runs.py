@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from lattice_lab.common.errors import ConfigError
@@ -200,7 +201,10 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table(header, rows))
+    try:
+        print(format_table(header, rows), flush=True)
+    except BrokenPipeError:  # `compare_runs | head`: the reader has gone; the rest goes nowhere, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if args.csv:
         import csv
         import io

@@ -131,3 +131,25 @@ def test_a_database_given_as_a_plain_path_or_not_a_database_is_one_line(tmp_path
                                        f"(a sqlite database is sqlite:///{db})\n")
     assert main(["--tracking-uri", f"sqlite:///{db}"]) == 2
     assert capsys.readouterr().err == f"error: --tracking-uri sqlite:///{db}: (sqlite3.DatabaseError) file is not a database\n"
+
+
+def test_a_closed_pipe_ends_quietly(tmp_mlflow, tmp_path):
+    """`python -m lattice_lab.compare_runs | head`: the reader closes the pipe before the table is written."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tmp_mlflow)
+    exp = mlflow.create_experiment("lattice_lab/train")
+    with mlflow.start_run(experiment_id=exp, run_name="a"):
+        mlflow.log_metrics({"final/val_sigma": 0.1})
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    proc = subprocess.run([sys.executable, "-m", "lattice_lab.compare_runs", "--tracking-uri", tmp_mlflow,
+                           "--csv", str(tmp_path / "t.csv")], stdout=write, stderr=subprocess.PIPE, text=True,
+                          timeout=120)
+    os.close(write)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert (tmp_path / "t.csv").read_text().startswith("run_id")
