@@ -193,6 +193,10 @@ def main(argv=None) -> int:
     p.add_argument("--group-by", default=None,
                    help="a column, e.g. tags.model_preset: mean +- std of every numeric column over its runs (seeds)")
     args = p.parse_args(argv)
+    # an interactive command: a tracking server that does not answer is an error within seconds, not after
+    # MLflow's default 7 retries with backoff (2 minutes); the user's own settings win
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     if args.max_runs < 1:
         p.error(f"--max-runs={args.max_runs}: expected a positive integer")
     try:

@@ -153,3 +153,16 @@ def test_a_closed_pipe_ends_quietly(tmp_mlflow, tmp_path):
     os.close(write)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert (tmp_path / "t.csv").read_text().startswith("run_id")
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_within_seconds(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    # MLflow's own default (7 retries with backoff) took 2 minutes: past this timeout
+    proc = subprocess.run([sys.executable, "-m", "lattice_lab.compare_runs", "--tracking-uri", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --tracking-uri http://127.0.0.1:9: "), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
