@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.errors import ConfigError, number_or_nan
 
 BINNINGS = ("exact", "integer")
 
@@ -69,11 +69,8 @@ def check_binning(binning: str, r_max) -> float | None:
         raise ConfigError(f"correlation.binning={binning!r}: expected one of {list(BINNINGS)}")
     if r_max is None:
         return None
-    try:
-        value = float(r_max)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(r_max, bool) or not value >= 0:
+    value = number_or_nan(r_max)
+    if not value >= 0:
         raise ConfigError(f"correlation.r_max={r_max!r}: expected a number >= 0 or null (L/2)")
     return value
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lattice_lab.analysis.correlation import as_field
-from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.errors import ConfigError, number_or_nan
 from lattice_lab.lattice import checkerboard, nn_sum
 
 
@@ -31,11 +31,8 @@ def cdw_order_parameter(n, device=None) -> np.ndarray:
 
 def check_wall_threshold(threshold) -> float:
     """``order_parameter.wall_threshold`` as a number in (0, 1]; a ConfigError naming it otherwise."""
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(threshold, bool) or not 0 < value <= 1:
+    value = number_or_nan(threshold)
+    if not 0 < value <= 1:
         raise ConfigError(f"order_parameter.wall_threshold={threshold!r}: expected 0 < threshold <= 1")
     return value
 

@@ -34,6 +34,17 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def number_or_nan(value) -> float:
+    """``value`` as a float for a range check, NaN where it is no number (a string, None, a bool), so that
+    ``not lo < number_or_nan(v) <= hi`` refuses those too and the caller names ``v`` in one ConfigError."""
+    if isinstance(value, bool):
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def refuse_unknown_keys(section, known, name: str) -> None:
     """ConfigError naming the first key of the config ``section`` (a mapping, or None) that is not in
     ``known``, as ``<name>.<key>``: a typo added with ``+`` (``+dynamics.tempertaure=0.2``) would

@@ -54,6 +54,12 @@ def _chunks(R: int, chunk: int | None):
         yield slice(start, min(start + chunk, R))
 
 
+def _check_chunk(value, key: str) -> None:
+    """``chunk_replicas``: a positive integer or None ('abc' was a ValueError, 2.5 was taken as 2)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{key}={value!r}: need a positive integer or null")
+
+
 class ForceProvider:
     """Base class: batched force evaluation in ``self.dtype`` on ``self.device`` plus the density."""
 
@@ -63,9 +69,7 @@ class ForceProvider:
         self.hamiltonian = hamiltonian
         self.device = resolve_device(device)
         self.dtype = dtype
-        if chunk_replicas is not None and (isinstance(chunk_replicas, bool) or not isinstance(chunk_replicas, int)
-                                           or chunk_replicas < 1):  # 'abc' was a ValueError, 2.5 taken as 2
-            raise ConfigError(f"force.chunk_replicas={chunk_replicas!r}: need a positive integer or null")
+        _check_chunk(chunk_replicas, "force.chunk_replicas")
         self.chunk_replicas = int(chunk_replicas) if chunk_replicas else None
         self.model_path = ""
         self.model_run_id = ""
@@ -234,9 +238,7 @@ def check_force_config(force_cfg, prefix: str = "force.", *, L: int | None = Non
     source = str(_cfg_get(force_cfg, "source", "")).lower()
     if source not in FORCE_SOURCES:
         raise ConfigError(f"{prefix}source={source!r}: expected one of {FORCE_SOURCES} (force=ml or force=ed)")
-    chunk = _cfg_get(force_cfg, "chunk_replicas")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ConfigError(f"{prefix}chunk_replicas={chunk!r}: need a positive integer or null")  # 'abc', 2.5
+    _check_chunk(_cfg_get(force_cfg, "chunk_replicas"), f"{prefix}chunk_replicas")
     check_flag(_cfg_get(force_cfg, "compile", False), f"{prefix}compile")
     if source == "ed":
         max_L = _cfg_get(force_cfg, "max_L", 48)
