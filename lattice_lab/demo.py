@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lattice_lab.analysis.growth import describe_exponent
-from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
-from lattice_lab.common.errors import LatticeLabError
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors, received_signal
+from lattice_lab.common.errors import Interrupted, LatticeLabError
 
 REPO = Path(CONFIG_DIR).parent
 
@@ -28,10 +29,31 @@ def _stage(name: str, overrides: list[str]) -> float:
     cmd = [sys.executable, "-m", f"lattice_lab.{name}", *overrides]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO)
-    if proc.returncode != 0:
-        raise LatticeLabError(f"demo stage `{name}` failed (exit code {proc.returncode}); see its output above")
+    rc = run_stage(cmd, name)
+    if rc != 0:
+        raise LatticeLabError(f"demo stage `{name}` failed (exit code {rc}); see its output above")
     return time.perf_counter() - t0
+
+
+def run_stage(cmd: list[str], name: str) -> int:
+    """Run one stage's process and return its exit code. On Ctrl-C or SIGTERM the stage gets exactly one
+    signal (it runs in its own session, so a terminal's Ctrl-C reaches only this process, which passes it
+    on) and the time to stop at its next safe point and save, as when it is run by hand; a second Ctrl-C
+    passes a second signal on, which stops it at once. Then :class:`Interrupted` says so."""
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        signum = received_signal() or signal.SIGINT
+        while True:
+            try:
+                proc.send_signal(signum)
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:  # asked again: pass it on (the stage stops at once)
+                continue
+        raise Interrupted(f"the demo stopped in its `{name}` stage (exit code {rc}), which saved its state as "
+                          "it says above; `make demo` starts again (reusing the dataset)", signum) from None
 
 
 def run(cfg: DictConfig) -> dict:

@@ -30,3 +30,58 @@ def test_presets_are_overridable_and_passed_to_the_stages(monkeypatch, tmp_path)
     assert (gen, train, sim) == ("generate", "train", "simulate")
     assert "dataset=no_such_set_for_test" in g_over and "seed=4" in g_over
     assert {"model=gnn_small", "dataset=no_such_set_for_test", "trainer=default"} <= set(t_over)
+
+
+_CHILD = """
+import pathlib, signal, sys, time
+ready, marker = map(pathlib.Path, sys.argv[1:3])
+got = []
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda s, f: got.append(s))
+ready.write_text("1")
+while not got:
+    time.sleep(0.01)
+time.sleep(0.6)  # saving takes a while: longer than subprocess.run's 0.25 s grace before SIGKILL
+marker.write_text(f"{signal.Signals(got[0]).name} {len(got)}")
+sys.exit(130)
+"""
+
+_PARENT = """
+import sys
+from lattice_lab import demo
+from lattice_lab.common.cli import friendly_errors
+
+@friendly_errors
+def main():
+    demo.run_stage([sys.executable, sys.argv[1], sys.argv[2], sys.argv[3]], "fake")
+
+main()
+"""
+
+
+@pytest.mark.parametrize(("signame", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_stage_gets_one_signal_and_time_to_save(tmp_path, signame, code):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    child, parent = tmp_path / "child.py", tmp_path / "parent.py"
+    child.write_text(_CHILD)
+    parent.write_text(_PARENT)
+    ready, marker = tmp_path / "ready", tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(demo.__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(parent), str(child), str(ready), str(marker)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the stage did not start"
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, signame))  # only to the demo: the stage is in its own session
+    _, err = proc.communicate(timeout=60)
+    assert marker.read_text() == f"{signame} 1"  # passed on once, and the stage finished saving
+    assert proc.returncode == code
+    assert "interrupted" in err and "`fake` stage (exit code 130)" in err and "Traceback" not in err

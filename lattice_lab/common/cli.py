@@ -108,6 +108,12 @@ def _job_failed(exc: BaseException) -> None:
     log.error("%s failed: %s", label, message)
 
 
+def received_signal() -> int | None:
+    """The signal behind the KeyboardInterrupt being handled: SIGTERM when this module turned one into it,
+    else None (Ctrl-C)."""
+    return _received["signal"]
+
+
 def _exit_code() -> int:
     return 128 + int(_received["signal"] or signal.SIGINT)
 
