@@ -522,3 +522,33 @@ def test_log_axes_over_a_narrow_range_get_several_labels():
     assert len(labels(ax.yaxis, ax.get_ylim())) >= 3
     assert {10.0, 20.0, 50.0, 100.0} <= set(labels(ax.xaxis, ax.get_xlim()))  # wide ranges: 1, 2, 5 x 10^k
     plt.close(fig)
+
+
+def _visible_tick_labels(ax, axis):
+    lo, hi = sorted(axis.get_view_interval())
+    return [t for t in axis.get_majorticklabels() if t.get_visible() and t.get_text() and lo <= t.get_position()[
+        0 if axis is ax.xaxis else 1] <= hi]
+
+
+def test_log_axes_over_many_decades_have_readable_labels():
+    """A run with log-spaced frames spans t = 0.05..1250: the growth plot labelled 0.05, 0.1, 0.2, 0.5 all as "0"
+    and ran 500, 1000 and 2000 into one another ("5001000 2000")."""
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.analysis.plots import growth_plot
+
+    t = np.concatenate([[0.05, 0.1, 0.15, 0.3, 0.5, 0.9, 1.6], np.linspace(5, 1250, 250)])
+    L = 0.5 + 0.35 * t**0.35
+    fig = growth_plot(t, {"L(t)": (L, 0.01 * L)}, {}, "T = 0.1, L = 200, R = 30")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    for axis in (ax.xaxis, ax.yaxis):
+        labels = _visible_tick_labels(ax, axis)
+        assert len(labels) >= 3
+        for lab in labels:  # each label reads as its tick's value
+            where = lab.get_position()[0 if axis is ax.xaxis else 1]
+            assert float(lab.get_text().replace("\N{MINUS SIGN}", "-")) == pytest.approx(where, rel=1e-3), lab
+        boxes = sorted((lab.get_window_extent() for lab in labels), key=lambda b: b.x0 if axis is ax.xaxis else b.y0)
+        for a, b in zip(boxes, boxes[1:]):  # no two labels overlap
+            assert (a.x1 <= b.x0) if axis is ax.xaxis else (a.y1 <= b.y0), (a, b)
+    plt.close(fig)
