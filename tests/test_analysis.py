@@ -552,3 +552,27 @@ def test_log_axes_over_many_decades_have_readable_labels():
         for a, b in zip(boxes, boxes[1:]):  # no two labels overlap
             assert (a.x1 <= b.x0) if axis is ax.xaxis else (a.y1 <= b.y0), (a, b)
     plt.close(fig)
+
+
+def test_growth_plot_shows_its_fits_and_keeps_the_guide_near_the_data():
+    """At paper scale (hundreds of frames) a fit drawn in its series' colour vanished into the markers, and the
+    t^(1/2) guide, drawn over all times through the last point, stretched the length axis 1.5 decades below
+    the data (t = 0.05..1250)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from lattice_lab.analysis.growth import PowerLawFit
+    from lattice_lab.analysis.plots import growth_plot
+
+    t = np.concatenate([[0.05, 0.1, 0.2, 0.5, 1.0, 2.0], np.linspace(5, 1250, 250)])
+    L = 0.5 + 0.35 * t**0.35
+    fit = PowerLawFit(0.33, 0.001, 0.6, 125.0, 1250.0, 225)
+    fig = growth_plot(t, {"L(t) from S(k)": (L, 0.01 * L)}, {"L(t) from S(k)": (fit, 0.01, None)}, "T = 0.1")
+    ax = fig.axes[0]
+    markers = next(line for line in ax.get_lines() if line.get_marker() == "o")
+    fit_line = next(line for line in ax.get_lines() if line.get_linestyle() == "-" and line.get_marker() == "None")
+    assert to_rgba(fit_line.get_color()) != to_rgba(markers.get_color())
+    assert fit_line.get_zorder() > markers.get_zorder()
+    lo, hi = ax.get_ylim()
+    assert lo > 0.5 * L.min() and hi < 2 * L.max()
+    plt.close(fig)

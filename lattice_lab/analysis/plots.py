@@ -90,11 +90,14 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
     """L(t), xi(t) on log-log axes with fitted power laws and an Allen-Cahn t^(1/2) guide.
 
     ``series[name] = (y [S], yerr [S])``; ``fits[name] = (PowerLawFit, alpha_err, alpha_err_note)``.
+    The fits are black lines above the markers (in the series' own colour they vanished into a run's hundreds
+    of frames); the guide spans the fit window (else the last decade), just below the lowest curve, so that it
+    does not stretch the length axis over decades where there are no data.
     """
     t = np.asarray(t, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6.2, 4.5), constrained_layout=True)
     ok_t = t > 0
-    anchor = None
+    ends, window = [], None
     for i, (name, (y, yerr)) in enumerate(series.items()):
         y = np.asarray(y, dtype=np.float64)
         ok = ok_t & np.isfinite(y) & (y > 0)
@@ -102,17 +105,19 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
             continue
         color = f"C{i}"
         yerr_ok = None if yerr is None else np.nan_to_num(np.asarray(yerr)[ok])
-        ax.errorbar(t[ok], y[ok], yerr=yerr_ok, fmt="o", ms=3, capsize=2, color=color, label=name)
+        ax.errorbar(t[ok], y[ok], yerr=yerr_ok, fmt="o", ms=3, capsize=2, color=color, label=name, zorder=2)
         if name in fits and fits[name] is not None:
             fit, err, note = fits[name]
             tt = np.geomspace(fit.t_min, fit.t_max, 50)
-            ax.plot(tt, fit.predict(tt), "-", color=color, lw=1.5,
-                    label=f"fit: {alpha_label(fit.alpha, err, note)}")
-        if anchor is None:
-            anchor = (t[ok][-1], y[ok][-1])
-    if anchor is not None:
-        tt = np.geomspace(t[ok_t].min(), t[ok_t].max(), 50)
-        ax.plot(tt, anchor[1] * (tt / anchor[0]) ** 0.5, "k--", lw=1, label=r"Allen-Cahn $t^{1/2}$")
+            ax.plot(tt, fit.predict(tt), "-", color="k", lw=1.3, zorder=4,
+                    label=f"fit to {name.split(' from ')[0]}: {alpha_label(fit.alpha, err, note)}")
+            window = window or (fit.t_min, fit.t_max)
+        ends.append((t[ok][-1], y[ok][-1]))
+    if ends:
+        t_end, y_end = max(e[0] for e in ends), min(e[1] for e in ends)
+        lo, hi = window or (t_end / 10, t_end)
+        tt = np.geomspace(max(lo, t[ok_t].min()), hi, 50)
+        ax.plot(tt, 0.6 * y_end * (tt / t_end) ** 0.5, "k--", lw=1, zorder=3, label=r"Allen-Cahn $t^{1/2}$")
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_ticks(ax)
