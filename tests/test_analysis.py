@@ -576,3 +576,17 @@ def test_growth_plot_shows_its_fits_and_keeps_the_guide_near_the_data():
     lo, hi = ax.get_ylim()
     assert lo > 0.5 * L.min() and hi < 2 * L.max()
     plt.close(fig)
+
+
+def test_collapse_frames_are_log_spaced_in_time(tmp_path):
+    """The collapse plots take late frames "log-spaced": spacing the frame indices picked near-duplicates from a
+    run's linearly spaced frames (t = 125, 130, 158, 235, 485, 1250 at paper scale)."""
+    steps = list(range(0, 1201, 20))  # t = 0..60, the default fit window t = 6..60 holds 55 frames
+    Q, n = coarsening_frames(np.random.default_rng(4), 2, 12, steps)
+    (tmp_path / "run").mkdir()
+    path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    summary = analyze_trajectory(path, {"correlation_steps": [1200], "device": "cpu", "tracking": {"enabled": False}})
+    t = 0.05 * np.asarray(summary["collapse"]["steps"], dtype=float)
+    assert len(t) == 6 and t[0] == pytest.approx(6.0) and t[-1] == pytest.approx(60.0)
+    ratios = t[1:] / t[:-1]
+    assert ratios.min() > 1.4, t  # 10^(1/5) = 1.58 each for perfect log spacing

@@ -284,6 +284,18 @@ def frame_observables(n: torch.Tensor, g_bins, wall_threshold: float) -> dict:
     return out
 
 
+def log_spaced_frames(times, candidates, n: int) -> np.ndarray:
+    """Up to ``n`` of the ``candidates`` (frame indices, increasing times > 0), log-spaced in time: the frames
+    nearest to n times geometrically spaced from the first candidate's to the last's, each frame once. (Spacing
+    the indices instead picked t = 125, 130, 158, ... from a run's linearly spaced frames: near-duplicates.)"""
+    cand = np.asarray(candidates, dtype=int)
+    if cand.size == 0:
+        return cand
+    log_t = np.log(np.asarray(times, dtype=np.float64)[cand])
+    targets = np.linspace(log_t[0], log_t[-1], min(int(n), cand.size))
+    return cand[np.unique(np.abs(log_t[None, :] - targets[:, None]).argmin(axis=1))]
+
+
 _KEPT_PER_REPLICA = ("L_rep", "L_jk", "xi_rep", "xi_jk", "wall", "phi_abs", "phi_mean", "S_Q")
 _KEPT = ("L_ens", "xi_ens", "G_mean", "G_sem", "Sq_mean", "Sq_sem", *_KEPT_PER_REPLICA)  # frame_observables kept per frame
 
@@ -385,11 +397,7 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
     if "t_min" in growth_L:
         in_win = cand[(times[cand] >= growth_L["t_min"]) & (times[cand] <= growth_L["t_max"])]
         cand = in_win if in_win.size >= 2 else cand
-    if cand.size:
-        pick = np.unique(np.round(np.geomspace(1, cand.size, min(n_col, cand.size))).astype(int) - 1)
-        col_idx = cand[pick]
-    else:
-        col_idx = np.array([], dtype=int)
+    col_idx = log_spaced_frames(times, cand, n_col)
     xS, yS = collapse_structure_factor(q, Sq_mean[col_idx], L_ens[col_idx])
     xG, yG = collapse_correlation(r, G_mean[col_idx], xi_ens[col_idx])
     quality_S = collapse_quality(xS, yS, log_y=True)
