@@ -590,3 +590,36 @@ def test_collapse_frames_are_log_spaced_in_time(tmp_path):
     assert len(t) == 6 and t[0] == pytest.approx(6.0) and t[-1] == pytest.approx(60.0)
     ratios = t[1:] / t[:-1]
     assert ratios.min() > 1.4, t  # 10^(1/5) = 1.58 each for perfect log spacing
+
+
+def _inked_edges(path) -> dict:
+    """Non-white pixels in the outermost 2 pixel rows / columns of a PNG: text or lines cut off by its edge."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        grey = np.asarray(im.convert("L"))
+    edges = {"left": grey[:, :2], "right": grey[:, -2:], "top": grey[:2], "bottom": grey[-2:]}
+    return {k: int((v < 200).sum()) for k, v in edges.items() if (v < 200).any()}
+
+
+def test_saved_plots_cut_off_no_label_or_title(tmp_path):
+    """At paper scale a row of four 200 x 200 snapshot panels lost the bottom of its x labels, and the collapse
+    plot's title (with T, L, R and the force source) ran past the right edge."""
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.analysis import plots
+    from lattice_lab.analysis.pipeline import save_figure
+
+    label = "T = 0.1, L = 200, R = 30, ml"
+    rng = np.random.default_rng(0)
+    x = [np.linspace(0, 16, 200)] * 3
+    figures = {
+        "phi": plots.phi_snapshots([rng.uniform(-1, 1, (200, 200))] * 4, [200, 1000, 9000, 25000],
+                                   [10, 50, 450, 1250], label),
+        "collapse": plots.collapse_plot(x, [np.exp(-v) for v in x], [1.0, 2.0, 3.0], r"$r / \xi(t)$", r"$G(r, t)$",
+                                        f"order-parameter correlation collapse ({label})\nspread: 0.00541"),
+    }
+    for name, fig in figures.items():
+        save_figure(fig, tmp_path / f"{name}.png")
+        assert _inked_edges(tmp_path / f"{name}.png") == {}, name
+    plt.close("all")

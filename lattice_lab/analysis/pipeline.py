@@ -220,10 +220,13 @@ def write_csv(path: Path, columns: dict) -> Path:
 
 
 def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG (atomically) and close it. The image is cropped / grown to the figure's artists
+    (``bbox_inches="tight"``): constrained layout alone let the x labels of the square snapshot panels fall
+    below a 4-panel row, and a long title past the edge of a plot (T, L, R and the force source in it)."""
     import matplotlib.pyplot as plt
 
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
     return path
 
