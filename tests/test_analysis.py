@@ -623,3 +623,29 @@ def test_saved_plots_cut_off_no_label_or_title(tmp_path):
         save_figure(fig, tmp_path / f"{name}.png")
         assert _inked_edges(tmp_path / f"{name}.png") == {}, name
     plt.close("all")
+
+
+def test_correlation_collapse_plot_shows_where_the_curves_collapse(tmp_path, monkeypatch):
+    """G(r, t) against r / xi reaches r / xi = L / (2 xi) ~ 16 on a 200 x 200 lattice: the collapse (r / xi < 3)
+    was squeezed into the left fifth of collapse_G.png, hidden under the latest curve's thousands of points."""
+    from lattice_lab.analysis import pipeline
+
+    steps = [0, 100, 200, 400, 800]
+    Q, n = coarsening_frames(np.random.default_rng(5), 2, 32, steps, c=0.15)  # small domains: xi ~ 1
+    (tmp_path / "run").mkdir()
+    path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    seen = {}
+    real = pipeline.save_figure
+
+    def keep_limits(fig, where):
+        if where.name == "collapse_G.png":
+            ax = fig.axes[0]
+            seen[where.name] = (ax.get_xlim(), max(np.nanmax(line.get_xdata()) for line in ax.get_lines()))
+        return real(fig, where)
+
+    monkeypatch.setattr(pipeline, "save_figure", keep_limits)
+    analyze_trajectory(path, {"correlation_steps": [800], "fit": {"t_min": 4}, "device": "cpu",
+                              "tracking": {"enabled": False}})
+    (lo, hi), reach = seen["collapse_G.png"]
+    assert reach > 8  # the curves reach far out ...
+    assert 3 <= hi <= 6  # ... the plot shows the collapse

@@ -299,6 +299,7 @@ def log_spaced_frames(times, candidates, n: int) -> np.ndarray:
     return cand[np.unique(np.abs(log_t[None, :] - targets[:, None]).argmin(axis=1))]
 
 
+G_COLLAPSE_X_MAX = 5.0  # collapse_G.png shows r / xi <= 5: G(r / xi) has decayed there (collapse_quality: <= 3)
 _KEPT_PER_REPLICA = ("L_rep", "L_jk", "xi_rep", "xi_jk", "wall", "phi_abs", "phi_mean", "S_Q")
 _KEPT = ("L_ens", "xi_ens", "G_mean", "G_sem", "Sq_mean", "Sq_sem", *_KEPT_PER_REPLICA)  # frame_observables kept per frame
 
@@ -473,7 +474,8 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
         f"structure-factor collapse ({label})\nspread of log S: {quality_S:.3g}", logy=True), out / "collapse_S.png"))
     files.append(save_figure(plots.collapse_plot(
         xG, yG, times[col_idx], r"$r / \xi(t)$", r"$G(r, t)$",
-        f"order-parameter correlation collapse ({label})\nspread: {quality_G:.3g}"), out / "collapse_G.png"))
+        f"order-parameter correlation collapse ({label})\nspread: {quality_G:.3g}", x_max=G_COLLAPSE_X_MAX),
+        out / "collapse_G.png"))
 
     # ---- summary (last)
     last = S_frames - 1

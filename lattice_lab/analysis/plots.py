@@ -159,8 +159,10 @@ def _plain_number(value: float, _pos=None) -> str:
     return f"{value:.6g}"
 
 
-def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool = False, logx: bool = False):
-    """Rescaled curves (x[i], y[i]) of several times, coloured by time."""
+def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool = False, logx: bool = False,
+                  x_max: float | None = None):
+    """Rescaled curves (x[i], y[i]) of several times, coloured by time. ``x_max``: the x axis ends there when the
+    curves reach further (G(r / xi) of a 200 x 200 run reaches r / xi ~ 16, its collapse happens below ~3)."""
     fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
     cmap = plt.get_cmap("viridis")
     n = len(times)
@@ -170,6 +172,9 @@ def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool 
         ax.set_yscale("log")
     if logx:
         ax.set_xscale("log")
+    reach = max((np.nanmax(np.asarray(xx, dtype=np.float64)) for xx in x if np.size(xx)), default=np.nan)
+    if x_max is not None and reach > x_max:
+        ax.set_xlim(right=x_max)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
