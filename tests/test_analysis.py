@@ -649,3 +649,22 @@ def test_correlation_collapse_plot_shows_where_the_curves_collapse(tmp_path, mon
     (lo, hi), reach = seen["collapse_G.png"]
     assert reach > 8  # the curves reach far out ...
     assert 3 <= hi <= 6  # ... the plot shows the collapse
+
+
+def test_structure_factor_maps_leave_the_peak_at_Q_uncovered():
+    """A marker drawn at Q = (pi, pi) covered the whole late-time peak of a 200 x 200 run (~10 pixels wide);
+    the axes name Q instead (ticks in units of pi)."""
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.analysis.plots import structure_factor_maps
+
+    L = 200
+    k = 2 * np.pi * np.arange(L) / L - np.pi
+    S = 1e-3 + 300 * np.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * 0.05**2))  # a sharp peak at Q
+    fig = structure_factor_maps([S, S], [9000, 25000], [450, 1250], "T = 0.1")
+    fig.canvas.draw()
+    for ax in fig.axes[:2]:
+        assert ax.get_lines() == [] and not ax.collections  # nothing drawn over the map
+        ticks = dict(zip(ax.get_xticks(), (t.get_text() for t in ax.get_xticklabels())))
+        assert ticks[np.pi] == r"$\pi$"
+    plt.close(fig)
