@@ -40,7 +40,7 @@ from lattice_lab.analysis.correlation import (
     distance_bins,
     normalized_correlation_t,
 )
-from lattice_lab.analysis.growth import PowerLawFit, describe_exponent, growth_exponent
+from lattice_lab.analysis.growth import PowerLawFit, describe_exponent, format_with_error, growth_exponent
 from lattice_lab.analysis.order_parameter import (
     cdw_order_parameter_t,
     check_wall_threshold,
@@ -587,8 +587,9 @@ def compare_growth(paths, cfg=None, out_dir=None) -> dict:
     writer.writerows({k: "" if v is None else (f"{v:.10g}" if isinstance(v, float) else v) for k, v in r.items()}
                      for r in rows)
     atomic_write_text(out / "growth_runs.csv", table.getvalue())
-    log.info("growth of %d runs: %s -> %s", len(rows),
-             ", ".join(f"T = {r['T']}: alpha = {r['alpha']}" for r in rows), out)
+    log.info("growth of %d runs: %s -> %s", len(rows), "; ".join(
+        f"T = {r['T']}: alpha = " + (format_with_error(r["alpha"], r["alpha_err"]) if r["alpha"] is not None
+                                     else "not fitted") for r in rows), out)
     return {"runs": rows, "out_dir": str(out.resolve())}
 
 
