@@ -522,3 +522,149 @@ def test_log_axes_over_a_narrow_range_get_several_labels():
     assert len(labels(ax.yaxis, ax.get_ylim())) >= 3
     assert {10.0, 20.0, 50.0, 100.0} <= set(labels(ax.xaxis, ax.get_xlim()))  # wide ranges: 1, 2, 5 x 10^k
     plt.close(fig)
+
+
+def _visible_tick_labels(ax, axis):
+    lo, hi = sorted(axis.get_view_interval())
+    return [t for t in axis.get_majorticklabels() if t.get_visible() and t.get_text() and lo <= t.get_position()[
+        0 if axis is ax.xaxis else 1] <= hi]
+
+
+def test_log_axes_over_many_decades_have_readable_labels():
+    """A run with log-spaced frames spans t = 0.05..1250: the growth plot labelled 0.05, 0.1, 0.2, 0.5 all as "0"
+    and ran 500, 1000 and 2000 into one another ("5001000 2000")."""
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.analysis.plots import growth_plot
+
+    t = np.concatenate([[0.05, 0.1, 0.15, 0.3, 0.5, 0.9, 1.6], np.linspace(5, 1250, 250)])
+    L = 0.5 + 0.35 * t**0.35
+    fig = growth_plot(t, {"L(t)": (L, 0.01 * L)}, {}, "T = 0.1, L = 200, R = 30")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    for axis in (ax.xaxis, ax.yaxis):
+        labels = _visible_tick_labels(ax, axis)
+        assert len(labels) >= 3
+        for lab in labels:  # each label reads as its tick's value
+            where = lab.get_position()[0 if axis is ax.xaxis else 1]
+            assert float(lab.get_text().replace("\N{MINUS SIGN}", "-")) == pytest.approx(where, rel=1e-3), lab
+        boxes = sorted((lab.get_window_extent() for lab in labels), key=lambda b: b.x0 if axis is ax.xaxis else b.y0)
+        for a, b in zip(boxes, boxes[1:]):  # no two labels overlap
+            assert (a.x1 <= b.x0) if axis is ax.xaxis else (a.y1 <= b.y0), (a, b)
+    plt.close(fig)
+
+
+def test_growth_plot_shows_its_fits_and_keeps_the_guide_near_the_data():
+    """At paper scale (hundreds of frames) a fit drawn in its series' colour vanished into the markers, and the
+    t^(1/2) guide, drawn over all times through the last point, stretched the length axis 1.5 decades below
+    the data (t = 0.05..1250)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    from lattice_lab.analysis.growth import PowerLawFit
+    from lattice_lab.analysis.plots import growth_plot
+
+    t = np.concatenate([[0.05, 0.1, 0.2, 0.5, 1.0, 2.0], np.linspace(5, 1250, 250)])
+    L = 0.5 + 0.35 * t**0.35
+    fit = PowerLawFit(0.33, 0.001, 0.6, 125.0, 1250.0, 225)
+    fig = growth_plot(t, {"L(t) from S(k)": (L, 0.01 * L)}, {"L(t) from S(k)": (fit, 0.01, None)}, "T = 0.1")
+    ax = fig.axes[0]
+    markers = next(line for line in ax.get_lines() if line.get_marker() == "o")
+    fit_line = next(line for line in ax.get_lines() if line.get_linestyle() == "-" and line.get_marker() == "None")
+    assert to_rgba(fit_line.get_color()) != to_rgba(markers.get_color())
+    assert fit_line.get_zorder() > markers.get_zorder()
+    lo, hi = ax.get_ylim()
+    assert lo > 0.5 * L.min() and hi < 2 * L.max()
+    plt.close(fig)
+
+
+def test_collapse_frames_are_log_spaced_in_time(tmp_path):
+    """The collapse plots take late frames "log-spaced": spacing the frame indices picked near-duplicates from a
+    run's linearly spaced frames (t = 125, 130, 158, 235, 485, 1250 at paper scale)."""
+    steps = list(range(0, 1201, 20))  # t = 0..60, the default fit window t = 6..60 holds 55 frames
+    Q, n = coarsening_frames(np.random.default_rng(4), 2, 12, steps)
+    (tmp_path / "run").mkdir()
+    path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    summary = analyze_trajectory(path, {"correlation_steps": [1200], "device": "cpu", "tracking": {"enabled": False}})
+    t = 0.05 * np.asarray(summary["collapse"]["steps"], dtype=float)
+    assert len(t) == 6 and t[0] == pytest.approx(6.0) and t[-1] == pytest.approx(60.0)
+    ratios = t[1:] / t[:-1]
+    assert ratios.min() > 1.4, t  # 10^(1/5) = 1.58 each for perfect log spacing
+
+
+def _inked_edges(path) -> dict:
+    """Non-white pixels in the outermost 2 pixel rows / columns of a PNG: text or lines cut off by its edge."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        grey = np.asarray(im.convert("L"))
+    edges = {"left": grey[:, :2], "right": grey[:, -2:], "top": grey[:2], "bottom": grey[-2:]}
+    return {k: int((v < 200).sum()) for k, v in edges.items() if (v < 200).any()}
+
+
+def test_saved_plots_cut_off_no_label_or_title(tmp_path):
+    """At paper scale a row of four 200 x 200 snapshot panels lost the bottom of its x labels, and the collapse
+    plot's title (with T, L, R and the force source) ran past the right edge."""
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.analysis import plots
+    from lattice_lab.analysis.pipeline import save_figure
+
+    label = "T = 0.1, L = 200, R = 30, ml"
+    rng = np.random.default_rng(0)
+    x = [np.linspace(0, 16, 200)] * 3
+    figures = {
+        "phi": plots.phi_snapshots([rng.uniform(-1, 1, (200, 200))] * 4, [200, 1000, 9000, 25000],
+                                   [10, 50, 450, 1250], label),
+        "collapse": plots.collapse_plot(x, [np.exp(-v) for v in x], [1.0, 2.0, 3.0], r"$r / \xi(t)$", r"$G(r, t)$",
+                                        f"order-parameter correlation collapse ({label})\nspread: 0.00541"),
+    }
+    for name, fig in figures.items():
+        save_figure(fig, tmp_path / f"{name}.png")
+        assert _inked_edges(tmp_path / f"{name}.png") == {}, name
+    plt.close("all")
+
+
+def test_correlation_collapse_plot_shows_where_the_curves_collapse(tmp_path, monkeypatch):
+    """G(r, t) against r / xi reaches r / xi = L / (2 xi) ~ 16 on a 200 x 200 lattice: the collapse (r / xi < 3)
+    was squeezed into the left fifth of collapse_G.png, hidden under the latest curve's thousands of points."""
+    from lattice_lab.analysis import pipeline
+
+    steps = [0, 100, 200, 400, 800]
+    Q, n = coarsening_frames(np.random.default_rng(5), 2, 32, steps, c=0.15)  # small domains: xi ~ 1
+    (tmp_path / "run").mkdir()
+    path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    seen = {}
+    real = pipeline.save_figure
+
+    def keep_limits(fig, where):
+        if where.name == "collapse_G.png":
+            ax = fig.axes[0]
+            seen[where.name] = (ax.get_xlim(), max(np.nanmax(line.get_xdata()) for line in ax.get_lines()))
+        return real(fig, where)
+
+    monkeypatch.setattr(pipeline, "save_figure", keep_limits)
+    analyze_trajectory(path, {"correlation_steps": [800], "fit": {"t_min": 4}, "device": "cpu",
+                              "tracking": {"enabled": False}})
+    (lo, hi), reach = seen["collapse_G.png"]
+    assert reach > 8  # the curves reach far out ...
+    assert 3 <= hi <= 6  # ... the plot shows the collapse
+
+
+def test_structure_factor_maps_leave_the_peak_at_Q_uncovered():
+    """A marker drawn at Q = (pi, pi) covered the whole late-time peak of a 200 x 200 run (~10 pixels wide);
+    the axes name Q instead (ticks in units of pi)."""
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.analysis.plots import structure_factor_maps
+
+    L = 200
+    k = 2 * np.pi * np.arange(L) / L - np.pi
+    S = 1e-3 + 300 * np.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * 0.05**2))  # a sharp peak at Q
+    fig = structure_factor_maps([S, S], [9000, 25000], [450, 1250], "T = 0.1")
+    fig.canvas.draw()
+    for ax in fig.axes[:2]:
+        assert ax.get_lines() == [] and not ax.collections  # nothing drawn over the map
+        ticks = dict(zip(ax.get_xticks(), (t.get_text() for t in ax.get_xticklabels())))
+        assert ticks[np.pi] == r"$\pi$"
+    plt.close(fig)

@@ -240,3 +240,21 @@ def test_several_runs_are_all_checked_before_the_first_is_analysed(tmp_path, bad
     with pytest.raises(ConfigError, match=message):
         run(cfg)
     assert not (good / "analysis").exists() and not (tmp_path / "growth_runs").exists()
+
+
+def test_several_runs_log_their_exponents_with_sensible_digits(tmp_path, caplog):
+    """`analyze runs=[...]` logged 'T = 0.1: alpha = 0.2982432606346053' (16 digits, no error bar)."""
+    from lattice_lab.analysis.pipeline import compare_growth
+
+    folders = []
+    for T in (0.1, 0.3):
+        _trajectory(tmp_path / f"T{T}" / "trajectory.h5", frames=8, temperature=T).finalize()
+        folders.append(tmp_path / f"T{T}")
+    with caplog.at_level("INFO", logger="lattice_lab.analysis.pipeline"):
+        result = compare_growth(folders, {"tracking": {"enabled": False}, "device": "cpu", "fit": {"t_min": 0.4}},
+                                out_dir=tmp_path / "growth_runs")
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("growth of 2 runs"))
+    for row in result["runs"]:
+        assert f"T = {row['T']}: alpha = " in line
+        assert str(row["alpha"]) not in line  # the float's every digit
+    assert line.count(" +- ") == 2

@@ -87,3 +87,24 @@ def test_errors(tmp_path):
         read_trajectory(tmp_path / "t.h5")
     with pytest.raises(ConfigError, match="holds 1 frames"):
         TrajectoryWriter.reopen(tmp_path / "t.h5", 3)
+
+
+@pytest.mark.parametrize(("compression", "at_most"), [("gzip", 0.85), ("lzf", 0.95)])
+def test_compressed_frames_are_byte_shuffled(tmp_path, compression, at_most):
+    """float32 frames of noisy distortions and densities: gzip alone saved ~10% (0.89 of the raw size at the
+    papers' 200 x 200 x 30, lzf nothing) and took 0.3 s per 9.6 MB frame; with HDF5's byte shuffle the sign
+    and exponent bytes compress (0.77, and the frame is written twice as fast)."""
+    rng = np.random.default_rng(0)
+    Lb, Rb = 32, 2
+    x = np.arange(Lb)
+    cb = (-1.0) ** (x[:, None] + x[None, :])
+    n = 0.5 + 0.45 * np.sign(rng.standard_normal((Rb, 1, 1))) * cb + 0.04 * rng.standard_normal((Rb, Lb, Lb))
+    Q = -3.5 * (2 * n - 1) + 0.3 * rng.standard_normal((Rb, Lb, Lb))
+    w = TrajectoryWriter(tmp_path / "t.h5", Lb, Rb, {"dt": 0.05}, compression=compression)
+    w.append(0, 0.0, Q, n)
+    path = w.finalize()
+    with h5py.File(path, "r") as f:
+        assert f["Q"].shuffle and f["n"].shuffle
+        stored = f["Q"].id.get_storage_size() + f["n"].id.get_storage_size()
+        assert stored < at_most * (f["Q"].nbytes + f["n"].nbytes)  # without the shuffle: 0.89 (gzip), 1.0 (lzf)
+        np.testing.assert_array_equal(f["n"][0], n.astype(np.float32))

@@ -40,7 +40,7 @@ from lattice_lab.analysis.correlation import (
     distance_bins,
     normalized_correlation_t,
 )
-from lattice_lab.analysis.growth import PowerLawFit, describe_exponent, growth_exponent
+from lattice_lab.analysis.growth import PowerLawFit, describe_exponent, format_with_error, growth_exponent
 from lattice_lab.analysis.order_parameter import (
     cdw_order_parameter_t,
     check_wall_threshold,
@@ -220,10 +220,13 @@ def write_csv(path: Path, columns: dict) -> Path:
 
 
 def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG (atomically) and close it. The image is cropped / grown to the figure's artists
+    (``bbox_inches="tight"``): constrained layout alone let the x labels of the square snapshot panels fall
+    below a 4-panel row, and a long title past the edge of a plot (T, L, R and the force source in it)."""
     import matplotlib.pyplot as plt
 
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
     return path
 
@@ -284,6 +287,19 @@ def frame_observables(n: torch.Tensor, g_bins, wall_threshold: float) -> dict:
     return out
 
 
+def log_spaced_frames(times, candidates, n: int) -> np.ndarray:
+    """Up to ``n`` of the ``candidates`` (frame indices, increasing times > 0), log-spaced in time: the frames
+    nearest to n times geometrically spaced from the first candidate's to the last's, each frame once. (Spacing
+    the indices instead picked t = 125, 130, 158, ... from a run's linearly spaced frames: near-duplicates.)"""
+    cand = np.asarray(candidates, dtype=int)
+    if cand.size == 0:
+        return cand
+    log_t = np.log(np.asarray(times, dtype=np.float64)[cand])
+    targets = np.linspace(log_t[0], log_t[-1], min(int(n), cand.size))
+    return cand[np.unique(np.abs(log_t[None, :] - targets[:, None]).argmin(axis=1))]
+
+
+G_COLLAPSE_X_MAX = 5.0  # collapse_G.png shows r / xi <= 5: G(r / xi) has decayed there (collapse_quality: <= 3)
 _KEPT_PER_REPLICA = ("L_rep", "L_jk", "xi_rep", "xi_jk", "wall", "phi_abs", "phi_mean", "S_Q")
 _KEPT = ("L_ens", "xi_ens", "G_mean", "G_sem", "Sq_mean", "Sq_sem", *_KEPT_PER_REPLICA)  # frame_observables kept per frame
 
@@ -385,11 +401,7 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
     if "t_min" in growth_L:
         in_win = cand[(times[cand] >= growth_L["t_min"]) & (times[cand] <= growth_L["t_max"])]
         cand = in_win if in_win.size >= 2 else cand
-    if cand.size:
-        pick = np.unique(np.round(np.geomspace(1, cand.size, min(n_col, cand.size))).astype(int) - 1)
-        col_idx = cand[pick]
-    else:
-        col_idx = np.array([], dtype=int)
+    col_idx = log_spaced_frames(times, cand, n_col)
     xS, yS = collapse_structure_factor(q, Sq_mean[col_idx], L_ens[col_idx])
     xG, yG = collapse_correlation(r, G_mean[col_idx], xi_ens[col_idx])
     quality_S = collapse_quality(xS, yS, log_y=True)
@@ -462,7 +474,8 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
         f"structure-factor collapse ({label})\nspread of log S: {quality_S:.3g}", logy=True), out / "collapse_S.png"))
     files.append(save_figure(plots.collapse_plot(
         xG, yG, times[col_idx], r"$r / \xi(t)$", r"$G(r, t)$",
-        f"order-parameter correlation collapse ({label})\nspread: {quality_G:.3g}"), out / "collapse_G.png"))
+        f"order-parameter correlation collapse ({label})\nspread: {quality_G:.3g}", x_max=G_COLLAPSE_X_MAX),
+        out / "collapse_G.png"))
 
     # ---- summary (last)
     last = S_frames - 1
@@ -574,8 +587,9 @@ def compare_growth(paths, cfg=None, out_dir=None) -> dict:
     writer.writerows({k: "" if v is None else (f"{v:.10g}" if isinstance(v, float) else v) for k, v in r.items()}
                      for r in rows)
     atomic_write_text(out / "growth_runs.csv", table.getvalue())
-    log.info("growth of %d runs: %s -> %s", len(rows),
-             ", ".join(f"T = {r['T']}: alpha = {r['alpha']}" for r in rows), out)
+    log.info("growth of %d runs: %s -> %s", len(rows), "; ".join(
+        f"T = {r['T']}: alpha = " + (format_with_error(r["alpha"], r["alpha_err"]) if r["alpha"] is not None
+                                     else "not fitted") for r in rows), out)
     return {"runs": rows, "out_dir": str(out.resolve())}
 
 

@@ -52,7 +52,14 @@ def phi_snapshots(phis, steps, times, label: str = ""):
 
 
 def structure_factor_maps(S_maps, steps, times, label: str = ""):
-    """Replica-averaged S(k) over the Brillouin zone [0, 2pi)^2 (Q = (pi, pi) at the centre), log colour."""
+    """Replica-averaged S(k) over the Brillouin zone [0, 2pi)^2 (Q = (pi, pi) at the centre), log colour.
+
+    Q is marked by the axis ticks (0, pi/2, pi, 3pi/2, 2pi), not by a marker on the map: a late peak of a
+    200 x 200 run is ~10 pixels wide, the size of a marker, which hid it."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator
+
+    pi_ticks = np.pi * np.array([0.0, 0.5, 1.0, 1.5, 2.0])
+    pi_labels = ["0", r"$\pi/2$", r"$\pi$", r"$3\pi/2$", r"$2\pi$"]
     fig, axes = _row(len(S_maps))
     positive = np.concatenate([np.asarray(S)[np.asarray(S) > 0].ravel() for S in S_maps] + [np.array([1.0])])
     vmax = positive.max()
@@ -64,7 +71,9 @@ def structure_factor_maps(S_maps, steps, times, label: str = ""):
         extent = (-0.5 * 2 * np.pi / L, 2 * np.pi - 0.5 * 2 * np.pi / L) * 2
         im = ax.imshow(np.clip(S.T, vmin, None), origin="lower", cmap="magma",
                        norm=LogNorm(vmin=vmin, vmax=vmax), extent=extent, interpolation="nearest")
-        ax.plot([np.pi], [np.pi], "c+", ms=8, mew=1.0)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(FixedLocator(pi_ticks))
+            axis.set_major_formatter(FixedFormatter(pi_labels))
         ax.set_title(f"step {s} (t = {t:g})")
         ax.set_xlabel(r"$k_x$ (rad / lattice spacing)")
         ax.set_ylabel(r"$k_y$ (rad / lattice spacing)")
@@ -90,11 +99,14 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
     """L(t), xi(t) on log-log axes with fitted power laws and an Allen-Cahn t^(1/2) guide.
 
     ``series[name] = (y [S], yerr [S])``; ``fits[name] = (PowerLawFit, alpha_err, alpha_err_note)``.
+    The fits are black lines above the markers (in the series' own colour they vanished into a run's hundreds
+    of frames); the guide spans the fit window (else the last decade), just below the lowest curve, so that it
+    does not stretch the length axis over decades where there are no data.
     """
     t = np.asarray(t, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6.2, 4.5), constrained_layout=True)
     ok_t = t > 0
-    anchor = None
+    ends, window = [], None
     for i, (name, (y, yerr)) in enumerate(series.items()):
         y = np.asarray(y, dtype=np.float64)
         ok = ok_t & np.isfinite(y) & (y > 0)
@@ -102,17 +114,19 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
             continue
         color = f"C{i}"
         yerr_ok = None if yerr is None else np.nan_to_num(np.asarray(yerr)[ok])
-        ax.errorbar(t[ok], y[ok], yerr=yerr_ok, fmt="o", ms=3, capsize=2, color=color, label=name)
+        ax.errorbar(t[ok], y[ok], yerr=yerr_ok, fmt="o", ms=3, capsize=2, color=color, label=name, zorder=2)
         if name in fits and fits[name] is not None:
             fit, err, note = fits[name]
             tt = np.geomspace(fit.t_min, fit.t_max, 50)
-            ax.plot(tt, fit.predict(tt), "-", color=color, lw=1.5,
-                    label=f"fit: {alpha_label(fit.alpha, err, note)}")
-        if anchor is None:
-            anchor = (t[ok][-1], y[ok][-1])
-    if anchor is not None:
-        tt = np.geomspace(t[ok_t].min(), t[ok_t].max(), 50)
-        ax.plot(tt, anchor[1] * (tt / anchor[0]) ** 0.5, "k--", lw=1, label=r"Allen-Cahn $t^{1/2}$")
+            ax.plot(tt, fit.predict(tt), "-", color="k", lw=1.3, zorder=4,
+                    label=f"fit to {name.split(' from ')[0]}: {alpha_label(fit.alpha, err, note)}")
+            window = window or (fit.t_min, fit.t_max)
+        ends.append((t[ok][-1], y[ok][-1]))
+    if ends:
+        t_end, y_end = max(e[0] for e in ends), min(e[1] for e in ends)
+        lo, hi = window or (t_end / 10, t_end)
+        tt = np.geomspace(max(lo, t[ok_t].min()), hi, 50)
+        ax.plot(tt, 0.6 * y_end * (tt / t_end) ** 0.5, "k--", lw=1, zorder=3, label=r"Allen-Cahn $t^{1/2}$")
     ax.set_xscale("log")
     ax.set_yscale("log")
     _plain_log_ticks(ax)
@@ -124,26 +138,40 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
 
 
 def _plain_log_ticks(ax) -> None:
-    """Log axes over less than a few decades (call after plotting): label the ticks at 1, 2, 5 x 10^k
-    plainly, or, where fewer than 3 of those fall inside the axis, ~6 evenly spaced round values (a
-    domain size growing from 0.5 to 1.5 would otherwise show the single label 1.0); minor ticks unlabelled."""
-    from matplotlib.ticker import FixedLocator, LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+    """Readable labels on log axes (call after plotting), plain numbers (0.05, 1, 2000; no 10^k, no "0.00"):
+    at 1, 2, 5 x 10^k over up to ~2.5 decades; at 10^k only over wider ranges (a run's log-spaced frames span
+    t = 0.05..1250, where 1, 2, 5 x 10^k gave 15 labels that ran into each other); where fewer than 3 of
+    those fall inside the axis, ~6 evenly spaced round values (a domain size growing from 0.5 to 1.5 would
+    otherwise show the single label 1.0). Minor ticks are unlabelled."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
-        locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
         lo, hi = sorted(lim)
-        if lo > 0 and np.isfinite(hi):
-            decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-            if sum(lo <= m * 10.0**e <= hi for e in decades for m in (1, 2, 5)) < 3:
-                ticks = MaxNLocator(nbins=6).tick_values(lo, hi)
-                locator = FixedLocator([v for v in ticks if lo <= v <= hi and v > 0])
-        axis.set_major_locator(locator)
-        axis.set_major_formatter(ScalarFormatter())
+        if not (lo > 0 and np.isfinite(hi)):
+            continue
+        decades = math.log10(hi / lo)
+        subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
+        exps = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        inside = [m * 10.0**e for e in exps for m in subs if lo <= m * 10.0**e <= hi]
+        if len(inside) < 3:
+            ticks = MaxNLocator(nbins=6).tick_values(lo, hi)
+            inside = [v for v in ticks if lo <= v <= hi and v > 0]
+        step = max(1, math.ceil(len(inside) / 8))  # more than ~6 decades: every other decade, ...
+        axis.set_major_locator(FixedLocator(inside[::step]))
+        axis.set_major_formatter(FuncFormatter(_plain_number))
+        axis.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10) * 1.0, numticks=100))
         axis.set_minor_formatter(NullFormatter())
 
 
-def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool = False, logx: bool = False):
-    """Rescaled curves (x[i], y[i]) of several times, coloured by time."""
+def _plain_number(value: float, _pos=None) -> str:
+    """A tick value as a plain number with no trailing zeros: 0.05, 0.5, 1, 20, 2000 (1e+05 beyond)."""
+    return f"{value:.6g}"
+
+
+def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool = False, logx: bool = False,
+                  x_max: float | None = None):
+    """Rescaled curves (x[i], y[i]) of several times, coloured by time. ``x_max``: the x axis ends there when the
+    curves reach further (G(r / xi) of a 200 x 200 run reaches r / xi ~ 16, its collapse happens below ~3)."""
     fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
     cmap = plt.get_cmap("viridis")
     n = len(times)
@@ -153,6 +181,9 @@ def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool 
         ax.set_yscale("log")
     if logx:
         ax.set_xscale("log")
+    reach = max((np.nanmax(np.asarray(xx, dtype=np.float64)) for xx in x if np.size(xx)), default=np.nan)
+    if x_max is not None and reach > x_max:
+        ax.set_xlim(right=x_max)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

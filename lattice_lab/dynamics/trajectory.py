@@ -2,7 +2,7 @@
 
 Format (docs/ARCHITECTURE.md): datasets ``Q`` and ``n`` float32 ``[S, R, L, L]`` (the lattice
 distortions and electron densities of R replicas at S saved frames; chunked one frame per chunk,
-compressed), ``step`` int64 ``[S]`` and ``time`` float64 ``[S]`` (= step * dt); file attributes
+compressed after a byte shuffle), ``step`` int64 ``[S]`` and ``time`` float64 ``[S]`` (= step * dt); file attributes
 ``L, R, dt, mass, gamma, temperature, init_temperature, force_source, model_path, model_run_id,
 seed, version, config`` and the Hamiltonian parameters.
 
@@ -82,10 +82,13 @@ class TrajectoryWriter:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
         self._f = h5py.File(self.partial, "w")
         kw = {}
+        # the byte shuffle puts the 4 bytes of each float32 into 4 planes: the sign / exponent planes of noisy
+        # distortions and densities compress well, the noisy low mantissa bytes do not. At 200 x 200 x 30 it
+        # shrinks a gzip frame from 0.89 to 0.77 of the raw 9.6 MB and halves the time to write it (docs/simulate.md)
         if compression == "gzip":
-            kw = {"compression": "gzip", "compression_opts": int(compression_opts)}
+            kw = {"compression": "gzip", "compression_opts": int(compression_opts), "shuffle": True}
         elif compression == "lzf":
-            kw = {"compression": "lzf"}
+            kw = {"compression": "lzf", "shuffle": True}
         frame = (self.R, self.L, self.L)
         for key in ("Q", "n"):
             self._f.create_dataset(key, shape=(0, *frame), maxshape=(None, *frame), dtype="float32",
