@@ -522,3 +522,72 @@ def test_log_axes_over_a_narrow_range_get_several_labels():
     assert len(labels(ax.yaxis, ax.get_ylim())) >= 3
     assert {10.0, 20.0, 50.0, 100.0} <= set(labels(ax.xaxis, ax.get_xlim()))  # wide ranges: 1, 2, 5 x 10^k
     plt.close(fig)
+
+
+# ------------------------------------------------------------------- mutation-audit additions
+@pytest.mark.parametrize("L", [7, 9])
+def test_correlation_matches_brute_force_on_odd_lattices(L):
+    """Odd L: the minimum image of an index offset d is d for d <= L//2 and d - L above (never -L//2 - 1)."""
+    rng = np.random.default_rng(L)
+    f = rng.standard_normal((2, L, L))
+    r, C = correlation_function(f)
+    assert r.max() <= L / 2
+    for b in range(2):
+        np.testing.assert_allclose(C[b], brute_force_correlation(f[b], np.round(r**2).astype(int)), rtol=0, atol=1e-12)
+    # every displacement binned (r_max = L): each at its own minimum-image distance
+    r_all, C_all = correlation_function(f, r_max=L)
+    assert distance_bins(L, r_max=L).counts.sum() == L * L and r_all.max() == pytest.approx(np.sqrt(2) * (L // 2))
+    for b in range(2):
+        np.testing.assert_allclose(C_all[b], brute_force_correlation(f[b], np.round(r_all**2).astype(int)),
+                                   rtol=0, atol=1e-12)
+    # connected: the site mean squared subtracted per configuration
+    _, Cc = correlation_function(f, connected=True)
+    np.testing.assert_allclose(Cc, C - f.mean((-2, -1))[:, None] ** 2, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("L", [8, 10])
+def test_circular_shells_around_Q_by_brute_force(L):
+    """Shell m holds the k with round(|k - Q| L / 2 pi) = m (|k - Q| <= pi): counts, mean q and averages."""
+    rng = np.random.default_rng(L)
+    S = rng.random((2, L, L))
+    q, Sq = circular_average(S)
+    kx = 2 * np.pi * np.arange(L) / L - np.pi  # k - Q, every component in [-pi, pi)
+    dist = np.sqrt(kx[:, None] ** 2 + kx[None, :] ** 2)
+    shell = np.rint(dist * L / (2 * np.pi)).astype(int)
+    assert len(q) == L // 2 + 1
+    for m in range(L // 2 + 1):
+        sel = shell == m
+        assert q[m] == pytest.approx(dist[sel].mean(), abs=1e-12), m
+        np.testing.assert_allclose(Sq[:, m], S[:, sel].mean(-1), rtol=0, atol=1e-12)
+
+
+def test_slope_errors_match_scipy_and_the_quoted_error_is_the_largest():
+    from scipy.stats import linregress
+
+    rng = np.random.default_rng(21)
+    t = np.geomspace(1, 1000, 25)
+    R = 6
+    reps = 1.3 * t**0.2 * np.exp(0.1 * rng.standard_normal((R, t.size)))
+    jk = leave_one_out_means(reps)
+    res = growth_exponent(t, reps.mean(0), reps, jk, t_min=10, t_max=1000)
+    sel = (t >= 10) & (t <= 1000)
+    x = np.log(t[sel])
+    ref = linregress(x, np.log(reps.mean(0)[sel]))
+    assert res["alpha"] == pytest.approx(ref.slope, abs=1e-12)
+    assert res["alpha_fit_err"] == pytest.approx(ref.stderr, rel=1e-10)  # RSS / (n - 2)
+    slopes = np.array([linregress(x, np.log(y[sel])).slope for y in reps])
+    assert res["alpha_replica_mean"] == pytest.approx(slopes.mean(), abs=1e-12)
+    assert res["alpha_replica_err"] == pytest.approx(slopes.std(ddof=1) / np.sqrt(R), rel=1e-10)
+    jk_slopes = np.array([linregress(x, np.log(y[sel])).slope for y in jk])
+    dev = jk_slopes - jk_slopes.mean()
+    assert res["alpha_jackknife_err"] == pytest.approx(np.sqrt((R - 1) / R * (dev**2).sum()), rel=1e-10)
+    errs = [res[k] for k in ("alpha_fit_err", "alpha_replica_err", "alpha_jackknife_err")]
+    assert len(set(errs)) == 3 and res["alpha_err"] == max(errs)
+
+
+def test_domain_wall_threshold_is_strict():
+    """|phi| < threshold counts as wall: the rows at +-3/4 of a sharp wall are walls above 3/4, not at it."""
+    L = 10
+    phi = cdw_order_parameter(wall_density(L, np.where(np.arange(L) < L // 2, 1, -1)))
+    assert domain_wall_fraction(phi, 0.75 + 1e-9) == pytest.approx(4 / L)
+    assert domain_wall_fraction(phi, 0.75) == 0.0
