@@ -409,6 +409,50 @@ def test_pipeline_on_synthetic_trajectory(tmp_path):
     assert c0 == pytest.approx(float((Q[-1].astype(np.float32).astype(np.float64) ** 2).mean()), rel=1e-6)
 
 
+def test_pipeline_numbers_equal_an_independent_recomputation(tmp_path):
+    """(The CSVs hold 10 significant digits.) L(t) is the domain size of the replica-averaged S(k), its error the jackknife over delete-one
+    replica means, S(Q) the replica mean at (pi, pi), xi(t) from the replica-averaged G(r), and the wall
+    fraction uses the configured threshold: all recomputed here with numpy from the stored densities."""
+    rng = np.random.default_rng(14)
+    steps = [0, 100, 200, 400, 800]
+    L, R = 12, 3
+    Q, n = coarsening_frames(rng, R, L, steps)
+    (tmp_path / "run").mkdir()
+    path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    analyze_trajectory(path, {"correlation_steps": [200], "device": "cpu", "tracking": {"enabled": False},
+                              "order_parameter": {"wall_threshold": 0.3}})
+    out = tmp_path / "run" / "analysis"
+    Lt = np.genfromtxt(out / "L_t.csv", delimiter=",", names=True)
+    xit = np.genfromtxt(out / "xi_t.csv", delimiter=",", names=True)
+    order = np.genfromtxt(out / "order_t.csv", delimiter=",", names=True)
+    nf = n.astype(np.float32).astype(np.float64)  # what the file holds
+    kq = 2 * np.pi * np.arange(L) / L - np.pi
+    dq = np.sqrt(kq[:, None] ** 2 + kq[None, :] ** 2)
+
+    def dom(S):  # sum_k S / sum_k S |k - Q|
+        return S.sum((-2, -1)) / (S * dq).sum((-2, -1))
+
+    r = distance_bins(L).r
+    for i in range(len(steps)):
+        d = nf[i] - nf[i].mean((-2, -1), keepdims=True)
+        S = np.abs(np.fft.fft2(d)) ** 2 / L**2  # [R, L, L]
+        assert Lt["L"][i] == pytest.approx(dom(S.mean(0)), rel=1e-8)
+        jk = np.array([dom(np.delete(S, j, 0).mean(0)) for j in range(R)])
+        assert Lt["L_err"][i] == pytest.approx(np.sqrt((R - 1) / R * ((jk - jk.mean()) ** 2).sum()), rel=1e-8)
+        assert Lt["S_Q"][i] == pytest.approx(S[:, L // 2, L // 2].mean(), rel=1e-8)
+        cb = checkerboard_np(L)
+        phi = cb * (nf[i] - 0.25 * (np.roll(nf[i], 1, -1) + np.roll(nf[i], -1, -1) + np.roll(nf[i], 1, -2)
+                                    + np.roll(nf[i], -1, -2)))
+        assert order["wall_fraction"][i] == pytest.approx((np.abs(phi) < 0.3).mean(), rel=1e-8)
+        _, G = normalized_correlation(phi)
+        xi, _ = correlation_length(G.mean(0), r)
+        if np.isfinite(xi):
+            assert xit["xi"][i] == pytest.approx(float(xi), rel=1e-8)
+        else:
+            assert np.isnan(xit["xi"][i])
+    assert np.isfinite(xit["xi"]).sum() >= 3
+
+
 def test_select_frames_and_compare_trajectories(tmp_path):
     assert select_frames([0, 10, 20], [9, 11, 20]) == [{"requested": 9, "step": 10, "index": 1, "exact": False},
                                                         {"requested": 20, "step": 20, "index": 2, "exact": True}]
