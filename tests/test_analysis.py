@@ -409,7 +409,7 @@ def test_pipeline_on_synthetic_trajectory(tmp_path):
     assert c0 == pytest.approx(float((Q[-1].astype(np.float32).astype(np.float64) ** 2).mean()), rel=1e-6)
 
 
-def test_pipeline_numbers_equal_an_independent_recomputation(tmp_path):
+def test_pipeline_numbers_equal_an_independent_recomputation(tmp_path, monkeypatch):
     """(The CSVs hold 10 significant digits.) L(t) is the domain size of the replica-averaged S(k), its error the jackknife over delete-one
     replica means, S(Q) the replica mean at (pi, pi), xi(t) from the replica-averaged G(r), and the wall
     fraction uses the configured threshold: all recomputed here with numpy from the stored densities."""
@@ -419,6 +419,15 @@ def test_pipeline_numbers_equal_an_independent_recomputation(tmp_path):
     Q, n = coarsening_frames(rng, R, L, steps)
     (tmp_path / "run").mkdir()
     path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.analysis import pipeline
+
+    def no_png(fig, p):  # the numbers only: rendering the figures is most of the time
+        plt.close(fig)
+        return p
+
+    monkeypatch.setattr(pipeline, "save_figure", no_png)
     analyze_trajectory(path, {"correlation_steps": [200], "device": "cpu", "tracking": {"enabled": False},
                               "order_parameter": {"wall_threshold": 0.3}})
     out = tmp_path / "run" / "analysis"
