@@ -409,6 +409,59 @@ def test_pipeline_on_synthetic_trajectory(tmp_path):
     assert c0 == pytest.approx(float((Q[-1].astype(np.float32).astype(np.float64) ** 2).mean()), rel=1e-6)
 
 
+def test_pipeline_numbers_equal_an_independent_recomputation(tmp_path, monkeypatch):
+    """(The CSVs hold 10 significant digits.) L(t) is the domain size of the replica-averaged S(k), its error the jackknife over delete-one
+    replica means, S(Q) the replica mean at (pi, pi), xi(t) from the replica-averaged G(r), and the wall
+    fraction uses the configured threshold: all recomputed here with numpy from the stored densities."""
+    rng = np.random.default_rng(14)
+    steps = [0, 100, 200, 400, 800]
+    L, R = 12, 3
+    Q, n = coarsening_frames(rng, R, L, steps)
+    (tmp_path / "run").mkdir()
+    path = write_trajectory(tmp_path / "run" / "trajectory.h5", Q, n, steps)
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.analysis import pipeline
+
+    def no_png(fig, p):  # the numbers only: rendering the figures is most of the time
+        plt.close(fig)
+        return p
+
+    monkeypatch.setattr(pipeline, "save_figure", no_png)
+    analyze_trajectory(path, {"correlation_steps": [200], "device": "cpu", "tracking": {"enabled": False},
+                              "order_parameter": {"wall_threshold": 0.3}})
+    out = tmp_path / "run" / "analysis"
+    Lt = np.genfromtxt(out / "L_t.csv", delimiter=",", names=True)
+    xit = np.genfromtxt(out / "xi_t.csv", delimiter=",", names=True)
+    order = np.genfromtxt(out / "order_t.csv", delimiter=",", names=True)
+    nf = n.astype(np.float32).astype(np.float64)  # what the file holds
+    kq = 2 * np.pi * np.arange(L) / L - np.pi
+    dq = np.sqrt(kq[:, None] ** 2 + kq[None, :] ** 2)
+
+    def dom(S):  # sum_k S / sum_k S |k - Q|
+        return S.sum((-2, -1)) / (S * dq).sum((-2, -1))
+
+    r = distance_bins(L).r
+    for i in range(len(steps)):
+        d = nf[i] - nf[i].mean((-2, -1), keepdims=True)
+        S = np.abs(np.fft.fft2(d)) ** 2 / L**2  # [R, L, L]
+        assert Lt["L"][i] == pytest.approx(dom(S.mean(0)), rel=1e-8)
+        jk = np.array([dom(np.delete(S, j, 0).mean(0)) for j in range(R)])
+        assert Lt["L_err"][i] == pytest.approx(np.sqrt((R - 1) / R * ((jk - jk.mean()) ** 2).sum()), rel=1e-8)
+        assert Lt["S_Q"][i] == pytest.approx(S[:, L // 2, L // 2].mean(), rel=1e-8)
+        cb = checkerboard_np(L)
+        phi = cb * (nf[i] - 0.25 * (np.roll(nf[i], 1, -1) + np.roll(nf[i], -1, -1) + np.roll(nf[i], 1, -2)
+                                    + np.roll(nf[i], -1, -2)))
+        assert order["wall_fraction"][i] == pytest.approx((np.abs(phi) < 0.3).mean(), rel=1e-8)
+        _, G = normalized_correlation(phi)
+        xi, _ = correlation_length(G.mean(0), r)
+        if np.isfinite(xi):
+            assert xit["xi"][i] == pytest.approx(float(xi), rel=1e-8)
+        else:
+            assert np.isnan(xit["xi"][i])
+    assert np.isfinite(xit["xi"]).sum() >= 3
+
+
 def test_select_frames_and_compare_trajectories(tmp_path):
     assert select_frames([0, 10, 20], [9, 11, 20]) == [{"requested": 9, "step": 10, "index": 1, "exact": False},
                                                         {"requested": 20, "step": 20, "index": 2, "exact": True}]
@@ -668,3 +721,72 @@ def test_structure_factor_maps_leave_the_peak_at_Q_uncovered():
         ticks = dict(zip(ax.get_xticks(), (t.get_text() for t in ax.get_xticklabels())))
         assert ticks[np.pi] == r"$\pi$"
     plt.close(fig)
+
+
+# ------------------------------------------------------------------- mutation-audit additions
+@pytest.mark.parametrize("L", [7, 9])
+def test_correlation_matches_brute_force_on_odd_lattices(L):
+    """Odd L: the minimum image of an index offset d is d for d <= L//2 and d - L above (never -L//2 - 1)."""
+    rng = np.random.default_rng(L)
+    f = rng.standard_normal((2, L, L))
+    r, C = correlation_function(f)
+    assert r.max() <= L / 2
+    for b in range(2):
+        np.testing.assert_allclose(C[b], brute_force_correlation(f[b], np.round(r**2).astype(int)), rtol=0, atol=1e-12)
+    # every displacement binned (r_max = L): each at its own minimum-image distance
+    r_all, C_all = correlation_function(f, r_max=L)
+    assert distance_bins(L, r_max=L).counts.sum() == L * L and r_all.max() == pytest.approx(np.sqrt(2) * (L // 2))
+    for b in range(2):
+        np.testing.assert_allclose(C_all[b], brute_force_correlation(f[b], np.round(r_all**2).astype(int)),
+                                   rtol=0, atol=1e-12)
+    # connected: the site mean squared subtracted per configuration
+    _, Cc = correlation_function(f, connected=True)
+    np.testing.assert_allclose(Cc, C - f.mean((-2, -1))[:, None] ** 2, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("L", [8, 10])
+def test_circular_shells_around_Q_by_brute_force(L):
+    """Shell m holds the k with round(|k - Q| L / 2 pi) = m (|k - Q| <= pi): counts, mean q and averages."""
+    rng = np.random.default_rng(L)
+    S = rng.random((2, L, L))
+    q, Sq = circular_average(S)
+    kx = 2 * np.pi * np.arange(L) / L - np.pi  # k - Q, every component in [-pi, pi)
+    dist = np.sqrt(kx[:, None] ** 2 + kx[None, :] ** 2)
+    shell = np.rint(dist * L / (2 * np.pi)).astype(int)
+    assert len(q) == L // 2 + 1
+    for m in range(L // 2 + 1):
+        sel = shell == m
+        assert q[m] == pytest.approx(dist[sel].mean(), abs=1e-12), m
+        np.testing.assert_allclose(Sq[:, m], S[:, sel].mean(-1), rtol=0, atol=1e-12)
+
+
+def test_slope_errors_match_scipy_and_the_quoted_error_is_the_largest():
+    from scipy.stats import linregress
+
+    rng = np.random.default_rng(21)
+    t = np.geomspace(1, 1000, 25)
+    R = 6
+    reps = 1.3 * t**0.2 * np.exp(0.1 * rng.standard_normal((R, t.size)))
+    jk = leave_one_out_means(reps)
+    res = growth_exponent(t, reps.mean(0), reps, jk, t_min=10, t_max=1000)
+    sel = (t >= 10) & (t <= 1000)
+    x = np.log(t[sel])
+    ref = linregress(x, np.log(reps.mean(0)[sel]))
+    assert res["alpha"] == pytest.approx(ref.slope, abs=1e-12)
+    assert res["alpha_fit_err"] == pytest.approx(ref.stderr, rel=1e-10)  # RSS / (n - 2)
+    slopes = np.array([linregress(x, np.log(y[sel])).slope for y in reps])
+    assert res["alpha_replica_mean"] == pytest.approx(slopes.mean(), abs=1e-12)
+    assert res["alpha_replica_err"] == pytest.approx(slopes.std(ddof=1) / np.sqrt(R), rel=1e-10)
+    jk_slopes = np.array([linregress(x, np.log(y[sel])).slope for y in jk])
+    dev = jk_slopes - jk_slopes.mean()
+    assert res["alpha_jackknife_err"] == pytest.approx(np.sqrt((R - 1) / R * (dev**2).sum()), rel=1e-10)
+    errs = [res[k] for k in ("alpha_fit_err", "alpha_replica_err", "alpha_jackknife_err")]
+    assert len(set(errs)) == 3 and res["alpha_err"] == max(errs)
+
+
+def test_domain_wall_threshold_is_strict():
+    """|phi| < threshold counts as wall: the rows at +-3/4 of a sharp wall are walls above 3/4, not at it."""
+    L = 10
+    phi = cdw_order_parameter(wall_density(L, np.where(np.arange(L) < L // 2, 1, -1)))
+    assert domain_wall_fraction(phi, 0.75 + 1e-9) == pytest.approx(4 / L)
+    assert domain_wall_fraction(phi, 0.75) == 0.0

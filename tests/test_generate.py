@@ -77,6 +77,20 @@ def test_tiny_preset_writes_a_valid_consistent_file(tmp_path):
     assert not generation.partial_path(path).exists()
 
 
+def test_quench_uses_its_own_mass_and_init_temperature(tmp_path):
+    """mass and init_temperature are both 5 in the presets: with other values a hot start that swapped
+    them, or a bath that ignored them, gives other snapshots."""
+    path = run(_cfg(tmp_path / "t.h5", "dataset.n_random=0", "dataset.n_quench=4", "dataset.mass=2.0",
+                    "dataset.init_temperature=3.0", "dataset.gamma=0.5", "dataset.dt=0.04"))
+    d = read_force_dataset(path)
+    p = d.hamiltonian()
+    gen = torch.Generator().manual_seed(1)
+    Q0, V0 = random_hot_start(4, 8, p, 2.0, 3.0, gen, dtype=torch.float64)
+    integ = LangevinIntegrator(ExactForces(p), LangevinParams(mass=2.0, gamma=0.5, dt=0.04, temperature=0.1), gen)
+    state = integ.step(integ.init_state(Q0, V0), 6)
+    np.testing.assert_allclose(d.Q, state.Q.numpy(), rtol=0, atol=1e-12)
+
+
 # ED calls of the tiny build: 3 random chunks of 4, the quench initial force, then one per Langevin step
 # (snapshots after steps 6, 9, 12). Interrupt in the random phase, at the start of the quench, and in the
 # middle of the quench (resumes from the saved integrator state and noise generator).

@@ -195,3 +195,27 @@ def test_native_step_asked_for_off_the_cpu_is_an_error():
     Q = torch.zeros(1, 4, 4, device="meta")
     with pytest.raises(ConfigError, match="native_integrator=true: the native Langevin step runs on the CPU only"):
         integ.noise_source(LangevinState(Q=Q, V=Q.clone(), F=Q.clone()))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_friction_decays_free_velocities_at_rate_gamma(native):
+    """No force, no bath: v(t) = v0 exp(-gamma t) and Q(t) follows from the scheme exactly. Equipartition
+    cannot see the friction rate (a doubled gamma with its noise to match still samples the Boltzmann
+    distribution), but the coarsening dynamics depend on it."""
+    gamma, dt, n = 0.7, 0.05, 40
+    integ = LangevinIntegrator(lambda Q: torch.zeros_like(Q), LangevinParams(mass=2.0, gamma=gamma, dt=dt,
+                                                                               temperature=0.0),
+                               torch.Generator().manual_seed(0), native=native)
+    V0 = torch.linspace(-1.0, 1.0, 2 * 4 * 4, dtype=torch.float64).reshape(2, 4, 4)
+    state = integ.step(integ.init_state(torch.zeros_like(V0), V0), n)
+    a = math.exp(-gamma * dt)
+    torch.testing.assert_close(state.V, V0 * math.exp(-gamma * dt * n), rtol=1e-12, atol=0)
+    # drift before decay: Q = dt v0 (1 + a + ... + a^(n-1))
+    torch.testing.assert_close(state.Q, V0 * dt * (1 - a**n) / (1 - a), rtol=1e-12, atol=0)
+
+
+def test_hot_start_without_neighbour_coupling_uses_the_on_site_stiffness():
+    """kappa = 0: Q ~ N(0, T_init / k) (the documented fallback), not T_init / 1."""
+    p = HolsteinParams(k=4.0, kappa=0.0)
+    Q, _ = random_hot_start(40, 16, p, mass=5.0, init_temperature=2.0, generator=torch.Generator().manual_seed(0))
+    assert abs(float(Q.var()) / (2.0 / 4.0) - 1) < 5 * math.sqrt(2 / Q.numel())

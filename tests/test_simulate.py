@@ -117,6 +117,30 @@ def test_ed_run_writes_valid_trajectory(tmp_path):
     assert 15 < float(np.var(data["Q"][0])) < 45
 
 
+def test_run_is_the_documented_recipe_with_its_own_settings(tmp_path):
+    """The run rebuilt by hand from its settings: generator seeded with ``seed``, hot start with
+    (mass, init_temperature), bath with (mass, gamma, dt, temperature), ED forces at the bath
+    temperature. Every setting differs from the others and from its default, so a runner that
+    passes init_temperature as the bath temperature, a wrong friction, or swaps mass and
+    init_temperature in the hot start (both 5 by default) gives other frames."""
+    from lattice_lab.dynamics import LangevinIntegrator, LangevinParams, random_hot_start
+
+    dyn = {"mass": 2.0, "gamma": 0.7, "dt": 0.04, "temperature": 0.25, "init_temperature": 3.0}
+    cfg = make_cfg(tmp_path, "force=ed", *(f"dynamics.{k}={v}" for k, v in dyn.items()))
+    data, _ = read_all(run(cfg)["trajectory"])
+    gen = torch.Generator().manual_seed(3)
+    ham = HolsteinParams(temperature=dyn["temperature"])
+    Q0, V0 = random_hot_start(R, L, ham, dyn["mass"], dyn["init_temperature"], gen)
+    integ = LangevinIntegrator(ExactForces(ham), LangevinParams(mass=dyn["mass"], gamma=dyn["gamma"], dt=dyn["dt"],
+                                                                temperature=dyn["temperature"]), gen)
+    state = integ.init_state(Q0, V0)
+    frames = [Q0.clone()]
+    for _ in range(4):
+        frames.append(integ.step(state, 5).Q.clone())
+    np.testing.assert_allclose(data["time"], dyn["dt"] * data["step"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(data["Q"], torch.stack(frames).float().numpy(), rtol=0, atol=1e-5)
+
+
 def test_ml_run_writes_valid_trajectory(tmp_path, gnn_checkpoint):
     path, model = gnn_checkpoint
     cfg = make_cfg(tmp_path, "force=ml", f"force.checkpoint={path}", "dtype=float64")

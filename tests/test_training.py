@@ -199,3 +199,57 @@ def test_resume_refuses_other_data_and_other_optimisation_settings(tiny_data, tm
     resumed = Trainer(_model(), tiny_data, _cfg(max_epochs=2, patience=5, eval_batch_size=2), device="cpu",
                       dtype="float64", out_dir=tmp_path, resume=True)
     assert resumed.epoch == 1
+
+
+class _ConstantForce(torch.nn.Module):
+    """F = c on every site (one parameter): the loss minimiser is known in closed form (MSE: the mean
+    training force). Records what fit_normalization was given and how many configurations it trained on."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.normalization_data = None
+        self.trained_on = 0
+
+    def fit_normalization(self, Q, F):
+        self.normalization_data = (Q.shape[0], float(F.double().mean()))
+
+    def forward(self, Q):
+        if self.training:
+            self.trained_on += Q.shape[0]
+        return self.c * torch.ones_like(Q)
+
+
+def _skewed_data():
+    """5 training configurations (one with F = 10, four with F = 0: mean 2, median 0) and 2 validation
+    configurations with F = -6 (mean over all 7: -2/7)."""
+    F = np.zeros((7, 4, 4))
+    F[0] = 10.0
+    F[5:] = -6.0
+    return ForceData(Q=np.random.default_rng(0).normal(size=(7, 4, 4)), F=F, n=np.zeros((7, 4, 4)),
+                     kind=np.zeros(7, np.uint8), is_val=np.arange(7) >= 5, attrs=HAM.as_dict())
+
+
+def test_training_minimises_the_force_mse_on_the_training_split_only():
+    model = _ConstantForce()
+    trainer = Trainer(model, _skewed_data(), _cfg(lr=0.1, batch_size=5, max_epochs=300, lr_patience=10**6),
+                      device="cpu", dtype="float64")
+    assert model.normalization_data == (5, 2.0)  # the training split, not the validation one
+    trainer.fit()
+    assert float(model.c.detach()) == pytest.approx(2.0, abs=1e-3)  # MSE minimiser; MAE would give 0, all data -2/7
+
+
+def test_every_training_configuration_is_used_each_epoch():
+    model = _ConstantForce()
+    Trainer(model, _skewed_data(), _cfg(lr=1e-3, batch_size=2, max_epochs=3), device="cpu", dtype="float64").fit()
+    assert model.trained_on == 3 * 5  # 5 configurations in batches of 2: the last batch of 1 included
+
+
+def test_learning_rate_follows_the_validation_error():
+    """c moves from 0 towards the training mean 2, away from the validation mean -6: the training error
+    falls and the validation error rises, so ReduceLROnPlateau (patience 1) halves the rate after epoch 3."""
+    trainer = Trainer(_ConstantForce(), _skewed_data(), _cfg(lr=0.1, batch_size=5, max_epochs=4, lr_patience=1,
+                                                            min_lr=1e-6), device="cpu", dtype="float64")
+    trainer.fit()
+    assert [h["lr"] for h in trainer.history] == pytest.approx([0.1, 0.1, 0.1, 0.05])
+    assert [h["train/rmse"] for h in trainer.history] == sorted((h["train/rmse"] for h in trainer.history), reverse=True)
