@@ -693,15 +693,17 @@ def test_correlation_collapse_plot_shows_where_the_curves_collapse(tmp_path, mon
     def keep_limits(fig, where):
         if where.name == "collapse_G.png":
             ax = fig.axes[0]
-            seen[where.name] = (ax.get_xlim(), max(np.nanmax(line.get_xdata()) for line in ax.get_lines()))
+            xs = [line.get_xdata() for line in ax.get_lines()]
+            seen[where.name] = (ax.get_xlim(), max(map(np.nanmax, xs)), min(map(np.nanmin, xs)))
         return real(fig, where)
 
     monkeypatch.setattr(pipeline, "save_figure", keep_limits)
     analyze_trajectory(path, {"correlation_steps": [800], "fit": {"t_min": 4}, "device": "cpu",
                               "tracking": {"enabled": False}})
-    (lo, hi), reach = seen["collapse_G.png"]
+    (lo, hi), reach, start = seen["collapse_G.png"]
     assert reach > 8  # the curves reach far out ...
     assert 3 <= hi <= 6  # ... the plot shows the collapse
+    assert start - 0.1 * (hi - start) <= lo <= start  # from r = 0, not from negative r / xi (was -1.6 at L = 96)
 
 
 def test_structure_factor_maps_leave_the_peak_at_Q_uncovered():

@@ -181,9 +181,11 @@ def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool 
         ax.set_yscale("log")
     if logx:
         ax.set_xscale("log")
-    reach = max((np.nanmax(np.asarray(xx, dtype=np.float64)) for xx in x if np.size(xx)), default=np.nan)
-    if x_max is not None and reach > x_max:
-        ax.set_xlim(right=x_max)
+    shown = [np.asarray(xx, dtype=np.float64) for xx in x if np.size(xx)]
+    reach = max((np.nanmax(xx) for xx in shown), default=np.nan)
+    if x_max is not None and reach > x_max:  # both ends: autoscaling the left end alone keeps the margin of all data
+        start = min(np.nanmin(xx) for xx in shown)
+        ax.set_xlim(start / 1.1 if logx else start - 0.03 * (x_max - start), x_max)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
