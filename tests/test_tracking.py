@@ -217,3 +217,23 @@ def test_run_status_says_interrupted_or_failed(tmp_mlflow, raised, status):
         run_id = tracker.run_id
         raise raised("stop")
     assert MlflowClient(tracking_uri=tmp_mlflow).get_run(run_id).info.status == status
+
+
+def _splits(seed: int = 0, noise: float = 0.01):
+    rng = np.random.default_rng(seed)
+    exact = 5.0 * rng.normal(size=(8, 8, 8))
+    return {"train": (exact[:6] + noise * rng.standard_t(3, size=(6, 8, 8)), exact[:6]),
+            "val": (exact[6:] + noise * rng.standard_t(3, size=(2, 8, 8)), exact[6:])}
+
+
+def test_force_axes_say_what_they_show_and_in_which_units():
+    import matplotlib.pyplot as plt
+
+    splits = _splits()
+    ax = parity_plot(splits).axes[0]
+    assert "exact force" in ax.get_xlabel() and "predicted force" in ax.get_ylabel()
+    hx = error_histogram(splits).axes[0]
+    assert "force error" in hx.get_xlabel()
+    for label in (ax.get_xlabel(), ax.get_ylabel(), hx.get_xlabel()):
+        assert "model units" in label and "t_{hop}" in label, label
+    plt.close("all")

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from lattice_lab.common.io import atomic_path  # noqa: E402
 
 MAX_SCATTER_POINTS = 200_000  # per split; a seeded subsample keeps the PNG light
+FORCE_UNITS = r"(model units, $t_{hop} = 1$)"  # F_i = -dE/dQ_i, E in units of the hopping t, Q as in the model
 
 
 def _np(x) -> np.ndarray:
@@ -65,8 +66,8 @@ def parity_plot(splits: dict, title: str = ""):
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
-    ax.set_xlabel(r"$F_\mathrm{ED}$ (exact)")
-    ax.set_ylabel(r"$F_\mathrm{ML}$ (predicted)")
+    ax.set_xlabel(r"exact force $F_\mathrm{ED}$ " + FORCE_UNITS)
+    ax.set_ylabel(r"predicted force $F_\mathrm{ML}$ " + FORCE_UNITS)
     ax.set_title(title or "force parity")
     leg = ax.legend(loc="upper left", fontsize=8, markerscale=4)
     for h in leg.legend_handles:
@@ -86,8 +87,8 @@ def error_histogram(splits: dict, bins: int = 200, title: str = ""):
         ax.hist(err, bins=edges, histtype="step", lw=1.2, color=colors.get(name),
                 label=f"{name}: $\\sigma$ = {err.std():.4g}, max |err| = {np.abs(err).max():.3g}")
     ax.set_yscale("log")
-    ax.set_xlabel(r"$F_\mathrm{ML} - F_\mathrm{ED}$")
-    ax.set_ylabel("sites")
+    ax.set_xlabel(r"force error $F_\mathrm{ML} - F_\mathrm{ED}$ " + FORCE_UNITS)
+    ax.set_ylabel("sites per bin")
     ax.set_title(title or "force error distribution")
     ax.legend(fontsize=8)
     fig.tight_layout()
