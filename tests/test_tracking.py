@@ -237,3 +237,18 @@ def test_force_axes_say_what_they_show_and_in_which_units():
     for label in (ax.get_xlabel(), ax.get_ylabel(), hx.get_xlabel()):
         assert "model units" in label and "t_{hop}" in label, label
     plt.close("all")
+
+
+def test_error_histogram_legend_covers_no_bins_and_nothing_is_cut_off(tmp_path, inked_edges):
+    """On a log scale the tails of a trained model's errors reach every corner of the frame: the legend
+    (with sigma, the key number) drawn inside covered the bins at the level of 1-10 sites."""
+    import matplotlib.pyplot as plt
+
+    fig = error_histogram(_splits(noise=0.3), title="gnn_small on holstein_L16")
+    path = save_figure(fig, tmp_path / "hist.png")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    legend, frame = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert not legend.overlaps(frame), (legend, frame)
+    assert inked_edges(path) == {}
+    plt.close("all")
