@@ -244,7 +244,9 @@ def _run(cfg: DictConfig, where: dict) -> float:
         if plots:
             from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
 
-            label = f"{model_label(cfg)} on {dataset_name(cfg)}"
+            # which run it is (runs of one model on one dataset differ in seed, settings, length)
+            label = (f"{model_label(cfg)} on {dataset_name(cfg)}\n"
+                     f"run {run_dir.name}, best epoch {trainer.best_epoch} of {trainer.epoch}")
             for fname, fn in (("parity.png", parity_plot), ("error_hist.png", error_histogram)):
                 fig = fn({k: (p.cpu(), f.cpu()) for k, (p, f) in pred.items()}, title=label)
                 save_figure(fig, run_dir / fname, close=True)

@@ -252,3 +252,15 @@ def test_error_histogram_legend_covers_no_bins_and_nothing_is_cut_off(tmp_path, 
     assert not legend.overlaps(frame), (legend, frame)
     assert inked_edges(path) == {}
     plt.close("all")
+
+
+def test_a_long_run_title_is_wrapped_not_cut_off(tmp_path, inked_edges):
+    """The training plots' titles name the run; a default run name of a multirun job is ~50 characters."""
+    import matplotlib.pyplot as plt
+
+    title = ("gnn_energy_small on holstein_L40\n"
+             "run gnn_energy_small_holstein_L40_20261123-013440_12, best epoch 145 of 150")
+    for name, fn in (("parity", parity_plot), ("hist", error_histogram)):
+        path = save_figure(fn(_splits(noise=0.1), title=title), tmp_path / f"{name}.png", close=True)
+        assert inked_edges(path) == {}, name
+    plt.close("all")

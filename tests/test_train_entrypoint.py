@@ -278,3 +278,20 @@ def test_cli_reports_ctrl_c_in_one_line(dataset_file, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]  # printed by common.cli.friendly_errors
     assert last.startswith(f"interrupted: {tmp_path / 'cut' / 'last.pt'} holds the last finished epoch (epoch 1;")
     assert last.endswith("rerun with resume=true run_name=cut to continue")
+
+
+def test_plot_titles_name_the_run_and_its_best_epoch(dataset_file, tmp_path, monkeypatch):
+    """Two runs of one model on one dataset (another seed, more epochs) had plots with the same title."""
+    from lattice_lab.tracking import plots
+
+    titles = []
+    for name in ("parity_plot", "error_histogram"):
+        fn = getattr(plots, name)
+        monkeypatch.setattr(plots, name, lambda splits, title="", _fn=fn: titles.append(title) or _fn(splits, title=title))
+    run(_cfg(dataset_file, tmp_path, "run_name=seed7", "seed=7", "tracking.enabled=false"))
+    best_epoch = int(min(csv.DictReader((tmp_path / "seed7" / "metrics.csv").open()),
+                         key=lambda r: float(r["val/rmse"]))["epoch"])
+    assert len(titles) == 2
+    for title in titles:
+        assert " on holstein_L8_tiny\nrun seed7," in title, title
+        assert f"best epoch {best_epoch} of 3" in title, title

@@ -68,7 +68,7 @@ def parity_plot(splits: dict, title: str = ""):
     ax.set_aspect("equal")
     ax.set_xlabel(r"exact force $F_\mathrm{ED}$ " + FORCE_UNITS)
     ax.set_ylabel(r"predicted force $F_\mathrm{ML}$ " + FORCE_UNITS)
-    ax.set_title(title or "force parity")
+    ax.set_title(title or "force parity", fontsize=10, wrap=True)
     leg = ax.legend(loc="upper left", fontsize=8, markerscale=4)
     for h in leg.legend_handles:
         h.set_alpha(1.0)
@@ -92,7 +92,7 @@ def error_histogram(splits: dict, bins: int = 200, title: str = ""):
     ax.set_yscale("log")
     ax.set_xlabel(r"force error $F_\mathrm{ML} - F_\mathrm{ED}$ " + FORCE_UNITS)
     ax.set_ylabel("sites per bin")
-    ax.set_title(title or "force error distribution")
+    ax.set_title(title or "force error distribution", fontsize=10, wrap=True)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
     return fig
 
