@@ -342,7 +342,8 @@ def test_bench_figure_legend_clear_of_data_and_targets_on_their_own_bars(tmp_pat
     summaries = [{"preset": p, "ceiling_fraction_large": f, "large_sizes": [128, 512]}
                  for p, f in zip(presets, (2.2, 1.1, 1.7, 2.45))]
     fig = report.make_figure(rows, ed, summaries, {"ed_a_seconds_per_N3": 2e-10}, "cpu, float32, 2 threads",
-                             [(0.25, "enn target", "enn"), (0.60, "gnn target")], ceiling_gflops=209.8)
+                             [(0.25, "enn target", "enn"), (0.60, "gnn target"), (0.5, "enn_energy target", "enn_energy")],
+                             ceiling_gflops=209.8)
     ax, bx = fig.axes
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()

@@ -127,8 +127,8 @@ def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dic
     per model (median at large L), each bar labelled with its percentage and the sizes of the median.
 
     ``targets``: ``(level, label)`` or ``(level, label, preset)``; a target of one preset (the preset
-    named as the label's first word, ``"enn target"``) is drawn across that preset's bar only, one of
-    no preset across the whole panel. ``ceiling_gflops``: the ceiling (100 %), named in the title."""
+    named as the label's first word, ``"enn target"``) is drawn across that preset's bar only (not at
+    all when the preset was not measured), one of no preset across the whole panel. ``ceiling_gflops``: the ceiling (100 %), named in the title."""
     import matplotlib
     import matplotlib.ticker
     from matplotlib.lines import Line2D
@@ -190,9 +190,10 @@ def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dic
     bx.axhline(100, color="0.3", lw=1)  # the ceiling itself
     bars_by_name = dict(zip(names, bars))
     for level, label, *preset in targets or ():
-        preset = preset[0] if preset else label.split()[0]
-        bar = bars_by_name.get(preset)
-        if bar is None:  # not a target of one measured preset: across the panel
+        if preset and preset[0] not in bars_by_name:  # the target of a preset not in this run
+            continue
+        bar = bars_by_name.get(preset[0] if preset else label.split()[0])
+        if bar is None:  # not a target of one preset: across the panel
             bx.axhline(100 * level, ls="--", lw=1, color="tab:red", alpha=0.7)
             bx.annotate(f"{label} {100 * level:.0f}%", (0.01, 100 * level), xycoords=("axes fraction", "data"),
                         ha="left", va="bottom", fontsize=7, color="tab:red")
