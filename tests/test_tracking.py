@@ -9,7 +9,7 @@ import pytest
 
 from lattice_lab.common.errors import ConfigError, Interrupted
 from lattice_lab.tracking import mlflow_utils as mu
-from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
+from lattice_lab.tracking.plots import error_histogram, learning_curve, parity_plot, save_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -263,4 +263,23 @@ def test_a_long_run_title_is_wrapped_not_cut_off(tmp_path, inked_edges):
     for name, fn in (("parity", parity_plot), ("hist", error_histogram)):
         path = save_figure(fn(_splits(noise=0.1), title=title), tmp_path / f"{name}.png", close=True)
         assert inked_edges(path) == {}, name
+    plt.close("all")
+
+
+def test_learning_curve_log_rmse_best_epoch_and_lr(tmp_path, inked_edges):
+    """metrics.csv had no plot: train / val RMSE vs epoch on a log axis, the best epoch and its RMSE named."""
+    import matplotlib.pyplot as plt
+
+    hist = [{"epoch": e, "train/rmse": 2.0 / e, "val/rmse": 2.1 / e + (0.05 if e == 9 else 0.0),
+             "lr": 1e-3 if e < 6 else 5e-4} for e in range(1, 10)]
+    fig = learning_curve(hist, best_epoch=8, title="gnn_small on holstein_L16\nrun x, best epoch 8 of 9")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "epoch" and "RMSE" in ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "best: epoch 8, val RMSE = 0.2625" in labels and "learning rate (right axis)" in labels, labels
+    assert fig.axes[1].get_yscale() == "log"
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    assert not ax.get_legend().get_window_extent(r).overlaps(ax.get_window_extent(r))
+    assert inked_edges(save_figure(fig, tmp_path / "lc.png", close=True)) == {}
     plt.close("all")

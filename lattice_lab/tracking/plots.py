@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -94,6 +95,42 @@ def error_histogram(splits: dict, bins: int = 200, title: str = ""):
     ax.set_ylabel("sites per bin")
     ax.set_title(title or "force error distribution", fontsize=10, wrap=True)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
+    return fig
+
+
+def learning_curve(history: list[dict], best_epoch: int | None = None, title: str = ""):
+    """Train and validation force RMSE vs epoch (log y), the best epoch marked with its validation RMSE,
+    the learning rate on a second log axis (dotted). ``history``: the trainer's per-epoch rows
+    (``epoch``, ``train/rmse``, ``val/rmse``, ``lr``), as in ``metrics.csv``."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.6), dpi=120, layout="constrained")
+    epochs = [int(r["epoch"]) for r in history]
+    for key, color in (("train/rmse", "tab:blue"), ("val/rmse", "tab:orange")):
+        ax.plot(epochs, [float(r[key]) for r in history], "-", lw=1.2, color=color, marker="." if len(epochs) < 30 else None,
+                label=key.split("/")[0] + " RMSE")
+    if best_epoch is not None and best_epoch in epochs:
+        best = float(history[epochs.index(best_epoch)]["val/rmse"])
+        ax.axvline(best_epoch, color="0.4", ls="--", lw=0.8)
+        ax.plot([best_epoch], [best], "o", color="tab:orange", mfc="none", ms=8,
+                label=f"best: epoch {best_epoch}, val RMSE = {best:.4g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(r"force RMSE " + FORCE_UNITS)
+    ax.set_title(title or "learning curve", fontsize=10, wrap=True)
+    handles, labels = ax.get_legend_handles_labels()
+    if all("lr" in r for r in history):
+        lx = ax.twinx()
+        lrs = [float(r["lr"]) for r in history]
+        (lr_line,) = lx.plot(epochs, lrs, ":", color="0.3", lw=1.2)
+        lx.set_yscale("log")
+        lx.margins(y=0.08)
+        levels = sorted(set(lrs))
+        if len(levels) <= 6:  # the plateau scheduler's few steps, labelled as they are (not log minor ticks)
+            lx.set_yticks(levels, [f"{v:.3g}" for v in levels])
+            lx.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        lx.set_ylabel("learning rate")
+        handles.append(lr_line)
+        labels.append("learning rate (right axis)")
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     return fig
 
 
