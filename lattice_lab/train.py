@@ -3,7 +3,7 @@
 Reads ``runs/data/<dataset>.h5``, builds the model for the dataset's Hamiltonian, minimises the
 force MSE (:mod:`lattice_lab.training.trainer`), evaluates the best model on train and validation
 sets, and writes ``runs/checkpoints/<run_name>/`` (best.pt, last.pt, config.yaml, metrics.csv,
-parity.png, error_hist.png). Everything is logged to MLflow (experiment ``lattice_lab/train``).
+parity.png, error_hist.png, learning_curve.png). Everything is logged to MLflow (experiment ``lattice_lab/train``).
 The Hydra task function returns the best validation RMSE, the objective of Optuna sweeps. Ctrl-C stops
 with one line naming ``last.pt`` (the last finished epoch) and the ``resume=true run_name=...`` that continues.
 """
@@ -242,13 +242,18 @@ def _run(cfg: DictConfig, where: dict) -> float:
         atomic_write_text(run_dir / "final_metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(final)))
 
         if plots:
-            from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
+            from lattice_lab.tracking.plots import error_histogram, learning_curve, parity_plot, save_figure
 
-            label = f"{model_label(cfg)} on {dataset_name(cfg)}"
+            # which run it is (runs of one model on one dataset differ in seed, settings, length)
+            label = (f"{model_label(cfg)} on {dataset_name(cfg)}\n"
+                     f"run {run_dir.name}, best epoch {trainer.best_epoch} of {trainer.epoch}")
             for fname, fn in (("parity.png", parity_plot), ("error_hist.png", error_histogram)):
                 fig = fn({k: (p.cpu(), f.cpu()) for k, (p, f) in pred.items()}, title=label)
                 save_figure(fig, run_dir / fname, close=True)
                 tracker.log_artifact(run_dir / fname, "plots")
+            save_figure(learning_curve(trainer.history, trainer.best_epoch, title=label), run_dir / "learning_curve.png",
+                        close=True)
+            tracker.log_artifact(run_dir / "learning_curve.png", "plots")
         tracker.log_artifact(run_dir / "metrics.csv")
         tracker.log_artifact(run_dir / "final_metrics.yaml")
         tracker.log_artifact(run_dir / "best.pt", "checkpoints")

@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,3 +32,19 @@ def no_compiler(monkeypatch):
 
     monkeypatch.setattr(build, "compiler", missing)
     monkeypatch.setattr(build, "_loaded", {})
+
+
+def _inked_edges(path) -> dict:
+    """Non-white pixels in the outermost 2 pixel rows / columns of a PNG: text or lines cut off by its edge."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        grey = np.asarray(im.convert("L"))
+    edges = {"left": grey[:, :2], "right": grey[:, -2:], "top": grey[:2], "bottom": grey[-2:]}
+    return {k: int((v < 200).sum()) for k, v in edges.items() if (v < 200).any()}
+
+
+@pytest.fixture
+def inked_edges():
+    """``inked_edges(png_path) -> {edge: n_pixels}``, empty when nothing touches the image border."""
+    return _inked_edges

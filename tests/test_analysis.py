@@ -645,17 +645,7 @@ def test_collapse_frames_are_log_spaced_in_time(tmp_path):
     assert ratios.min() > 1.4, t  # 10^(1/5) = 1.58 each for perfect log spacing
 
 
-def _inked_edges(path) -> dict:
-    """Non-white pixels in the outermost 2 pixel rows / columns of a PNG: text or lines cut off by its edge."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        grey = np.asarray(im.convert("L"))
-    edges = {"left": grey[:, :2], "right": grey[:, -2:], "top": grey[:2], "bottom": grey[-2:]}
-    return {k: int((v < 200).sum()) for k, v in edges.items() if (v < 200).any()}
-
-
-def test_saved_plots_cut_off_no_label_or_title(tmp_path):
+def test_saved_plots_cut_off_no_label_or_title(tmp_path, inked_edges):
     """At paper scale a row of four 200 x 200 snapshot panels lost the bottom of its x labels, and the collapse
     plot's title (with T, L, R and the force source) ran past the right edge."""
     import matplotlib.pyplot as plt
@@ -674,7 +664,7 @@ def test_saved_plots_cut_off_no_label_or_title(tmp_path):
     }
     for name, fig in figures.items():
         save_figure(fig, tmp_path / f"{name}.png")
-        assert _inked_edges(tmp_path / f"{name}.png") == {}, name
+        assert inked_edges(tmp_path / f"{name}.png") == {}, name
     plt.close("all")
 
 

@@ -326,3 +326,38 @@ def test_compiled_timings_appear_in_the_printed_table():
     summary = {"preset": "enn", "params": 10, "flops_per_site": 1e5, "compile_error": "BackendCompilerFailed: x"}
     table = summary_table([summary], {"models": {}}, 40, 64)
     assert "compile failed: BackendCompilerFailed" in table
+
+
+def test_bench_figure_legend_clear_of_data_and_targets_on_their_own_bars(tmp_path, inked_edges):
+    """bench.png: the legend sat on the ED fit line; the enn / gnn target lines ran across every bar (as if
+    they applied to all) with their labels over the tallest bar; bars said "L=512" for a median over 128-512."""
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.bench import report
+
+    presets = ["enn", "enn_small", "gnn", "mlp_small"]
+    rows = [{"preset": p, "L": L, "status": "ok", "force_s_per_site": 1e-7 * (i + 1), "step_s_per_site": 1.1e-7 * (i + 1)}
+            for i, p in enumerate(presets) for L in (32, 128, 512)]
+    ed = [{"L": L, "N": L * L, "ed_force_s": 2e-10 * (L * L) ** 3} for L in (8, 16, 24, 40)]
+    summaries = [{"preset": p, "ceiling_fraction_large": f, "large_sizes": [128, 512]}
+                 for p, f in zip(presets, (2.2, 1.1, 1.7, 2.45))]
+    fig = report.make_figure(rows, ed, summaries, {"ed_a_seconds_per_N3": 2e-10}, "cpu, float32, 2 threads",
+                             [(0.25, "enn target", "enn"), (0.60, "gnn target"), (0.5, "enn_energy target", "enn_energy")],
+                             ceiling_gflops=209.8)
+    ax, bx = fig.axes
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert not ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    assert inked_edges(report.write_png(tmp_path / "bench.png", fig)) == {}
+    bars = {p: b for p, b in zip(presets, bx.patches)}
+    red = [c for c in bx.collections if c.get_segments()]
+    assert len(red) == 2 and not bx.get_lines()[1:]  # only the 100% line spans the panel
+    for coll, (preset, level) in zip(red, (("enn", 25), ("gnn", 60))):
+        (seg,) = coll.get_segments()
+        bar = bars[preset]
+        assert seg[0][1] == seg[1][1] == level
+        assert bar.get_x() - 0.1 < seg[0][0] < bar.get_x() and bar.get_x() + bar.get_width() < seg[1][0] < bar.get_x() + 0.9
+    texts = [t.get_text() for t in bx.texts]
+    assert {"220%", "110%", "170%", "245%", "target 25%", "target 60%"} <= set(texts), texts
+    assert "L = 128-512" in bx.get_ylabel() and "210 GFLOP/s = 100%" in bx.get_title()
+    plt.close("all")

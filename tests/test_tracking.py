@@ -9,7 +9,7 @@ import pytest
 
 from lattice_lab.common.errors import ConfigError, Interrupted
 from lattice_lab.tracking import mlflow_utils as mu
-from lattice_lab.tracking.plots import error_histogram, parity_plot, save_figure
+from lattice_lab.tracking.plots import error_histogram, learning_curve, parity_plot, save_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -217,3 +217,69 @@ def test_run_status_says_interrupted_or_failed(tmp_mlflow, raised, status):
         run_id = tracker.run_id
         raise raised("stop")
     assert MlflowClient(tracking_uri=tmp_mlflow).get_run(run_id).info.status == status
+
+
+def _splits(seed: int = 0, noise: float = 0.01):
+    rng = np.random.default_rng(seed)
+    exact = 5.0 * rng.normal(size=(8, 8, 8))
+    return {"train": (exact[:6] + noise * rng.standard_t(3, size=(6, 8, 8)), exact[:6]),
+            "val": (exact[6:] + noise * rng.standard_t(3, size=(2, 8, 8)), exact[6:])}
+
+
+def test_force_axes_say_what_they_show_and_in_which_units():
+    import matplotlib.pyplot as plt
+
+    splits = _splits()
+    ax = parity_plot(splits).axes[0]
+    assert "exact force" in ax.get_xlabel() and "predicted force" in ax.get_ylabel()
+    hx = error_histogram(splits).axes[0]
+    assert "force error" in hx.get_xlabel()
+    for label in (ax.get_xlabel(), ax.get_ylabel(), hx.get_xlabel()):
+        assert "model units" in label and "t_{hop}" in label, label
+    plt.close("all")
+
+
+def test_error_histogram_legend_covers_no_bins_and_nothing_is_cut_off(tmp_path, inked_edges):
+    """On a log scale the tails of a trained model's errors reach every corner of the frame: the legend
+    (with sigma, the key number) drawn inside covered the bins at the level of 1-10 sites."""
+    import matplotlib.pyplot as plt
+
+    fig = error_histogram(_splits(noise=0.3), title="gnn_small on holstein_L16")
+    path = save_figure(fig, tmp_path / "hist.png")
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    legend, frame = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert not legend.overlaps(frame), (legend, frame)
+    assert inked_edges(path) == {}
+    plt.close("all")
+
+
+def test_a_long_run_title_is_wrapped_not_cut_off(tmp_path, inked_edges):
+    """The training plots' titles name the run; a default run name of a multirun job is ~50 characters."""
+    import matplotlib.pyplot as plt
+
+    title = ("gnn_energy_small on holstein_L40\n"
+             "run gnn_energy_small_holstein_L40_20261123-013440_12, best epoch 145 of 150")
+    for name, fn in (("parity", parity_plot), ("hist", error_histogram)):
+        path = save_figure(fn(_splits(noise=0.1), title=title), tmp_path / f"{name}.png", close=True)
+        assert inked_edges(path) == {}, name
+    plt.close("all")
+
+
+def test_learning_curve_log_rmse_best_epoch_and_lr(tmp_path, inked_edges):
+    """metrics.csv had no plot: train / val RMSE vs epoch on a log axis, the best epoch and its RMSE named."""
+    import matplotlib.pyplot as plt
+
+    hist = [{"epoch": e, "train/rmse": 2.0 / e, "val/rmse": 2.1 / e + (0.05 if e == 9 else 0.0),
+             "lr": 1e-3 if e < 6 else 5e-4} for e in range(1, 10)]
+    fig = learning_curve(hist, best_epoch=8, title="gnn_small on holstein_L16\nrun x, best epoch 8 of 9")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "epoch" and "RMSE" in ax.get_ylabel()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "best: epoch 8, val RMSE = 0.2625" in labels and "learning rate (right axis)" in labels, labels
+    assert fig.axes[1].get_yscale() == "log"
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    assert not ax.get_legend().get_window_extent(r).overlaps(ax.get_window_extent(r))
+    assert inked_edges(save_figure(fig, tmp_path / "lc.png", close=True)) == {}
+    plt.close("all")

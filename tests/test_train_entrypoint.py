@@ -75,7 +75,7 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     best = run(_cfg(dataset_file, tmp_path, "run_name=e2e"))
     assert isinstance(best, float) and np.isfinite(best)
     run_dir = tmp_path / "e2e"
-    for name in ("best.pt", "last.pt", "config.yaml", "metrics.csv", "parity.png", "error_hist.png"):
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.csv", "parity.png", "error_hist.png", "learning_curve.png"):
         assert (run_dir / name).is_file(), name
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert len(rows) == 3 and best == min(float(r["val/rmse"]) for r in rows)
@@ -104,7 +104,8 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     # metric L is the domain size L(t) in simulate and analyze runs; the training lattice is lattice_L
     assert r.data.metrics["lattice_L"] == read_force_dataset(dataset_file).L and "L" not in r.data.metrics
     arts = {a.path for d in ("", "plots", "checkpoints") for a in client.list_artifacts(r.info.run_id, d or None)}
-    assert {"config.yaml", "metrics.csv", "checkpoints/best.pt", "plots/parity.png", "plots/error_hist.png"} <= arts
+    assert {"config.yaml", "metrics.csv", "checkpoints/best.pt", "plots/parity.png", "plots/error_hist.png",
+            "plots/learning_curve.png"} <= arts
 
     # the checkpoint fetched by MLflow run id reproduces the validation RMSE
     ff = load_force_field(r.info.run_id, device="cpu")
@@ -278,3 +279,20 @@ def test_cli_reports_ctrl_c_in_one_line(dataset_file, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]  # printed by common.cli.friendly_errors
     assert last.startswith(f"interrupted: {tmp_path / 'cut' / 'last.pt'} holds the last finished epoch (epoch 1;")
     assert last.endswith("rerun with resume=true run_name=cut to continue")
+
+
+def test_plot_titles_name_the_run_and_its_best_epoch(dataset_file, tmp_path, monkeypatch):
+    """Two runs of one model on one dataset (another seed, more epochs) had plots with the same title."""
+    from lattice_lab.tracking import plots
+
+    titles = []
+    for name in ("parity_plot", "error_histogram"):
+        fn = getattr(plots, name)
+        monkeypatch.setattr(plots, name, lambda splits, title="", _fn=fn: titles.append(title) or _fn(splits, title=title))
+    run(_cfg(dataset_file, tmp_path, "run_name=seed7", "seed=7", "tracking.enabled=false"))
+    best_epoch = int(min(csv.DictReader((tmp_path / "seed7" / "metrics.csv").open()),
+                         key=lambda r: float(r["val/rmse"]))["epoch"])
+    assert len(titles) == 2
+    for title in titles:
+        assert " on holstein_L8_tiny\nrun seed7," in title, title
+        assert f"best epoch {best_epoch} of 3" in title, title

@@ -121,17 +121,24 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dict], comparison: dict,
-                device_label: str, targets: list[tuple[float, str]] | None = None):
-    """Left: force time per site vs L (log-log) for every model and ED (with the a N^3 fit).
-    Right: fraction of the matmul ceiling per model (median at large L), with target lines."""
+                device_label: str, targets: list[tuple] | None = None, ceiling_gflops: float | None = None):
+    """Left: force time per site vs L (log-log) for every model and ED (with the a N^3 fit), the legend
+    below the axes (the fit line and the curves fill the frame). Right: fraction of the matmul ceiling
+    per model (median at large L), each bar labelled with its percentage and the sizes of the median.
+
+    ``targets``: ``(level, label)`` or ``(level, label, preset)``; a target of one preset (the preset
+    named as the label's first word, ``"enn target"``) is drawn across that preset's bar only (not at
+    all when the preset was not measured), one of no preset across the whole panel. ``ceiling_gflops``: the ceiling (100 %), named in the title."""
     import matplotlib
     import matplotlib.ticker
+    from matplotlib.lines import Line2D
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [3, 2]}, layout="constrained")
     presets = list(dict.fromkeys(r["preset"] for r in model_rows))
+    any_step = False
     for p in presets:
         pts = sorted((r["L"], r["force_s_per_site"]) for r in model_rows
                      if r["preset"] == p and r["status"] == "ok" and r.get("force_s_per_site"))
@@ -141,6 +148,7 @@ def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dic
                       if r["preset"] == p and r["status"] == "ok" and r.get("step_s_per_site"))
         if step:
             ax.plot(*zip(*step), ":", color=ax.lines[-1].get_color(), alpha=0.6)
+            any_step = True
     ed = sorted((r["L"], r["ed_force_s"] / r["N"]) for r in ed_rows if r.get("ed_force_s"))
     if ed:
         ax.plot(*zip(*ed), "ks-", lw=2, label="ED (exact)")
@@ -157,23 +165,51 @@ def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dic
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("L (lattice is L x L)")
     ax.set_ylabel("seconds per site per force evaluation")
-    ax.set_title(f"force time per site ({device_label}); dotted: full Langevin step")
+    ax.set_title(f"force time per site ({device_label})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    handles, labels = ax.get_legend_handles_labels()
+    if any_step:
+        handles.append(Line2D([], [], ls=":", color="0.4"))
+        labels.append("full Langevin step (dotted, colour of its model)")
+    if handles:
+        ax.legend(handles, labels, fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+
     names = [s["preset"] for s in summaries]
     fr = [100 * (s.get("ceiling_fraction_large") or 0.0) for s in summaries]
     bars = bx.bar(names, fr, color="tab:blue")
-    for b_, s in zip(bars, summaries):
-        bx.annotate(f"L={s['large_sizes'][-1]}" if s.get("large_sizes") else "n/a",
-                    (b_.get_x() + b_.get_width() / 2, b_.get_height()), ha="center", va="bottom", fontsize=7)
-    for level, label in targets or ():
-        bx.axhline(100 * level, ls="--", lw=1, color="tab:red", alpha=0.7)
-        bx.annotate(label, (bx.get_xlim()[1], 100 * level), ha="right", va="bottom", fontsize=7, color="tab:red")
-    bx.set_ylabel("% of matmul ceiling (median at large L)")
-    bx.set_title("achieved GFLOP/s / dense matmul GFLOP/s")
+    def sizes_text(s):
+        sizes = s.get("large_sizes") or []
+        return (f"L = {sizes[0]}" if len(sizes) == 1 else f"L = {sizes[0]}-{sizes[-1]}") if sizes else ""
+
+    common = {sizes_text(s) for s in summaries if s.get("ceiling_fraction_large") is not None}
+    common = common.pop() if len(common) == 1 else None  # the same sizes for every bar: said once, on the axis
+    for b_, s, f in zip(bars, summaries, fr):
+        text = (f"{f:.0f}%" + ("" if common else f"\n{sizes_text(s)}")
+                if s.get("ceiling_fraction_large") is not None else "n/a")
+        bx.annotate(text, (b_.get_x() + b_.get_width() / 2, b_.get_height()), ha="center", va="bottom", fontsize=7)
+    bx.axhline(100, color="0.3", lw=1)  # the ceiling itself
+    bars_by_name = dict(zip(names, bars))
+    for level, label, *preset in targets or ():
+        if preset and preset[0] not in bars_by_name:  # the target of a preset not in this run
+            continue
+        bar = bars_by_name.get(preset[0] if preset else label.split()[0])
+        if bar is None:  # not a target of one preset: across the panel
+            bx.axhline(100 * level, ls="--", lw=1, color="tab:red", alpha=0.7)
+            bx.annotate(f"{label} {100 * level:.0f}%", (0.01, 100 * level), xycoords=("axes fraction", "data"),
+                        ha="left", va="bottom", fontsize=7, color="tab:red")
+            continue
+        x0, w = bar.get_x(), bar.get_width()
+        bx.hlines(100 * level, x0 - 0.08 * w, x0 + 1.08 * w, colors="tab:red", lw=2, zorder=3)
+        bx.annotate(f"target {100 * level:.0f}%", (x0 + w / 2, 100 * level), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7, color="tab:red", zorder=4,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+    top = max([*fr, 100.0, *(100 * t[0] for t in targets or ())])
+    bx.set_ylim(0, 1.15 * top)
+    bx.set_ylabel(f"% of the matmul ceiling (median over {common or 'large L'})")
+    ceiling = f"\n(dense matmul, {ceiling_gflops:.0f} GFLOP/s = 100%)" if ceiling_gflops else " / dense matmul GFLOP/s"
+    bx.set_title(f"achieved GFLOP/s of the force call{ceiling}", fontsize=10, wrap=True)
     bx.tick_params(axis="x", rotation=45)
     bx.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
     return fig
 
 

@@ -277,8 +277,10 @@ def run(cfg: DictConfig) -> dict:
     paths = {"json": report.write_json(out_dir / "bench.json", result),
              "csv": report.write_csv(out_dir / "bench.csv", model_rows + ed_rows),
              "txt": atomic_write_text(out_dir / "bench.txt", text + "\n")}
-    lines = [(float(targets["enn_ceiling_fraction"]), "enn target"), (float(targets["gnn_ceiling_fraction"]), "gnn target")]
-    fig = report.make_figure(model_rows, ed_rows, summaries, comparison, f"{device}, {ceiling_key}", lines)
+    lines = [(float(targets["enn_ceiling_fraction"]), "enn target", "enn"),
+             (float(targets["gnn_ceiling_fraction"]), "gnn target", "gnn")]
+    fig = report.make_figure(model_rows, ed_rows, summaries, comparison,
+                             f"{device}, {ceiling_key}, {machine['threads']} threads", lines, ceiling_gflops)
     if tracked:
         _track(cfg, result, out_dir, fig, device)
     paths["png"] = report.write_png(out_dir / "bench.png", fig)

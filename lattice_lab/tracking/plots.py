@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -18,6 +19,7 @@ import numpy as np  # noqa: E402
 from lattice_lab.common.io import atomic_path  # noqa: E402
 
 MAX_SCATTER_POINTS = 200_000  # per split; a seeded subsample keeps the PNG light
+FORCE_UNITS = r"(model units, $t_{hop} = 1$)"  # F_i = -dE/dQ_i, E in units of the hopping t, Q as in the model
 
 
 def _np(x) -> np.ndarray:
@@ -65,9 +67,9 @@ def parity_plot(splits: dict, title: str = ""):
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal")
-    ax.set_xlabel(r"$F_\mathrm{ED}$ (exact)")
-    ax.set_ylabel(r"$F_\mathrm{ML}$ (predicted)")
-    ax.set_title(title or "force parity")
+    ax.set_xlabel(r"exact force $F_\mathrm{ED}$ " + FORCE_UNITS)
+    ax.set_ylabel(r"predicted force $F_\mathrm{ML}$ " + FORCE_UNITS)
+    ax.set_title(title or "force parity", fontsize=10, wrap=True)
     leg = ax.legend(loc="upper left", fontsize=8, markerscale=4)
     for h in leg.legend_handles:
         h.set_alpha(1.0)
@@ -76,8 +78,11 @@ def parity_plot(splits: dict, title: str = ""):
 
 
 def error_histogram(splits: dict, bins: int = 200, title: str = ""):
-    """Histogram of F_ML - F_ED per split (log y), sigma in the legend."""
-    fig, ax = plt.subplots(figsize=(5.6, 4.0), dpi=120)
+    """Histogram of F_ML - F_ED per split (log y), sigma in the legend.
+
+    The legend sits below the axes: on a log scale the tails reach every corner of the frame, so no
+    place inside it is free of data."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.6), dpi=120, layout="constrained")
     errs = {name: _np(pred) - _np(exact) for name, (pred, exact) in splits.items()}
     m = max(float(np.abs(e).max()) for e in errs.values()) or 1.0
     edges = np.linspace(-m, m, bins + 1)
@@ -86,11 +91,46 @@ def error_histogram(splits: dict, bins: int = 200, title: str = ""):
         ax.hist(err, bins=edges, histtype="step", lw=1.2, color=colors.get(name),
                 label=f"{name}: $\\sigma$ = {err.std():.4g}, max |err| = {np.abs(err).max():.3g}")
     ax.set_yscale("log")
-    ax.set_xlabel(r"$F_\mathrm{ML} - F_\mathrm{ED}$")
-    ax.set_ylabel("sites")
-    ax.set_title(title or "force error distribution")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.set_xlabel(r"force error $F_\mathrm{ML} - F_\mathrm{ED}$ " + FORCE_UNITS)
+    ax.set_ylabel("sites per bin")
+    ax.set_title(title or "force error distribution", fontsize=10, wrap=True)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
+    return fig
+
+
+def learning_curve(history: list[dict], best_epoch: int | None = None, title: str = ""):
+    """Train and validation force RMSE vs epoch (log y), the best epoch marked with its validation RMSE,
+    the learning rate on a second log axis (dotted). ``history``: the trainer's per-epoch rows
+    (``epoch``, ``train/rmse``, ``val/rmse``, ``lr``), as in ``metrics.csv``."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.6), dpi=120, layout="constrained")
+    epochs = [int(r["epoch"]) for r in history]
+    for key, color in (("train/rmse", "tab:blue"), ("val/rmse", "tab:orange")):
+        ax.plot(epochs, [float(r[key]) for r in history], "-", lw=1.2, color=color, marker="." if len(epochs) < 30 else None,
+                label=key.split("/")[0] + " RMSE")
+    if best_epoch is not None and best_epoch in epochs:
+        best = float(history[epochs.index(best_epoch)]["val/rmse"])
+        ax.axvline(best_epoch, color="0.4", ls="--", lw=0.8)
+        ax.plot([best_epoch], [best], "o", color="tab:orange", mfc="none", ms=8,
+                label=f"best: epoch {best_epoch}, val RMSE = {best:.4g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(r"force RMSE " + FORCE_UNITS)
+    ax.set_title(title or "learning curve", fontsize=10, wrap=True)
+    handles, labels = ax.get_legend_handles_labels()
+    if all("lr" in r for r in history):
+        lx = ax.twinx()
+        lrs = [float(r["lr"]) for r in history]
+        (lr_line,) = lx.plot(epochs, lrs, ":", color="0.3", lw=1.2)
+        lx.set_yscale("log")
+        lx.margins(y=0.08)
+        levels = sorted(set(lrs))
+        if len(levels) <= 6:  # the plateau scheduler's few steps, labelled as they are (not log minor ticks)
+            lx.set_yticks(levels, [f"{v:.3g}" for v in levels])
+            lx.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        lx.set_ylabel("learning rate")
+        handles.append(lr_line)
+        labels.append("learning rate (right axis)")
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     return fig
 
 
