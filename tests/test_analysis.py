@@ -559,13 +559,13 @@ def test_log_axes_over_a_narrow_range_get_several_labels():
     """A domain size growing from 0.5 to 1.5 over two decades of time used to show the single y label 1.0."""
     import matplotlib.pyplot as plt
 
-    from lattice_lab.analysis.plots import _plain_log_ticks
+    from lattice_lab.common.figures import plain_log_ticks
 
     fig, ax = plt.subplots()
     ax.plot([5.0, 200.0], [0.52, 1.5])
     ax.set_xscale("log")
     ax.set_yscale("log")
-    _plain_log_ticks(ax)
+    plain_log_ticks(ax)
     fig.canvas.draw()
 
     def labels(axis, lim):

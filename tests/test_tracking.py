@@ -245,7 +245,7 @@ def test_error_histogram_legend_covers_no_bins_and_nothing_is_cut_off(tmp_path, 
     import matplotlib.pyplot as plt
 
     fig = error_histogram(_splits(noise=0.3), title="gnn_small on holstein_L16")
-    path = save_figure(fig, tmp_path / "hist.png")
+    path = save_figure(fig, tmp_path / "hist.png", close=False)
     ax = fig.axes[0]
     renderer = fig.canvas.get_renderer()
     legend, frame = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
@@ -279,6 +279,10 @@ def test_learning_curve_log_rmse_best_epoch_and_lr(tmp_path, inked_edges):
     assert "best: epoch 8, val RMSE = 0.2625" in labels and "learning rate (right axis)" in labels, labels
     assert fig.axes[1].get_yscale() == "log"
     fig.canvas.draw()
+    shown = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert len(shown) >= 3 and not any("times" in t or "^" in t for t in shown), shown  # 0.5, 1, 2: not 2 x 10^0
+    epochs = [v for v in ax.get_xticks() if ax.get_xlim()[0] <= v <= ax.get_xlim()[1]]
+    assert epochs and all(float(v).is_integer() for v in epochs), epochs  # no epoch 1.5
     r = fig.canvas.get_renderer()
     assert not ax.get_legend().get_window_extent(r).overlaps(ax.get_window_extent(r))
     assert inked_edges(save_figure(fig, tmp_path / "lc.png", close=True)) == {}

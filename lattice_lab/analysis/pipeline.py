@@ -51,6 +51,7 @@ from lattice_lab.analysis.stats import jackknife_error, leave_one_out_means, rep
 from lattice_lab.analysis.structure_factor import circular_average_t, domain_size_t, structure_factor_t
 from lattice_lab.common.device import resolve_device
 from lattice_lab.common.errors import ConfigError, LatticeLabError
+from lattice_lab.common.figures import save_figure
 from lattice_lab.common.io import atomic_path, atomic_write_text
 from lattice_lab.common.progress import progress
 from lattice_lab.common.switch import check_flag
@@ -216,18 +217,6 @@ def write_csv(path: Path, columns: dict) -> Path:
     data = np.column_stack([np.asarray(columns[k], dtype=np.float64) for k in names]) if names else np.zeros((0, 0))
     with atomic_path(path) as tmp:
         np.savetxt(tmp, data, delimiter=",", header=",".join(names), comments="", fmt="%.10g")
-    return path
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write ``fig`` as a PNG (atomically) and close it. The image is cropped / grown to the figure's artists
-    (``bbox_inches="tight"``): constrained layout alone let the x labels of the square snapshot panels fall
-    below a 4-panel row, and a long title past the edge of a plot (T, L, R and the force source in it)."""
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight", pad_inches=0.05)
-    plt.close(fig)
     return path
 
 

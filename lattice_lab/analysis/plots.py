@@ -6,8 +6,6 @@ the run's temperature T, lattice size L and replica count R (``title_suffix``).
 
 from __future__ import annotations
 
-import math
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,6 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from lattice_lab.analysis.growth import NO_REPLICA_ERROR  # noqa: E402
+from lattice_lab.common.figures import plain_log_ticks  # noqa: E402
 
 
 def run_label(T=None, L=None, R=None, extra: str = "") -> str:
@@ -129,43 +128,12 @@ def growth_plot(t, series: dict, fits: dict, label: str = ""):
         ax.plot(tt, 0.6 * y_end * (tt / t_end) ** 0.5, "k--", lw=1, zorder=3, label=r"Allen-Cahn $t^{1/2}$")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    _plain_log_ticks(ax)
+    plain_log_ticks(ax)
     ax.set_xlabel(r"time $t$ = step $\times$ dt (model units, $\hbar = t_{hop} = 1$)")
     ax.set_ylabel("length (lattice spacings)")
     ax.set_title(f"domain growth ({label})")
     ax.legend(fontsize=8)
     return fig
-
-
-def _plain_log_ticks(ax) -> None:
-    """Readable labels on log axes (call after plotting), plain numbers (0.05, 1, 2000; no 10^k, no "0.00"):
-    at 1, 2, 5 x 10^k over up to ~2.5 decades; at 10^k only over wider ranges (a run's log-spaced frames span
-    t = 0.05..1250, where 1, 2, 5 x 10^k gave 15 labels that ran into each other); where fewer than 3 of
-    those fall inside the axis, ~6 evenly spaced round values (a domain size growing from 0.5 to 1.5 would
-    otherwise show the single label 1.0). Minor ticks are unlabelled."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-
-    for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
-        lo, hi = sorted(lim)
-        if not (lo > 0 and np.isfinite(hi)):
-            continue
-        decades = math.log10(hi / lo)
-        subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
-        exps = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-        inside = [m * 10.0**e for e in exps for m in subs if lo <= m * 10.0**e <= hi]
-        if len(inside) < 3:
-            ticks = MaxNLocator(nbins=6).tick_values(lo, hi)
-            inside = [v for v in ticks if lo <= v <= hi and v > 0]
-        step = max(1, math.ceil(len(inside) / 8))  # more than ~6 decades: every other decade, ...
-        axis.set_major_locator(FixedLocator(inside[::step]))
-        axis.set_major_formatter(FuncFormatter(_plain_number))
-        axis.set_minor_locator(LogLocator(base=10, subs=np.arange(2, 10) * 1.0, numticks=100))
-        axis.set_minor_formatter(NullFormatter())
-
-
-def _plain_number(value: float, _pos=None) -> str:
-    """A tick value as a plain number with no trailing zeros: 0.05, 0.5, 1, 20, 2000 (1e+05 beyond)."""
-    return f"{value:.6g}"
 
 
 def collapse_plot(x, y, times, xlabel: str, ylabel: str, title: str, logy: bool = False, logx: bool = False,
@@ -236,7 +204,7 @@ def growth_runs_plot(runs: list[dict]):
         ax.errorbar(t[ok], y[ok], yerr=yerr, fmt="o", ms=2.5, capsize=1.5, elinewidth=0.7, color=color, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    _plain_log_ticks(ax)
+    plain_log_ticks(ax)
     ax.set_xlabel(r"time $t$ = step $\times$ dt (model units, $\hbar = t_{hop} = 1$)")
     ax.set_ylabel("domain size L(t) (lattice spacings)")
     ax.set_title("domain growth of several runs (black: fitted power laws)")

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from lattice_lab.common.io import atomic_path, atomic_write_text
+from lattice_lab.common.io import atomic_write_text
 
 CSV_COLUMNS = (
     "kind", "preset", "model", "set", "L", "N", "batch", "params", "flops_per_site", "status", "note",
@@ -214,9 +214,6 @@ def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dic
 
 
 def write_png(path: Path, fig) -> Path:
-    import matplotlib.pyplot as plt
+    from lattice_lab.common.figures import save_figure
 
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

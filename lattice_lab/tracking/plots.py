@@ -6,9 +6,6 @@ logs it to MLflow with ``Tracker.log_figure``).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import matplotlib
 import matplotlib.ticker
 
@@ -16,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lattice_lab.common.io import atomic_path  # noqa: E402
+from lattice_lab.common.figures import plain_log_ticks, save_figure  # noqa: E402, F401 - save_figure: re-exported
 
 MAX_SCATTER_POINTS = 200_000  # per split; a seeded subsample keeps the PNG light
 FORCE_UNITS = r"(model units, $t_{hop} = 1$)"  # F_i = -dE/dQ_i, E in units of the hopping t, Q as in the model
@@ -113,6 +110,8 @@ def learning_curve(history: list[dict], best_epoch: int | None = None, title: st
         ax.plot([best_epoch], [best], "o", color="tab:orange", mfc="none", ms=8,
                 label=f"best: epoch {best_epoch}, val RMSE = {best:.4g}")
     ax.set_yscale("log")
+    plain_log_ticks(ax)  # 0.3, 0.5, 1, 2: not 3 x 10^-1 over the few decades a training spans
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(r"force RMSE " + FORCE_UNITS)
     ax.set_title(title or "learning curve", fontsize=10, wrap=True)
@@ -134,11 +133,3 @@ def learning_curve(history: list[dict], best_epoch: int | None = None, title: st
     return fig
 
 
-def save_figure(fig, path: str | os.PathLike, close: bool = False) -> Path:
-    """Write ``fig`` as PNG atomically; optionally close it."""
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    if close:
-        plt.close(fig)
-    return path
