@@ -177,6 +177,7 @@ def make_figure(model_rows: list[dict], ed_rows: list[dict], summaries: list[dic
     names = [s["preset"] for s in summaries]
     fr = [100 * (s.get("ceiling_fraction_large") or 0.0) for s in summaries]
     bars = bx.bar(names, fr, color="tab:blue")
+
     def sizes_text(s):
         sizes = s.get("large_sizes") or []
         return (f"L = {sizes[0]}" if len(sizes) == 1 else f"L = {sizes[0]}-{sizes[-1]}") if sizes else ""
