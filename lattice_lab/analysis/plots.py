@@ -6,15 +6,12 @@ the run's temperature T, lattice size L and replica count R (``title_suffix``).
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import LogNorm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-
-from lattice_lab.analysis.growth import NO_REPLICA_ERROR  # noqa: E402
-from lattice_lab.common.figures import plain_log_ticks  # noqa: E402
+from lattice_lab.analysis.growth import NO_REPLICA_ERROR
+from lattice_lab.common.figures import plain_log_ticks  # selects the Agg backend (no display)
 
 
 def run_label(T=None, L=None, R=None, extra: str = "") -> str:

@@ -6,14 +6,12 @@ logs it to MLflow with ``Tracker.log_figure``).
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
 import matplotlib.ticker
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lattice_lab.common.figures import plain_log_ticks, save_figure  # noqa: E402, F401 - save_figure: re-exported
+# selects the Agg backend (no display); save_figure is re-exported for the callers of this module
+from lattice_lab.common.figures import plain_log_ticks, save_figure  # noqa: F401
 
 MAX_SCATTER_POINTS = 200_000  # per split; a seeded subsample keeps the PNG light
 FORCE_UNITS = r"(model units, $t_{hop} = 1$)"  # F_i = -dE/dQ_i, E in units of the hopping t, Q as in the model
