@@ -3,7 +3,8 @@
 Reads ``runs/data/<dataset>.h5``, builds the model for the dataset's Hamiltonian, minimises the
 force MSE (:mod:`lattice_lab.training.trainer`), evaluates the best model on train and validation
 sets, and writes ``runs/checkpoints/<run_name>/`` (best.pt, last.pt, config.yaml, metrics.csv,
-parity.png, error_hist.png, learning_curve.png). Everything is logged to MLflow (experiment ``lattice_lab/train``).
+parity.png, error_hist.png, learning_curve.png, error_by_config.png). Errors are also given per kind of
+configuration (``final/val_quench_sigma``, ...). Everything is logged to MLflow (experiment ``lattice_lab/train``).
 The Hydra task function returns the best validation RMSE, the objective of Optuna sweeps. Ctrl-C stops
 with one line naming ``last.pt`` (the last finished epoch) and the ``resume=true run_name=...`` that continues.
 """
@@ -149,7 +150,7 @@ def _run(cfg: DictConfig, where: dict) -> float:
 
     from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
     from lattice_lab.common.seeding import check_seed, seed_everything
-    from lattice_lab.data.h5io import read_force_dataset
+    from lattice_lab.data.h5io import KIND_NAMES, read_force_dataset
     from lattice_lab.models.base import check_reach
     from lattice_lab.models.checkpoint import load_checkpoint
     from lattice_lab.models.registry import build_model, count_parameters
@@ -229,11 +230,15 @@ def _run(cfg: DictConfig, where: dict) -> float:
         trainer.load_best()
         pred = {"train": (trainer.predict(trainer.Q_train), trainer.F_train),
                 "val": (trainer.predict(trainer.Q_val), trainer.F_val)}
-        from lattice_lab.training.metrics import force_metrics
+        from lattice_lab.training.metrics import force_metrics, metrics_by_kind, per_config_rmse
 
+        kinds = {"train": data.kind[~data.is_val], "val": data.kind[data.is_val]}
         final = {}
         for split, (p, f) in pred.items():
             final.update({f"final/{split}_{k}": v for k, v in force_metrics(p, f).items() if k in METRIC_KEYS})
+            # the same per kind of configuration: random hot starts, quench snapshots (final/val_quench_sigma)
+            for kind, metrics in metrics_by_kind(p, f, kinds[split]).items():
+                final.update({f"final/{split}_{kind}_{k}": v for k, v in metrics.items()})
         final["final/best_epoch"] = trainer.best_epoch
         final["final/epochs"] = trainer.epoch
         final["final/train_time_s"] = trainer.elapsed
@@ -242,7 +247,14 @@ def _run(cfg: DictConfig, where: dict) -> float:
         atomic_write_text(run_dir / "final_metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(final)))
 
         if plots:
-            from lattice_lab.tracking.plots import error_histogram, learning_curve, parity_plot, save_figure
+            from lattice_lab.data.generation import quench_times
+            from lattice_lab.tracking.plots import (
+                error_by_configuration,
+                error_histogram,
+                learning_curve,
+                parity_plot,
+                save_figure,
+            )
 
             # which run it is (runs of one model on one dataset differ in seed, settings, length)
             label = (f"{model_label(cfg)} on {dataset_name(cfg)}\n"
@@ -254,6 +266,12 @@ def _run(cfg: DictConfig, where: dict) -> float:
             save_figure(learning_curve(trainer.history, trainer.best_epoch, title=label), run_dir / "learning_curve.png",
                         close=True)
             tracker.log_artifact(run_dir / "learning_curve.png", "plots")
+            times = quench_times(data)
+            configs = {split: (per_config_rmse(p, f).cpu(), kinds[split],
+                               None if times is None else times[~data.is_val if split == "train" else data.is_val])
+                       for split, (p, f) in pred.items()}
+            save_figure(error_by_configuration(configs, title=label), run_dir / "error_by_config.png", close=True)
+            tracker.log_artifact(run_dir / "error_by_config.png", "plots")
         tracker.log_artifact(run_dir / "metrics.csv")
         tracker.log_artifact(run_dir / "final_metrics.yaml")
         tracker.log_artifact(run_dir / "best.pt", "checkpoints")
@@ -261,8 +279,10 @@ def _run(cfg: DictConfig, where: dict) -> float:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    by_kind = "".join(f"; {kind} {final[f'final/val_{kind}_sigma']:.4g}" for kind in KIND_NAMES
+                      if f"final/val_{kind}_sigma" in final)
     print(f"[train] {model_label(cfg)} on {dataset_name(cfg)}: best val RMSE {best_val:.5g} "
-          f"(sigma {final['final/val_sigma']:.5g}) at epoch {trainer.best_epoch}/{trainer.epoch} "
+          f"(sigma {final['final/val_sigma']:.5g}{by_kind}) at epoch {trainer.best_epoch}/{trainer.epoch} "
           f"[{trainer.stop_reason}], {time.perf_counter() - t_start:.1f} s -> {run_dir}")
     if tracker.run_id:
         print(f"[train] MLflow run {tracker.run_id} ({tracker.uri})")

@@ -75,6 +75,12 @@ def test_tiny_preset_writes_a_valid_consistent_file(tmp_path):
     state = integ.step(state, 3)
     assert np.array_equal(state.Q.numpy(), d.Q[16:20])
     assert not generation.partial_path(path).exists()
+    # the file's schedule gives each snapshot's time after the quench: steps 6, 9, 12 (as integrated above) x dt
+    t = generation.quench_times(d)
+    assert np.isnan(t[:12]).all() and np.array_equal(t[12:], np.repeat([6, 9, 12], 4) * 0.05)
+    # not the whole file in its order (a subset, or kinds that are not random-then-quench): no schedule to read
+    assert generation.quench_times(d.subset(np.arange(1, 24))) is None
+    assert generation.quench_times(d.subset(np.r_[12:24, 0:12])) is None
 
 
 def test_quench_uses_its_own_mass_and_init_temperature(tmp_path):

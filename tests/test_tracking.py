@@ -9,7 +9,13 @@ import pytest
 
 from lattice_lab.common.errors import ConfigError, Interrupted
 from lattice_lab.tracking import mlflow_utils as mu
-from lattice_lab.tracking.plots import error_histogram, learning_curve, parity_plot, save_figure
+from lattice_lab.tracking.plots import (
+    error_by_configuration,
+    error_histogram,
+    learning_curve,
+    parity_plot,
+    save_figure,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -286,4 +292,29 @@ def test_learning_curve_log_rmse_best_epoch_and_lr(tmp_path, inked_edges):
     r = fig.canvas.get_renderer()
     assert not ax.get_legend().get_window_extent(r).overlaps(ax.get_window_extent(r))
     assert inked_edges(save_figure(fig, tmp_path / "lc.png", close=True)) == {}
+    plt.close("all")
+
+
+def test_error_by_configuration_separates_random_and_quench_and_plots_snapshots_against_time(tmp_path, inked_edges):
+    import matplotlib.pyplot as plt
+
+    kind = np.array([0, 0, 1, 1, 1, 1])
+    t = np.array([np.nan, np.nan, 2.0, 2.0, 4.0, 4.0])
+    rmse = np.array([0.5, 0.4, 0.3, 0.2, 0.02, 0.01])
+    fig = error_by_configuration({"train": (rmse, kind, t), "val": (rmse[::2] * 2, kind[::2], t[::2])}, title="x")
+    rnd, qu = fig.axes
+    assert rnd.get_yscale() == "log" and qu.get_xlabel() == "time after the quench $t$"
+    # the random strip holds the random configurations only, the quench panel the snapshots at their times
+    pts = {ax: np.concatenate([c.get_offsets() for c in ax.collections]) for ax in (rnd, qu)}
+    assert sorted(pts[rnd][:, 1]) == sorted([0.5, 0.4, 1.0])
+    assert sorted(pts[qu][:, 0]) == [2.0, 2.0, 2.0, 4.0, 4.0, 4.0]
+    assert np.allclose(sorted(pts[qu][:, 1]), [0.01, 0.02, 0.04, 0.2, 0.3, 0.6])
+    # the train median per time: (0.3, 0.2) at t = 2, (0.02, 0.01) at t = 4
+    (train_line,) = [ln for ln in qu.get_lines() if len(ln.get_xdata()) == 2 and ln.get_color() == "tab:blue"]
+    assert np.allclose(train_line.get_ydata(), [0.25, 0.015])
+    assert [t.get_text() for t in qu.get_legend().get_texts()] == ["train: median 0.11", "val: median 0.32"]
+    assert inked_edges(save_figure(fig, tmp_path / "e.png", close=True)) == {}
+    # one kind only, and no schedule in the file: one panel, snapshots in file order
+    fig = error_by_configuration({"val": (rmse[2:], kind[2:], None)})
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == "quench snapshot (file order)"
     plt.close("all")

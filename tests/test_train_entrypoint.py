@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 
 from lattice_lab import load_force_field
@@ -35,7 +36,7 @@ def dataset_file(tmp_path_factory):
     res = ExactForces(ham).compute(Q)
     path = tmp_path_factory.mktemp("data") / "tiny.h5"
     write_force_dataset(path, {"Q": Q.numpy(), "F": res.forces.numpy(), "n": res.density.numpy(),
-                               "kind": np.zeros(6, np.uint8), "is_val": np.arange(6) >= 4},
+                               "kind": np.array([0, 1, 0, 1, 0, 1], np.uint8), "is_val": np.arange(6) >= 4},
                         attrs={**ham.as_dict(), "name": "tiny"})
     return path
 
@@ -75,7 +76,8 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     best = run(_cfg(dataset_file, tmp_path, "run_name=e2e"))
     assert isinstance(best, float) and np.isfinite(best)
     run_dir = tmp_path / "e2e"
-    for name in ("best.pt", "last.pt", "config.yaml", "metrics.csv", "parity.png", "error_hist.png", "learning_curve.png"):
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.csv", "parity.png", "error_hist.png", "learning_curve.png",
+                 "error_by_config.png"):
         assert (run_dir / name).is_file(), name
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert len(rows) == 3 and best == min(float(r["val/rmse"]) for r in rows)
@@ -105,7 +107,7 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     assert r.data.metrics["lattice_L"] == read_force_dataset(dataset_file).L and "L" not in r.data.metrics
     arts = {a.path for d in ("", "plots", "checkpoints") for a in client.list_artifacts(r.info.run_id, d or None)}
     assert {"config.yaml", "metrics.csv", "checkpoints/best.pt", "plots/parity.png", "plots/error_hist.png",
-            "plots/learning_curve.png"} <= arts
+            "plots/learning_curve.png", "plots/error_by_config.png"} <= arts
 
     # the checkpoint fetched by MLflow run id reproduces the validation RMSE
     ff = load_force_field(r.info.run_id, device="cpu")
@@ -113,6 +115,16 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     with torch.no_grad():
         rmse = force_metrics(ff(torch.from_numpy(val.Q)), torch.from_numpy(val.F))["rmse"]
     assert rmse == pytest.approx(best, rel=1e-12)
+    # the errors per kind of configuration (random hot starts, quench snapshots), recomputed from the checkpoint
+    final = yaml.safe_load((run_dir / "final_metrics.yaml").read_text())
+    with torch.no_grad():
+        err = (ff(torch.from_numpy(val.Q)) - torch.from_numpy(val.F)).numpy()
+    for code, name in enumerate(("random", "quench")):
+        e = err[val.kind == code]
+        assert final[f"final/val_{name}_sigma"] == pytest.approx(np.std(e), rel=1e-9)
+        assert final[f"final/val_{name}_max_err"] == pytest.approx(np.abs(e).max(), rel=1e-12)
+        assert r.data.metrics[f"final/val_{name}_sigma"] == final[f"final/val_{name}_sigma"]
+        assert f"final/train_{name}_rmse" in r.data.metrics
 
     # an existing run is not overwritten; resume continues it (same MLflow run, more epochs)
     with pytest.raises(ConfigError, match="resume=true"):

@@ -13,7 +13,7 @@ from lattice_lab.data.h5io import ForceData
 from lattice_lab.models.registry import build_model
 from lattice_lab.physics.ed import ExactForces
 from lattice_lab.physics.holstein import HolsteinParams
-from lattice_lab.training.metrics import ForceErrorStats, force_metrics
+from lattice_lab.training.metrics import ForceErrorStats, force_metrics, metrics_by_kind, per_config_rmse
 from lattice_lab.training.trainer import EPOCH_METRICS, Trainer
 
 HAM = HolsteinParams(temperature=0.1)
@@ -60,6 +60,27 @@ def test_force_metrics_match_numpy_and_accumulate():
         assert v == pytest.approx(m[k], rel=1e-12)
     with pytest.raises(ValueError):
         ForceErrorStats().compute()
+
+
+def test_errors_by_kind_and_per_configuration_match_numpy():
+    gen = torch.Generator().manual_seed(4)
+    pred, target = torch.randn(6, 5, 5, generator=gen), torch.randn(6, 5, 5, generator=gen)
+    err = (pred - target).double().numpy()
+    kind = np.array([1, 0, 1, 1, 0, 1], np.uint8)
+    by_kind = metrics_by_kind(pred, target, kind)
+    assert sorted(by_kind) == ["quench", "random"]
+    for code, name in enumerate(("random", "quench")):
+        e = err[kind == code].ravel()
+        assert by_kind[name]["sigma"] == pytest.approx(np.std(e), rel=1e-10)
+        assert by_kind[name]["rmse"] == pytest.approx(np.sqrt(np.mean(e ** 2)), rel=1e-12)
+        assert by_kind[name]["max_err"] == pytest.approx(np.abs(e).max(), rel=1e-12)
+    # a kind with no configuration is left out, not reported as zero or NaN
+    assert list(metrics_by_kind(pred, target, np.ones(6, np.uint8))) == ["quench"]
+    with pytest.raises(ValueError, match="one code per configuration"):
+        metrics_by_kind(pred, target, kind[:5])
+    rmse = per_config_rmse(pred, target)
+    assert rmse.dtype == torch.float64 and rmse.shape == (6,)
+    assert np.allclose(rmse.numpy(), [np.sqrt(np.mean(e ** 2)) for e in err], rtol=1e-12, atol=0)
 
 
 def test_training_lowers_val_loss_and_logs_all_metrics(tiny_data, tmp_path):

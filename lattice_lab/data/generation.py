@@ -54,6 +54,32 @@ OPTIONAL_DEFAULTS = {"ed_batch": 8, "checkpoint_every": 16, "min_cutoff": DEFAUL
 PARTIAL_VERSION = 1
 
 
+def snapshot_step(j: int, replicas: int, burn_in: int, snapshot_every: int) -> int:
+    """The Langevin step at which quench snapshot ``j`` (0-based, in file order: time order, replicas in
+    order) is taken: every replica once after ``burn_in`` steps, then again every ``snapshot_every``."""
+    return burn_in + (j // replicas) * snapshot_every
+
+
+def quench_times(data) -> np.ndarray | None:
+    """Time after the quench, ``t = step * dt``, of each configuration of a dataset as ``generate`` wrote it
+    (NaN for random configurations), from the build settings stored in the file; None when the file does not
+    say (no stored config, or not the whole file in its order: random configurations first, then
+    ``n_quench`` snapshots)."""
+    from omegaconf import OmegaConf
+
+    try:
+        ds = OmegaConf.to_container(OmegaConf.create(str(data.attrs.get("config") or "{}")))["dataset"]
+        n_rand, n_quench = int(ds["n_random"]), int(ds["n_quench"])
+        R, burn_in, every, dt = int(ds["replicas"]), int(ds["burn_in"]), int(ds["snapshot_every"]), float(ds["dt"])
+    except Exception:  # not written by generate: no schedule to read
+        return None
+    expected = np.r_[np.zeros(n_rand, np.uint8), np.ones(n_quench, np.uint8)]
+    if R < 1 or not np.array_equal(np.asarray(data.kind), expected):
+        return None
+    steps = np.array([snapshot_step(j, R, burn_in, every) for j in range(n_quench)], dtype=np.float64)
+    return np.r_[np.full(n_rand, np.nan), steps * dt]
+
+
 def _container(cfg) -> dict:
     from omegaconf import DictConfig, OmegaConf
 
@@ -267,10 +293,9 @@ def build_dataset(cfg) -> Path:
                     f"{saved['quench']['noise']} generator, this machine would use {noise} (a C++ compiler "
                     "decides: the native step uses Philox); finish it where it started, or delete it to start over")
             last_save = n_done()
-            final_step = ds["burn_in"] + ((n_quench - 1) // R) * ds["snapshot_every"]
+            final_step = snapshot_step(n_quench - 1, R, ds["burn_in"], ds["snapshot_every"])
             while n_done() < total:
-                j = n_done() - n_rand  # snapshots taken so far
-                target = ds["burn_in"] + (j // R) * ds["snapshot_every"]
+                target = snapshot_step(n_done() - n_rand, R, ds["burn_in"], ds["snapshot_every"])
                 last_shown = 0.0
                 while state.step < target:  # step by step so the bar shows where the quench is
                     integ.step(state)

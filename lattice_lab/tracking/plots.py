@@ -131,3 +131,55 @@ def learning_curve(history: list[dict], best_epoch: int | None = None, title: st
     return fig
 
 
+
+
+def error_by_configuration(configs: dict, title: str = ""):
+    """Force RMSE of every configuration (log y), random hot starts and quench snapshots apart.
+
+    ``configs``: ``{"train": (rmse, kind, t), "val": ...}`` per split, each ``[C]``: the configuration's RMSE,
+    its kind (0 random, 1 quench) and the time after the quench of a snapshot (NaN for random ones; ``t``
+    None when the dataset does not record its schedule: snapshots are then placed in file order).
+    Random configurations are a strip on the left; quench snapshots are drawn against time, with the
+    median of each split's snapshots at each time as a line, so the error along the ordering dynamics
+    the model is to drive can be read off."""
+    data = {name: (_np(rmse), np.asarray(kind).ravel(), None if t is None else np.asarray(t, np.float64).ravel())
+            for name, (rmse, kind, t) in configs.items()}
+    has_random = any((k == 0).any() for _, k, _ in data.values())
+    has_quench = any((k == 1).any() for _, k, _ in data.values())
+    panels = [p for p, present in (("random", has_random), ("quench", has_quench)) if present]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.2 if len(panels) == 2 else 5.6, 4.6), dpi=120, sharey=True,
+                             layout="constrained", squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 4] if len(panels) == 2 else [1]})
+    axes = dict(zip(panels, axes[0]))
+    colors = {"train": "tab:blue", "val": "tab:orange"}
+    jitter = np.random.default_rng(0)
+    timed = all(t is not None for _, _, t in data.values())
+    for i, (name, (rmse, kind, t)) in enumerate(data.items()):
+        color = colors.get(name)
+        if "random" in axes and (kind == 0).any():
+            r = rmse[kind == 0]
+            axes["random"].scatter(i + jitter.uniform(-0.25, 0.25, r.size), r, s=9, alpha=0.6, lw=0, color=color)
+            axes["random"].plot([i - 0.35, i + 0.35], [np.median(r)] * 2, "-", color=color, lw=1.5)
+        if "quench" in axes and (kind == 1).any():
+            q = rmse[kind == 1]
+            x = t[kind == 1] if timed else np.flatnonzero(kind == 1).astype(np.float64)
+            label = f"{name}: median {np.median(q):.3g}"
+            axes["quench"].scatter(x, q, s=9, alpha=0.6, lw=0, color=color, label=label)
+            xs = np.unique(x)
+            if xs.size < x.size:  # several replicas per time: the median across them
+                axes["quench"].plot(xs, [np.median(q[x == v]) for v in xs], "-", lw=1.0, color=color)
+    if "random" in axes:
+        ax = axes["random"]
+        ax.set_xticks(range(len(data)), list(data))
+        ax.set_xlim(-0.6, len(data) - 0.4)
+        ax.set_xlabel("random\n(hot start)")
+    if "quench" in axes:
+        ax = axes["quench"]
+        ax.set_xlabel("time after the quench $t$" if timed else "quench snapshot (file order)")
+        ax.legend(fontsize=8, loc="upper right", markerscale=2)
+    first = axes[panels[0]]
+    first.set_yscale("log")
+    plain_log_ticks(first)
+    first.set_ylabel(r"force RMSE per configuration " + FORCE_UNITS)
+    fig.suptitle(title or "force error by configuration", fontsize=10)
+    return fig

@@ -9,6 +9,8 @@ With the error e = F_ML - F_ED over all sites of all configurations:
 
 :class:`ForceErrorStats` accumulates the sums (in float64) over batches, so metrics over a whole
 data set never need all predictions in memory; :func:`force_metrics` is the one-shot form.
+:func:`metrics_by_kind` splits the error by kind of configuration (random hot starts, quench
+snapshots), and :func:`per_config_rmse` gives one RMSE per configuration.
 """
 
 from __future__ import annotations
@@ -67,3 +69,25 @@ def force_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     """``{"rmse": x}`` -> ``{"<prefix>/rmse": x}`` (the names logged to MLflow and metrics.csv)."""
     return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+def metrics_by_kind(pred, target, kind, names=("random", "quench")) -> dict[str, dict[str, float]]:
+    """:func:`force_metrics` of the configurations of each kind present: ``{"random": {...}, "quench": {...}}``.
+
+    ``pred, target``: ``[C, L, L]``; ``kind``: ``[C]`` codes indexing ``names`` (the dataset's ``kind``)."""
+    kind = torch.as_tensor(kind).to(torch.long)
+    if kind.shape != pred.shape[:1]:
+        raise ValueError(f"kind has shape {tuple(kind.shape)}, expected ({pred.shape[0]},): one code per configuration")
+    out = {}
+    for code, name in enumerate(names):
+        mask = (kind == code).to(pred.device)
+        if bool(mask.any()):
+            out[name] = force_metrics(pred[mask], target[mask])
+    return out
+
+
+@torch.no_grad()
+def per_config_rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Force RMSE of each configuration, ``[C]`` float64, over its sites (all dimensions after the first)."""
+    err = (pred.detach() - target.detach()).to(torch.float64)
+    return err.square().flatten(1).mean(1).sqrt()
