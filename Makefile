@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 SEARCH ?= enn_optuna
 
-.PHONY: help install test demo data train simulate analyze sweep ui bench paper lint clean
+.PHONY: help install test demo data train evaluate simulate analyze sweep ui bench paper lint clean
 
 # Generate a dataset unless its file is already there ($(1): generate's overrides). A finished build is never
 # partial (an interrupted one lives in <path>.partial.pt and is resumed), and make demo builds holstein_L16
@@ -46,6 +46,9 @@ data: $(STAMP)  ## generate an ED dataset unless it exists (default holstein_L16
 
 train: $(STAMP)  ## train a force field (ARGS="model=enn dataset=holstein_L40")
 	$(PY) -m lattice_lab.train $(ARGS)
+
+evaluate: $(STAMP)  ## score a trained force field on a dataset (ARGS="checkpoint=runs/checkpoints/<run> dataset=holstein_L24")
+	$(PY) -m lattice_lab.evaluate $(ARGS)
 
 simulate: $(STAMP)  ## Langevin quench with ML or ED forces (ARGS="force=ml force.checkpoint=...")
 	$(PY) -m lattice_lab.simulate $(ARGS)

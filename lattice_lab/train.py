@@ -232,7 +232,7 @@ def _run(cfg: DictConfig, where: dict) -> float:
                 "val": (trainer.predict(trainer.Q_val), trainer.F_val)}
         from lattice_lab.training.metrics import force_metrics, metrics_by_kind, per_config_rmse
 
-        kinds = {"train": data.kind[~data.is_val], "val": data.kind[data.is_val]}
+        kinds = {split: data.kind[data.indices(split)] for split in pred}
         final = {}
         for split, (p, f) in pred.items():
             final.update({f"final/{split}_{k}": v for k, v in force_metrics(p, f).items() if k in METRIC_KEYS})
@@ -268,7 +268,7 @@ def _run(cfg: DictConfig, where: dict) -> float:
             tracker.log_artifact(run_dir / "learning_curve.png", "plots")
             times = quench_times(data)
             configs = {split: (per_config_rmse(p, f).cpu(), kinds[split],
-                               None if times is None else times[~data.is_val if split == "train" else data.is_val])
+                               None if times is None else times[data.indices(split)])
                        for split, (p, f) in pred.items()}
             save_figure(error_by_configuration(configs, title=label), run_dir / "error_by_config.png", close=True)
             tracker.log_artifact(run_dir / "error_by_config.png", "plots")

@@ -158,7 +158,7 @@ def test_every_entrypoint_reports_through_hydra_errors():
 
     from lattice_lab.common import cli
 
-    for name in ("generate", "train", "simulate", "analyze", "demo", "bench.__main__"):
+    for name in ("generate", "train", "evaluate", "simulate", "analyze", "demo", "bench.__main__"):
         main = importlib.import_module(f"lattice_lab.{name}").main
         assert main.__code__.co_filename == cli.__file__ and main.__code__.co_qualname == "hydra_errors.<locals>.wrapper", \
             f"lattice_lab.{name}.main must be decorated @hydra_errors (outermost), @hydra.main, @friendly_errors"

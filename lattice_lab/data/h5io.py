@@ -78,18 +78,22 @@ class ForceData:
         return replace(self, Q=self.Q[idx], F=self.F[idx], n=self.n[idx], kind=self.kind[idx],
                        is_val=self.is_val[idx], attrs=dict(self.attrs))
 
-    def split(self, name: str) -> ForceData:
-        """``"train"`` (is_val false), ``"val"`` (is_val true), ``"all"``, or a kind
-        (``"random"``, ``"quench"``)."""
+    def indices(self, name: str) -> np.ndarray:
+        """Positions of the configurations of split ``name``, in file order: ``"train"`` (is_val false),
+        ``"val"`` (is_val true), ``"all"``, or a kind (``"random"``, ``"quench"``)."""
         if name == "train":
-            return self.subset(~self.is_val)
+            return np.flatnonzero(~self.is_val)
         if name == "val":
-            return self.subset(self.is_val)
+            return np.flatnonzero(self.is_val)
         if name == "all":
-            return self.subset(np.arange(len(self)))
+            return np.arange(len(self))
         if name in KIND_NAMES:
-            return self.subset(self.kind == KIND_NAMES.index(name))
+            return np.flatnonzero(self.kind == KIND_NAMES.index(name))
         raise ConfigError(f"split={name!r}: expected 'train', 'val', 'all', 'random' or 'quench'")
+
+    def split(self, name: str) -> ForceData:
+        """The configurations of split ``name`` (see :meth:`indices`)."""
+        return self.subset(self.indices(name))
 
     def hamiltonian(self):
         """The :class:`~lattice_lab.physics.holstein.HolsteinParams` the forces were computed for."""

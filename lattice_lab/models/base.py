@@ -141,3 +141,15 @@ class ForceField(nn.Module):
             if mine is not None and theirs is not None and mine != theirs:
                 warnings.warn(
                     f"force field trained at {key}={mine}, used at {key}={theirs}", stacklevel=2)
+
+
+def predict_forces(model: nn.Module, Q: torch.Tensor, batch_size: int, bar=None) -> torch.Tensor:
+    """Forces of ``Q [C, L, L]`` in chunks of ``batch_size`` configurations, detached; autograd is on only for
+    energy-based (conservative) models, whose forces are ``-dE/dQ``. ``bar``: a progress bar advanced per chunk."""
+    outs = []
+    with torch.set_grad_enabled(bool(getattr(model, "conservative", False))):
+        for i in range(0, Q.shape[0], batch_size):
+            outs.append(model(Q[i:i + batch_size]).detach())
+            if bar is not None:
+                bar.update(outs[-1].shape[0])
+    return torch.cat(outs)

@@ -17,6 +17,14 @@ MAX_SCATTER_POINTS = 200_000  # per split; a seeded subsample keeps the PNG ligh
 FORCE_UNITS = r"(model units, $t_{hop} = 1$)"  # F_i = -dE/dQ_i, E in units of the hopping t, Q as in the model
 
 
+SPLIT_COLORS = {"train": "tab:blue", "val": "tab:orange"}  # any other set scored (evaluate's split): tab:green
+
+
+def split_color(name: str) -> str:
+    """The colour of a set of configurations in every force-accuracy figure."""
+    return SPLIT_COLORS.get(name, "tab:green")
+
+
 def _np(x) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
@@ -42,7 +50,6 @@ def parity_plot(splits: dict, title: str = ""):
     hi = max(float(e.max()) for _, e in data.values())
     pad = 0.1 * (hi - lo if hi > lo else 1.0)
     lo, hi = lo - pad, hi + pad
-    colors = {"train": "tab:blue", "val": "tab:orange"}
     n_out = 0
     for name, (pred, exact) in data.items():
         err = pred - exact
@@ -50,11 +57,11 @@ def parity_plot(splits: dict, title: str = ""):
         p, e = pred[idx], exact[idx]
         inside = (p >= lo) & (p <= hi)
         n_out += int(((pred < lo) | (pred > hi)).sum())
-        ax.scatter(e[inside], p[inside], s=2, alpha=0.35, lw=0, color=colors.get(name),
+        ax.scatter(e[inside], p[inside], s=2, alpha=0.35, lw=0, color=split_color(name),
                    label=f"{name}: $\\sigma$ = {err.std():.4g}, RMSE = {np.sqrt(np.mean(err ** 2)):.4g}",
                    rasterized=True)
         if (~inside).any():
-            ax.scatter(e[~inside], np.clip(p[~inside], lo, hi), s=14, marker="x", lw=0.8, color=colors.get(name),
+            ax.scatter(e[~inside], np.clip(p[~inside], lo, hi), s=14, marker="x", lw=0.8, color=split_color(name),
                        clip_on=False)
     ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="$y = x$")
     if n_out:
@@ -81,9 +88,8 @@ def error_histogram(splits: dict, bins: int = 200, title: str = ""):
     errs = {name: _np(pred) - _np(exact) for name, (pred, exact) in splits.items()}
     m = max(float(np.abs(e).max()) for e in errs.values()) or 1.0
     edges = np.linspace(-m, m, bins + 1)
-    colors = {"train": "tab:blue", "val": "tab:orange"}
     for name, err in errs.items():
-        ax.hist(err, bins=edges, histtype="step", lw=1.2, color=colors.get(name),
+        ax.hist(err, bins=edges, histtype="step", lw=1.2, color=split_color(name),
                 label=f"{name}: $\\sigma$ = {err.std():.4g}, max |err| = {np.abs(err).max():.3g}")
     ax.set_yscale("log")
     ax.set_xlabel(r"force error $F_\mathrm{ML} - F_\mathrm{ED}$ " + FORCE_UNITS)
@@ -151,11 +157,10 @@ def error_by_configuration(configs: dict, title: str = ""):
                              layout="constrained", squeeze=False,
                              gridspec_kw={"width_ratios": [1, 4] if len(panels) == 2 else [1]})
     axes = dict(zip(panels, axes[0]))
-    colors = {"train": "tab:blue", "val": "tab:orange"}
     jitter = np.random.default_rng(0)
     timed = all(t is not None for _, _, t in data.values())
     for i, (name, (rmse, kind, t)) in enumerate(data.items()):
-        color = colors.get(name)
+        color = split_color(name)
         if "random" in axes and (kind == 0).any():
             r = rmse[kind == 0]
             axes["random"].scatter(i + jitter.uniform(-0.25, 0.25, r.size), r, s=9, alpha=0.6, lw=0, color=color)

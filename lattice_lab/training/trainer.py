@@ -29,6 +29,7 @@ from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
 from lattice_lab.common.progress import progress, set_status
 from lattice_lab.common.seeding import rng_state, set_rng_state
+from lattice_lab.models.base import predict_forces
 from lattice_lab.training.config import TrainerConfig
 from lattice_lab.training.metrics import METRIC_KEYS, ForceErrorStats, prefixed
 
@@ -249,13 +250,10 @@ class Trainer:
         """Forces for ``Q [C, L, L]`` in chunks of ``eval_batch_size`` (eval mode, detached)."""
         was_training = self.model.training
         self.model.eval()
-        outs = []
-        # conservative models need autograd for F = -dE/dQ
-        with torch.set_grad_enabled(bool(getattr(self.model, "conservative", False))):
-            for i in range(0, Q.shape[0], self.cfg.eval_batch_size):
-                outs.append(self.model(Q[i:i + self.cfg.eval_batch_size]).detach())
-        self.model.train(was_training)
-        return torch.cat(outs)
+        try:
+            return predict_forces(self.model, Q, self.cfg.eval_batch_size)
+        finally:
+            self.model.train(was_training)
 
     def evaluate(self, split: str = "val") -> dict[str, float]:
         """Force metrics of the current model on ``split`` ("train" or "val")."""

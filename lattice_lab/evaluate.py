@@ -1,0 +1,165 @@
+"""Entrypoint: force errors of a trained force field on an ED dataset.
+
+    python -m lattice_lab.evaluate checkpoint=runs/checkpoints/<run> dataset=holstein_L24 [split=all]
+
+The models are local, so a force field trained on one lattice can be scored on configurations of another
+(a larger lattice, a new build, the papers' 40 x 40 set). Scores every configuration of ``split`` against
+its exact force, overall and per kind of configuration (random hot starts, quench snapshots), and writes to
+``out_dir`` (default ``runs/evaluations/<checkpoint's run>_on_<dataset>_<split>``): ``metrics.yaml``,
+``evaluate_config.yaml``, ``parity.png``, ``error_hist.png`` and ``error_by_config.png`` (the RMSE of every
+configuration; quench snapshots against the time after the quench). Everything is logged to MLflow
+(experiment ``lattice_lab/evaluate``), tagged with the checkpoint and its training run. A Hamiltonian other
+than the one the model was trained for (t, g, k, kappa) is refused; another temperature is scored with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("all", "train", "val", "random", "quench")
+
+
+def check_config(cfg: DictConfig) -> dict:
+    """Every setting, before anything is read or written; returns them parsed."""
+    from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
+    from lattice_lab.common.switch import check_flag
+    from lattice_lab.tracking.mlflow_utils import TrackingSettings
+
+    if OmegaConf.is_missing(cfg, "checkpoint") or cfg.get("checkpoint") in (None, ""):
+        raise ConfigError("checkpoint=???: give the force field, e.g. checkpoint=runs/checkpoints/<run> "
+                          "(a folder with best.pt, a .pt file, a TorchScript export or an MLflow run id)")
+    split = cfg.get("split")
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+    batch = cfg.get("batch_size")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch_size={batch!r}: expected a positive integer (configurations per force call)")
+    dtype = cfg.get("dtype")
+    out = {"split": split, "batch_size": batch, "plots": check_flag(cfg.get("plots", True), "plots"),
+           "device": resolve_device(cfg.get("device", "auto")),
+           "dtype": None if dtype is None else resolve_dtype(str(dtype), MODEL_DTYPES)}
+    TrackingSettings.from_config(cfg)
+    if "path" not in cfg.dataset or not cfg.dataset.path:
+        raise ConfigError("dataset.path is not set (the dataset preset must say where its HDF5 file is)")
+    return out
+
+
+def _checkpoint_info(ref: str, model) -> tuple[Path, dict]:
+    """The checkpoint file and what it says about its training (run name, MLflow run, training data)."""
+    from lattice_lab.models.checkpoint import is_torchscript, load_checkpoint, resolve_checkpoint_path
+
+    path = resolve_checkpoint_path(ref)
+    if is_torchscript(path):
+        meta = dict(getattr(model, "metadata", {}) or {})
+        return path, {"train_run": path.stem, "train_dataset": meta.get("dataset_name")}
+    ckpt = load_checkpoint(path)
+    return path, {"train_run": path.parent.name, "train_run_id": ckpt.get("mlflow_run_id"),
+                  "train_dataset": ckpt.get("dataset_name"), "train_data_sha256": ckpt.get("data_sha256")}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Score ``cfg.checkpoint`` on ``cfg.split`` of ``cfg.dataset``; returns the metrics written to metrics.yaml."""
+    import torch
+
+    from lattice_lab.common.progress import progress
+    from lattice_lab.data.generation import quench_times
+    from lattice_lab.data.h5io import KIND_NAMES, read_force_dataset
+    from lattice_lab.models.base import check_reach, predict_forces
+    from lattice_lab.models.checkpoint import load_force_field
+    from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
+    from lattice_lab.training.metrics import force_metrics, metrics_by_kind, per_config_rmse
+    from lattice_lab.training.trainer import data_fingerprint
+
+    t0 = time.perf_counter()
+    opts = check_config(cfg)
+    data_path = Path(to_absolute_path(str(cfg.dataset.path)))
+    data = read_force_dataset(data_path)
+    picked = data.split(opts["split"])
+    if len(picked) == 0:
+        raise ConfigError(f"split={opts['split']}: {data_path.name} has no such configurations")
+    model = load_force_field(str(cfg.checkpoint), device=opts["device"], dtype=opts["dtype"])
+    ckpt_path, info = _checkpoint_info(str(cfg.checkpoint), model)
+    model.check_compatible(data.hamiltonian())  # t, g, k, kappa must match; another temperature warns
+    check_reach(data.L, model.receptive_field)
+    same_data = info.get("train_data_sha256") == data_fingerprint(data)
+    if same_data and opts["split"] != "val":
+        log.warning("%s is the data this model was trained on: split=%s includes its training configurations "
+                    "(split=val scores the held-out ones only)", data_path.name, opts["split"])
+    dataset = str(data.attrs.get("name") or data_path.stem)  # the file's own name (dataset.path may point anywhere)
+    out = (Path(to_absolute_path(str(cfg.out_dir))) if cfg.get("out_dir")
+           else Path(to_absolute_path("runs/evaluations")) / f"{info['train_run']}_on_{dataset}_{opts['split']}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir={str(out)!r}: is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = atomic_write_text(out / "evaluate_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    Q = torch.as_tensor(picked.Q, dtype=dtype, device=opts["device"])
+    exact = torch.as_tensor(picked.F, dtype=torch.float64)
+    with progress(total=len(picked), desc=f"forces of {dataset} ({opts['split']})", unit="config") as bar:
+        pred = predict_forces(model, Q, opts["batch_size"], bar=bar).to("cpu", torch.float64)
+    metrics = {f"eval/{k}": v for k, v in force_metrics(pred, exact).items()}
+    for kind, m in metrics_by_kind(pred, exact, picked.kind).items():
+        metrics.update({f"eval/{kind}_{k}": v for k, v in m.items()})
+    metrics.update({"n_configs": len(picked), "lattice_L": data.L})
+    atomic_write_text(out / "metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(metrics)))
+
+    tags = standard_tags("evaluate", model_family=getattr(model, "name", None), dataset_path=data_path,
+                         device=opts["device"], dataset=dataset, split=opts["split"], checkpoint=str(ckpt_path),
+                         train_run=info.get("train_run"), train_run_id=info.get("train_run_id"),
+                         train_dataset=info.get("train_dataset"), same_data_as_training=str(same_data).lower(),
+                         out_dir=str(out))
+    with start_run(task="evaluate", cfg=cfg, run_name=out.name, tags=tags) as tracker:
+        tracker.log_params(cfg)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(cfg_file)
+        tracker.log_artifact(out / "metrics.yaml")
+        if opts["plots"]:
+            from lattice_lab.tracking.plots import (
+                error_by_configuration,
+                error_histogram,
+                parity_plot,
+                save_figure,
+            )
+
+            label = f"{info['train_run']} on {dataset} ({opts['split']}: {len(picked)} configurations)"
+            splits = {opts["split"]: (pred, exact)}
+            times = quench_times(data)
+            if times is not None:
+                times = times[data.indices(opts["split"])]
+            figures = {"parity.png": parity_plot(splits, title=label), "error_hist.png": error_histogram(splits, title=label),
+                       "error_by_config.png": error_by_configuration(
+                           {opts["split"]: (per_config_rmse(pred, exact), picked.kind, times)}, title=label)}
+            for name, fig in figures.items():
+                save_figure(fig, out / name, close=True)
+                tracker.log_artifact(out / name, "plots")
+
+    by_kind = "".join(f"; {kind} {metrics[f'eval/{kind}_sigma']:.4g}" for kind in KIND_NAMES
+                      if f"eval/{kind}_sigma" in metrics)
+    print(f"[evaluate] {info['train_run']} on {dataset} ({opts['split']}, {len(picked)} configurations of "
+          f"{data.L}x{data.L}): RMSE {metrics['eval/rmse']:.5g}, sigma {metrics['eval/sigma']:.5g}{by_kind}; "
+          f"max |error| {metrics['eval/max_err']:.3g}  ({time.perf_counter() - t0:.1f} s) -> {out}")
+    return metrics
+
+
+@hydra_errors
+@hydra.main(config_path=CONFIG_DIR, config_name="evaluate")
+@friendly_errors
+def main(cfg: DictConfig) -> dict:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

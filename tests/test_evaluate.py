@@ -1,0 +1,127 @@
+"""``python -m lattice_lab.evaluate``: a saved force field scored on a dataset, overall and per kind, with errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+
+from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.data.h5io import write_force_dataset
+from lattice_lab.evaluate import run
+from lattice_lab.models.checkpoint import export_force_field, save_checkpoint
+from lattice_lab.models.registry import build_model, load_preset
+from lattice_lab.physics.ed import ExactForces
+from lattice_lab.physics.holstein import HolsteinParams
+
+L = 10  # gnn_small reaches 4 sites: L >= 9
+SCHEDULE = "dataset:\n  n_random: 3\n  n_quench: 6\n  replicas: 2\n  burn_in: 4\n  snapshot_every: 2\n  dt: 0.05\n"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A 10x10 dataset (3 random + 6 quench configurations, the build schedule in its attrs) and a gnn_small
+    checkpoint (float64, untrained: its errors are large, which is all scoring needs)."""
+    root = tmp_path_factory.mktemp("eval")
+    ham = HolsteinParams(temperature=0.1)
+    gen = torch.Generator().manual_seed(5)
+    Q = torch.randn(9, L, L, generator=gen, dtype=torch.float64) * torch.tensor([4.0] * 3 + [1.5] * 6)[:, None, None]
+    res = ExactForces(ham).compute(Q)
+    data = root / "d.h5"
+    write_force_dataset(data, {"Q": Q.numpy(), "F": res.forces.numpy(), "n": res.density.numpy(),
+                               "kind": np.array([0] * 3 + [1] * 6, np.uint8), "is_val": np.arange(9) % 3 == 2},
+                        attrs={**ham.as_dict(), "name": "d", "config": SCHEDULE})
+    torch.manual_seed(0)
+    model = build_model(load_preset("gnn_small"), ham.as_dict()).double()
+    ckpt = save_checkpoint(root / "run_a" / "best.pt", model, extra={"dataset_name": "d"})
+    return {"data": data, "ckpt": ckpt, "model": model, "Q": Q, "F": res.forces, "root": root}
+
+
+def _cfg(files, *extra):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        return compose("evaluate", overrides=[f"checkpoint={files['ckpt']}", f"dataset.path={files['data']}",
+                                              "device=cpu", "tracking.enabled=false", *extra])
+
+
+def test_scores_overall_and_per_kind_against_an_independent_computation(files, tmp_path):
+    metrics = run(_cfg(files, f"out_dir={tmp_path / 'out'}"))
+    with torch.no_grad():
+        err = (files["model"](files["Q"]) - files["F"]).numpy()
+    assert metrics["n_configs"] == 9 and metrics["lattice_L"] == L
+    assert metrics["eval/sigma"] == pytest.approx(np.std(err), rel=1e-10)
+    assert metrics["eval/rmse"] == pytest.approx(np.sqrt(np.mean(err ** 2)), rel=1e-10)
+    assert metrics["eval/random_sigma"] == pytest.approx(np.std(err[:3]), rel=1e-10)
+    assert metrics["eval/quench_max_err"] == pytest.approx(np.abs(err[3:]).max(), rel=1e-10)
+    assert yaml.safe_load((tmp_path / "out" / "metrics.yaml").read_text()) == pytest.approx(metrics)
+    for name in ("parity.png", "error_hist.png", "error_by_config.png", "evaluate_config.yaml"):
+        assert (tmp_path / "out" / name).is_file(), name
+    # a split scores only its configurations
+    val = run(_cfg(files, "split=val", f"out_dir={tmp_path / 'val'}", "plots=false"))
+    assert val["n_configs"] == 3 and val["eval/sigma"] == pytest.approx(np.std(err[2::3]), rel=1e-10)
+    assert not (tmp_path / "val" / "parity.png").exists()
+    quench = run(_cfg(files, "split=quench", f"out_dir={tmp_path / 'q'}", "plots=false"))
+    assert "eval/random_sigma" not in quench and quench["eval/sigma"] == pytest.approx(np.std(err[3:]), rel=1e-10)
+
+
+def test_default_output_folder_names_the_run_the_data_and_the_split(files, monkeypatch):
+    monkeypatch.chdir(files["root"])
+    run(_cfg(files, "split=val", "plots=false"))
+    assert (files["root"] / "runs" / "evaluations" / "run_a_on_d_val" / "metrics.yaml").is_file()
+
+
+def test_a_torchscript_export_scores_the_same(files, tmp_path):
+    exported = export_force_field(files["model"], tmp_path / "model.ts", example_L=L)
+    a = run(_cfg(files, f"out_dir={tmp_path / 'a'}", "plots=false"))
+    b = run(_cfg(files, f"checkpoint={exported}", f"out_dir={tmp_path / 'b'}", "plots=false"))
+    assert b["eval/sigma"] == pytest.approx(a["eval/sigma"], rel=1e-9)
+
+
+def test_logged_to_mlflow_with_its_checkpoint(files, tmp_path, tmp_mlflow):
+    from mlflow.tracking import MlflowClient
+
+    metrics = run(_cfg(files, f"out_dir={tmp_path / 'o'}", "tracking.enabled=true"))
+    client = MlflowClient(tmp_mlflow)
+    (r,) = client.search_runs([client.get_experiment_by_name("lattice_lab/evaluate").experiment_id])
+    assert r.data.metrics["eval/quench_sigma"] == metrics["eval/quench_sigma"]
+    assert r.data.tags["checkpoint"] == str(files["ckpt"]) and r.data.tags["train_run"] == "run_a"
+    assert r.data.tags["split"] == "all" and r.data.tags["task"] == "evaluate"
+    arts = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+    assert arts == {"plots/parity.png", "plots/error_hist.png", "plots/error_by_config.png"}
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["split=test"], "split='test'"),
+    (["batch_size=0"], "batch_size=0"),
+    (["batch_size=abc"], "batch_size='abc'"),
+    (["dtype=float16"], "dtype"),
+    (["plots=maybe"], "plots"),
+    (["checkpoint=/nonexistent/best.pt"], "/nonexistent"),
+    (["dataset.path=/nonexistent.h5"], "/nonexistent.h5"),
+])
+def test_bad_settings_are_named(files, tmp_path, overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        run(_cfg(files, f"out_dir={tmp_path / 'x'}", *overrides))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_force_field_of_another_hamiltonian_is_refused(files, tmp_path):
+    model = build_model(load_preset("gnn_small"), HolsteinParams(g=2.0, temperature=0.1).as_dict())
+    ckpt = save_checkpoint(tmp_path / "g2" / "best.pt", model)
+    with pytest.raises(ConfigError, match="g=3.5: this force field was trained for g=2.0"):
+        run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'x'}"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_entrypoint_prints_one_line(files, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "lattice_lab.evaluate", f"checkpoint={files['ckpt']}",
+                         f"dataset.path={files['data']}", f"out_dir={tmp_path / 'o'}", "device=cpu",
+                         "tracking.enabled=false", "plots=false"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "[evaluate] run_a on d (all, 9 configurations of 10x10): RMSE" in ok.stdout and "; quench " in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "lattice_lab.evaluate", f"dataset.path={files['data']}"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: checkpoint=???")
