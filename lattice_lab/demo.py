@@ -88,6 +88,8 @@ def run(cfg: DictConfig) -> dict:
     analysis = json.loads((sim_dir / "analysis" / "summary.json").read_text())
     summary = {"train_run": str(ckpt.parent), "trajectory_run": str(sim_dir), "times_s": times,
                "val_sigma": final.get("final/val_sigma"), "val_rmse": final.get("final/val_rmse"),
+               "val_random_sigma": final.get("final/val_random_sigma"),
+               "val_quench_sigma": final.get("final/val_quench_sigma"),
                "steps_per_s": sim_summary.get("steps_per_s"), "site_steps_per_s": sim_summary.get("site_steps_per_s"),
                "alpha": analysis.get("alpha"), "alpha_err": analysis.get("alpha_err")}
     _print_summary(cfg, summary, analysis)
@@ -104,13 +106,15 @@ def _print_summary(cfg: DictConfig, s: dict, analysis: dict) -> None:
         "", "=" * 72, "lattice_lab demo summary", "=" * 72,
         f"force field   {cfg.model_preset} on {cfg.dataset_preset}: validation force sigma = {_fmt(s['val_sigma'])} "
         f"(RMSE {_fmt(s['val_rmse'])}; enn_paper's full ENN on 40x40: 0.0084)",
+        f"              by kind: random hot starts {_fmt(s['val_random_sigma'])}, quench snapshots "
+        f"{_fmt(s['val_quench_sigma'])} (error_by_config.png: per configuration)",
         f"dynamics      {sim.L}x{sim.L}, {sim.replicas} replicas, {sim.steps} steps to T = {sim.temperature}: "
         f"{_fmt(s['steps_per_s'], '.3g')} steps/s, {_fmt(s['site_steps_per_s'], '.3g')} site-steps/s",
         f"coarsening    alpha = {describe_exponent(analysis.get('growth_L'))} "
         f"(fit window t = {_fmt(analysis['fit_window'][0], '.3g')}..{_fmt(analysis['fit_window'][1], '.3g')}; "
         "Allen-Cahn 0.5; papers at T=0.1: 0.059 on 200x200, t=1250)",
         "stage times   " + ", ".join(f"{k} {v:.0f} s" for k, v in s["times_s"].items()),
-        f"plots         {s['trajectory_run']}/analysis/*.png and {s['train_run']}/parity.png",
+        f"plots         {s['trajectory_run']}/analysis/*.png and {s['train_run']}/*.png",
         "MLflow UI     make ui   (then open http://127.0.0.1:5000)",
         "=" * 72,
     ]

@@ -85,3 +85,18 @@ def test_an_interrupted_stage_gets_one_signal_and_time_to_save(tmp_path, signame
     assert marker.read_text() == f"{signame} 1"  # passed on once, and the stage finished saving
     assert proc.returncode == code
     assert "interrupted" in err and "`fake` stage (exit code 130)" in err and "Traceback" not in err
+
+
+def test_summary_gives_the_force_error_per_kind_of_configuration(capsys):
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("demo")
+    s = {"val_sigma": 0.4577, "val_rmse": 0.458, "val_random_sigma": 0.7114, "val_quench_sigma": 0.2475,
+         "steps_per_s": 200.0, "site_steps_per_s": 7e6, "times_s": {"train": 50.0}, "trajectory_run": "t",
+         "train_run": "r"}
+    demo._print_summary(cfg, s, {"growth_L": {"alpha": 0.228, "alpha_err": 0.013}, "fit_window": [20.0, 200.0]})
+    out = capsys.readouterr().out
+    assert "validation force sigma = 0.4577" in out
+    assert "by kind: random hot starts 0.7114, quench snapshots 0.2475" in out
+    # a dataset without one of the kinds says so instead of failing
+    demo._print_summary(cfg, {**s, "val_random_sigma": None}, {"growth_L": None, "fit_window": [None, None]})
+    assert "random hot starts n/a, quench snapshots 0.2475" in capsys.readouterr().out
