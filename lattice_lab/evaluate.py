@@ -66,7 +66,8 @@ def _checkpoint_info(ref: str, model) -> tuple[Path, dict]:
         return path, {"train_run": path.stem, "train_dataset": meta.get("dataset_name")}
     ckpt = load_checkpoint(path)
     return path, {"train_run": path.parent.name, "train_run_id": ckpt.get("mlflow_run_id"),
-                  "train_dataset": ckpt.get("dataset_name"), "train_data_sha256": ckpt.get("data_sha256")}
+                  "train_dataset": ckpt.get("dataset_name"), "train_data_sha256": ckpt.get("data_sha256"),
+                  "train_data_path": ckpt.get("dataset_path")}
 
 
 def run(cfg: DictConfig) -> dict:
@@ -93,7 +94,10 @@ def run(cfg: DictConfig) -> dict:
     ckpt_path, info = _checkpoint_info(str(cfg.checkpoint), model)
     model.check_compatible(data.hamiltonian())  # t, g, k, kappa must match; another temperature warns
     check_reach(data.L, model.receptive_field)
-    same_data = info.get("train_data_sha256") == data_fingerprint(data)
+    if info.get("train_data_sha256"):
+        same_data = info["train_data_sha256"] == data_fingerprint(data)
+    else:  # a checkpoint from before the content hash was stored: its dataset's path
+        same_data = info.get("train_data_path") == str(data_path)
     if same_data and opts["split"] != "val":
         log.warning("%s is the data this model was trained on: split=%s includes its training configurations "
                     "(split=val scores the held-out ones only)", data_path.name, opts["split"])

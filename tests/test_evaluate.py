@@ -125,3 +125,19 @@ def test_entrypoint_prints_one_line(files, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lattice_lab.evaluate", f"dataset.path={files['data']}"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: checkpoint=???")
+
+
+def test_scoring_the_training_data_beyond_its_validation_split_warns(files, tmp_path, caplog):
+    from lattice_lab.data.h5io import read_force_dataset
+    from lattice_lab.training.trainer import data_fingerprint
+
+    sha = data_fingerprint(read_force_dataset(files["data"]))
+    ckpt = save_checkpoint(tmp_path / "trained_here" / "best.pt", files["model"], extra={"data_sha256": sha})
+    with caplog.at_level("WARNING", logger="lattice_lab.evaluate"):
+        run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'a'}", "plots=false"))
+    assert "is the data this model was trained on: split=all includes its training configurations" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lattice_lab.evaluate"):
+        run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'b'}", "plots=false", "split=val"))
+        run(_cfg(files, f"out_dir={tmp_path / 'c'}", "plots=false"))  # trained on other data
+    assert "trained on" not in caplog.text
