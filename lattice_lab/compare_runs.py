@@ -22,8 +22,12 @@ from lattice_lab.common.errors import ConfigError
 
 DEFAULT_COLUMNS = {
     "lattice_lab/train": ["tags.model_family", "tags.model_preset", "params.dataset.name", "metrics.final/val_sigma",
+                          "metrics.final/val_random_sigma", "metrics.final/val_quench_sigma",
                           "metrics.final/val_rmse", "metrics.final/train_sigma", "metrics.n_params",
                           "metrics.flops_per_site", "metrics.final/epochs", "params.seed", "tags.device"],
+    "lattice_lab/evaluate": ["tags.train_run", "tags.train_dataset", "tags.dataset", "tags.split", "metrics.lattice_L",
+                             "metrics.n_configs", "metrics.eval/sigma", "metrics.eval/random_sigma",
+                             "metrics.eval/quench_sigma", "metrics.eval/max_err", "tags.same_data_as_training"],
     "lattice_lab/simulate": ["params.force.source", "params.dynamics.L", "params.dynamics.replicas",
                              "params.dynamics.temperature", "params.seed", "metrics.alpha", "metrics.alpha_err",
                              "metrics.steps_per_s", "metrics.site_steps_per_s", "tags.model_run_id", "tags.device"],
@@ -36,7 +40,8 @@ DEFAULT_COLUMNS = {
                           "metrics.targets_passed", "metrics.targets_failed", "tags.device"],
 }
 ALL_RUNS = 100_000  # MLflow's own default of search_runs (it pages through the store)
-DEFAULT_SORT = {"lattice_lab/train": "metrics.final/val_sigma", "lattice_lab/simulate": "start_time",
+DEFAULT_SORT = {"lattice_lab/train": "metrics.final/val_sigma", "lattice_lab/evaluate": "metrics.eval/sigma",
+                "lattice_lab/simulate": "start_time",
                 "lattice_lab/bench": "start_time"}
 
 

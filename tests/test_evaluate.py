@@ -91,6 +91,13 @@ def test_logged_to_mlflow_with_its_checkpoint(files, tmp_path, tmp_mlflow):
     assert r.data.tags["split"] == "all" and r.data.tags["task"] == "evaluate"
     arts = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
     assert arts == {"plots/parity.png", "plots/error_hist.png", "plots/error_by_config.png"}
+    # compare_runs lines evaluations up by their own columns (every default column is logged)
+    from lattice_lab.compare_runs import DEFAULT_COLUMNS, runs_table
+
+    columns, rows = runs_table("lattice_lab/evaluate", tracking_uri=tmp_mlflow)
+    assert columns[2:] == [c.split(".", 1)[1] for c in DEFAULT_COLUMNS["lattice_lab/evaluate"]] and len(rows) == 1
+    assert "-" not in rows[0] and None not in rows[0]
+    assert rows[0][columns.index("eval/quench_sigma")] == f"{metrics['eval/quench_sigma']:.4g}"  # formatted
 
 
 @pytest.mark.parametrize(("overrides", "fragment"), [
