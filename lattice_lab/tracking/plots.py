@@ -137,8 +137,6 @@ def learning_curve(history: list[dict], best_epoch: int | None = None, title: st
     return fig
 
 
-
-
 def error_by_configuration(configs: dict, title: str = ""):
     """Force RMSE of every configuration (log y), random hot starts and quench snapshots apart.
 
