@@ -6,8 +6,9 @@ The models are local, so a force field trained on one lattice can be scored on c
 (a larger lattice, a new build, the papers' 40 x 40 set). Scores every configuration of ``split`` against
 its exact force, overall and per kind of configuration (random hot starts, quench snapshots), and writes to
 ``out_dir`` (default ``runs/evaluations/<checkpoint's run>_on_<dataset>_<split>``): ``metrics.yaml``,
-``evaluate_config.yaml``, ``parity.png``, ``error_hist.png`` and ``error_by_config.png`` (the RMSE of every
-configuration; quench snapshots against the time after the quench). Everything is logged to MLflow
+``evaluate_config.yaml``, ``parity.png``, ``error_hist.png``, ``error_by_config.png`` (the RMSE of every
+configuration; quench snapshots against the time after the quench) and ``error_vs_order.png`` (the error of
+the quench snapshots' sites against the local CDW order |phi_i|: domain walls and domains apart). Everything is logged to MLflow
 (experiment ``lattice_lab/evaluate``), tagged with the checkpoint and its training run. A Hamiltonian other
 than the one the model was trained for (t, g, k, kappa) is refused; another temperature is scored with a warning.
 """
@@ -80,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
     from lattice_lab.models.base import check_reach, predict_forces
     from lattice_lab.models.checkpoint import load_force_field
     from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
-    from lattice_lab.training.metrics import force_metrics, metrics_by_kind, per_config_rmse
+    from lattice_lab.training.metrics import error_report, per_config_rmse, quench_order
     from lattice_lab.training.trainer import data_fingerprint
 
     t0 = time.perf_counter()
@@ -114,9 +115,7 @@ def run(cfg: DictConfig) -> dict:
     exact = torch.as_tensor(picked.F, dtype=torch.float64)
     with progress(total=len(picked), desc=f"forces of {dataset} ({opts['split']})", unit="config") as bar:
         pred = predict_forces(model, Q, opts["batch_size"], bar=bar).to("cpu", torch.float64)
-    metrics = {f"eval/{k}": v for k, v in force_metrics(pred, exact).items()}
-    for kind, m in metrics_by_kind(pred, exact, picked.kind).items():
-        metrics.update({f"eval/{kind}_{k}": v for k, v in m.items()})
+    metrics = error_report(pred, exact, picked.kind, picked.n, prefix="eval/")
     metrics.update({"n_configs": len(picked), "lattice_L": data.L})
     atomic_write_text(out / "metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(metrics)))
 
@@ -134,6 +133,7 @@ def run(cfg: DictConfig) -> dict:
             from lattice_lab.tracking.plots import (
                 error_by_configuration,
                 error_histogram,
+                error_vs_order,
                 parity_plot,
                 save_figure,
             )
@@ -146,6 +146,10 @@ def run(cfg: DictConfig) -> dict:
             figures = {"parity.png": parity_plot(splits, title=label), "error_hist.png": error_histogram(splits, title=label),
                        "error_by_config.png": error_by_configuration(
                            {opts["split"]: (per_config_rmse(pred, exact), picked.kind, times)}, title=label)}
+            quench, abs_phi = quench_order(picked.kind, picked.n)
+            if abs_phi is not None:
+                figures["error_vs_order.png"] = error_vs_order({opts["split"]: ((pred - exact)[quench], abs_phi)},
+                                                               title=label)
             for name, fig in figures.items():
                 save_figure(fig, out / name, close=True)
                 tracker.log_artifact(out / name, "plots")

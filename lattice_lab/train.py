@@ -3,8 +3,8 @@
 Reads ``runs/data/<dataset>.h5``, builds the model for the dataset's Hamiltonian, minimises the
 force MSE (:mod:`lattice_lab.training.trainer`), evaluates the best model on train and validation
 sets, and writes ``runs/checkpoints/<run_name>/`` (best.pt, last.pt, config.yaml, metrics.csv,
-parity.png, error_hist.png, learning_curve.png, error_by_config.png). Errors are also given per kind of
-configuration (``final/val_quench_sigma``, ...). Everything is logged to MLflow (experiment ``lattice_lab/train``).
+parity.png, error_hist.png, learning_curve.png, error_by_config.png, error_vs_order.png). Errors are also given per
+kind of configuration (``final/val_quench_sigma``, ...) and on the quench snapshots' domain walls and domains apart. Everything is logged to MLflow (experiment ``lattice_lab/train``).
 The Hydra task function returns the best validation RMSE, the objective of Optuna sweeps. Ctrl-C stops
 with one line naming ``last.pt`` (the last finished epoch) and the ``resume=true run_name=...`` that continues.
 """
@@ -157,7 +157,6 @@ def _run(cfg: DictConfig, where: dict) -> float:
     from lattice_lab.sweeps.parent import current_parent_run_id
     from lattice_lab.tracking.mlflow_utils import TrackingSettings, standard_tags, start_run
     from lattice_lab.training.config import TrainerConfig
-    from lattice_lab.training.metrics import METRIC_KEYS
     from lattice_lab.training.trainer import Trainer
 
     t_start = time.perf_counter()
@@ -230,15 +229,12 @@ def _run(cfg: DictConfig, where: dict) -> float:
         trainer.load_best()
         pred = {"train": (trainer.predict(trainer.Q_train), trainer.F_train),
                 "val": (trainer.predict(trainer.Q_val), trainer.F_val)}
-        from lattice_lab.training.metrics import force_metrics, metrics_by_kind, per_config_rmse
+        from lattice_lab.training.metrics import error_report, per_config_rmse, quench_order
 
         kinds = {split: data.kind[data.indices(split)] for split in pred}
         final = {}
-        for split, (p, f) in pred.items():
-            final.update({f"final/{split}_{k}": v for k, v in force_metrics(p, f).items() if k in METRIC_KEYS})
-            # the same per kind of configuration: random hot starts, quench snapshots (final/val_quench_sigma)
-            for kind, metrics in metrics_by_kind(p, f, kinds[split]).items():
-                final.update({f"final/{split}_{kind}_{k}": v for k, v in metrics.items()})
+        for split, (p, f) in pred.items():  # overall, per kind (final/val_quench_sigma), walls and domains apart
+            final.update(error_report(p, f, kinds[split], data.n[data.indices(split)], prefix=f"final/{split}_"))
         final["final/best_epoch"] = trainer.best_epoch
         final["final/epochs"] = trainer.epoch
         final["final/train_time_s"] = trainer.elapsed
@@ -251,6 +247,7 @@ def _run(cfg: DictConfig, where: dict) -> float:
             from lattice_lab.tracking.plots import (
                 error_by_configuration,
                 error_histogram,
+                error_vs_order,
                 learning_curve,
                 parity_plot,
                 save_figure,
@@ -272,6 +269,14 @@ def _run(cfg: DictConfig, where: dict) -> float:
                        for split, (p, f) in pred.items()}
             save_figure(error_by_configuration(configs, title=label), run_dir / "error_by_config.png", close=True)
             tracker.log_artifact(run_dir / "error_by_config.png", "plots")
+            orders = {}  # the quench snapshots' site errors against the local order of the exact density
+            for split, (p, f) in pred.items():
+                quench, abs_phi = quench_order(kinds[split], data.n[data.indices(split)])
+                if abs_phi is not None:
+                    orders[split] = ((p - f)[quench.to(p.device)].cpu(), abs_phi)
+            if orders:
+                save_figure(error_vs_order(orders, title=label), run_dir / "error_vs_order.png", close=True)
+                tracker.log_artifact(run_dir / "error_vs_order.png", "plots")
         tracker.log_artifact(run_dir / "metrics.csv")
         tracker.log_artifact(run_dir / "final_metrics.yaml")
         tracker.log_artifact(run_dir / "best.pt", "checkpoints")

@@ -57,7 +57,8 @@ def test_scores_overall_and_per_kind_against_an_independent_computation(files, t
     assert metrics["eval/random_sigma"] == pytest.approx(np.std(err[:3]), rel=1e-10)
     assert metrics["eval/quench_max_err"] == pytest.approx(np.abs(err[3:]).max(), rel=1e-10)
     assert yaml.safe_load((tmp_path / "out" / "metrics.yaml").read_text()) == pytest.approx(metrics)
-    for name in ("parity.png", "error_hist.png", "error_by_config.png", "evaluate_config.yaml"):
+    assert 0 < metrics["eval/quench_wall_fraction"] < 1 and "eval/quench_domain_sigma" in metrics
+    for name in ("parity.png", "error_hist.png", "error_by_config.png", "error_vs_order.png", "evaluate_config.yaml"):
         assert (tmp_path / "out" / name).is_file(), name
     # a split scores only its configurations
     val = run(_cfg(files, "split=val", f"out_dir={tmp_path / 'val'}", "plots=false"))
@@ -90,7 +91,7 @@ def test_logged_to_mlflow_with_its_checkpoint(files, tmp_path, tmp_mlflow):
     assert r.data.tags["checkpoint"] == str(files["ckpt"]) and r.data.tags["train_run"] == "run_a"
     assert r.data.tags["split"] == "all" and r.data.tags["task"] == "evaluate"
     arts = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
-    assert arts == {"plots/parity.png", "plots/error_hist.png", "plots/error_by_config.png"}
+    assert arts == {"plots/parity.png", "plots/error_hist.png", "plots/error_by_config.png", "plots/error_vs_order.png"}
     # compare_runs lines evaluations up by their own columns (every default column is logged)
     from lattice_lab.compare_runs import DEFAULT_COLUMNS, runs_table
 

@@ -12,6 +12,7 @@ from lattice_lab.tracking import mlflow_utils as mu
 from lattice_lab.tracking.plots import (
     error_by_configuration,
     error_histogram,
+    error_vs_order,
     learning_curve,
     parity_plot,
     save_figure,
@@ -317,4 +318,21 @@ def test_error_by_configuration_separates_random_and_quench_and_plots_snapshots_
     # one kind only, and no schedule in the file: one panel, snapshots in file order
     fig = error_by_configuration({"val": (rmse[2:], kind[2:], None)})
     assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == "quench snapshot (file order)"
+    plt.close("all")
+
+
+def test_error_vs_order_bins_the_site_errors_by_the_local_order(tmp_path, inked_edges):
+    import matplotlib.pyplot as plt
+
+    phi = np.array([0.02, 0.03, 0.97, 0.98, 0.99, 0.72])
+    err = np.array([0.6, -0.8, 0.01, -0.01, 0.01, 0.1])
+    fig = error_vs_order({"val": (err, phi)}, title="x")
+    ax, ax_n = fig.axes
+    (pts,) = ax.collections
+    xy = pts.get_offsets()
+    assert np.allclose(xy[:, 0], [0.025, 0.725, 0.975])  # the centres of the occupied bins of width 0.05
+    assert np.allclose(xy[:, 1], [np.sqrt(0.5), 0.1, 0.01])  # RMSE per bin
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["val: RMSE 0.707 on walls, 0.0507 in domains"]
+    assert ax.get_yscale() == "log" and ax_n.get_xlim() == (0.0, 1.0)
+    assert inked_edges(save_figure(fig, tmp_path / "o.png", close=True)) == {}
     plt.close("all")

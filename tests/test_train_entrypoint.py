@@ -77,7 +77,7 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     assert isinstance(best, float) and np.isfinite(best)
     run_dir = tmp_path / "e2e"
     for name in ("best.pt", "last.pt", "config.yaml", "metrics.csv", "parity.png", "error_hist.png", "learning_curve.png",
-                 "error_by_config.png"):
+                 "error_by_config.png", "error_vs_order.png"):
         assert (run_dir / name).is_file(), name
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert len(rows) == 3 and best == min(float(r["val/rmse"]) for r in rows)
@@ -107,7 +107,7 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
     assert r.data.metrics["lattice_L"] == read_force_dataset(dataset_file).L and "L" not in r.data.metrics
     arts = {a.path for d in ("", "plots", "checkpoints") for a in client.list_artifacts(r.info.run_id, d or None)}
     assert {"config.yaml", "metrics.csv", "checkpoints/best.pt", "plots/parity.png", "plots/error_hist.png",
-            "plots/learning_curve.png", "plots/error_by_config.png"} <= arts
+            "plots/learning_curve.png", "plots/error_by_config.png", "plots/error_vs_order.png"} <= arts
 
     # the checkpoint fetched by MLflow run id reproduces the validation RMSE
     ff = load_force_field(r.info.run_id, device="cpu")
@@ -125,6 +125,8 @@ def test_train_end_to_end_with_mlflow_and_resume(dataset_file, tmp_path, store):
         assert final[f"final/val_{name}_max_err"] == pytest.approx(np.abs(e).max(), rel=1e-12)
         assert r.data.metrics[f"final/val_{name}_sigma"] == final[f"final/val_{name}_sigma"]
         assert f"final/train_{name}_rmse" in r.data.metrics
+    for key in ("final/val_quench_wall_sigma", "final/val_quench_domain_sigma", "final/val_quench_wall_fraction"):
+        assert r.data.metrics[key] == final[key], key
 
     # an existing run is not overwritten; resume continues it (same MLflow run, more epochs)
     with pytest.raises(ConfigError, match="resume=true"):

@@ -13,7 +13,13 @@ from lattice_lab.data.h5io import ForceData
 from lattice_lab.models.registry import build_model
 from lattice_lab.physics.ed import ExactForces
 from lattice_lab.physics.holstein import HolsteinParams
-from lattice_lab.training.metrics import ForceErrorStats, force_metrics, metrics_by_kind, per_config_rmse
+from lattice_lab.training.metrics import (
+    ForceErrorStats,
+    error_report,
+    force_metrics,
+    metrics_by_kind,
+    per_config_rmse,
+)
 from lattice_lab.training.trainer import EPOCH_METRICS, Trainer
 
 HAM = HolsteinParams(temperature=0.1)
@@ -81,6 +87,33 @@ def test_errors_by_kind_and_per_configuration_match_numpy():
     rmse = per_config_rmse(pred, target)
     assert rmse.dtype == torch.float64 and rmse.shape == (6,)
     assert np.allclose(rmse.numpy(), [np.sqrt(np.mean(e ** 2)) for e in err], rtol=1e-12, atol=0)
+
+
+def test_error_report_splits_quench_sites_into_domain_walls_and_domains():
+    gen = torch.Generator().manual_seed(6)
+    pred, target = torch.randn(4, 6, 6, generator=gen), torch.randn(4, 6, 6, generator=gen)
+    n = torch.rand(4, 6, 6, generator=gen, dtype=torch.float64)
+    kind = np.array([0, 1, 1, 0], np.uint8)
+    rep = error_report(pred, target, kind, n.numpy(), prefix="final/val_")
+    # phi_i = (-1)^(x+y) (n_i - sum_nn n_j / 4), written out with rolls
+    x, y = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+    nn = n.numpy()
+    nn_sum = sum(np.roll(nn, s, axis=a) for s in (1, -1) for a in (1, 2))
+    phi = (-1.0) ** (x + y) * (nn - nn_sum / 4)
+    err = (pred - target).double().numpy()
+    wall = np.abs(phi[1:3]) < 0.5
+    assert 0 < wall.sum() < wall.size
+    assert rep["final/val_quench_wall_sigma"] == pytest.approx(np.std(err[1:3][wall]), rel=1e-10)
+    assert rep["final/val_quench_domain_rmse"] == pytest.approx(np.sqrt(np.mean(err[1:3][~wall] ** 2)), rel=1e-10)
+    assert rep["final/val_quench_wall_fraction"] == pytest.approx(wall.mean(), rel=1e-12)
+    assert rep["final/val_sigma"] == pytest.approx(np.std(err), rel=1e-10)
+    assert rep["final/val_random_sigma"] == pytest.approx(np.std(err[[0, 3]]), rel=1e-10)
+    # another threshold moves sites between the two
+    wide = error_report(pred, target, kind, n.numpy(), wall_threshold=0.9)
+    assert wide["quench_wall_fraction"] == pytest.approx((np.abs(phi[1:3]) < 0.9).mean(), rel=1e-12)
+    # no densities, or no quench snapshot: no wall numbers (not zeros)
+    assert not any("wall" in k or "domain" in k for k in error_report(pred, target, kind))
+    assert not any("wall" in k for k in error_report(pred, target, np.zeros(4, np.uint8), n.numpy()))
 
 
 def test_training_lowers_val_loss_and_logs_all_metrics(tiny_data, tmp_path):

@@ -17,6 +17,8 @@ from lattice_lab.analysis.correlation import as_field
 from lattice_lab.common.errors import ConfigError, number_or_nan
 from lattice_lab.lattice import checkerboard, nn_sum
 
+WALL_THRESHOLD = 0.5  # a site is a domain-wall site when |phi_i| < this (order_parameter.wall_threshold's default)
+
 
 def cdw_order_parameter_t(n: torch.Tensor) -> torch.Tensor:
     """phi [..., L, L] from the density n [..., L, L] (torch in, torch out)."""
@@ -37,11 +39,11 @@ def check_wall_threshold(threshold) -> float:
     return value
 
 
-def domain_wall_fraction_t(phi: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def domain_wall_fraction_t(phi: torch.Tensor, threshold: float = WALL_THRESHOLD) -> torch.Tensor:
     return (phi.abs() < check_wall_threshold(threshold)).to(phi.dtype).mean(dim=(-2, -1))
 
 
-def domain_wall_fraction(phi, threshold: float = 0.5) -> np.ndarray:
+def domain_wall_fraction(phi, threshold: float = WALL_THRESHOLD) -> np.ndarray:
     """Fraction of sites with |phi_i| < threshold, per configuration [...]."""
     return domain_wall_fraction_t(as_field(phi), threshold).cpu().numpy()
 

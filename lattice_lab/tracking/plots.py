@@ -186,3 +186,45 @@ def error_by_configuration(configs: dict, title: str = ""):
     first.set_ylabel(r"force RMSE per configuration " + FORCE_UNITS)
     fig.suptitle(title or "force error by configuration", fontsize=10)
     return fig
+
+
+def error_vs_order(sets: dict, wall_threshold: float = 0.5, bins: int = 20, title: str = ""):
+    """Force RMSE against the local CDW order |phi_i| of the exact density, over the quench snapshots' sites.
+
+    ``sets``: ``{"val": (error, abs_phi), ...}``, arrays of any shape with one entry per site (F_ML - F_ED
+    and |phi_i|). Top: the RMSE in each bin of |phi| (log y; marker area ~ the bin's share of the sites), the
+    domain-wall threshold dashed; bottom: the fraction of each set's sites in the bin, so the errors can be
+    weighed by how many sites carry them.
+    |phi| = 1 is the ordered checkerboard, 0 the core of a wall between the two CDW domains."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.6, 5.4), dpi=120, sharex=True, layout="constrained",
+                                   gridspec_kw={"height_ratios": [3, 1.2]})
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    for name, (err, phi) in sets.items():
+        err, phi = _np(err), np.minimum(_np(phi), 1.0)  # |phi| <= 1 for densities in [0, 1]; rounding aside
+        which = np.clip(np.digitize(phi, edges) - 1, 0, bins - 1)
+        count = np.bincount(which, minlength=bins)
+        sq = np.bincount(which, weights=err ** 2, minlength=bins)
+        shown = count > 0
+        wall = phi < wall_threshold
+        label = (f"{name}: RMSE {np.sqrt(np.mean(err[wall] ** 2)) if wall.any() else float('nan'):.3g} on walls, "
+                 f"{np.sqrt(np.mean(err[~wall] ** 2)) if (~wall).any() else float('nan'):.3g} in domains")
+        rmse = np.sqrt(sq[shown] / count[shown])
+        ax.plot(centres[shown], rmse, "-", lw=0.8, alpha=0.6, color=split_color(name))
+        # marker area ~ the bin's share of the sites: a few wall-core sites do not look like a domain's many
+        ax.scatter(centres[shown], rmse, s=6 + 200 * count[shown] / count.sum(), color=split_color(name), zorder=3,
+                   label=label)
+        ax_n.step(edges, np.r_[count / max(count.sum(), 1), 0.0], where="post", lw=1.2, color=split_color(name))
+    for a in (ax, ax_n):
+        a.axvline(wall_threshold, color="0.4", ls="--", lw=0.8)
+    ax.set_yscale("log")
+    plain_log_ticks(ax)
+    ax.set_ylabel(r"force RMSE " + FORCE_UNITS, fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.text(wall_threshold, 1.0, " domain walls | domains ", transform=ax.get_xaxis_transform(), ha="center",
+            va="bottom", fontsize=8, color="0.3")
+    ax_n.set_ylabel("fraction\nof sites", fontsize=9)
+    ax_n.set_xlabel(r"local CDW order $|\phi_i|$ of the exact density (quench snapshots)")
+    ax_n.set_xlim(0, 1)
+    fig.suptitle(title or "force error against the local order", fontsize=10)
+    return fig

@@ -10,7 +10,9 @@ With the error e = F_ML - F_ED over all sites of all configurations:
 :class:`ForceErrorStats` accumulates the sums (in float64) over batches, so metrics over a whole
 data set never need all predictions in memory; :func:`force_metrics` is the one-shot form.
 :func:`metrics_by_kind` splits the error by kind of configuration (random hot starts, quench
-snapshots), and :func:`per_config_rmse` gives one RMSE per configuration.
+snapshots), :func:`per_config_rmse` gives one RMSE per configuration, and :func:`error_report` is the
+whole set of numbers a trained model is reported with (overall, per kind, and on the quench snapshots'
+domain walls and domains apart).
 """
 
 from __future__ import annotations
@@ -91,3 +93,44 @@ def per_config_rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Force RMSE of each configuration, ``[C]`` float64, over its sites (all dimensions after the first)."""
     err = (pred.detach() - target.detach()).to(torch.float64)
     return err.square().flatten(1).mean(1).sqrt()
+
+
+def error_report(pred, target, kind, density=None, prefix: str = "", wall_threshold: float | None = None
+                 ) -> dict[str, float]:
+    """Every force-error number of a set of configurations, named ``<prefix><name>``:
+
+    - overall: ``sigma``, ``rmse``, ``mae``, ``max_err``;
+    - per kind of configuration: ``random_sigma``, ``quench_sigma``, ... (:func:`metrics_by_kind`);
+    - given the exact densities ``density [C, L, L]``, the quench snapshots' sites split by the local CDW
+      order parameter phi_i (:mod:`lattice_lab.analysis.order_parameter`): ``quench_wall_*`` on domain-wall
+      sites (|phi_i| < ``wall_threshold``, default 1/2), ``quench_domain_*`` inside the domains, and
+      ``quench_wall_fraction``. The domains are the ordered states that coarsening produces; the walls,
+      whose motion is the coarsening, are where a local model has the least to go on.
+    """
+    from lattice_lab.analysis.order_parameter import WALL_THRESHOLD
+
+    threshold = WALL_THRESHOLD if wall_threshold is None else float(wall_threshold)
+    out = {f"{prefix}{k}": v for k, v in force_metrics(pred, target).items()}
+    for name, metrics in metrics_by_kind(pred, target, kind).items():
+        out.update({f"{prefix}{name}_{k}": v for k, v in metrics.items()})
+    quench, abs_phi = quench_order(kind, density)
+    if abs_phi is not None:
+        wall = (abs_phi < threshold).to(pred.device)
+        p, t = pred[quench.to(pred.device)], target[quench.to(target.device)]
+        for name, mask in (("wall", wall), ("domain", ~wall)):
+            if bool(mask.any()):
+                out.update({f"{prefix}quench_{name}_{k}": v for k, v in force_metrics(p[mask], t[mask]).items()})
+        out[f"{prefix}quench_wall_fraction"] = float(wall.to(torch.float64).mean())
+    return out
+
+
+def quench_order(kind, density) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(quench, |phi|)``: which configurations are quench snapshots (``[C]`` bool) and the magnitude of the
+    local CDW order parameter of their exact densities (``[C_quench, L, L]`` float64, CPU; None without
+    densities or snapshots)."""
+    from lattice_lab.analysis.order_parameter import cdw_order_parameter_t
+
+    quench = torch.as_tensor(kind).to(torch.long) == 1
+    if density is None or not bool(quench.any()):
+        return quench, None
+    return quench, cdw_order_parameter_t(torch.as_tensor(density)[quench].to(torch.float64)).abs()
