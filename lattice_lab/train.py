@@ -4,7 +4,9 @@ Reads ``runs/data/<dataset>.h5``, builds the model for the dataset's Hamiltonian
 force MSE (:mod:`lattice_lab.training.trainer`), evaluates the best model on train and validation
 sets, and writes ``runs/checkpoints/<run_name>/`` (best.pt, last.pt, config.yaml, metrics.csv,
 parity.png, error_hist.png, learning_curve.png, error_by_config.png, error_vs_order.png). Errors are also given per
-kind of configuration (``final/val_quench_sigma``, ...) and on the quench snapshots' domain walls and domains apart. Everything is logged to MLflow (experiment ``lattice_lab/train``).
+kind of configuration (``final/val_quench_sigma``, ...) and on the quench snapshots' domain walls and domains
+apart (:func:`~lattice_lab.training.metrics.error_report`). Everything is logged to MLflow (experiment
+``lattice_lab/train``).
 The Hydra task function returns the best validation RMSE, the objective of Optuna sweeps. Ctrl-C stops
 with one line naming ``last.pt`` (the last finished epoch) and the ``resume=true run_name=...`` that continues.
 """
@@ -231,10 +233,12 @@ def _run(cfg: DictConfig, where: dict) -> float:
                 "val": (trainer.predict(trainer.Q_val), trainer.F_val)}
         from lattice_lab.training.metrics import error_report, per_config_rmse, quench_order
 
-        kinds = {split: data.kind[data.indices(split)] for split in pred}
+        where_in_file = {split: data.indices(split) for split in pred}
+        kinds = {split: data.kind[idx] for split, idx in where_in_file.items()}
+        densities = {split: data.n[idx] for split, idx in where_in_file.items()}  # exact: the local order phi_i
         final = {}
         for split, (p, f) in pred.items():  # overall, per kind (final/val_quench_sigma), walls and domains apart
-            final.update(error_report(p, f, kinds[split], data.n[data.indices(split)], prefix=f"final/{split}_"))
+            final.update(error_report(p, f, kinds[split], densities[split], prefix=f"final/{split}_"))
         final["final/best_epoch"] = trainer.best_epoch
         final["final/epochs"] = trainer.epoch
         final["final/train_time_s"] = trainer.elapsed
@@ -265,13 +269,13 @@ def _run(cfg: DictConfig, where: dict) -> float:
             tracker.log_artifact(run_dir / "learning_curve.png", "plots")
             times = quench_times(data)
             configs = {split: (per_config_rmse(p, f).cpu(), kinds[split],
-                               None if times is None else times[data.indices(split)])
+                               None if times is None else times[where_in_file[split]])
                        for split, (p, f) in pred.items()}
             save_figure(error_by_configuration(configs, title=label), run_dir / "error_by_config.png", close=True)
             tracker.log_artifact(run_dir / "error_by_config.png", "plots")
             orders = {}  # the quench snapshots' site errors against the local order of the exact density
             for split, (p, f) in pred.items():
-                quench, abs_phi = quench_order(kinds[split], data.n[data.indices(split)])
+                quench, abs_phi = quench_order(kinds[split], densities[split])
                 if abs_phi is not None:
                     orders[split] = ((p - f)[quench.to(p.device)].cpu(), abs_phi)
             if orders:

@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
+from lattice_lab.analysis.order_parameter import WALL_THRESHOLD
+
 # selects the Agg backend (no display); save_figure is re-exported for the callers of this module
 from lattice_lab.common.figures import plain_log_ticks, save_figure  # noqa: F401
 
@@ -188,7 +190,7 @@ def error_by_configuration(configs: dict, title: str = ""):
     return fig
 
 
-def error_vs_order(sets: dict, wall_threshold: float = 0.5, bins: int = 20, title: str = ""):
+def error_vs_order(sets: dict, wall_threshold: float = WALL_THRESHOLD, bins: int = 20, title: str = ""):
     """Force RMSE against the local CDW order |phi_i| of the exact density, over the quench snapshots' sites.
 
     ``sets``: ``{"val": (error, abs_phi), ...}``, arrays of any shape with one entry per site (F_ML - F_ED
