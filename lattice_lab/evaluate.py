@@ -140,12 +140,14 @@ def run(cfg: DictConfig) -> dict:
 
             label = f"{info['train_run']} on {dataset} ({opts['split']}: {len(picked)} configurations)"
             splits = {opts["split"]: (pred, exact)}
+            where = data.indices(opts["split"])  # the configurations' positions in the file
             times = quench_times(data)
             if times is not None:
-                times = times[data.indices(opts["split"])]
+                times = times[where]
             figures = {"parity.png": parity_plot(splits, title=label), "error_hist.png": error_histogram(splits, title=label),
                        "error_by_config.png": error_by_configuration(
-                           {opts["split"]: (per_config_rmse(pred, exact), picked.kind, times)}, title=label)}
+                           {opts["split"]: (per_config_rmse(pred, exact), picked.kind, times)}, title=label,
+                           positions={opts["split"]: where})}
             quench, abs_phi = quench_order(picked.kind, picked.n)
             if abs_phi is not None:
                 figures["error_vs_order.png"] = error_vs_order({opts["split"]: ((pred - exact)[quench], abs_phi)},

@@ -149,3 +149,28 @@ def test_scoring_the_training_data_beyond_its_validation_split_warns(files, tmp_
         run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'b'}", "plots=false", "split=val"))
         run(_cfg(files, f"out_dir={tmp_path / 'c'}", "plots=false"))  # trained on other data
     assert "trained on" not in caplog.text
+
+
+def test_without_a_stored_schedule_the_snapshots_are_placed_at_their_position_in_the_file(files, tmp_path,
+                                                                                            monkeypatch):
+    """A file not written by generate has no schedule (quench_times is None): error_by_config.png places the
+    snapshots by their index in the file, not by their index among the split's configurations."""
+    from lattice_lab.data.h5io import read_force_dataset
+    from lattice_lab.tracking import plots
+
+    data = read_force_dataset(files["data"])
+    data.attrs["config"] = ""
+    bare = write_force_dataset(tmp_path / "bare.h5", data)
+    seen = {}
+
+    def spy(configs, title="", **kw):
+        seen["fig"] = fig = plots_error_by_configuration(configs, title=title, **kw)
+        return fig
+
+    plots_error_by_configuration = plots.error_by_configuration
+    monkeypatch.setattr(plots, "error_by_configuration", spy)
+    run(_cfg(files, f"dataset.path={bare}", "split=val", f"out_dir={tmp_path / 'o'}"))
+    quench_panel = seen["fig"].axes[-1]
+    assert quench_panel.get_xlabel() == "quench snapshot (file order)"
+    assert sorted(np.concatenate([c.get_offsets()[:, 0] for c in quench_panel.collections])) == [5, 8]
+    assert (tmp_path / "o" / "error_by_config.png").is_file()

@@ -356,3 +356,24 @@ def test_error_vs_order_legend_covers_no_bin(tmp_path, inked_edges):
         assert not legend.get_window_extent(renderer).overlaps(a.get_window_extent(renderer)), a
     assert inked_edges(path) == {}
     plt.close("all")
+
+
+def test_error_by_configuration_without_a_schedule_places_each_split_at_its_position_in_the_file():
+    """No stored schedule (a file not written by generate): the snapshots go in file order. Numbered within
+    each split, train's and val's k-th snapshots were drawn at one x though they are different configurations
+    (val's third of the snapshots squeezed onto the first third of the axis)."""
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    kind = np.array([0, 1, 1, 1, 1, 1, 1, 1])
+    val = np.arange(8) % 3 == 2
+    rmse = np.linspace(0.1, 0.8, 8)
+    idx = {"train": np.flatnonzero(~val), "val": np.flatnonzero(val)}
+    fig = error_by_configuration({s: (rmse[i], kind[i], None) for s, i in idx.items()}, positions=idx)
+    qu = fig.axes[-1]
+    assert qu.get_xlabel() == "quench snapshot (file order)"
+    xs = {tuple(c.get_facecolor()[0][:3]): sorted(c.get_offsets()[:, 0]) for c in qu.collections}
+    assert xs[matplotlib.colors.to_rgb("tab:blue")] == [1, 3, 4, 6, 7]
+    assert xs[matplotlib.colors.to_rgb("tab:orange")] == [2, 5]
+    assert all(float(x).is_integer() for x in qu.get_xticks())  # configurations, not fractions of one
+    plt.close("all")

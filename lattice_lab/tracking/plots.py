@@ -139,12 +139,14 @@ def learning_curve(history: list[dict], best_epoch: int | None = None, title: st
     return fig
 
 
-def error_by_configuration(configs: dict, title: str = ""):
+def error_by_configuration(configs: dict, title: str = "", positions: dict | None = None):
     """Force RMSE of every configuration (log y), random hot starts and quench snapshots apart.
 
     ``configs``: ``{"train": (rmse, kind, t), "val": ...}`` per split, each ``[C]``: the configuration's RMSE,
     its kind (0 random, 1 quench) and the time after the quench of a snapshot (NaN for random ones; ``t``
-    None when the dataset does not record its schedule: snapshots are then placed in file order).
+    None when the dataset does not record its schedule: snapshots are then placed in file order, at
+    ``positions[split]``, each configuration's index in the file, so that the splits share one axis; default
+    its index in ``configs``).
     Random configurations are a strip on the left; quench snapshots are drawn against time, with the
     median of each split's snapshots at each time as a line, so the error along the ordering dynamics
     the model is to drive can be read off."""
@@ -167,7 +169,8 @@ def error_by_configuration(configs: dict, title: str = ""):
             axes["random"].plot([i - 0.35, i + 0.35], [np.median(r)] * 2, "-", color=color, lw=1.5)
         if "quench" in axes and (kind == 1).any():
             q = rmse[kind == 1]
-            x = t[kind == 1] if timed else np.flatnonzero(kind == 1).astype(np.float64)
+            where = np.arange(kind.size) if positions is None else np.asarray(positions[name]).ravel()
+            x = t[kind == 1] if timed else where[kind == 1].astype(np.float64)
             label = f"{name}: median {np.median(q):.3g}"
             axes["quench"].scatter(x, q, s=9, alpha=0.6, lw=0, color=color, label=label)
             xs = np.unique(x)
@@ -181,6 +184,8 @@ def error_by_configuration(configs: dict, title: str = ""):
     if "quench" in axes:
         ax = axes["quench"]
         ax.set_xlabel("time after the quench $t$" if timed else "quench snapshot (file order)")
+        if not timed:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=8, loc="upper right", markerscale=2)
     first = axes[panels[0]]
     first.set_yscale("log")
