@@ -30,6 +30,8 @@ from lattice_lab.common.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 SPLITS = ("all", "train", "val", "random", "quench")
+OUTPUTS = ("metrics.yaml", "evaluate_config.yaml", "parity.png", "error_hist.png", "error_by_config.png",
+           "error_vs_order.png")  # what an evaluation writes to out_dir
 
 
 def check_config(cfg: DictConfig) -> dict:
@@ -107,14 +109,19 @@ def run(cfg: DictConfig) -> dict:
            else Path(to_absolute_path("runs/evaluations")) / f"{info['train_run']}_on_{dataset}_{opts['split']}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir={str(out)!r}: is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = atomic_write_text(out / "evaluate_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     Q = torch.as_tensor(picked.Q, dtype=dtype, device=opts["device"])
     exact = torch.as_tensor(picked.F, dtype=torch.float64)
     with progress(total=len(picked), desc=f"forces of {dataset} ({opts['split']})", unit="config") as bar:
         pred = predict_forces(model, Q, opts["batch_size"], bar=bar).to("cpu", torch.float64)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"out_dir={str(out)!r}: cannot make the folder ({exc.strerror or exc})") from None
+    for name in OUTPUTS:  # the folder is replaced: no result of an earlier evaluation stays beside these
+        (out / name).unlink(missing_ok=True)
+    cfg_file = atomic_write_text(out / "evaluate_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     metrics = error_report(pred, exact, picked.kind, picked.n, prefix="eval/")
     metrics.update({"n_configs": len(picked), "lattice_L": data.L})
     atomic_write_text(out / "metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(metrics)))

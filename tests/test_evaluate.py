@@ -174,3 +174,22 @@ def test_without_a_stored_schedule_the_snapshots_are_placed_at_their_position_in
     assert quench_panel.get_xlabel() == "quench snapshot (file order)"
     assert sorted(np.concatenate([c.get_offsets()[:, 0] for c in quench_panel.collections])) == [5, 8]
     assert (tmp_path / "o" / "error_by_config.png").is_file()
+
+
+def test_a_rerun_into_the_same_folder_leaves_none_of_the_earlier_results(files, tmp_path):
+    """out_dir is replaced: a plot the new evaluation does not draw (no quench snapshots scored, plots=false)
+    is not left from the earlier one beside the new metrics."""
+    out = tmp_path / "o"
+    run(_cfg(files, f"out_dir={out}"))
+    assert (out / "error_vs_order.png").is_file()
+    run(_cfg(files, f"out_dir={out}", "split=random"))
+    assert not (out / "error_vs_order.png").exists() and (out / "parity.png").is_file()
+    run(_cfg(files, f"out_dir={out}", "plots=false"))
+    assert sorted(p.name for p in out.iterdir()) == ["evaluate_config.yaml", "metrics.yaml"]
+
+
+def test_an_out_dir_that_cannot_be_made_is_named(files, tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="out_dir=.*f/sub"):
+        run(_cfg(files, f"out_dir={tmp_path / 'f' / 'sub'}"))
+
