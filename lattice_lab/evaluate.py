@@ -115,6 +115,11 @@ def run(cfg: DictConfig) -> dict:
     exact = torch.as_tensor(picked.F, dtype=torch.float64)
     with progress(total=len(picked), desc=f"forces of {dataset} ({opts['split']})", unit="config") as bar:
         pred = predict_forces(model, Q, opts["batch_size"], bar=bar).to("cpu", torch.float64)
+    bad = torch.nonzero(~torch.isfinite(pred).flatten(1).all(1)).flatten()
+    if bad.numel():  # every metric would be NaN, and the log-scale plots cannot be drawn
+        raise ConfigError(f"checkpoint={str(cfg.checkpoint)!r}: the model gives NaN or inf forces on {bad.numel()} of "
+                          f"{len(picked)} configurations of {data_path.name} (first: configuration "
+                          f"{int(data.indices(opts['split'])[int(bad[0])])} of the file)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -193,3 +193,15 @@ def test_an_out_dir_that_cannot_be_made_is_named(files, tmp_path):
     with pytest.raises(ConfigError, match="out_dir=.*f/sub"):
         run(_cfg(files, f"out_dir={tmp_path / 'f' / 'sub'}"))
 
+
+def test_a_model_giving_non_finite_forces_is_refused_before_anything_is_written(files, tmp_path):
+    """NaN forces made every metric NaN and the log-scale plots fail with a matplotlib traceback."""
+    import copy
+
+    model = copy.deepcopy(files["model"])
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    ckpt = save_checkpoint(tmp_path / "nan" / "best.pt", model)
+    with pytest.raises(ConfigError, match=r"checkpoint=.*nan.*NaN or inf forces on 9 of 9 configurations"):
+        run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'x'}"))
+    assert not (tmp_path / "x").exists()
