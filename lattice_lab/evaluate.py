@@ -16,6 +16,7 @@ than the one the model was trained for (t, g, k, kappa) is refused; another temp
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -59,18 +60,45 @@ def check_config(cfg: DictConfig) -> dict:
     return out
 
 
-def _checkpoint_info(ref: str, model) -> tuple[Path, dict]:
-    """The checkpoint file and what it says about its training (run name, MLflow run, training data)."""
-    from lattice_lab.models.checkpoint import is_torchscript, load_checkpoint, resolve_checkpoint_path
+def _mlflow_run_of(ref: str) -> str | None:
+    """The MLflow run id when ``checkpoint`` names a run (``<run id>``, ``runs:/<run id>/...``), not a local file."""
+    if ref.startswith("runs:/"):
+        return ref[len("runs:/"):].strip("/").partition("/")[0]
+    return ref if re.fullmatch(r"[0-9a-f]{32}", ref) and not Path(ref).exists() else None
 
-    path = resolve_checkpoint_path(ref)
+
+def _mlflow_run_name(run_id: str) -> str:
+    """The name of MLflow run ``run_id`` (train names it after its run folder); the id where it has none."""
+    from mlflow.tracking import MlflowClient
+
+    from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
+
+    try:  # the store the checkpoint was just downloaded from
+        name = MlflowClient(resolve_tracking_uri()).get_run(run_id).info.run_name
+    except Exception:  # noqa: BLE001 - only a name: the id stands in
+        return run_id
+    return name if name and "/" not in name and name not in (".", "..") else run_id
+
+
+def _checkpoint_info(ref: str, path: Path, model) -> dict:
+    """What the checkpoint ``ref`` (read from ``path``) says about its training: run name, MLflow run, training data."""
+    from lattice_lab.models.checkpoint import is_torchscript, load_checkpoint
+
     if is_torchscript(path):
         meta = dict(getattr(model, "metadata", {}) or {})
-        return path, {"train_run": path.stem, "train_dataset": meta.get("dataset_name")}
-    ckpt = load_checkpoint(path)
-    return path, {"train_run": path.parent.name, "train_run_id": ckpt.get("mlflow_run_id"),
-                  "train_dataset": ckpt.get("dataset_name"), "train_data_sha256": ckpt.get("data_sha256"),
-                  "train_data_path": ckpt.get("dataset_path")}
+        info = {"train_run": path.stem, "train_run_id": meta.get("mlflow_run_id"),
+                "train_dataset": meta.get("dataset_name"), "model_family": meta.get("name")}
+    else:
+        ckpt = load_checkpoint(path)
+        info = {"train_run": path.parent.name, "train_run_id": ckpt.get("mlflow_run_id"),
+                "train_dataset": ckpt.get("dataset_name"), "train_data_sha256": ckpt.get("data_sha256"),
+                "train_data_path": ckpt.get("dataset_path")}
+    run_id = _mlflow_run_of(ref)
+    if run_id:  # downloaded to a temporary folder, whose name says nothing
+        info["train_run"] = _mlflow_run_name(run_id)
+        info["train_run_id"] = info["train_run_id"] or run_id
+    info["checkpoint"] = ref if run_id else str(path)
+    return info
 
 
 def run(cfg: DictConfig) -> dict:
@@ -81,7 +109,7 @@ def run(cfg: DictConfig) -> dict:
     from lattice_lab.data.generation import quench_times
     from lattice_lab.data.h5io import KIND_NAMES, read_force_dataset
     from lattice_lab.models.base import check_reach, predict_forces
-    from lattice_lab.models.checkpoint import load_force_field
+    from lattice_lab.models.checkpoint import load_force_field, resolve_checkpoint_path
     from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
     from lattice_lab.training.metrics import error_report, per_config_rmse, quench_order
     from lattice_lab.training.trainer import data_fingerprint
@@ -93,8 +121,9 @@ def run(cfg: DictConfig) -> dict:
     picked = data.split(opts["split"])
     if len(picked) == 0:
         raise ConfigError(f"split={opts['split']}: {data_path.name} has no such configurations")
-    model = load_force_field(str(cfg.checkpoint), device=opts["device"], dtype=opts["dtype"])
-    ckpt_path, info = _checkpoint_info(str(cfg.checkpoint), model)
+    ckpt_path = resolve_checkpoint_path(str(cfg.checkpoint))  # once: an MLflow run's is downloaded
+    model = load_force_field(ckpt_path, device=opts["device"], dtype=opts["dtype"])
+    info = _checkpoint_info(str(cfg.checkpoint), ckpt_path, model)
     model.check_compatible(data.hamiltonian())  # t, g, k, kappa must match; another temperature warns
     check_reach(data.L, model.receptive_field)
     if info.get("train_data_sha256"):
@@ -131,8 +160,9 @@ def run(cfg: DictConfig) -> dict:
     metrics.update({"n_configs": len(picked), "lattice_L": data.L})
     atomic_write_text(out / "metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(metrics)))
 
-    tags = standard_tags("evaluate", model_family=getattr(model, "name", None), dataset_path=data_path,
-                         device=opts["device"], dataset=dataset, split=opts["split"], checkpoint=str(ckpt_path),
+    tags = standard_tags("evaluate", model_family=info.get("model_family") or getattr(model, "name", None),
+                         dataset_path=data_path, device=opts["device"], dataset=dataset, split=opts["split"],
+                         checkpoint=info["checkpoint"],
                          train_run=info.get("train_run"), train_run_id=info.get("train_run_id"),
                          train_dataset=info.get("train_dataset"), same_data_as_training=str(same_data).lower(),
                          out_dir=str(out))

@@ -205,3 +205,36 @@ def test_a_model_giving_non_finite_forces_is_refused_before_anything_is_written(
     with pytest.raises(ConfigError, match=r"checkpoint=.*nan.*NaN or inf forces on 9 of 9 configurations"):
         run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'x'}"))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_given_by_mlflow_run_id_is_named_by_its_run(files, tmp_path, tmp_mlflow, monkeypatch):
+    """checkpoint=<run id>: the evaluation is named after the training run (it was the temporary download
+    folder, lattice_lab_ckpt_<random>, a new default out_dir at every call) and tagged with the id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tmp_mlflow)
+    train = client.create_run(client.create_experiment("lattice_lab/train"), run_name="run_a").info.run_id
+    client.log_artifact(train, str(files["ckpt"]), "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    run(_cfg(files, f"checkpoint={train}", "split=val", "plots=false", "tracking.enabled=true"))
+    assert (tmp_path / "runs" / "evaluations" / "run_a_on_d_val" / "metrics.yaml").is_file()
+    (r,) = client.search_runs([client.get_experiment_by_name("lattice_lab/evaluate").experiment_id])
+    assert r.data.tags["train_run"] == "run_a" and r.data.tags["checkpoint"] == train
+
+
+def test_an_export_is_tagged_with_its_training_run_and_data(files, tmp_path, tmp_mlflow):
+    """The export's metadata carries the training run id and the training data's name (train_run_id was not
+    tagged; train_dataset read a metadata key that no export had)."""
+    from mlflow.tracking import MlflowClient
+
+    from lattice_lab.models.checkpoint import load_force_field
+
+    ckpt = save_checkpoint(tmp_path / "run_b" / "best.pt", files["model"],
+                           extra={"dataset_name": "d", "mlflow_run_id": "0123456789abcdef0123456789abcdef"})
+    exported = export_force_field(load_force_field(ckpt, device="cpu"), tmp_path / "run_b.ts")
+    run(_cfg(files, f"checkpoint={exported}", "split=val", "plots=false", f"out_dir={tmp_path / 'o'}",
+             "tracking.enabled=true"))
+    client = MlflowClient(tmp_mlflow)
+    (r,) = client.search_runs([client.get_experiment_by_name("lattice_lab/evaluate").experiment_id])
+    assert r.data.tags["train_run_id"] == "0123456789abcdef0123456789abcdef"
+    assert r.data.tags["train_dataset"] == "d" and r.data.tags["train_run"] == "run_b"
