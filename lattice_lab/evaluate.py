@@ -5,7 +5,7 @@
 The models are local, so a force field trained on one lattice can be scored on configurations of another
 (a larger lattice, a new build, the papers' 40 x 40 set). Scores every configuration of ``split`` against
 its exact force, overall and per kind of configuration (random hot starts, quench snapshots), and writes to
-``out_dir`` (default ``runs/evaluations/<checkpoint's run>_on_<dataset>_<split>``): ``metrics.yaml``,
+``out_dir`` (default ``runs/evaluations/<checkpoint's run>_on_<dataset>_<split>``; ``<run>_last`` for last.pt): ``metrics.yaml``,
 ``evaluate_config.yaml``, ``parity.png``, ``error_hist.png``, ``error_by_config.png`` (the RMSE of every
 configuration; quench snapshots against the time after the quench) and ``error_vs_order.png`` (the error of
 the quench snapshots' sites against the local CDW order |phi_i|: domain walls and domains apart). Everything is logged to MLflow
@@ -98,6 +98,8 @@ def _checkpoint_info(ref: str, path: Path, model) -> dict:
         info["train_run"] = _mlflow_run_name(run_id)
         info["train_run_id"] = info["train_run_id"] or run_id
     info["checkpoint"] = ref if run_id else str(path)
+    # what the evaluation is named after: the run, and the file where it is not the run's best.pt (last.pt)
+    info["name"] = info["train_run"] + ("" if is_torchscript(path) or path.stem == "best" else f"_{path.stem}")
     return info
 
 
@@ -135,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
                     "(split=val scores the held-out ones only)", data_path.name, opts["split"])
     dataset = str(data.attrs.get("name") or data_path.stem)  # the file's own name (dataset.path may point anywhere)
     out = (Path(to_absolute_path(str(cfg.out_dir))) if cfg.get("out_dir")
-           else Path(to_absolute_path("runs/evaluations")) / f"{info['train_run']}_on_{dataset}_{opts['split']}")
+           else Path(to_absolute_path("runs/evaluations")) / f"{info['name']}_on_{dataset}_{opts['split']}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir={str(out)!r}: is a file, not a folder")
 
@@ -180,7 +182,7 @@ def run(cfg: DictConfig) -> dict:
                 save_figure,
             )
 
-            label = f"{info['train_run']} on {dataset} ({opts['split']}: {len(picked)} configurations)"
+            label = f"{info['name']} on {dataset} ({opts['split']}: {len(picked)} configurations)"
             splits = {opts["split"]: (pred, exact)}
             where = data.indices(opts["split"])  # the configurations' positions in the file
             times = quench_times(data)
@@ -200,7 +202,7 @@ def run(cfg: DictConfig) -> dict:
 
     by_kind = "".join(f"; {kind} {metrics[f'eval/{kind}_sigma']:.4g}" for kind in KIND_NAMES
                       if f"eval/{kind}_sigma" in metrics)
-    print(f"[evaluate] {info['train_run']} on {dataset} ({opts['split']}, {len(picked)} configurations of "
+    print(f"[evaluate] {info['name']} on {dataset} ({opts['split']}, {len(picked)} configurations of "
           f"{data.L}x{data.L}): RMSE {metrics['eval/rmse']:.5g}, sigma {metrics['eval/sigma']:.5g}{by_kind}; "
           f"max |error| {metrics['eval/max_err']:.3g}  ({time.perf_counter() - t0:.1f} s) -> {out}")
     return metrics

@@ -238,3 +238,14 @@ def test_an_export_is_tagged_with_its_training_run_and_data(files, tmp_path, tmp
     (r,) = client.search_runs([client.get_experiment_by_name("lattice_lab/evaluate").experiment_id])
     assert r.data.tags["train_run_id"] == "0123456789abcdef0123456789abcdef"
     assert r.data.tags["train_dataset"] == "d" and r.data.tags["train_run"] == "run_b"
+
+
+def test_last_pt_is_not_taken_for_best_pt(files, tmp_path, monkeypatch):
+    """best.pt and last.pt of one run were both named after the run: the second evaluation replaced the first
+    (same default folder, same title and MLflow run name)."""
+    save_checkpoint(files["root"] / "run_a" / "last.pt", files["model"])
+    monkeypatch.chdir(tmp_path)
+    for name in ("best.pt", "last.pt"):
+        run(_cfg(files, f"checkpoint={files['root'] / 'run_a' / name}", "split=val", "plots=false"))
+    assert sorted(p.name for p in (tmp_path / "runs" / "evaluations").iterdir()) == ["run_a_last_on_d_val",
+                                                                                     "run_a_on_d_val"]
