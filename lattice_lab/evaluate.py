@@ -5,7 +5,7 @@
 The models are local, so a force field trained on one lattice can be scored on configurations of another
 (a larger lattice, a new build, the papers' 40 x 40 set). Scores every configuration of ``split`` against
 its exact force, overall and per kind of configuration (random hot starts, quench snapshots), and writes to
-``out_dir`` (default ``runs/evaluations/<checkpoint's run>_on_<dataset>_<split>``): ``metrics.yaml``,
+``out_dir`` (default ``runs/evaluations/<checkpoint's run>_on_<dataset>_<split>``; ``<run>_last`` for last.pt): ``metrics.yaml``,
 ``evaluate_config.yaml``, ``parity.png``, ``error_hist.png``, ``error_by_config.png`` (the RMSE of every
 configuration; quench snapshots against the time after the quench) and ``error_vs_order.png`` (the error of
 the quench snapshots' sites against the local CDW order |phi_i|: domain walls and domains apart). Everything is logged to MLflow
@@ -16,6 +16,7 @@ than the one the model was trained for (t, g, k, kappa) is refused; another temp
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from lattice_lab.common.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 SPLITS = ("all", "train", "val", "random", "quench")
+OUTPUTS = ("metrics.yaml", "evaluate_config.yaml", "parity.png", "error_hist.png", "error_by_config.png",
+           "error_vs_order.png")  # what an evaluation writes to out_dir
 
 
 def check_config(cfg: DictConfig) -> dict:
@@ -57,18 +60,47 @@ def check_config(cfg: DictConfig) -> dict:
     return out
 
 
-def _checkpoint_info(ref: str, model) -> tuple[Path, dict]:
-    """The checkpoint file and what it says about its training (run name, MLflow run, training data)."""
-    from lattice_lab.models.checkpoint import is_torchscript, load_checkpoint, resolve_checkpoint_path
+def _mlflow_run_of(ref: str) -> str | None:
+    """The MLflow run id when ``checkpoint`` names a run (``<run id>``, ``runs:/<run id>/...``), not a local file."""
+    if ref.startswith("runs:/"):
+        return ref[len("runs:/"):].strip("/").partition("/")[0]
+    return ref if re.fullmatch(r"[0-9a-f]{32}", ref) and not Path(ref).exists() else None
 
-    path = resolve_checkpoint_path(ref)
+
+def _mlflow_run_name(run_id: str) -> str:
+    """The name of MLflow run ``run_id`` (train names it after its run folder); the id where it has none."""
+    from mlflow.tracking import MlflowClient
+
+    from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
+
+    try:  # the store the checkpoint was just downloaded from
+        name = MlflowClient(resolve_tracking_uri()).get_run(run_id).info.run_name
+    except Exception:  # noqa: BLE001 - only a name: the id stands in
+        return run_id
+    return name if name and "/" not in name and name not in (".", "..") else run_id
+
+
+def _checkpoint_info(ref: str, path: Path, model) -> dict:
+    """What the checkpoint ``ref`` (read from ``path``) says about its training: run name, MLflow run, training data."""
+    from lattice_lab.models.checkpoint import is_torchscript, load_checkpoint
+
     if is_torchscript(path):
         meta = dict(getattr(model, "metadata", {}) or {})
-        return path, {"train_run": path.stem, "train_dataset": meta.get("dataset_name")}
-    ckpt = load_checkpoint(path)
-    return path, {"train_run": path.parent.name, "train_run_id": ckpt.get("mlflow_run_id"),
-                  "train_dataset": ckpt.get("dataset_name"), "train_data_sha256": ckpt.get("data_sha256"),
-                  "train_data_path": ckpt.get("dataset_path")}
+        info = {"train_run": path.stem, "train_run_id": meta.get("mlflow_run_id"),
+                "train_dataset": meta.get("dataset_name"), "model_family": meta.get("name")}
+    else:
+        ckpt = load_checkpoint(path)
+        info = {"train_run": path.parent.name, "train_run_id": ckpt.get("mlflow_run_id"),
+                "train_dataset": ckpt.get("dataset_name"), "train_data_sha256": ckpt.get("data_sha256"),
+                "train_data_path": ckpt.get("dataset_path")}
+    run_id = _mlflow_run_of(ref)
+    if run_id:  # downloaded to a temporary folder, whose name says nothing
+        info["train_run"] = _mlflow_run_name(run_id)
+        info["train_run_id"] = info["train_run_id"] or run_id
+    info["checkpoint"] = ref if run_id else str(path)
+    # what the evaluation is named after: the run, and the file where it is not the run's best.pt (last.pt)
+    info["name"] = info["train_run"] + ("" if is_torchscript(path) or path.stem == "best" else f"_{path.stem}")
+    return info
 
 
 def run(cfg: DictConfig) -> dict:
@@ -79,7 +111,7 @@ def run(cfg: DictConfig) -> dict:
     from lattice_lab.data.generation import quench_times
     from lattice_lab.data.h5io import KIND_NAMES, read_force_dataset
     from lattice_lab.models.base import check_reach, predict_forces
-    from lattice_lab.models.checkpoint import load_force_field
+    from lattice_lab.models.checkpoint import load_force_field, resolve_checkpoint_path
     from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
     from lattice_lab.training.metrics import error_report, per_config_rmse, quench_order
     from lattice_lab.training.trainer import data_fingerprint
@@ -91,8 +123,9 @@ def run(cfg: DictConfig) -> dict:
     picked = data.split(opts["split"])
     if len(picked) == 0:
         raise ConfigError(f"split={opts['split']}: {data_path.name} has no such configurations")
-    model = load_force_field(str(cfg.checkpoint), device=opts["device"], dtype=opts["dtype"])
-    ckpt_path, info = _checkpoint_info(str(cfg.checkpoint), model)
+    ckpt_path = resolve_checkpoint_path(str(cfg.checkpoint))  # once: an MLflow run's is downloaded
+    model = load_force_field(ckpt_path, device=opts["device"], dtype=opts["dtype"])
+    info = _checkpoint_info(str(cfg.checkpoint), ckpt_path, model)
     model.check_compatible(data.hamiltonian())  # t, g, k, kappa must match; another temperature warns
     check_reach(data.L, model.receptive_field)
     if info.get("train_data_sha256"):
@@ -104,23 +137,34 @@ def run(cfg: DictConfig) -> dict:
                     "(split=val scores the held-out ones only)", data_path.name, opts["split"])
     dataset = str(data.attrs.get("name") or data_path.stem)  # the file's own name (dataset.path may point anywhere)
     out = (Path(to_absolute_path(str(cfg.out_dir))) if cfg.get("out_dir")
-           else Path(to_absolute_path("runs/evaluations")) / f"{info['train_run']}_on_{dataset}_{opts['split']}")
+           else Path(to_absolute_path("runs/evaluations")) / f"{info['name']}_on_{dataset}_{opts['split']}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir={str(out)!r}: is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = atomic_write_text(out / "evaluate_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     Q = torch.as_tensor(picked.Q, dtype=dtype, device=opts["device"])
     exact = torch.as_tensor(picked.F, dtype=torch.float64)
     with progress(total=len(picked), desc=f"forces of {dataset} ({opts['split']})", unit="config") as bar:
         pred = predict_forces(model, Q, opts["batch_size"], bar=bar).to("cpu", torch.float64)
+    bad = torch.nonzero(~torch.isfinite(pred).flatten(1).all(1)).flatten()
+    if bad.numel():  # every metric would be NaN, and the log-scale plots cannot be drawn
+        raise ConfigError(f"checkpoint={str(cfg.checkpoint)!r}: the model gives NaN or inf forces on {bad.numel()} of "
+                          f"{len(picked)} configurations of {data_path.name} (first: configuration "
+                          f"{int(data.indices(opts['split'])[int(bad[0])])} of the file)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"out_dir={str(out)!r}: cannot make the folder ({exc.strerror or exc})") from None
+    for name in OUTPUTS:  # the folder is replaced: no result of an earlier evaluation stays beside these
+        (out / name).unlink(missing_ok=True)
+    cfg_file = atomic_write_text(out / "evaluate_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     metrics = error_report(pred, exact, picked.kind, picked.n, prefix="eval/")
     metrics.update({"n_configs": len(picked), "lattice_L": data.L})
     atomic_write_text(out / "metrics.yaml", OmegaConf.to_yaml(OmegaConf.create(metrics)))
 
-    tags = standard_tags("evaluate", model_family=getattr(model, "name", None), dataset_path=data_path,
-                         device=opts["device"], dataset=dataset, split=opts["split"], checkpoint=str(ckpt_path),
+    tags = standard_tags("evaluate", model_family=info.get("model_family") or getattr(model, "name", None),
+                         dataset_path=data_path, device=opts["device"], dataset=dataset, split=opts["split"],
+                         checkpoint=info["checkpoint"],
                          train_run=info.get("train_run"), train_run_id=info.get("train_run_id"),
                          train_dataset=info.get("train_dataset"), same_data_as_training=str(same_data).lower(),
                          out_dir=str(out))
@@ -138,14 +182,16 @@ def run(cfg: DictConfig) -> dict:
                 save_figure,
             )
 
-            label = f"{info['train_run']} on {dataset} ({opts['split']}: {len(picked)} configurations)"
+            label = f"{info['name']} on {dataset} ({opts['split']}: {len(picked)} configurations)"
             splits = {opts["split"]: (pred, exact)}
+            where = data.indices(opts["split"])  # the configurations' positions in the file
             times = quench_times(data)
             if times is not None:
-                times = times[data.indices(opts["split"])]
+                times = times[where]
             figures = {"parity.png": parity_plot(splits, title=label), "error_hist.png": error_histogram(splits, title=label),
                        "error_by_config.png": error_by_configuration(
-                           {opts["split"]: (per_config_rmse(pred, exact), picked.kind, times)}, title=label)}
+                           {opts["split"]: (per_config_rmse(pred, exact), picked.kind, times)}, title=label,
+                           positions={opts["split"]: where})}
             quench, abs_phi = quench_order(picked.kind, picked.n)
             if abs_phi is not None:
                 figures["error_vs_order.png"] = error_vs_order({opts["split"]: ((pred - exact)[quench], abs_phi)},
@@ -156,7 +202,7 @@ def run(cfg: DictConfig) -> dict:
 
     by_kind = "".join(f"; {kind} {metrics[f'eval/{kind}_sigma']:.4g}" for kind in KIND_NAMES
                       if f"eval/{kind}_sigma" in metrics)
-    print(f"[evaluate] {info['train_run']} on {dataset} ({opts['split']}, {len(picked)} configurations of "
+    print(f"[evaluate] {info['name']} on {dataset} ({opts['split']}, {len(picked)} configurations of "
           f"{data.L}x{data.L}): RMSE {metrics['eval/rmse']:.5g}, sigma {metrics['eval/sigma']:.5g}{by_kind}; "
           f"max |error| {metrics['eval/max_err']:.3g}  ({time.perf_counter() - t0:.1f} s) -> {out}")
     return metrics

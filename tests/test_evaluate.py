@@ -149,3 +149,103 @@ def test_scoring_the_training_data_beyond_its_validation_split_warns(files, tmp_
         run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'b'}", "plots=false", "split=val"))
         run(_cfg(files, f"out_dir={tmp_path / 'c'}", "plots=false"))  # trained on other data
     assert "trained on" not in caplog.text
+
+
+def test_without_a_stored_schedule_the_snapshots_are_placed_at_their_position_in_the_file(files, tmp_path,
+                                                                                            monkeypatch):
+    """A file not written by generate has no schedule (quench_times is None): error_by_config.png places the
+    snapshots by their index in the file, not by their index among the split's configurations."""
+    from lattice_lab.data.h5io import read_force_dataset
+    from lattice_lab.tracking import plots
+
+    data = read_force_dataset(files["data"])
+    data.attrs["config"] = ""
+    bare = write_force_dataset(tmp_path / "bare.h5", data)
+    seen = {}
+
+    def spy(configs, title="", **kw):
+        seen["fig"] = fig = plots_error_by_configuration(configs, title=title, **kw)
+        return fig
+
+    plots_error_by_configuration = plots.error_by_configuration
+    monkeypatch.setattr(plots, "error_by_configuration", spy)
+    run(_cfg(files, f"dataset.path={bare}", "split=val", f"out_dir={tmp_path / 'o'}"))
+    quench_panel = seen["fig"].axes[-1]
+    assert quench_panel.get_xlabel() == "quench snapshot (file order)"
+    assert sorted(np.concatenate([c.get_offsets()[:, 0] for c in quench_panel.collections])) == [5, 8]
+    assert (tmp_path / "o" / "error_by_config.png").is_file()
+
+
+def test_a_rerun_into_the_same_folder_leaves_none_of_the_earlier_results(files, tmp_path):
+    """out_dir is replaced: a plot the new evaluation does not draw (no quench snapshots scored, plots=false)
+    is not left from the earlier one beside the new metrics."""
+    out = tmp_path / "o"
+    run(_cfg(files, f"out_dir={out}"))
+    assert (out / "error_vs_order.png").is_file()
+    run(_cfg(files, f"out_dir={out}", "split=random"))
+    assert not (out / "error_vs_order.png").exists() and (out / "parity.png").is_file()
+    run(_cfg(files, f"out_dir={out}", "plots=false"))
+    assert sorted(p.name for p in out.iterdir()) == ["evaluate_config.yaml", "metrics.yaml"]
+
+
+def test_an_out_dir_that_cannot_be_made_is_named(files, tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="out_dir=.*f/sub"):
+        run(_cfg(files, f"out_dir={tmp_path / 'f' / 'sub'}"))
+
+
+def test_a_model_giving_non_finite_forces_is_refused_before_anything_is_written(files, tmp_path):
+    """NaN forces made every metric NaN and the log-scale plots fail with a matplotlib traceback."""
+    import copy
+
+    model = copy.deepcopy(files["model"])
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    ckpt = save_checkpoint(tmp_path / "nan" / "best.pt", model)
+    with pytest.raises(ConfigError, match=r"checkpoint=.*nan.*NaN or inf forces on 9 of 9 configurations"):
+        run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'x'}"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_given_by_mlflow_run_id_is_named_by_its_run(files, tmp_path, tmp_mlflow, monkeypatch):
+    """checkpoint=<run id>: the evaluation is named after the training run (it was the temporary download
+    folder, lattice_lab_ckpt_<random>, a new default out_dir at every call) and tagged with the id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tmp_mlflow)
+    train = client.create_run(client.create_experiment("lattice_lab/train"), run_name="run_a").info.run_id
+    client.log_artifact(train, str(files["ckpt"]), "checkpoints")
+    monkeypatch.chdir(tmp_path)
+    run(_cfg(files, f"checkpoint={train}", "split=val", "plots=false", "tracking.enabled=true"))
+    assert (tmp_path / "runs" / "evaluations" / "run_a_on_d_val" / "metrics.yaml").is_file()
+    (r,) = client.search_runs([client.get_experiment_by_name("lattice_lab/evaluate").experiment_id])
+    assert r.data.tags["train_run"] == "run_a" and r.data.tags["checkpoint"] == train
+
+
+def test_an_export_is_tagged_with_its_training_run_and_data(files, tmp_path, tmp_mlflow):
+    """The export's metadata carries the training run id and the training data's name (train_run_id was not
+    tagged; train_dataset read a metadata key that no export had)."""
+    from mlflow.tracking import MlflowClient
+
+    from lattice_lab.models.checkpoint import load_force_field
+
+    ckpt = save_checkpoint(tmp_path / "run_b" / "best.pt", files["model"],
+                           extra={"dataset_name": "d", "mlflow_run_id": "0123456789abcdef0123456789abcdef"})
+    exported = export_force_field(load_force_field(ckpt, device="cpu"), tmp_path / "run_b.ts")
+    run(_cfg(files, f"checkpoint={exported}", "split=val", "plots=false", f"out_dir={tmp_path / 'o'}",
+             "tracking.enabled=true"))
+    client = MlflowClient(tmp_mlflow)
+    (r,) = client.search_runs([client.get_experiment_by_name("lattice_lab/evaluate").experiment_id])
+    assert r.data.tags["train_run_id"] == "0123456789abcdef0123456789abcdef"
+    assert r.data.tags["train_dataset"] == "d" and r.data.tags["train_run"] == "run_b"
+
+
+def test_last_pt_is_not_taken_for_best_pt(files, tmp_path, monkeypatch):
+    """best.pt and last.pt of one run were both named after the run: the second evaluation replaced the first
+    (same default folder, same title and MLflow run name)."""
+    save_checkpoint(files["root"] / "run_a" / "last.pt", files["model"])
+    monkeypatch.chdir(tmp_path)
+    for name in ("best.pt", "last.pt"):
+        run(_cfg(files, f"checkpoint={files['root'] / 'run_a' / name}", "split=val", "plots=false"))
+    assert sorted(p.name for p in (tmp_path / "runs" / "evaluations").iterdir()) == ["run_a_last_on_d_val",
+                                                                                     "run_a_on_d_val"]

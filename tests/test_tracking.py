@@ -332,7 +332,48 @@ def test_error_vs_order_bins_the_site_errors_by_the_local_order(tmp_path, inked_
     xy = pts.get_offsets()
     assert np.allclose(xy[:, 0], [0.025, 0.725, 0.975])  # the centres of the occupied bins of width 0.05
     assert np.allclose(xy[:, 1], [np.sqrt(0.5), 0.1, 0.01])  # RMSE per bin
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["val: RMSE 0.707 on walls, 0.0507 in domains"]
+    assert [t.get_text() for t in ax_n.get_legend().get_texts()] == ["val: RMSE 0.707 on walls, 0.0507 in domains"]
     assert ax.get_yscale() == "log" and ax_n.get_xlim() == (0.0, 1.0)
     assert inked_edges(save_figure(fig, tmp_path / "o.png", close=True)) == {}
+    plt.close("all")
+
+
+def test_error_vs_order_legend_covers_no_bin(tmp_path, inked_edges):
+    """A trained model's two sets reach the upper right of the frame (val RMSE 0.5 at |phi| ~ 0.6 for enn on
+    holstein_L24): the legend drawn inside covered those bins; it goes below the axes."""
+    import matplotlib.pyplot as plt
+
+    phi = np.linspace(0.0, 1.0, 400)
+    err = np.full(400, 0.5)
+    fig = error_vs_order({"train": (err * 0.2, phi), "val": (err, phi)}, title="enn on holstein_L24")
+    path = save_figure(fig, tmp_path / "o.png", close=False)
+    ax, ax_n = fig.axes
+    legend = ax_n.get_legend() or ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["train: RMSE 0.1 on walls, 0.1 in domains",
+                                                          "val: RMSE 0.5 on walls, 0.5 in domains"]
+    renderer = fig.canvas.get_renderer()
+    for a in (ax, ax_n):
+        assert not legend.get_window_extent(renderer).overlaps(a.get_window_extent(renderer)), a
+    assert inked_edges(path) == {}
+    plt.close("all")
+
+
+def test_error_by_configuration_without_a_schedule_places_each_split_at_its_position_in_the_file():
+    """No stored schedule (a file not written by generate): the snapshots go in file order. Numbered within
+    each split, train's and val's k-th snapshots were drawn at one x though they are different configurations
+    (val's third of the snapshots squeezed onto the first third of the axis)."""
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    kind = np.array([0, 1, 1, 1, 1, 1, 1, 1])
+    val = np.arange(8) % 3 == 2
+    rmse = np.linspace(0.1, 0.8, 8)
+    idx = {"train": np.flatnonzero(~val), "val": np.flatnonzero(val)}
+    fig = error_by_configuration({s: (rmse[i], kind[i], None) for s, i in idx.items()}, positions=idx)
+    qu = fig.axes[-1]
+    assert qu.get_xlabel() == "quench snapshot (file order)"
+    xs = {tuple(c.get_facecolor()[0][:3]): sorted(c.get_offsets()[:, 0]) for c in qu.collections}
+    assert xs[matplotlib.colors.to_rgb("tab:blue")] == [1, 3, 4, 6, 7]
+    assert xs[matplotlib.colors.to_rgb("tab:orange")] == [2, 5]
+    assert all(float(x).is_integer() for x in qu.get_xticks())  # configurations, not fractions of one
     plt.close("all")

@@ -310,3 +310,24 @@ def test_plot_titles_name_the_run_and_its_best_epoch(dataset_file, tmp_path, mon
     for title in titles:
         assert " on holstein_L8_tiny\nrun seed7," in title, title
         assert f"best epoch {best_epoch} of 3" in title, title
+
+
+def test_error_by_config_places_train_and_val_snapshots_at_their_position_in_the_file(dataset_file, tmp_path,
+                                                                                       monkeypatch):
+    """The file has no stored schedule: the snapshots go in file order on one axis for both splits (numbered
+    within each split, val's snapshot 5 was drawn at 1, beside train's snapshot 1)."""
+    from lattice_lab.tracking import plots
+
+    seen = {}
+    real = plots.error_by_configuration
+
+    def spy(configs, title="", **kw):
+        seen["fig"] = fig = real(configs, title=title, **kw)
+        return fig
+
+    monkeypatch.setattr(plots, "error_by_configuration", spy)
+    run(_cfg(dataset_file, tmp_path, "run_name=order", "trainer.max_epochs=1", "tracking.enabled=false"))
+    quench_panel = seen["fig"].axes[-1]
+    assert quench_panel.get_xlabel() == "quench snapshot (file order)"
+    xs = {tuple(c.get_facecolor()[0][:3]): sorted(c.get_offsets()[:, 0]) for c in quench_panel.collections}
+    assert sorted(xs.values()) == [[1, 3], [5]]  # train: configurations 1 and 3; val: 5 (kind 0 1 0 1 0 1)

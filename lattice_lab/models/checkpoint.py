@@ -119,6 +119,7 @@ def model_from_checkpoint(ckpt: dict, source=None) -> ForceField:
 
     model = build_model(ckpt["model_cfg"], ckpt["hamiltonian"])
     model.mlflow_run_id = ckpt.get("mlflow_run_id") or None  # the training run, carried into an export
+    model.dataset_name = ckpt.get("dataset_name") or None  # and the data it was trained on
     model.to(resolve_dtype(ckpt.get("dtype", "float32")))
     try:
         model.load_state_dict(ckpt["state_dict"])
@@ -171,6 +172,7 @@ def export_metadata(model: ForceField) -> dict:
         "version": _version(),
         # provenance: the training run (set on models loaded from a checkpoint) and the weights exported
         "mlflow_run_id": getattr(model, "mlflow_run_id", None) or None,
+        "dataset_name": getattr(model, "dataset_name", None) or None,
         "weights_sha256": weights_sha256(model),
     }
     try:

@@ -139,12 +139,14 @@ def learning_curve(history: list[dict], best_epoch: int | None = None, title: st
     return fig
 
 
-def error_by_configuration(configs: dict, title: str = ""):
+def error_by_configuration(configs: dict, title: str = "", positions: dict | None = None):
     """Force RMSE of every configuration (log y), random hot starts and quench snapshots apart.
 
     ``configs``: ``{"train": (rmse, kind, t), "val": ...}`` per split, each ``[C]``: the configuration's RMSE,
     its kind (0 random, 1 quench) and the time after the quench of a snapshot (NaN for random ones; ``t``
-    None when the dataset does not record its schedule: snapshots are then placed in file order).
+    None when the dataset does not record its schedule: snapshots are then placed in file order, at
+    ``positions[split]``, each configuration's index in the file, so that the splits share one axis; default
+    its index in ``configs``).
     Random configurations are a strip on the left; quench snapshots are drawn against time, with the
     median of each split's snapshots at each time as a line, so the error along the ordering dynamics
     the model is to drive can be read off."""
@@ -167,7 +169,8 @@ def error_by_configuration(configs: dict, title: str = ""):
             axes["random"].plot([i - 0.35, i + 0.35], [np.median(r)] * 2, "-", color=color, lw=1.5)
         if "quench" in axes and (kind == 1).any():
             q = rmse[kind == 1]
-            x = t[kind == 1] if timed else np.flatnonzero(kind == 1).astype(np.float64)
+            where = np.arange(kind.size) if positions is None else np.asarray(positions[name]).ravel()
+            x = t[kind == 1] if timed else where[kind == 1].astype(np.float64)
             label = f"{name}: median {np.median(q):.3g}"
             axes["quench"].scatter(x, q, s=9, alpha=0.6, lw=0, color=color, label=label)
             xs = np.unique(x)
@@ -181,6 +184,8 @@ def error_by_configuration(configs: dict, title: str = ""):
     if "quench" in axes:
         ax = axes["quench"]
         ax.set_xlabel("time after the quench $t$" if timed else "quench snapshot (file order)")
+        if not timed:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=8, loc="upper right", markerscale=2)
     first = axes[panels[0]]
     first.set_yscale("log")
@@ -196,9 +201,9 @@ def error_vs_order(sets: dict, wall_threshold: float = WALL_THRESHOLD, bins: int
     ``sets``: ``{"val": (error, abs_phi), ...}``, arrays of any shape with one entry per site (F_ML - F_ED
     and |phi_i|). Top: the RMSE in each bin of |phi| (log y; marker area ~ the bin's share of the sites), the
     domain-wall threshold dashed; bottom: the fraction of each set's sites in the bin, so the errors can be
-    weighed by how many sites carry them.
+    weighed by how many sites carry them; the legend (RMSE on walls and in domains) below.
     |phi| = 1 is the ordered checkerboard, 0 the core of a wall between the two CDW domains."""
-    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.6, 5.4), dpi=120, sharex=True, layout="constrained",
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5.6, 5.9), dpi=120, sharex=True, layout="constrained",
                                    gridspec_kw={"height_ratios": [3, 1.2]})
     edges = np.linspace(0.0, 1.0, bins + 1)
     centres = 0.5 * (edges[1:] + edges[:-1])
@@ -222,11 +227,14 @@ def error_vs_order(sets: dict, wall_threshold: float = WALL_THRESHOLD, bins: int
     ax.set_yscale("log")
     plain_log_ticks(ax)
     ax.set_ylabel(r"force RMSE " + FORCE_UNITS, fontsize=9)
-    ax.legend(fontsize=8, loc="upper right")
     ax.text(wall_threshold, 1.0, " domain walls | domains ", transform=ax.get_xaxis_transform(), ha="center",
             va="bottom", fontsize=8, color="0.3")
     ax_n.set_ylabel("fraction\nof sites", fontsize=9)
     ax_n.set_xlabel(r"local CDW order $|\phi_i|$ of the exact density (quench snapshots)")
     ax_n.set_xlim(0, 1)
+    # below the axes: a trained model's errors reach every corner of the frame (the walls high on the left, the
+    # sharp walls' rows at |phi| ~ 0.7 high in the middle)
+    ax_n.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.42),
+                frameon=False)
     fig.suptitle(title or "force error against the local order", fontsize=10)
     return fig
