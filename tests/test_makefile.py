@@ -45,7 +45,8 @@ def _fake_env(tmp_path):
     python = tmp_path / ".venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
     python.write_text('#!/bin/sh\ncase " $* " in\n'
-                      '  *" --cfg job "*) case " $* " in *" dataset=holstein_L40 "*) echo runs/data/holstein_L40.h5;; '
+                      '  *" --cfg job "*) case " $* " in *" dataset.name=holstein_L40_test "*) '
+                      'echo runs/data/holstein_L40_test.h5;; *" dataset=holstein_L40 "*) echo runs/data/holstein_L40.h5;; '
                       '*) echo runs/data/holstein_L16.h5;; esac;;\n'
                       '  *) echo "$*" >> calls.txt;;\nesac\n')
     python.chmod(0o755)
@@ -79,4 +80,15 @@ def test_data_and_paper_skip_a_dataset_that_is_already_built(tmp_path):
     (tmp_path / "runs" / "data" / "holstein_L40.h5").write_text("hours of ED")
     proc, calls = make("paper")
     assert proc.returncode == 0, proc.stderr
-    assert not any("lattice_lab.generate" in c for c in calls) and len(calls) == 3, calls
+    # the training set exists; the independent test build (seed 1) is made, and the four models are scored on it
+    assert [c for c in calls if "lattice_lab.generate" in c] == [
+        "-m lattice_lab.generate dataset=holstein_L40 seed=1 dataset.name=holstein_L40_test"], calls
+    (evaluate,) = [c for c in calls if "lattice_lab.evaluate" in c]
+    assert evaluate == ("-m lattice_lab.evaluate -m checkpoint=runs/checkpoints/paper_enn,runs/checkpoints/paper_gnn,"
+                        "runs/checkpoints/paper_gnn_energy,runs/checkpoints/paper_mlp dataset=holstein_L40 "
+                        "dataset.path=runs/data/holstein_L40_test.h5")
+    assert calls.index(evaluate) > calls.index("-m lattice_lab.train -m +experiment=paper_force_accuracy")
+    (tmp_path / "runs" / "data" / "holstein_L40_test.h5").write_text("hours of ED")
+    proc, calls = make("paper")
+    assert proc.returncode == 0, proc.stderr
+    assert not any("lattice_lab.generate" in c for c in calls) and len(calls) == 4, calls
