@@ -4,13 +4,19 @@
 
 The models are local, so a force field trained on one lattice can be scored on configurations of another
 (a larger lattice, a new build, the papers' 40 x 40 set). Scores every configuration of ``split`` against
-its exact force, overall and per kind of configuration (random hot starts, quench snapshots), and writes to
-``out_dir`` (default ``runs/evaluations/<checkpoint's run>_on_<dataset>_<split>``; ``<run>_last`` for last.pt): ``metrics.yaml``,
-``evaluate_config.yaml``, ``parity.png``, ``error_hist.png``, ``error_by_config.png`` (the RMSE of every
-configuration; quench snapshots against the time after the quench) and ``error_vs_order.png`` (the error of
-the quench snapshots' sites against the local CDW order |phi_i|: domain walls and domains apart). Everything is logged to MLflow
-(experiment ``lattice_lab/evaluate``), tagged with the checkpoint and its training run. A Hamiltonian other
-than the one the model was trained for (t, g, k, kappa) is refused; another temperature is scored with a warning.
+its exact force, overall, per kind of configuration (random hot starts, quench snapshots) and on the quench
+snapshots' domain walls and domains apart (:func:`~lattice_lab.training.metrics.error_report`), and writes
+to ``out_dir`` (default ``runs/evaluations/<checkpoint's run>_on_<dataset>_<split>``, ``<run>_last`` for a
+last.pt; an earlier evaluation there is replaced):
+
+- ``metrics.yaml`` and ``evaluate_config.yaml``;
+- ``parity.png`` and ``error_hist.png``;
+- ``error_by_config.png``: the RMSE of every configuration, quench snapshots against the time after the quench;
+- ``error_vs_order.png``: the error of the quench snapshots' sites against the local CDW order |phi_i|.
+
+Everything is logged to MLflow (experiment ``lattice_lab/evaluate``), tagged with the checkpoint and its
+training run. A Hamiltonian other than the one the model was trained for (t, g, k, kappa) is refused; another
+temperature is scored with a warning.
 """
 
 from __future__ import annotations
@@ -188,7 +194,8 @@ def run(cfg: DictConfig) -> dict:
             times = quench_times(data)
             if times is not None:
                 times = times[where]
-            figures = {"parity.png": parity_plot(splits, title=label), "error_hist.png": error_histogram(splits, title=label),
+            figures = {"parity.png": parity_plot(splits, title=label),
+                       "error_hist.png": error_histogram(splits, title=label),
                        "error_by_config.png": error_by_configuration(
                            {opts["split"]: (per_config_rmse(pred, exact), picked.kind, times)}, title=label,
                            positions={opts["split"]: where})}

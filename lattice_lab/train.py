@@ -271,8 +271,8 @@ def _run(cfg: DictConfig, where: dict) -> float:
             configs = {split: (per_config_rmse(p, f).cpu(), kinds[split],
                                None if times is None else times[where_in_file[split]])
                        for split, (p, f) in pred.items()}
-            save_figure(error_by_configuration(configs, title=label, positions=where_in_file), run_dir / "error_by_config.png",
-                        close=True)
+            save_figure(error_by_configuration(configs, title=label, positions=where_in_file),
+                        run_dir / "error_by_config.png", close=True)
             tracker.log_artifact(run_dir / "error_by_config.png", "plots")
             orders = {}  # the quench snapshots' site errors against the local order of the exact density
             for split, (p, f) in pred.items():
