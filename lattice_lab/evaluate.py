@@ -115,18 +115,19 @@ def run(cfg: DictConfig) -> dict:
 
     from lattice_lab.common.progress import progress
     from lattice_lab.data.generation import quench_times
-    from lattice_lab.data.h5io import KIND_NAMES, read_force_dataset
+    from lattice_lab.data.h5io import read_force_dataset
     from lattice_lab.models.base import check_reach, predict_forces
     from lattice_lab.models.checkpoint import load_force_field, resolve_checkpoint_path
     from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
-    from lattice_lab.training.metrics import error_report, per_config_rmse, quench_order
+    from lattice_lab.training.metrics import error_report, sigma_by_kind
     from lattice_lab.training.trainer import data_fingerprint
 
     t0 = time.perf_counter()
     opts = check_config(cfg)
     data_path = Path(to_absolute_path(str(cfg.dataset.path)))
     data = read_force_dataset(data_path)
-    picked = data.split(opts["split"])
+    where = data.indices(opts["split"])  # the configurations' positions in the file
+    picked = data.subset(where)
     if len(picked) == 0:
         raise ConfigError(f"split={opts['split']}: {data_path.name} has no such configurations")
     ckpt_path = resolve_checkpoint_path(str(cfg.checkpoint))  # once: an MLflow run's is downloaded
@@ -156,7 +157,7 @@ def run(cfg: DictConfig) -> dict:
     if bad.numel():  # every metric would be NaN, and the log-scale plots cannot be drawn
         raise ConfigError(f"checkpoint={str(cfg.checkpoint)!r}: the model gives NaN or inf forces on {bad.numel()} of "
                           f"{len(picked)} configurations of {data_path.name} (first: configuration "
-                          f"{int(data.indices(opts['split'])[int(bad[0])])} of the file)")
+                          f"{int(where[int(bad[0])])} of the file)")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -181,36 +182,25 @@ def run(cfg: DictConfig) -> dict:
         tracker.log_artifact(out / "metrics.yaml")
         if opts["plots"]:
             from lattice_lab.tracking.plots import (
-                error_by_configuration,
+                configuration_error_figures,
                 error_histogram,
-                error_vs_order,
                 parity_plot,
                 save_figure,
             )
 
             label = f"{info['name']} on {dataset} ({opts['split']}: {len(picked)} configurations)"
             splits = {opts["split"]: (pred, exact)}
-            where = data.indices(opts["split"])  # the configurations' positions in the file
-            times = quench_times(data)
-            if times is not None:
-                times = times[where]
             figures = {"parity.png": parity_plot(splits, title=label),
                        "error_hist.png": error_histogram(splits, title=label),
-                       "error_by_config.png": error_by_configuration(
-                           {opts["split"]: (per_config_rmse(pred, exact), picked.kind, times)}, title=label,
-                           positions={opts["split"]: where})}
-            quench, abs_phi = quench_order(picked.kind, picked.n)
-            if abs_phi is not None:
-                figures["error_vs_order.png"] = error_vs_order({opts["split"]: ((pred - exact)[quench], abs_phi)},
-                                                               title=label)
+                       **configuration_error_figures({opts["split"]: (pred, exact, picked.kind, picked.n, where)},
+                                                     quench_times(data), title=label)}
             for name, fig in figures.items():
                 save_figure(fig, out / name, close=True)
                 tracker.log_artifact(out / name, "plots")
 
-    by_kind = "".join(f"; {kind} {metrics[f'eval/{kind}_sigma']:.4g}" for kind in KIND_NAMES
-                      if f"eval/{kind}_sigma" in metrics)
     print(f"[evaluate] {info['name']} on {dataset} ({opts['split']}, {len(picked)} configurations of "
-          f"{data.L}x{data.L}): RMSE {metrics['eval/rmse']:.5g}, sigma {metrics['eval/sigma']:.5g}{by_kind}; "
+          f"{data.L}x{data.L}): RMSE {metrics['eval/rmse']:.5g}, sigma {metrics['eval/sigma']:.5g}"
+          f"{sigma_by_kind(metrics, 'eval/')}; "
           f"max |error| {metrics['eval/max_err']:.3g}  ({time.perf_counter() - t0:.1f} s) -> {out}")
     return metrics
 

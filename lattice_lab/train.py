@@ -152,7 +152,7 @@ def _run(cfg: DictConfig, where: dict) -> float:
 
     from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
     from lattice_lab.common.seeding import check_seed, seed_everything
-    from lattice_lab.data.h5io import KIND_NAMES, read_force_dataset
+    from lattice_lab.data.h5io import read_force_dataset
     from lattice_lab.models.base import check_reach
     from lattice_lab.models.checkpoint import load_checkpoint
     from lattice_lab.models.registry import build_model, count_parameters
@@ -231,7 +231,7 @@ def _run(cfg: DictConfig, where: dict) -> float:
         trainer.load_best()
         pred = {"train": (trainer.predict(trainer.Q_train), trainer.F_train),
                 "val": (trainer.predict(trainer.Q_val), trainer.F_val)}
-        from lattice_lab.training.metrics import error_report, per_config_rmse, quench_order
+        from lattice_lab.training.metrics import error_report, sigma_by_kind
 
         where_in_file = {split: data.indices(split) for split in pred}
         kinds = {split: data.kind[idx] for split, idx in where_in_file.items()}
@@ -249,9 +249,8 @@ def _run(cfg: DictConfig, where: dict) -> float:
         if plots:
             from lattice_lab.data.generation import quench_times
             from lattice_lab.tracking.plots import (
-                error_by_configuration,
+                configuration_error_figures,
                 error_histogram,
-                error_vs_order,
                 learning_curve,
                 parity_plot,
                 save_figure,
@@ -267,21 +266,10 @@ def _run(cfg: DictConfig, where: dict) -> float:
             save_figure(learning_curve(trainer.history, trainer.best_epoch, title=label), run_dir / "learning_curve.png",
                         close=True)
             tracker.log_artifact(run_dir / "learning_curve.png", "plots")
-            times = quench_times(data)
-            configs = {split: (per_config_rmse(p, f).cpu(), kinds[split],
-                               None if times is None else times[where_in_file[split]])
-                       for split, (p, f) in pred.items()}
-            save_figure(error_by_configuration(configs, title=label, positions=where_in_file),
-                        run_dir / "error_by_config.png", close=True)
-            tracker.log_artifact(run_dir / "error_by_config.png", "plots")
-            orders = {}  # the quench snapshots' site errors against the local order of the exact density
-            for split, (p, f) in pred.items():
-                quench, abs_phi = quench_order(kinds[split], densities[split])
-                if abs_phi is not None:
-                    orders[split] = ((p - f)[quench.to(p.device)].cpu(), abs_phi)
-            if orders:
-                save_figure(error_vs_order(orders, title=label), run_dir / "error_vs_order.png", close=True)
-                tracker.log_artifact(run_dir / "error_vs_order.png", "plots")
+            sets = {split: (p, f, kinds[split], densities[split], where_in_file[split]) for split, (p, f) in pred.items()}
+            for fname, fig in configuration_error_figures(sets, quench_times(data), title=label).items():
+                save_figure(fig, run_dir / fname, close=True)
+                tracker.log_artifact(run_dir / fname, "plots")
         tracker.log_artifact(run_dir / "metrics.csv")
         tracker.log_artifact(run_dir / "final_metrics.yaml")
         tracker.log_artifact(run_dir / "best.pt", "checkpoints")
@@ -289,10 +277,8 @@ def _run(cfg: DictConfig, where: dict) -> float:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    by_kind = "".join(f"; {kind} {final[f'final/val_{kind}_sigma']:.4g}" for kind in KIND_NAMES
-                      if f"final/val_{kind}_sigma" in final)
     print(f"[train] {model_label(cfg)} on {dataset_name(cfg)}: best val RMSE {best_val:.5g} "
-          f"(sigma {final['final/val_sigma']:.5g}{by_kind}) at epoch {trainer.best_epoch}/{trainer.epoch} "
+          f"(sigma {final['final/val_sigma']:.5g}{sigma_by_kind(final, 'final/val_')}) at epoch {trainer.best_epoch}/{trainer.epoch} "
           f"[{trainer.stop_reason}], {time.perf_counter() - t_start:.1f} s -> {run_dir}")
     if tracker.run_id:
         print(f"[train] MLflow run {tracker.run_id} ({tracker.uri})")

@@ -238,3 +238,23 @@ def error_vs_order(sets: dict, wall_threshold: float = WALL_THRESHOLD, bins: int
                 frameon=False)
     fig.suptitle(title or "force error against the local order", fontsize=10)
     return fig
+
+
+def configuration_error_figures(sets: dict, times=None, title: str = "") -> dict:
+    """``{"error_by_config.png": fig, "error_vs_order.png": fig}`` (the second only with quench snapshots) of
+    sets of configurations ``{name: (pred, exact, kind, density, positions)}``: forces ``[C, L, L]``, their
+    kinds, exact densities and positions in the file; ``times``: :func:`~lattice_lab.data.generation.quench_times`
+    of the whole file (None: snapshots in file order). What train and evaluate draw."""
+    from lattice_lab.training.metrics import per_config_rmse, quench_order
+
+    configs, positions, orders = {}, {}, {}
+    for name, (pred, exact, kind, density, where) in sets.items():
+        configs[name] = (per_config_rmse(pred, exact).cpu(), kind, None if times is None else times[where])
+        positions[name] = where
+        quench, abs_phi = quench_order(kind, density)  # site errors against the local order of the exact density
+        if abs_phi is not None:
+            orders[name] = ((pred - exact)[quench.to(pred.device)].cpu(), abs_phi)
+    figures = {"error_by_config.png": error_by_configuration(configs, title=title, positions=positions)}
+    if orders:
+        figures["error_vs_order.png"] = error_vs_order(orders, title=title)
+    return figures

@@ -134,3 +134,10 @@ def quench_order(kind, density) -> tuple[torch.Tensor, torch.Tensor | None]:
     if density is None or not bool(quench.any()):
         return quench, None
     return quench, cdw_order_parameter_t(torch.as_tensor(density)[quench].to(torch.float64)).abs()
+
+
+def sigma_by_kind(metrics: dict, prefix: str, names=("random", "quench")) -> str:
+    """``"; random 0.711; quench 0.2468"``: the per-kind sigma of an :func:`error_report` (``prefix`` as given to
+    it) for an end line, the kinds present only."""
+    return "".join(f"; {name} {metrics[f'{prefix}{name}_sigma']:.4g}" for name in names
+                   if f"{prefix}{name}_sigma" in metrics)
