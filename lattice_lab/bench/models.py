@@ -14,6 +14,7 @@ import statistics
 
 import torch
 
+from lattice_lab.bench.cores import round_trip_ns
 from lattice_lab.bench.timing import peak_memory, plan_repeats, time_call
 from lattice_lab.common.cuda_graph import GraphedCall
 from lattice_lab.common.errors import ConfigError
@@ -205,6 +206,7 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
 
 
 ROUND_KEYS = ("force_s", "eager_force_s", "step_s")  # the times a round measures
+PROBE_KEY = "core_rt_ns"  # the core-to-core round trips before and after a round's force timing
 
 
 def combine_rounds(row: dict, rounds: list[dict], flops_per_site: float) -> None:
@@ -219,6 +221,8 @@ def combine_rounds(row: dict, rounds: list[dict], flops_per_site: float) -> None
         if values:
             row[f"{key}_rounds"] = values
             row[key] = statistics.median(values)
+    if all(r.get(PROBE_KEY) for r in rounds):  # aligned with force_s_rounds
+        row[f"{PROBE_KEY}_rounds"] = [r[PROBE_KEY] for r in rounds]
     for key in ("force_s_min", "step_s_min"):
         values = [r[key] for r in rounds if r.get(key) is not None]
         if values:
@@ -241,7 +245,10 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
         probe = time_call(lambda: provider(Q), device, warmup=0, repeats=1)
         est_s = probe.median
     r, w = plan_repeats(est_s, max_seconds, repeats, warmup, min_seconds)
+    rt_before = round_trip_ns() if device.type == "cpu" else None
     force = time_call(lambda: provider(Q), device, warmup=w - (probe is not None), repeats=r)
+    if rt_before is not None:  # the cores' state during the timing (bench/cores.py)
+        row["core_rt_ns"] = [rt_before, round_trip_ns()]
     call, mem_force = provider, None
     if cuda_graph:  # a replay allocates nothing: its memory is taken while recording (warm-up included)
         row["eager_force_s"] = getattr(force, statistic)

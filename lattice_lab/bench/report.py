@@ -2,7 +2,8 @@
 
 ``bench.csv`` is long format, one row per measurement: ``kind`` = ``model`` (a preset at one L,
 ``set`` = ``scaling`` or ``ed_compare``) or ``ed`` (exact diagonalisation at one L). Columns are
-:data:`CSV_COLUMNS`; empty cells mean "not measured" (skipped sizes carry the reason in ``note``).
+:data:`CSV_COLUMNS`; empty cells mean "not measured" (skipped sizes carry the reason in ``note``);
+``core_rt_ns_slowest`` is the slowest core-to-core probe around the row's force timings (all rounds).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from lattice_lab.bench.cores import probe_pairs
 from lattice_lab.common.io import atomic_write_text
 
 CSV_COLUMNS = (
@@ -20,7 +22,7 @@ CSV_COLUMNS = (
     "force_s", "force_s_min", "force_repeats", "force_s_per_site", "gflops", "ceiling_fraction",
     "step_s", "step_s_min", "step_repeats", "step_s_per_site", "site_steps_per_s", "langevin_overhead",
     "peak_mem_force_bytes", "mem_per_site_force", "peak_mem_step_bytes", "mem_per_site_step",
-    "compiled_force_s", "compiled_speedup", "cuda_graph", "eager_force_s", "rounds", "ed_force_s", "ed_eigh_s", "ed_force_s_per_site",
+    "compiled_force_s", "compiled_speedup", "cuda_graph", "eager_force_s", "rounds", "core_rt_ns_slowest", "ed_force_s", "ed_eigh_s", "ed_force_s_per_site",
 )
 
 
@@ -40,12 +42,17 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def _probes_text(row: dict) -> str:
+    """The slower core-to-core probe of each round's force timing, e.g. ``86/362/88``."""
+    return "/".join(f"{max(p):.0f}" for p in probe_pairs(row)) or "-"
+
+
 def model_table(model_rows: list[dict]) -> str:
     """One row per preset and L of the scaling set; with ``compile=true`` also the ``torch.compile``d force
     call (``compiled ms``) and its speed-up over the eager one (``compiled x``, > 1: compiled is faster)."""
     compiled = any(r.get("compiled_force_s") is not None for r in model_rows if r["set"] == "scaling")
     headers = ["preset", "L", "force ms", "us/site", *(["compiled ms", "compiled x"] if compiled else []),
-               "step ms", "site-steps/s", "GFLOP/s", "%ceil", "overhead", "B/site(step)", "note"]
+               "step ms", "site-steps/s", "GFLOP/s", "%ceil", "overhead", "B/site(step)", "c2c ns", "note"]
     rows = []
     for r in model_rows:
         if r["set"] != "scaling":
@@ -62,14 +69,14 @@ def model_table(model_rows: list[dict]) -> str:
                      _fmt(r.get("site_steps_per_s"), ".3e"), _fmt(r.get("gflops")),
                      _fmt(100 * r["ceiling_fraction"], ".1f") if r.get("ceiling_fraction") is not None else "-",
                      _fmt(100 * r["langevin_overhead"], "+.1f") + "%" if r.get("langevin_overhead") is not None else "-",
-                     _fmt(r.get("mem_per_site_step"), ".0f"),
+                     _fmt(r.get("mem_per_site_step"), ".0f"), _probes_text(r),
                      f"CUDA graph; eager {_fmt(1e3 * r['eager_force_s'])} ms" if r.get("cuda_graph") else ""])
     return table(headers, rows)
 
 
 def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_min_L: int) -> str:
-    headers = ["preset", "params", "MFLOP/site", "scale(all)", f"scale(L>={scaling_min_L})", "fixed us/call", "%ceil(large)",
-               "overhead", "ED crossover L", f"speed-up@{L_ed}", "note"]
+    headers = ["preset", "params", "MFLOP/site", "scale(all)", f"scale(L>={scaling_min_L})", "scale(near)", "far",
+               "fixed us/call", "%ceil(large)", "overhead", "ED crossover L", f"speed-up@{L_ed}", "note"]
     rows = []
     for s in summaries:
         cmp_ = comparison["models"].get(s["preset"], {})
@@ -79,6 +86,8 @@ def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_mi
         rows.append([s["preset"], f"{s['params']:,}" if s.get("params") is not None else "-",
                      _fmt(s["flops_per_site"] / 1e6 if s.get("flops_per_site") is not None else None),
                      _fmt(s.get("scaling_ratio_all"), ".3f"), _fmt(s.get(f"scaling_ratio_ge{scaling_min_L}"), ".3f"),
+                     _fmt(s.get("scaling_ratio_fast"), ".3f"),
+                     f"{s['slow_state_timings']}/{s['probed_timings']}" if s.get("probed_timings") else "-",
                      _fmt(1e6 * s["fixed_s_per_call"] if s.get("fixed_s_per_call") is not None else None),
                      _fmt(100 * frac, ".1f") if frac is not None else "-",
                      _fmt(100 * ov, "+.1f") + "%" if ov is not None else "-",
@@ -87,6 +96,17 @@ def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_mi
                      if sp and sp["speedup"] else "-",
                      (s.get("error") or (f"compile failed: {s['compile_error']}" if s.get("compile_error") else ""))[:50]])
     return table(headers, rows)
+
+
+def core_state_text(cores: dict) -> str:
+    """The run's core-to-core probes under the summary table (nothing where none was taken)."""
+    if not cores.get("probes"):
+        return ""
+    return (f"\ncore-to-core round trip of the two threads (bench/cores.py, {cores['probes']} probes): fastest "
+            f"{cores['fastest_ns']:.0f} ns, median {cores['median_ns']:.0f}, slowest {cores['slowest_ns']:.0f}; "
+            f"{cores['slow_fraction']:.0%} beyond {cores['slow_factor']:g}x the fastest (threads on distant cores).\n"
+            f"scale(near): the scaling ratio of the timings whose two probes were near the fastest; far: timings "
+            f"with a far probe / probed timings")
 
 
 def ed_table(ed_rows: list[dict]) -> str:
@@ -116,6 +136,8 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
     writer.writeheader()
     for r in rows:
+        probes = [p for pair in probe_pairs(r) for p in pair if p is not None]
+        r = {**r, "core_rt_ns_slowest": max(probes) if probes else None}
         writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
     return atomic_write_text(path, buf.getvalue())
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import time
 import traceback
 from pathlib import Path
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from lattice_lab.bench import models as bench_models
 from lattice_lab.bench import report, summary
 from lattice_lab.bench.ceiling import matmul_ceiling
+from lattice_lab.bench.cores import SLOW_FACTOR
 from lattice_lab.bench.timing import memory_method
 from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
@@ -248,8 +250,11 @@ def run(cfg: DictConfig) -> dict:
     ceilings = _ceiling(cfg, device, dtype, seed, machine, previous=ceilings)
     ceiling_key = str(dtype).replace("torch.", "")
     ceiling_gflops = ceilings[ceiling_key]["gflops"]
+    probes = [p for i in infos for p in summary.core_probes(i["rows"])]
+    cores = _core_state(probes)
     summaries = [summary.summarize_model(i, ceiling_gflops, large_L=int(targets["large_L"]),
-                                         scaling_min_L=scaling_min_L) for i in infos]
+                                         scaling_min_L=scaling_min_L, fastest_rt_ns=cores["fastest_ns"])
+                 for i in infos]
     comparison = summary.ed_comparison(ed_rows, summaries, fit_min_L=ed_fit_min_L)
     checks = summary.evaluate_targets(summaries, comparison, memory, targets, device.type)
 
@@ -258,6 +263,7 @@ def run(cfg: DictConfig) -> dict:
     result = {
         "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine,
         "dtype": ceiling_key, "batch": batch, "statistic": statistic, "rounds": rounds, "ceiling": ceilings, "ceiling_gflops": ceiling_gflops,
+        "core_round_trip": cores,
         "models": [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries],
         "rows": model_rows, "ed": ed_rows, "ed_comparison": comparison, "memory_target": memory,
         "targets": checks, "profiles": profiles, "seconds": None, "config": OmegaConf.to_container(cfg, resolve=True),
@@ -269,7 +275,7 @@ def run(cfg: DictConfig) -> dict:
         f"repeats{f', median of {rounds} rounds' if rounds > 1 else ''}) ==\n"
         + report.model_table(model_rows),
         f"== summary (ceiling {ceiling_gflops:.1f} GFLOP/s {ceiling_key}, {machine['threads']} threads) ==\n"
-        + report.summary_table(summaries, comparison, L_ed, min_L),
+        + report.summary_table(summaries, comparison, L_ed, min_L) + report.core_state_text(cores),
         f"== exact diagonalisation (float64, fit a N^3: a = {a_ed} s) ==\n" + report.ed_table(ed_rows),
         "== targets ==\n" + report.targets_text(checks),
     ])
@@ -288,6 +294,18 @@ def run(cfg: DictConfig) -> dict:
     print(f"\nwrote {', '.join(str(p) for p in paths.values())} ({result['seconds']:.0f} s)")
     result["paths"] = {k: str(v) for k, v in paths.items()}
     return result
+
+
+def _core_state(probes: list[float]) -> dict:
+    """The core-to-core probes of the run (bench/cores.py): fastest, median, slowest (ns), and the
+    share of probes in the slow state (beyond SLOW_FACTOR x the fastest)."""
+    if not probes:
+        return {"fastest_ns": None, "median_ns": None, "slowest_ns": None, "slow_fraction": None,
+                "probes": 0, "slow_factor": SLOW_FACTOR}
+    fastest = min(probes)
+    return {"fastest_ns": fastest, "median_ns": statistics.median(probes), "slowest_ns": max(probes),
+            "slow_fraction": sum(p > SLOW_FACTOR * fastest for p in probes) / len(probes),
+            "probes": len(probes), "slow_factor": SLOW_FACTOR}
 
 
 def _ceiling_dtypes(cfg, dtype) -> list[str]:
