@@ -54,12 +54,12 @@ def test_without_a_compiler_there_is_no_probe(threads, no_compiler, monkeypatch)
     assert cores.round_trip_ns() is None
 
 
-def test_fast_state_follows_the_fastest_probe():
-    assert cores.fast_state((90.0, 170.0), 90.0) is True
-    assert cores.fast_state((90.0, 360.0), 90.0) is False  # a far probe on either side
-    assert cores.fast_state((360.0, 90.0), 90.0) is False
-    assert cores.fast_state((None, 90.0), 90.0) is None
-    assert cores.fast_state((90.0, 90.0), None) is None
+def test_near_cores_follows_the_fastest_probe():
+    assert cores.near_cores((90.0, 170.0), 90.0) is True
+    assert cores.near_cores((90.0, 360.0), 90.0) is False  # a far probe on either side
+    assert cores.near_cores((360.0, 90.0), 90.0) is False
+    assert cores.near_cores((None, 90.0), 90.0) is None
+    assert cores.near_cores((90.0, 90.0), None) is None
     assert cores.probe_pairs({"core_rt_ns": [1.0, 2.0]}) == [(1.0, 2.0)]
     assert cores.probe_pairs({"core_rt_ns_rounds": [[1.0, 2.0], [3.0, 4.0]], "core_rt_ns": [1.0, 2.0]}) == [
         (1.0, 2.0), (3.0, 4.0)]
@@ -75,27 +75,27 @@ def _row(L, times, probes):
 
 
 def test_scaling_of_the_near_core_timings():
-    near, far = [85.0, 88.0], [85.0, 360.0]
+    NEAR, FAR = [85.0, 88.0], [85.0, 360.0]
     # L = 32: two of three rounds with a far probe and 40% slower; L = 128: all near
-    rows = [_row(32, [1.4e-5, 1.0e-5, 1.45e-5], [far, near, far]),
-            _row(128, [1.6e-4, 1.6e-4, 1.6e-4], [near, near, near])]
-    assert rows[0]["force_s"] == 1.4e-5 and rows[0]["core_rt_ns_rounds"] == [far, near, far]
-    fast = S.fast_state_scaling(rows, fastest_ns=85.0)
-    assert fast["timings"] == 6 and fast["slow"] == 2 and fast["sizes_without"] == []
-    assert fast["ratio"] == pytest.approx((1.6e-4 / 128**2) / (1.0e-5 / 32**2))
-    assert S.core_probes(rows) == [p for pair in (far, near, far, near, near, near) for p in pair]
+    rows = [_row(32, [1.4e-5, 1.0e-5, 1.45e-5], [FAR, NEAR, FAR]),
+            _row(128, [1.6e-4, 1.6e-4, 1.6e-4], [NEAR, NEAR, NEAR])]
+    assert rows[0]["force_s"] == 1.4e-5 and rows[0]["core_rt_ns_rounds"] == [FAR, NEAR, FAR]
+    near = S.near_core_scaling(rows, fastest_ns=85.0)
+    assert near["timings"] == 6 and near["far"] == 2 and near["sizes_without"] == []
+    assert near["ratio"] == pytest.approx((1.6e-4 / 128**2) / (1.0e-5 / 32**2))
+    assert S.core_probes(rows) == [p for pair in (FAR, NEAR, FAR, NEAR, NEAR, NEAR) for p in pair]
     # a size without any near-core timing: no ratio, and the size is named
-    rows[0] = _row(32, [1.4e-5], [far])
-    fast = S.fast_state_scaling(rows, fastest_ns=85.0)
-    assert fast["ratio"] is None and fast["sizes_without"] == [32]
+    rows[0] = _row(32, [1.4e-5], [FAR])
+    near = S.near_core_scaling(rows, fastest_ns=85.0)
+    assert near["ratio"] is None and near["sizes_without"] == [32]
     info = {"preset": "m", "model": "M", "params": 1, "flops_per_site": 1.0, "conservative": False, "rows": rows}
     s = S.summarize_model(info, None, fastest_rt_ns=85.0)
-    assert s["scaling_ratio_fast"] is None and s["slow_state_timings"] == 1 and s["probed_timings"] == 4
+    assert s["scaling_ratio_near"] is None and s["far_timings"] == 1 and s["probed_timings"] == 4
     assert "no near-core timing at L = [32]" in S._state_note(s)
     # no probes (CUDA, one thread): nothing to say
     plain = [{"status": "ok", "set": "scaling", "L": L, "N": L * L, "force_s": 1.0, "force_s_per_site": 1.0 / L**2}
              for L in (32, 64)]
-    assert S.fast_state_scaling(plain, fastest_ns=None) == {"ratio": None, "timings": 0, "slow": 0,
+    assert S.near_core_scaling(plain, fastest_ns=None) == {"ratio": None, "timings": 0, "far": 0,
                                                             "sizes_without": [32, 64]}
 
 

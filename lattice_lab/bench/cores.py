@@ -9,7 +9,7 @@ it reads from the other thread, so the small calls of the small presets at L = 3
 to ~40% slower in the distant state, while single-threaded calls and large lattices are not
 (docs/bench.md, "Two states of the VM").
 
-The benchmark probes the latency before and after every force timing, and :func:`fast_state` tells
+The benchmark probes the latency before and after every force timing, and :func:`near_cores` tells
 which timings ran with both probes near the run's fastest round trip.
 """
 
@@ -22,7 +22,7 @@ import torch
 
 ITERS = 4000            # round trips per probe (~0.35 ms at 85 ns, ~1.5 ms at 360 ns)
 MAX_SECONDS = 0.05      # a probe stops after this long (a team squeezed onto one CPU)
-SLOW_FACTOR = 2.0       # a probe more than this times the run's fastest one: the slow state
+FAR_FACTOR = 2.0       # a probe more than this times the run's fastest one: the threads on distant cores
 
 
 def _function():
@@ -66,7 +66,7 @@ def probe_pairs(row: dict) -> list[tuple]:
     return [tuple(p) for p in pairs]
 
 
-def fast_state(pair, fastest: float | None, factor: float = SLOW_FACTOR) -> bool | None:
+def near_cores(pair, fastest: float | None, factor: float = FAR_FACTOR) -> bool | None:
     """True when both probes of a timing are within ``factor`` of the run's ``fastest`` round trip,
     False when either is beyond it, None when there is nothing to compare."""
     if not fastest or any(p is None for p in pair):

@@ -86,8 +86,8 @@ def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_mi
         rows.append([s["preset"], f"{s['params']:,}" if s.get("params") is not None else "-",
                      _fmt(s["flops_per_site"] / 1e6 if s.get("flops_per_site") is not None else None),
                      _fmt(s.get("scaling_ratio_all"), ".3f"), _fmt(s.get(f"scaling_ratio_ge{scaling_min_L}"), ".3f"),
-                     _fmt(s.get("scaling_ratio_fast"), ".3f"),
-                     f"{s['slow_state_timings']}/{s['probed_timings']}" if s.get("probed_timings") else "-",
+                     _fmt(s.get("scaling_ratio_near"), ".3f"),
+                     f"{s['far_timings']}/{s['probed_timings']}" if s.get("probed_timings") else "-",
                      _fmt(1e6 * s["fixed_s_per_call"] if s.get("fixed_s_per_call") is not None else None),
                      _fmt(100 * frac, ".1f") if frac is not None else "-",
                      _fmt(100 * ov, "+.1f") + "%" if ov is not None else "-",
@@ -104,7 +104,7 @@ def core_state_text(cores: dict) -> str:
         return ""
     return (f"\ncore-to-core round trip of the two threads (bench/cores.py, {cores['probes']} probes): fastest "
             f"{cores['fastest_ns']:.0f} ns, median {cores['median_ns']:.0f}, slowest {cores['slowest_ns']:.0f}; "
-            f"{cores['slow_fraction']:.0%} beyond {cores['slow_factor']:g}x the fastest (threads on distant cores).\n"
+            f"{cores['far_fraction']:.0%} beyond {cores['far_factor']:g}x the fastest (threads on distant cores).\n"
             f"scale(near): the scaling ratio of the timings whose two probes were near the fastest; far: timings "
             f"with a far probe / probed timings")
 

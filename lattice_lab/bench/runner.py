@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from lattice_lab.bench import models as bench_models
 from lattice_lab.bench import report, summary
 from lattice_lab.bench.ceiling import matmul_ceiling
-from lattice_lab.bench.cores import SLOW_FACTOR
+from lattice_lab.bench.cores import FAR_FACTOR
 from lattice_lab.bench.timing import memory_method
 from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
@@ -298,14 +298,14 @@ def run(cfg: DictConfig) -> dict:
 
 def _core_state(probes: list[float]) -> dict:
     """The core-to-core probes of the run (bench/cores.py): fastest, median, slowest (ns), and the
-    share of probes in the slow state (beyond SLOW_FACTOR x the fastest)."""
+    share of far probes (beyond FAR_FACTOR x the fastest: the threads on distant cores)."""
     if not probes:
-        return {"fastest_ns": None, "median_ns": None, "slowest_ns": None, "slow_fraction": None,
-                "probes": 0, "slow_factor": SLOW_FACTOR}
+        return {"fastest_ns": None, "median_ns": None, "slowest_ns": None, "far_fraction": None,
+                "probes": 0, "far_factor": FAR_FACTOR}
     fastest = min(probes)
     return {"fastest_ns": fastest, "median_ns": statistics.median(probes), "slowest_ns": max(probes),
-            "slow_fraction": sum(p > SLOW_FACTOR * fastest for p in probes) / len(probes),
-            "probes": len(probes), "slow_factor": SLOW_FACTOR}
+            "far_fraction": sum(p > FAR_FACTOR * fastest for p in probes) / len(probes),
+            "probes": len(probes), "far_factor": FAR_FACTOR}
 
 
 def _ceiling_dtypes(cfg, dtype) -> list[str]:

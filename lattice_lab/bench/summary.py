@@ -6,9 +6,9 @@
   separates what does not scale with the sites (dispatch, thread start-up, per-call bookkeeping) from
   the per-site rate b; t0 / t(L_min) is the part of the smallest lattice's call that is overhead.
 - the cores' state: on CPU every force timing is bracketed by two probes of the core-to-core round
-  trip (:mod:`lattice_lab.bench.cores`); a timing whose probes are both within ``SLOW_FACTOR`` of the
+  trip (:mod:`lattice_lab.bench.cores`); a timing whose probes are both within ``FAR_FACTOR`` of the
   run's fastest probe ran with the two threads on near cores. The scaling ratio of those timings alone
-  (``scaling_ratio_fast``) shows what the per-call overheads are when the VM does not place the
+  (``scaling_ratio_near``) shows what the per-call overheads are when the VM does not place the
   threads far apart; the main ratio takes every timing.
 - fraction of ceiling: achieved GFLOP/s (``flops_per_site * N / t``) over the dense matmul rate.
 - ED vs models: ED time is fitted as ``a N^3`` (diagonalisation) and a model's as ``b N``;
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from lattice_lab.bench.cores import SLOW_FACTOR, fast_state, probe_pairs
+from lattice_lab.bench.cores import FAR_FACTOR, near_cores, probe_pairs
 
 
 def _ok(rows, role: str | None = "scaling"):
@@ -57,25 +57,25 @@ def core_probes(rows) -> list[float]:
     return [p for r in _ok(rows, role=None) for _, pair in _timings(r) for p in pair if p is not None]
 
 
-def fast_state_scaling(rows, fastest_ns: float | None, factor: float = SLOW_FACTOR) -> dict:
-    """Scaling over the timings that ran with both probes within ``factor`` of the run's fastest probe:
-    per size the median of those timings; ``ratio`` = max/min of the time per site (None unless every
-    measured size has one), ``timings`` / ``slow`` = probed timings / those in the slow state,
-    ``sizes_without`` = sizes that had no fast-state timing."""
-    per_site, sizes_without, n, slow = {}, [], 0, 0
+def near_core_scaling(rows, fastest_ns: float | None, factor: float = FAR_FACTOR) -> dict:
+    """Scaling over the timings that ran with both probes within ``factor`` of the run's fastest probe
+    (the threads on near cores): per size the median of those timings; ``ratio`` = max/min of the time
+    per site (None unless every measured size has one), ``timings`` / ``far`` = probed timings / those
+    with a far probe, ``sizes_without`` = sizes that had no near-core timing."""
+    per_site, sizes_without, n, far = {}, [], 0, 0
     for r in _ok(rows):
-        states = [(t, fast_state(pair, fastest_ns, factor)) for t, pair in _timings(r)]
-        probed = [(t, f) for t, f in states if f is not None]
+        states = [(t, near_cores(pair, fastest_ns, factor)) for t, pair in _timings(r)]
+        probed = [(t, near) for t, near in states if near is not None]
         n += len(probed)
-        slow += sum(not f for _, f in probed)
-        fast = [t for t, f in probed if f]
-        if fast:
-            per_site[r["L"]] = statistics.median(fast) / (r["N"] * r.get("batch", 1))
+        far += sum(not near for _, near in probed)
+        near_times = [t for t, near in probed if near]
+        if near_times:
+            per_site[r["L"]] = statistics.median(near_times) / (r["N"] * r.get("batch", 1))
         else:
             sizes_without.append(r["L"])
     ok = bool(per_site) and not sizes_without and len(per_site) >= 2
     return {"ratio": max(per_site.values()) / min(per_site.values()) if ok else None,
-            "timings": n, "slow": slow, "sizes_without": sizes_without}
+            "timings": n, "far": far, "sizes_without": sizes_without}
 
 
 def affine_fit(Ns, times) -> dict | None:
@@ -126,7 +126,7 @@ def summarize_model(info: dict, ceiling_gflops: float | None, *, large_L: int = 
     all_ok = _ok(rows, role=None)
     fit = affine_fit([r["N"] * r.get("batch", 1) for r in ok], [r["force_s"] for r in ok])
     smallest = min(ok, key=lambda r: r["L"]) if ok else None
-    fast = fast_state_scaling(rows, fastest_rt_ns)
+    near = near_core_scaling(rows, fastest_rt_ns)
     return {
         "preset": info["preset"], "model": info["model"], "params": info["params"],
         "flops_per_site": info["flops_per_site"], "conservative": info["conservative"],
@@ -134,8 +134,8 @@ def summarize_model(info: dict, ceiling_gflops: float | None, *, large_L: int = 
         "sizes_measured": [r["L"] for r in ok],
         "sizes_skipped": {str(r["L"]): r["note"] for r in rows if r["status"] != "ok" and r["set"] == "scaling"},
         "scaling_ratio_all": scaling_ratio(rows), f"scaling_ratio_ge{scaling_min_L}": scaling_ratio(rows, scaling_min_L),
-        "scaling_ratio_fast": fast["ratio"], "probed_timings": fast["timings"], "slow_state_timings": fast["slow"],
-        "sizes_without_fast_timing": fast["sizes_without"],
+        "scaling_ratio_near": near["ratio"], "probed_timings": near["timings"], "far_timings": near["far"],
+        "sizes_without_near_timing": near["sizes_without"],
         "large_L": large_L, "large_L_measured": at_large, "large_sizes": [r["L"] for r in big],
         "ceiling_fraction_large": med("ceiling_fraction"), "gflops_large": med("gflops"),
         "langevin_overhead_large": med("langevin_overhead"), "site_steps_per_s_large": med("site_steps_per_s"),
@@ -195,16 +195,16 @@ def speedup_at(comparison: dict, preset: str, L: int) -> dict | None:
 
 
 def _state_note(s: dict) -> str:
-    """The scaling ratio's reading in the fast core-to-core state, for the target's detail."""
-    n, slow = s.get("probed_timings") or 0, s.get("slow_state_timings") or 0
+    """The scaling ratio's reading with the threads on near cores, for the target's detail."""
+    n, far = s.get("probed_timings") or 0, s.get("far_timings") or 0
     if not n:
         return ""
-    if not slow:
+    if not far:
         return f"; all {n} timings with the threads on near cores"
-    if s.get("scaling_ratio_fast") is not None:
-        return f"; {slow} of {n} timings with the threads on distant cores, without them {s['scaling_ratio_fast']:.3f}"
-    return (f"; {slow} of {n} timings with the threads on distant cores (no near-core timing at "
-            f"L = {s.get('sizes_without_fast_timing')})")
+    if s.get("scaling_ratio_near") is not None:
+        return f"; {far} of {n} timings with the threads on distant cores, without them {s['scaling_ratio_near']:.3f}"
+    return (f"; {far} of {n} timings with the threads on distant cores (no near-core timing at "
+            f"L = {s.get('sizes_without_near_timing')})")
 
 
 def evaluate_targets(summaries: list[dict], comparison: dict, memory: dict | None, targets: dict,
