@@ -22,6 +22,7 @@ import torch
 
 ITERS = 4000            # round trips per probe (~0.35 ms at 85 ns, ~1.5 ms at 360 ns)
 MAX_SECONDS = 0.05      # a probe stops after this long (a team squeezed onto one CPU)
+PROBE_KEY = "core_rt_ns"  # a benchmark row's probes (before, after) of its force timing; per round: + "_rounds"
 FAR_FACTOR = 2.0       # a probe more than this times the run's fastest one: the threads on distant cores
 
 
@@ -62,7 +63,7 @@ def round_trip_ns(iters: int = ITERS, max_seconds: float = MAX_SECONDS) -> float
 def probe_pairs(row: dict) -> list[tuple]:
     """The probes (before, after) of each round's force timing of a benchmark row, in round order
     (``[]`` where none were taken: CUDA, one thread, no compiler)."""
-    pairs = row.get("core_rt_ns_rounds") or ([row["core_rt_ns"]] if row.get("core_rt_ns") else [])
+    pairs = row.get(f"{PROBE_KEY}_rounds") or ([row[PROBE_KEY]] if row.get(PROBE_KEY) else [])
     return [tuple(p) for p in pairs]
 
 

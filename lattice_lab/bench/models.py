@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from lattice_lab.bench.cores import round_trip_ns
+from lattice_lab.bench.cores import PROBE_KEY, round_trip_ns
 from lattice_lab.bench.timing import peak_memory, plan_repeats, time_call
 from lattice_lab.common.cuda_graph import GraphedCall
 from lattice_lab.common.errors import ConfigError
@@ -206,7 +206,6 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
 
 
 ROUND_KEYS = ("force_s", "eager_force_s", "step_s")  # the times a round measures
-PROBE_KEY = "core_rt_ns"  # the core-to-core round trips before and after a round's force timing
 
 
 def combine_rounds(row: dict, rounds: list[dict], flops_per_site: float) -> None:
@@ -248,7 +247,7 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
     rt_before = round_trip_ns() if device.type == "cpu" else None
     force = time_call(lambda: provider(Q), device, warmup=w - (probe is not None), repeats=r)
     if rt_before is not None:  # the cores' state during the timing (bench/cores.py)
-        row["core_rt_ns"] = [rt_before, round_trip_ns()]
+        row[PROBE_KEY] = [rt_before, round_trip_ns()]
     call, mem_force = provider, None
     if cuda_graph:  # a replay allocates nothing: its memory is taken while recording (warm-up included)
         row["eager_force_s"] = getattr(force, statistic)
