@@ -140,6 +140,23 @@ def test_cuda_graph_steps_match_eager_steps(force):
             assert_close(a, b, tol=1e-5)
 
 
+@pytest.mark.parametrize("force", ["gnn_small", "enn_small"])
+def test_compiled_model_in_the_step_graph_matches_eager_steps(force):
+    """force.compile=auto on CUDA compiles the model, and cuda_graph=auto records the compiled model in the
+    step's graph: the same noise and, to float32 rounding, the same states as eager uncompiled steps."""
+    model = random_model(force).float()
+    eager_fn = MLForceProvider(HolsteinParams(), "cuda", torch.float32, None, model=model)
+    compiled_fn = MLForceProvider(HolsteinParams(), "cuda", torch.float32, None, model=copy.deepcopy(model),
+                                  compile="auto")
+    assert compiled_fn._compiled
+    eager, rng_eager, _ = _run_steps(eager_fn, False, 25)
+    graph, rng_graph, integ = _run_steps(compiled_fn, True, 25)
+    assert integ._graph is not None and compiled_fn._compiled  # recorded, and no fallback to eager
+    assert torch.equal(rng_graph, rng_eager)
+    for a, b in ((graph.Q, eager.Q), (graph.V, eager.V), (graph.F, eager.F)):
+        assert_close(a, b, tol=1e-5)
+
+
 def test_cuda_graph_records_again_for_a_new_state():
     fn = _Linear()
     _, _, integ = _run_steps(fn, True, 5)

@@ -207,6 +207,39 @@ def test_compile_failure_falls_back_to_eager(gnn_checkpoint, monkeypatch):
         torch.testing.assert_close(F, model.double()(Q))
 
 
+def test_compile_auto_compiles_on_cuda_only(gnn_checkpoint, tmp_path):
+    """force.compile=auto: torch.compile on CUDA (where the compiled model, recorded in the step's graph, is
+    faster), never on the CPU (native kernels) and never a TorchScript export; true / false are kept."""
+    from lattice_lab.dynamics.forces import compile_wanted
+    from lattice_lab.models.checkpoint import export_force_field, load_force_field
+
+    _, model = gnn_checkpoint
+    exported = load_force_field(export_force_field(model, tmp_path / "model.ts.pt", example_L=L), device="cpu")
+    assert compile_wanted("auto", "cuda", model) is True  # decides only: nothing is compiled here
+    assert compile_wanted("auto", torch.device("cuda:0"), model) is True
+    assert compile_wanted("auto", "cpu", model) is False
+    assert compile_wanted("auto", "cuda", exported) is False
+    assert compile_wanted(True, "cpu", model) is True and compile_wanted(False, "cuda", model) is False
+    prov = make_force_provider({"source": "ml", "checkpoint": str(gnn_checkpoint[0])}, HolsteinParams(), "cpu",
+                               "float64")
+    assert prov._compiled is False  # the default (conf/force/ml.yaml: auto) on the CPU
+
+
+def test_cuda_graph_auto_records_compiled_models_too():
+    """cuda_graph=auto: every ML provider's steps on CUDA are recorded, compiled or not; ED's never."""
+    from types import SimpleNamespace
+
+    from lattice_lab.dynamics.runner import _use_cuda_graph
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for compiled in (False, True):
+        ml = SimpleNamespace(source="ml", _compiled=compiled)
+        assert _use_cuda_graph("auto", ml, cuda) is True
+        assert _use_cuda_graph("auto", ml, cpu) is False and _use_cuda_graph(False, ml, cuda) is False
+    assert _use_cuda_graph("auto", SimpleNamespace(source="ed"), cuda) is False
+    assert _use_cuda_graph(True, SimpleNamespace(source="ed"), cuda) is True
+
+
 # -- resume -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("native", ["auto", "false"])  # Philox noise of (seed, step), or torch's generator state
 def test_resume_is_bit_identical(tmp_path, native):
@@ -401,7 +434,7 @@ def test_bad_run_settings_are_config_errors(tmp_path, override, fragment):
 @pytest.mark.parametrize("bad, message", [
     ("force.chunk_replicas=abc", "force.chunk_replicas='abc': need a positive integer or null"),
     ("force.chunk_replicas=2.5", "force.chunk_replicas=2.5: need a positive integer or null"),
-    ("force.compile=maybe", "force.compile='maybe': expected true or false"),
+    ("force.compile=maybe", "force.compile='maybe': expected auto, true or false"),
 ])
 def test_bad_force_settings_are_config_errors(tmp_path, gnn_checkpoint, bad, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):

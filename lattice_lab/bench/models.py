@@ -285,8 +285,9 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
                    mem_per_site_step=mem_step / sites if mem_step is not None else None)
         budget.update(N, t_force, max(mem_force or 0, mem_step or 0) or None)
     if compiled is not None and info.get("compile_error") is None:
-        try:
-            comp = time_call(lambda: compiled(Q), device, warmup=max(2, w), repeats=r)
+        try:  # on CUDA with graphs: the compiled model recorded as a graph, as simulate runs it
+            ccall = GraphedCall(compiled, Q) if cuda_graph else compiled
+            comp = time_call(lambda: ccall(Q), device, warmup=max(2, w), repeats=r)
             row.update(compiled_force_s=getattr(comp, statistic), compiled_speedup=t_force / getattr(comp, statistic))
         except Exception as exc:  # noqa: BLE001 - torch.compile failures are reported, not fatal
             info["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

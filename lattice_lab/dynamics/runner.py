@@ -413,9 +413,10 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
 
 
 def _use_cuda_graph(setting, provider, device) -> bool:
-    """``cuda_graph``: auto records the steps of ML forces on CUDA (not ED: its eigensolver
-    synchronises with the host; not a torch.compile'd model, which manages its own graphs)."""
-    return wanted(setting, device, auto=provider.source == "ml" and not getattr(provider, "_compiled", False))
+    """``cuda_graph``: auto records the steps of ML forces on CUDA, torch.compile'd or not (not ED: its
+    eigensolver synchronises with the host). torch.compile's default mode launches its fused kernels one
+    by one; recorded in the step's graph they replay with one launch (docs/bench.md, "On a GPU")."""
+    return wanted(setting, device, auto=provider.source == "ml")
 
 
 def _write_run_summary(path: Path, result: dict) -> None:
