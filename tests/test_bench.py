@@ -214,6 +214,30 @@ def test_affine_fit_separates_the_fixed_cost_per_call():
     assert "t0 = 4.8 us per call" in detail and "b = 13.7 ns/site" in detail
 
 
+def test_round_spread_measures_the_noise_at_one_size():
+    """round_spread: the largest max/min of one size's force times over the rounds; the scaling target's
+    detail states it and flags it when it alone exceeds the tolerance."""
+    def row(L, times):
+        r = {"status": "ok", "set": "scaling", "L": L, "N": L * L, "batch": 1, "force_s": times[0],
+             "force_s_per_site": times[0] / (L * L)}
+        combine_rounds(r, [dict(r)] + [{"force_s": t} for t in times[1:]], flops_per_site=1.0)
+        return r
+
+    rows = [row(32, [1.0e-5, 1.1e-5, 1.05e-5]), row(128, [1.6e-4, 2.4e-4, 1.7e-4])]
+    assert S.round_spread(rows) == pytest.approx(1.5)  # 2.4 / 1.6 at L = 128; 1.1 at L = 32
+    assert S.round_spread([row(32, [1e-5]), row(64, [4e-5])]) is None  # one round: nothing to compare
+    targets = {"scaling_tolerance": 0.25, "enn_ceiling_fraction": 0.25, "gnn_ceiling_fraction": 0.6,
+               "large_L": 128, "langevin_overhead": 0.1, "ed_compare_L": 40, "enn_ed_speedup": 50,
+               "memory_preset": "enn", "memory_L": 200, "enn_memory_gb": 1.0}
+    info = {"preset": "m", "model": "M", "params": 1, "flops_per_site": 1.0, "conservative": False}
+    noisy = S.summarize_model({**info, "rows": rows}, None)
+    detail = S.evaluate_targets([noisy], {"models": {}}, None, targets, "cpu")[0]["detail"]
+    assert "rounds at one size differ by up to 1.50x (beyond the tolerance" in detail
+    quiet = S.summarize_model({**info, "rows": [row(32, [1.0e-5, 1.1e-5]), row(128, [1.6e-4, 1.7e-4])]}, None)
+    detail = S.evaluate_targets([quiet], {"models": {}}, None, targets, "cpu")[0]["detail"]
+    assert detail.endswith("rounds at one size differ by up to 1.10x")
+
+
 def test_targets_pass_and_fail():
     def summ(preset, frac, overhead, ratio):
         return {"preset": preset, "scaling_ratio_all": ratio, "sizes_measured": [32, 128],

@@ -76,7 +76,7 @@ def model_table(model_rows: list[dict]) -> str:
 
 def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_min_L: int) -> str:
     headers = ["preset", "params", "MFLOP/site", "scale(all)", f"scale(L>={scaling_min_L})", "scale(near)", "far",
-               "fixed us/call", "%ceil(large)", "overhead", "ED crossover L", f"speed-up@{L_ed}", "note"]
+               "rounds max/min", "fixed us/call", "%ceil(large)", "overhead", "ED crossover L", f"speed-up@{L_ed}", "note"]
     rows = []
     for s in summaries:
         cmp_ = comparison["models"].get(s["preset"], {})
@@ -88,6 +88,7 @@ def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_mi
                      _fmt(s.get("scaling_ratio_all"), ".3f"), _fmt(s.get(f"scaling_ratio_ge{scaling_min_L}"), ".3f"),
                      _fmt(s.get("scaling_ratio_near"), ".3f"),
                      f"{s['far_timings']}/{s['probed_timings']}" if s.get("probed_timings") else "-",
+                     _fmt(s.get("round_spread"), ".2f"),
                      _fmt(1e6 * s["fixed_s_per_call"] if s.get("fixed_s_per_call") is not None else None),
                      _fmt(100 * frac, ".1f") if frac is not None else "-",
                      _fmt(100 * ov, "+.1f") + "%" if ov is not None else "-",
@@ -96,6 +97,14 @@ def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_mi
                      if sp and sp["speedup"] else "-",
                      (s.get("error") or (f"compile failed: {s['compile_error']}" if s.get("compile_error") else ""))[:50]])
     return table(headers, rows)
+
+
+def rounds_text(summaries: list[dict]) -> str:
+    """The legend of the ``rounds max/min`` column (nothing in a run of one round)."""
+    if not any(s.get("round_spread") for s in summaries):
+        return ""
+    return ("\nrounds max/min: the largest spread of one size's force time over the rounds: the machine's own "
+            "noise, against which scale(all) is read")
 
 
 def core_state_text(cores: dict) -> str:

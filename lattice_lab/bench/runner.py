@@ -275,7 +275,8 @@ def run(cfg: DictConfig) -> dict:
         f"repeats{f', median of {rounds} rounds' if rounds > 1 else ''}) ==\n"
         + report.model_table(model_rows),
         f"== summary (ceiling {ceiling_gflops:.1f} GFLOP/s {ceiling_key}, {machine['threads']} threads) ==\n"
-        + report.summary_table(summaries, comparison, L_ed, min_L) + report.core_state_text(cores),
+        + report.summary_table(summaries, comparison, L_ed, min_L) + report.rounds_text(summaries)
+        + report.core_state_text(cores),
         f"== exact diagonalisation (float64, fit a N^3: a = {a_ed} s) ==\n" + report.ed_table(ed_rows),
         "== targets ==\n" + report.targets_text(checks),
     ])
