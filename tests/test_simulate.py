@@ -148,6 +148,7 @@ def test_ml_run_writes_valid_trajectory(tmp_path, gnn_checkpoint):
     assert res["completed"] and res["frames"] == 5
     data, attrs = read_all(res["trajectory"])
     assert attrs["force_source"] == "ml" and attrs["model_path"] == str(path)
+    assert attrs["force_compiled"] == False and attrs["cuda_graph"] == False  # noqa: E712 - h5py's numpy bools
     assert np.isfinite(data["Q"]).all() and np.isfinite(data["n"]).all()
     ck = torch.load(res["checkpoint"], weights_only=False)
     Q = ck["state"]["Q"]

@@ -4,7 +4,7 @@ Format (docs/ARCHITECTURE.md): datasets ``Q`` and ``n`` float32 ``[S, R, L, L]``
 distortions and electron densities of R replicas at S saved frames; chunked one frame per chunk,
 compressed after a byte shuffle), ``step`` int64 ``[S]`` and ``time`` float64 ``[S]`` (= step * dt); file attributes
 ``L, R, dt, mass, gamma, temperature, init_temperature, force_source, model_path, model_run_id,
-seed, version, config`` and the Hamiltonian parameters.
+force_compiled, cuda_graph, seed, version, config`` and the Hamiltonian parameters.
 
 While a run is in progress the file lives at ``<path>.partial``; :meth:`TrajectoryWriter.finalize`
 renames it to ``<path>`` atomically, so a ``trajectory.h5`` is always a finished run. A resumed run
