@@ -148,10 +148,10 @@ def test_compiled_model_in_the_step_graph_matches_eager_steps(force):
     eager_fn = MLForceProvider(HolsteinParams(), "cuda", torch.float32, None, model=model)
     compiled_fn = MLForceProvider(HolsteinParams(), "cuda", torch.float32, None, model=copy.deepcopy(model),
                                   compile="auto")
-    assert compiled_fn._compiled
+    assert compiled_fn.compiled
     eager, rng_eager, _ = _run_steps(eager_fn, False, 25)
     graph, rng_graph, integ = _run_steps(compiled_fn, True, 25)
-    assert integ._graph is not None and compiled_fn._compiled  # recorded, and no fallback to eager
+    assert integ._graph is not None and compiled_fn.compiled  # recorded, and no fallback to eager
     assert torch.equal(rng_graph, rng_eager)
     for a, b in ((graph.Q, eager.Q), (graph.V, eager.V), (graph.F, eager.F)):
         assert_close(a, b, tol=1e-5)

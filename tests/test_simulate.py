@@ -223,7 +223,7 @@ def test_compile_auto_compiles_on_cuda_only(gnn_checkpoint, tmp_path):
     assert compile_wanted(True, "cpu", model) is True and compile_wanted(False, "cuda", model) is False
     prov = make_force_provider({"source": "ml", "checkpoint": str(gnn_checkpoint[0])}, HolsteinParams(), "cpu",
                                "float64")
-    assert prov._compiled is False  # the default (conf/force/ml.yaml: auto) on the CPU
+    assert prov.compiled is False  # the default (conf/force/ml.yaml: auto) on the CPU
 
 
 def test_cuda_graph_auto_records_compiled_models_too():
@@ -234,7 +234,7 @@ def test_cuda_graph_auto_records_compiled_models_too():
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for compiled in (False, True):
-        ml = SimpleNamespace(source="ml", _compiled=compiled)
+        ml = SimpleNamespace(source="ml", compiled=compiled)
         assert _use_cuda_graph("auto", ml, cuda) is True
         assert _use_cuda_graph("auto", ml, cpu) is False and _use_cuda_graph(False, ml, cuda) is False
     assert _use_cuda_graph("auto", SimpleNamespace(source="ed"), cuda) is False

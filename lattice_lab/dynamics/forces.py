@@ -64,6 +64,7 @@ class ForceProvider:
     """Base class: batched force evaluation in ``self.dtype`` on ``self.device`` plus the density."""
 
     source: str = ""
+    compiled: bool = False  # the forces come from a torch.compile'd model (MLForceProvider)
 
     def __init__(self, hamiltonian, device, dtype: torch.dtype, chunk_replicas: int | None = None):
         self.hamiltonian = hamiltonian
@@ -98,7 +99,8 @@ class ForceProvider:
     def describe(self) -> dict:
         """Trajectory/MLflow attributes of this force source."""
         return {"force_source": self.source, "model_path": self.model_path,
-                "model_run_id": self.model_run_id, "model_sha256": self.model_sha256}
+                "model_run_id": self.model_run_id, "model_sha256": self.model_sha256,
+                "force_compiled": bool(self.compiled)}
 
 
 class EDForceProvider(ForceProvider):
@@ -169,6 +171,11 @@ class MLForceProvider(ForceProvider):
             except Exception as exc:  # noqa: BLE001 - any compile failure falls back to eager
                 warnings.warn(f"torch.compile failed ({exc!r}); running the model eagerly", stacklevel=2)
                 self._fn = model
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the model runs through torch.compile (false again after a compile failure)."""
+        return self._compiled
 
     def _run(self, Q: torch.Tensor) -> torch.Tensor:
         native = self._native

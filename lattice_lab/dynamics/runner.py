@@ -279,8 +279,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
 
     attrs = {**{k: dyn[k] for k in ("dt", "mass", "gamma", "temperature", "init_temperature")},
              **{k: v for k, v in hamiltonian.as_dict().items() if k != "temperature"},
-             **provider.describe(), "force_compiled": bool(getattr(provider, "_compiled", False)),
-             "cuda_graph": integrator.cuda_graph, "seed": seed, "save_every": save_every,
+             **provider.describe(), "cuda_graph": integrator.cuda_graph, "seed": seed, "save_every": save_every,
              "save_log_per_decade": dyn["save_log_per_decade"], "config": config_yaml}
     tags = standard_tags("simulate", device=device, model_family=getattr(provider, "model_family", "") or None,
                          model_run_id=provider.model_run_id or None,
