@@ -212,7 +212,7 @@ class MLForceProvider(ForceProvider):
 def compile_wanted(setting, device, model) -> bool:
     """``force.compile``: ``true`` / ``false``, or ``auto``: on CUDA only, for a torch model (not a
     TorchScript export). On a GPU the compiled model is recorded as a CUDA graph like any other
-    (``cuda_graph: auto``); at production sizes on an H100 it runs 1.04-4.5x faster than the uncompiled
+    (``cuda_graph: auto``); at production sizes on an H100 it runs 1.03-4.5x faster than the uncompiled
     graph, for 4-60 s of compilation per lattice shape (docs/bench.md, "On a GPU"). On the CPU the native
     kernels are faster than anything torch.compile makes."""
     setting = check_switch(setting, "force.compile")
