@@ -213,7 +213,7 @@ def compile_wanted(setting, device, model) -> bool:
     """``force.compile``: ``true`` / ``false``, or ``auto``: on CUDA only, for a torch model (not a
     TorchScript export). On a GPU the compiled model is recorded as a CUDA graph like any other
     (``cuda_graph: auto``); at production sizes on an H100 it runs 1.03-4.5x faster than the uncompiled
-    graph, for 4-60 s of compilation per lattice shape (docs/bench.md, "On a GPU"). On the CPU the native
+    graph, for 3-60 s of compilation per lattice shape (docs/bench.md, "On a GPU"). On the CPU the native
     kernels are faster than anything torch.compile makes."""
     setting = check_switch(setting, "force.compile")
     if setting != "auto":
@@ -284,7 +284,7 @@ def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", 
     if source == "ed":
         return EDForceProvider(hamiltonian, device, chunk_replicas=chunk)
     provider = MLForceProvider(hamiltonian, device, resolve_dtype(dtype, MODEL_DTYPES), _cfg_get(force_cfg, "checkpoint"),
-                               chunk_replicas=chunk, compile=check_switch(_cfg_get(force_cfg, "compile", False), "force.compile"),
+                               chunk_replicas=chunk, compile=_cfg_get(force_cfg, "compile", False),
                                model=model)
     need = min_lattice(float(getattr(provider.model, "receptive_field", 0)))
     if L is not None and int(L) < need:
