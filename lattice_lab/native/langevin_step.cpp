@@ -8,8 +8,7 @@
 // normals by two Box-Muller transforms. The noise of site i at step s is therefore a fixed function
 // of (seed, s, i): independent of threads and tiling, with nothing to store for an exact resume but
 // the step number. Sites come in chunks of 64: counter j = 16 c + l (l < 16) of chunk c gives the
-// normals of sites 64 c + 16 m + l, m = 0..3, whatever the CPU's vector width (below), so every CPU
-// draws the same numbers.
+// normals of sites 64 c + 16 m + l, m = 0..3, whatever the CPU's vector width (below).
 //
 // The normals are computed in float32 (log and sin/cos by polynomials below, relative error < 1e-6),
 // also for float64 states: the noise needs no more digits than that.
@@ -26,7 +25,9 @@
 // a chunk's 16 counters are 16 / W such vectors. Written for 16 lanes everywhere, GCC split the
 // comparisons, the unsigned conversion (AVX2 has none) and the per-lane sqrt of AVX2 builds into scalar
 // code: 17 ns per site on an AVX2 EPYC, against 1.9 ns now. Every lane goes through the same operations in
-// the same order at any width, so every CPU draws the same numbers.
+// the same order at any width, so CPUs with FMA draw the same numbers (the AVX2 and the old 16-lane build
+// agree bit for bit); without FMA the polynomials' products are rounded separately and the last bit can
+// differ.
 constexpr int W = LL_VBYTES / 4;
 typedef uint32_t u32xW __attribute__((vector_size(LL_VBYTES)));
 typedef uint64_t u64xH __attribute__((vector_size(LL_VBYTES)));
