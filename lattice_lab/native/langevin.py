@@ -5,7 +5,8 @@ states: ``drift`` (v += half F, Q += dt v) and ``kick`` (v = a v + b F + c xi) w
 xi drawn from a counter-based generator (Philox4x32-10 + Box-Muller), a fixed function of
 (seed, step, site). Drawing it costs ~0.65 ns per site and core with AVX-512 (1.9 ns with AVX2), on
 every thread, against 2.6-3.9 ns per site for torch's single-threaded CPU ``normal_``: on a model costing
-13-30 ns per site that was the whole Langevin overhead. :func:`normal` returns the noise itself (tests, documentation).
+13-30 ns per site that was the whole Langevin overhead. :func:`normal` returns the noise itself (tests,
+documentation).
 """
 
 from __future__ import annotations
