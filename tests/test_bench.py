@@ -49,6 +49,10 @@ def test_quick_end_to_end(tmp_path, tmp_mlflow):
     for c in data["ceiling"].values():  # best of the start and end measurements
         assert c["gflops"] == max(c["gflops_start"], c["gflops_end"]) > 0
     assert data["machine"]["threads"] == 1
+    machine = data["machine"]  # which machine the timings belong to: in the JSON, the text and the MLflow tags
+    assert machine["cpu_model"] and machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    text = (out / "bench.txt").read_text()
+    assert text.startswith("== machine ==\n") and f"cpu {machine['cpu_model']} ({machine['cpu_capability']}" in text
     presets = [m["preset"] for m in data["models"]]
     assert presets == ["enn_small", "gnn_small", "gnn_energy_small", "mlp_small"]
     for m in data["models"]:
@@ -101,6 +105,8 @@ def test_quick_end_to_end(tmp_path, tmp_mlflow):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["ceiling_gflops_float32"] > 0
     assert "enn_small/ed_crossover_L" in runs[0].data.metrics
+    assert runs[0].data.tags["cpu_model"] == machine["cpu_model"]
+    assert runs[0].data.tags["cpu_capability"] == machine["cpu_capability"]
     # compare_runs' default bench columns are names the bench logs
     from lattice_lab.compare_runs import DEFAULT_COLUMNS, runs_table
 

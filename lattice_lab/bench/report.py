@@ -99,6 +99,17 @@ def summary_table(summaries: list[dict], comparison: dict, L_ed: int, scaling_mi
     return table(headers, rows)
 
 
+def machine_text(machine: dict) -> str:
+    """One line naming the machine a run's timings belong to: CPU model and vector ISA, CPUs, torch, GPU."""
+    isa = machine.get("cpu_capability")
+    parts = [f"cpu {machine.get('cpu_model') or machine.get('processor') or '?'}"
+             + (f" ({isa} vectors)" if isa else ""),
+             f"{machine.get('cpu_count')} CPUs", f"torch {machine.get('torch')}"]
+    if machine.get("gpu"):
+        parts.append(f"gpu {machine['gpu']}")
+    return ", ".join(parts)
+
+
 def rounds_text(summaries: list[dict]) -> str:
     """The legend of the ``rounds max/min`` column (nothing in a run of one round)."""
     if not any(s.get("round_spread") for s in summaries):

@@ -142,9 +142,31 @@ def _hamiltonian(cfg):
     return HolsteinParams.from_config(cfg.get("hamiltonian"))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability() -> str | None:
+    """The widest vector ISA torch dispatches to on this CPU (``AVX512``, ``AVX2``, ...). The native kernels
+    are built with ``-march=native`` for the same vectors, so timings compare only between equal values
+    (docs/bench.md: the same code ran 3-4x slower with AVX2 than with AVX-512)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):  # an older torch
+        return None
+
+
 def machine_info(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(), "cpu_capability": cpu_capability(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "hostname": platform.node(), "memory_method": memory_method(device),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
@@ -196,8 +218,8 @@ def run(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     machine = machine_info(device)
-    print(f"lattice_lab bench -> {out_dir}\n  device {device}, dtype {str(dtype)[6:]}, torch threads "
-          f"{machine['threads']}, presets {presets}, sizes {sizes}, ED sizes {ed_sizes}")
+    print(f"lattice_lab bench -> {out_dir}\n  {report.machine_text(machine)}\n  device {device}, dtype "
+          f"{str(dtype)[6:]}, torch threads {machine['threads']}, presets {presets}, sizes {sizes}, ED sizes {ed_sizes}")
 
     # 1. ceiling (measured again at the end: the higher of the two counts, see _ceiling)
     ceilings = _ceiling(cfg, device, dtype, seed, machine)
@@ -271,6 +293,7 @@ def run(cfg: DictConfig) -> dict:
     L_ed, min_L = targets["ed_compare_L"], scaling_min_L
     a_ed = report._fmt(comparison["ed_a_seconds_per_N3"])
     text = "\n\n".join([
+        "== machine ==\n" + report.machine_text(machine),
         f"== models (force evaluation and full Langevin step, batch {batch}, {ceiling_key}, {statistic} of the "
         f"repeats{f', median of {rounds} rounds' if rounds > 1 else ''}) ==\n"
         + report.model_table(model_rows),
@@ -286,8 +309,10 @@ def run(cfg: DictConfig) -> dict:
              "txt": atomic_write_text(out_dir / "bench.txt", text + "\n")}
     lines = [(float(targets["enn_ceiling_fraction"]), "enn target", "enn"),
              (float(targets["gnn_ceiling_fraction"]), "gnn target", "gnn")]
+    hardware = machine.get("gpu") if device.type == "cuda" else f"{machine['cpu_model']}, {machine['cpu_capability']}"
     fig = report.make_figure(model_rows, ed_rows, summaries, comparison,
-                             f"{device}, {ceiling_key}, {machine['threads']} threads", lines, ceiling_gflops)
+                             f"{device} ({hardware}), {ceiling_key}, {machine['threads']} threads", lines,
+                             ceiling_gflops)
     if tracked:
         _track(cfg, result, out_dir, fig, device)
     paths["png"] = report.write_png(out_dir / "bench.png", fig)
@@ -367,6 +392,8 @@ def _track(cfg, result: dict, out_dir: Path, fig, device) -> None:
     with start_run(task="bench", cfg=cfg, run_name=f"bench_{out_dir.name}",
                    tags=standard_tags("bench", device=device)) as tracker:
         tracker.log_params(cfg)
+        machine = result["machine"]  # to filter and compare bench runs by machine in the MLflow UI
+        tracker.set_tags({k: str(machine[k]) for k in ("cpu_model", "cpu_capability", "gpu") if machine.get(k)})
         metrics = {f"ceiling_gflops_{k}": v["gflops"] for k, v in result["ceiling"].items()}
         for s in result["models"]:
             for key in ("scaling_ratio_all", "ceiling_fraction_large", "gflops_large", "langevin_overhead_large",
