@@ -130,6 +130,31 @@ def test_native_weights_follow_parameter_updates():
         torch.testing.assert_close(got, model.compute_forces(Q.float()), atol=1e-5 * float(got.abs().max()), rtol=0)
 
 
+def test_bound_function_serves_every_case_of_a_call():
+    """The provider's per-step closure (GNNForces.bind): the cached-workspace path, a size without a
+    workspace yet, a non-contiguous input, a call while another is in flight (its own scratch memory),
+    a replaced parameter, and None once the weights are in another dtype."""
+    model = _gnn()
+    Q = torch.randn(2, 11, 11, dtype=torch.float64)
+    with torch.no_grad():
+        f = model.native_function(Q, k=HAM["k"], kappa=HAM["kappa"])
+
+        def check(X):
+            torch.testing.assert_close(f(X), model.compute_forces(X) + _elastic(X), atol=1e-12, rtol=0)
+
+        check(Q)  # builds the workspace through __call__
+        check(Q)  # the cached path
+        check(torch.randn(1, 13, 13, dtype=torch.float64))  # another size
+        check(torch.randn(2, 11, 22, dtype=torch.float64)[..., ::2])  # not contiguous
+        plan = model._native[torch.float64]
+        with plan._busy:  # another call in flight
+            check(Q)
+        model.layers[2].w_nn.data = torch.randn_like(model.layers[2].w_nn)  # the packed layer, replaced
+        check(Q)
+        model.float()
+        assert f(Q) is None
+
+
 def test_native_not_used_with_autograd_setting_or_environment(monkeypatch):
     model = _gnn()
     Q = torch.randn(1, 9, 9, dtype=torch.float64)

@@ -177,6 +177,14 @@ class MLForceProvider(ForceProvider):
         """Whether the model runs through torch.compile (false again after a compile failure)."""
         return self._compiled
 
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        native = self._native  # the per-step case first: the shape the native kernel was fetched for
+        if native is not None and Q.shape == native[0] and Q.dtype == self.dtype and Q.device == self.device:
+            F = native[1](Q)  # that shape passed the input checks once (~1 us a call less)
+            if F is not None:
+                return F
+        return super().__call__(Q)
+
     def _run(self, Q: torch.Tensor) -> torch.Tensor:
         native = self._native
         if native is not None and native[0] == Q.shape:  # the model's native kernel, without the

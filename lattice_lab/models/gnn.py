@@ -310,4 +310,4 @@ class GNN(ForceField):
         plan = self.native_plan(Q)
         if plan is None:
             return None
-        return lambda Q: plan(Q, k, kappa) if plan.ready() else None
+        return plan.bind(k, kappa)
