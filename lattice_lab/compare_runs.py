@@ -38,7 +38,8 @@ DEFAULT_COLUMNS = {
                             "metrics.final_xi", "tags.model_run_id"],
     # bench logs one run per benchmark; its per-model metrics are named <preset>/<metric>
     "lattice_lab/bench": ["params.presets", "params.sizes", "params.threads", "metrics.ceiling_gflops_float32",
-                          "metrics.targets_passed", "metrics.targets_failed", "tags.device", "tags.cpu_capability"],
+                          "metrics.targets_passed", "metrics.targets_failed", "tags.device",
+                          "tags.cpu_capability"],
 }
 ALL_RUNS = 100_000  # MLflow's own default of search_runs (it pages through the store)
 DEFAULT_SORT = {"lattice_lab/train": "metrics.final/val_sigma", "lattice_lab/evaluate": "metrics.eval/sigma",

@@ -219,7 +219,8 @@ def run(cfg: DictConfig) -> dict:
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     machine = machine_info(device)
     print(f"lattice_lab bench -> {out_dir}\n  {report.machine_text(machine)}\n  device {device}, dtype "
-          f"{str(dtype)[6:]}, torch threads {machine['threads']}, presets {presets}, sizes {sizes}, ED sizes {ed_sizes}")
+          f"{str(dtype)[6:]}, torch threads {machine['threads']}, presets {presets}, sizes {sizes}, "
+          f"ED sizes {ed_sizes}")
 
     # 1. ceiling (measured again at the end: the higher of the two counts, see _ceiling)
     ceilings = _ceiling(cfg, device, dtype, seed, machine)
@@ -309,7 +310,8 @@ def run(cfg: DictConfig) -> dict:
              "txt": atomic_write_text(out_dir / "bench.txt", text + "\n")}
     lines = [(float(targets["enn_ceiling_fraction"]), "enn target", "enn"),
              (float(targets["gnn_ceiling_fraction"]), "gnn target", "gnn")]
-    hardware = machine.get("gpu") if device.type == "cuda" else f"{machine['cpu_model']}, {machine['cpu_capability']}"
+    hardware = (machine.get("gpu") if device.type == "cuda"
+                else f"{machine['cpu_model']}, {machine['cpu_capability']}")
     fig = report.make_figure(model_rows, ed_rows, summaries, comparison,
                              f"{device} ({hardware}), {ceiling_key}, {machine['threads']} threads", lines,
                              ceiling_gflops)
@@ -393,7 +395,8 @@ def _track(cfg, result: dict, out_dir: Path, fig, device) -> None:
                    tags=standard_tags("bench", device=device)) as tracker:
         tracker.log_params(cfg)
         machine = result["machine"]  # to filter and compare bench runs by machine in the MLflow UI
-        tracker.set_tags({k: str(machine[k]) for k in ("cpu_model", "cpu_capability", "gpu") if machine.get(k)})
+        tracker.set_tags({k: str(machine[k]) for k in ("cpu_model", "cpu_capability", "gpu")
+                          if machine.get(k)})
         metrics = {f"ceiling_gflops_{k}": v["gflops"] for k, v in result["ceiling"].items()}
         for s in result["models"]:
             for key in ("scaling_ratio_all", "ceiling_fraction_large", "gflops_large", "langevin_overhead_large",
