@@ -321,6 +321,18 @@ def test_rounds_time_every_size_again(tmp_path):
         assert {row["rounds"] for row in csv.DictReader(fh) if row["status"] == "ok"} == {"2"}
 
 
+def test_rounds_alternate_the_order_of_the_sizes(tmp_path, monkeypatch):
+    """Round 2 sweeps the sizes from the largest down, round 3 up again: a slow spell of the machine does not
+    fall on the same end of every sweep."""
+    import lattice_lab.bench.models as M
+
+    order, measure = [], M._measure_size
+    monkeypatch.setattr(M, "_measure_size", lambda row, *a, **kw: (order.append(row["L"]), measure(row, *a, **kw)))
+    run(_cfg("bench_preset=quick", f"output_dir={tmp_path / 'bench'}", "threads=1", "presets=[gnn_small]",
+             "rounds=3", "ed_sizes=[]", "measure_memory=false"))
+    assert order == [10, 12, 12, 10, 10, 12]
+
+
 def test_a_later_round_out_of_memory_keeps_the_first(tmp_path, monkeypatch):
     import lattice_lab.bench.models as M
 

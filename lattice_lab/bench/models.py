@@ -132,8 +132,9 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
     force call and the Langevin step are timed as CUDA-graph replays
     (:mod:`lattice_lab.common.cuda_graph`), as simulate runs them; the eager force call is kept as
     ``eager_force_s``. ``rounds`` > 1: the force call and the step are timed again at every measured
-    size in ``rounds - 1`` further sweeps over the sizes, and each time is the median of the rounds
-    (:func:`combine_rounds`): a burst of a shared machine's load then cannot fall on one size only.
+    size in ``rounds - 1`` further sweeps over the sizes (every other one in reverse order), and each time
+    is the median of the rounds (:func:`combine_rounds`): a burst of a shared machine's load then cannot
+    fall on one size only.
     """
     model, n_params, fps = build_preset(name, hamiltonian, device, dtype)
     provider = make_provider(model, hamiltonian, device, dtype)
@@ -183,7 +184,10 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
     measured = [r for r in rows if r["status"] == "ok"]
     samples = {id(r): [dict(r)] for r in measured}
     for k in range(1, rounds):
-        for row in progress(measured, desc=f"bench {name} round {k + 1}/{rounds}", unit="size"):
+        # every other round from the largest size down: a slow spell of a shared machine, which lasts seconds
+        # to minutes, then falls on other sizes in other rounds instead of on the same end of every sweep
+        order = measured[::-1] if k % 2 else measured
+        for row in progress(order, desc=f"bench {name} round {k + 1}/{rounds}", unit="size"):
             again = {"L": row["L"], "N": row["N"], "batch": batch}
             try:
                 _measure_size(again, provider, None, _Budget(max_seconds, max_bytes), hamiltonian=hamiltonian,
