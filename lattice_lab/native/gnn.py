@@ -35,6 +35,11 @@ _DATA_PTR = torch.Tensor.data_ptr
 _VERSION = operator.attrgetter("_version")
 
 
+def _failed(rc: int):
+    """A kernel call's nonzero return code (a workspace that does not fit the call) as an error."""
+    raise RuntimeError(f"native GNN forces failed (code {rc})")
+
+
 def packed_chunk(c_out: int) -> int:
     """Output channels per register chunk of a packed layer (its weights' layout; 16, as for the others:
     8 or 4, which read each weight for 2 or 4 vectors of sites, measured no faster on the paper preset)."""
@@ -167,7 +172,7 @@ class GNNForces:
             finally:
                 busy.release()
             if rc != 0:
-                raise RuntimeError(f"native GNN forces failed (code {rc})")
+                _failed(rc)
             return F
 
         return forces
@@ -189,5 +194,5 @@ class GNNForces:
             got = self.workspace(*key, cached=False)
             rc = self.fn(Q.data_ptr(), F.data_ptr(), Q.shape[0], got[2], k, kappa)
         if rc != 0:
-            raise RuntimeError(f"native GNN forces failed (code {rc})")
+            _failed(rc)
         return F
