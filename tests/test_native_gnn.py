@@ -10,11 +10,12 @@ import pytest
 import torch
 from test_enn import _equivariance_error  # tests/ is on sys.path (rootdir conftest)
 
+import lattice_lab.native.gnn as native_gnn
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.models.checkpoint import load_checkpoint, save_checkpoint
 from lattice_lab.models.gnn import GNN, NATIVE_ACTIVATIONS, NATIVE_AUTO_MAX_WIDTH
 from lattice_lab.models.registry import build_model, load_preset
-from lattice_lab.native.gnn import PACK_ABOVE, GNNForces
+from lattice_lab.native.gnn import PACK_ABOVE, GNNForces, packed_chunk, widest_chunk
 
 HAM = {"t": 1.0, "g": 3.5, "k": 1.0, "kappa": 0.18, "temperature": 0.1, "filling": "canonical"}
 # c_out 6, 40, 5, 1: register chunks of 2, 8 (a packed layer: wider than PACK_ABOVE), 1 and 1 output channels
@@ -46,6 +47,23 @@ def _elastic(Q, k=HAM["k"], kappa=HAM["kappa"]):
 
 def test_pack_threshold_is_exercised():
     assert max(WIDTHS) > PACK_ABOVE >= min(WIDTHS[1:-1])
+
+
+@pytest.mark.parametrize("widest", [16, 8, 4, 2])
+def test_every_packed_chunk_width_gives_the_torch_forces(monkeypatch, widest):
+    """A packed layer of 48 outputs in chunks of 16, 8, 4 or 2 (the kernel's widest chunk is 16 with
+    AVX-512, 8 with AVX2: each CPU runs one of them by default, every layout must be right)."""
+    assert packed_chunk(48, widest) == widest and packed_chunk(40, 16) == 8 and packed_chunk(5) == 1
+    assert widest_chunk() in (8, 16)
+    monkeypatch.setattr(native_gnn, "widest_chunk", lambda: widest)
+    model = _gnn(widths=[1, 6, 48, 5, 1], activation="silu", seed=3)
+    kernel = GNNForces(model, torch.float64)
+    assert kernel.ready() and kernel.packed == [False, True, False, False]
+    assert int(kernel.dims[2 + 5 + 3 * 1 + 2]) == widest  # layer 2's packed chunk in the kernel's dims
+    Q = 2.0 * torch.randn(2, 13, 13, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model.compute_forces(Q)
+    torch.testing.assert_close(kernel(Q, HAM["k"], HAM["kappa"]), ref + _elastic(Q), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("activation", NATIVE_ACTIVATIONS)
@@ -90,16 +108,21 @@ def test_native_chunks_and_seams_on_several_threads(threads):
         torch.testing.assert_close(got, model(Q), atol=1e-12, rtol=0)  # other thread count: same forces
 
 
-def test_native_exact_equivariance():
-    """All 8 D4 operations and translations through the kernel: the neighbour sum (up + down) +
-    (left + right) rounds the same way in every orientation, so this is exact to the last bit here."""
-    model = _gnn(widths=[1, 16, 32, 16, 1])
-    Q = torch.randn(2, 10, 10, dtype=torch.float64)
-    with torch.no_grad():
-        assert model.native_plan(Q) is not None
-        err, F = _equivariance_error(model, Q)
-    assert F.std() > 1e-2
-    assert err <= 1e-14 * float(F.abs().max())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("widths", [[1, 16, 32, 16, 1], WIDTHS])
+def test_native_exact_equivariance(widths, dtype):
+    """All 8 D4 operations and translations through the kernel, exact to the last bit: the neighbour sum
+    (up + down) + (left + right) rounds the same way in every orientation, and every site of a row is
+    summed in the same order, in the full vector blocks and in the shorter ones at the row's end (L = 9 ..
+    37 leave every kind of remainder for 2-, 4-, 8- and 16-lane vectors)."""
+    model = _gnn(widths=widths).to(dtype)
+    for L in (9, 10, 13, 20, 23, 37):
+        Q = torch.randn(2, L, L, dtype=dtype)
+        with torch.no_grad():
+            assert model.native_plan(Q) is not None
+            err, F = _equivariance_error(model, Q)
+        assert F.std() > 1e-2
+        assert err == 0.0, (L, err)
 
 
 def test_native_weights_follow_parameter_updates():

@@ -40,10 +40,20 @@ def _failed(rc: int):
     raise RuntimeError(f"native GNN forces failed (code {rc})")
 
 
-def packed_chunk(c_out: int) -> int:
-    """Output channels per register chunk of a packed layer (its weights' layout; 16, as for the others:
-    8 or 4, which read each weight for 2 or 4 vectors of sites, measured no faster on the paper preset)."""
-    return next(kc for kc in (16, 8, 4, 2, 1) if c_out % kc == 0)
+def packed_chunk(c_out: int, widest: int = 16) -> int:
+    """Output channels per register chunk of a packed layer (its weights' layout): the widest power of 2
+    up to ``widest`` (the kernel's own, :func:`widest_chunk`) that divides ``c_out``. With AVX-512, chunks
+    of 8 or 4, which read each weight for 2 or 4 vectors of sites, measured no faster than 16 on the paper
+    preset; with AVX2, 8 made it 12-34% faster (docs/bench.md)."""
+    return next(kc for kc in (16, 8, 4, 2, 1) if kc <= widest and c_out % kc == 0)
+
+
+def widest_chunk() -> int:
+    """The kernel's widest register chunk of output channels on this CPU: 16 with AVX-512's 32 vector
+    registers, 8 with 16 (AVX2), where 16 accumulators spill (measured in docs/bench.md)."""
+    fn = load("gnn_forward").ll_gnn_max_chunk
+    fn.argtypes, fn.restype = [], ctypes.c_int64
+    return int(fn())
 
 
 class _Args(ctypes.Structure):
@@ -77,9 +87,10 @@ class GNNForces:
         self.model, self.dtype = model, dtype
         widths = list(model.widths)
         self.packed = [layer.c_out > PACK_ABOVE for layer in model.layers]
+        self.widest = widest_chunk()
         strides = []
         for layer, packed in zip(model.layers, self.packed):
-            kc = packed_chunk(layer.c_out)
+            kc = packed_chunk(layer.c_out, self.widest)
             strides += [2 * layer.c_in, 2 * kc, kc] if packed else [1, layer.c_out, 0]
         self.dims = torch.tensor([len(widths) - 1, ACTIVATION_CODES[model.activation], *widths, *strides],
                                  dtype=torch.int64)
@@ -125,7 +136,7 @@ class GNNForces:
         with torch.no_grad():
             for layer, packed in zip(self.model.layers, self.packed):
                 if packed:  # [c_in, 2, c_out] -> [c_out / kc, c_in, 2, kc]
-                    kc = packed_chunk(layer.c_out)
+                    kc = packed_chunk(layer.c_out, self.widest)
                     w = torch.stack([layer.w_self, layer.w_nn], 1).view(layer.c_in, 2, layer.c_out // kc, kc)
                     w = w.permute(2, 0, 1, 3).contiguous()
                     self._packs.append(w)

@@ -46,6 +46,10 @@ enum { D_NL = 0, D_ACT = 1, D_W0 = 2 };
 // ptrs = [q_mean, q_std, f_mean, f_std, then per layer w_self [c_in][c_out], w_nn [c_in][c_out], bias [c_out]]
 enum { S_QM = 0, S_QS = 1, S_FM = 2, S_FS = 3, S_HEAD = 4 };
 constexpr int NB_MAX = 8;  // vector blocks of sites per pass (narrow outputs)
+// Output channels per register chunk at most: 16 with AVX-512 (16 accumulators of one vector of sites in
+// its 32 vector registers), 8 with 16 registers (AVX2, SSE: 8 outputs x 2 vectors of sites read each
+// weight twice; 16 x 1 spilled its accumulators to the stack and was 10-25% slower, docs/bench.md).
+constexpr int KC_MAX = LL_VBYTES >= 64 ? 16 : 8;
 
 template <typename R>
 struct Traits;
@@ -101,19 +105,19 @@ inline typename Vec<R>::V activate(typename Vec<R>::V y) {
 // One output row of one layer: out[k][x] = act(b[k] + sum_c mid[c][x] Ws[c][k] + s nsum[c][x] Wn[c][k]),
 // KC output channels at a time in registers, NB vector blocks of sites at once (more independent
 // accumulators for narrow outputs; SPLIT, U: separate self / neighbour and even / odd input accumulators
-// when there are few, so that the latency of the multiply-add chains does not limit).
+// when there are few, so that the latency of the multiply-add chains does not limit; chosen once per layer
+// for its widest NB, so that every site of a row is summed in the same order: the same rounding at every
+// site, which makes the kernel exactly equivariant).
 // Weight (c, k) at Ws + (k0 * sk + c * sc + k) for output chunk k0 (self) and the same from Wn (neighbour):
 // the parameters' own memory [c_in][c_out] (sk = 1, sc = c_out) or a copy packed per chunk of KC outputs,
 // [c_out / KC][c_in][2][KC] (sk = 2 c_in, sc = 2 KC: one contiguous stream; used for wide layers, whose
 // weights do not stay in L2 and would otherwise be read with a stride of c_out).
-template <typename R, int KC, int NB, int ACT>
+template <typename R, int KC, int NB, int ACT, bool SPLIT, int U>
 void row_blocks(const R* up, const R* mid, const R* dn, R* out, int64_t ld, int64_t x_begin, int64_t x_end,
                 int64_t c_in, int64_t c_out, const R* Ws, const R* Wn, int64_t sk, int64_t sc, const R* bias,
                 R scale, typename Vec<R>::V* nbuf) {
   typedef typename Vec<R>::V V;
   constexpr int N = sizeof(V) / sizeof(R);
-  constexpr bool SPLIT = KC * NB <= 8;
-  constexpr int U = KC * NB <= 4 ? 2 : 1;  // very narrow: also separate accumulators for even / odd inputs
   for (int64_t x0 = x_begin; x0 + NB * N <= x_end; x0 += NB * N) {
     for (int64_t c = 0; c < c_in; ++c) {
       const int64_t o = c * ld + x0;
@@ -162,15 +166,15 @@ void row_blocks(const R* up, const R* mid, const R* dn, R* out, int64_t ld, int6
 }
 
 // the vector blocks [x, x_end) of a row, NB at a time, the rest with fewer
-template <typename R, int KC, int NB, int ACT>
+template <typename R, int KC, int NB, int ACT, bool SPLIT, int U>
 void row_tail(const R* up, const R* mid, const R* dn, R* out, int64_t ld, int64_t x, int64_t x_end,
               int64_t c_in, int64_t c_out, const R* Ws, const R* Wn, int64_t sk, int64_t sc, const R* bias,
               R scale, typename Vec<R>::V* nbuf) {
   constexpr int N = sizeof(typename Vec<R>::V) / sizeof(R);
-  row_blocks<R, KC, NB, ACT>(up, mid, dn, out, ld, x, x_end, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
+  row_blocks<R, KC, NB, ACT, SPLIT, U>(up, mid, dn, out, ld, x, x_end, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
   if constexpr (NB > 1) {
     x += (x_end - x) / (NB * N) * (NB * N);
-    row_tail<R, KC, NB / 2, ACT>(up, mid, dn, out, ld, x, x_end, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
+    row_tail<R, KC, NB / 2, ACT, SPLIT, U>(up, mid, dn, out, ld, x, x_end, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
   }
 }
 
@@ -180,13 +184,15 @@ void layer_row_kc(const R* up, const R* mid, const R* dn, R* out, int64_t ld, in
                   typename Vec<R>::V* nbuf) {
   constexpr int N = sizeof(typename Vec<R>::V) / sizeof(R);
   constexpr int NB = 16 / KC < NB_MAX ? 16 / KC : NB_MAX;
+  constexpr bool SPLIT = KC * NB <= 8;
+  constexpr int U = KC * NB <= 4 ? 2 : 1;  // very narrow: also separate accumulators for even / odd inputs
   const int64_t n_vec = (L + N - 1) / N;
-  row_tail<R, KC, NB, ACT>(up, mid, dn, out, ld, N, N + n_vec * N, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
+  row_tail<R, KC, NB, ACT, SPLIT, U>(up, mid, dn, out, ld, N, N + n_vec * N, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
 }
 
 // output channels per register chunk of a layer read in the parameters' own layout
 inline int64_t out_chunk(int64_t c_out) {
-  for (int64_t kc : {16, 8, 4, 2}) if (c_out % kc == 0) return kc;
+  for (int64_t kc : {16, 8, 4, 2}) if (kc <= KC_MAX && c_out % kc == 0) return kc;
   return 1;
 }
 
@@ -453,6 +459,7 @@ int forward(const R* Q, R* F, int64_t B, const Args* args, double k, double kapp
 }  // namespace
 
 extern "C" {
+int64_t ll_gnn_max_chunk() { return KC_MAX; }  // the widest packed chunk worth using on this CPU
 int64_t ll_gnn_workspace_f32(const int64_t* dims, int64_t L, int64_t nt) { return workspace<float>(dims, L, nt); }
 int64_t ll_gnn_workspace_f64(const int64_t* dims, int64_t L, int64_t nt) { return workspace<double>(dims, L, nt); }
 int ll_gnn_forces_f32(const float* Q, float* F, int64_t B, const Args* args, double k, double kappa) {
