@@ -114,7 +114,7 @@ def test_native_exact_equivariance(widths, dtype):
     """All 8 D4 operations and translations through the kernel, exact to the last bit: the neighbour sum
     (up + down) + (left + right) rounds the same way in every orientation, and every site of a row is
     summed in the same order, in the full vector blocks and in the shorter ones at the row's end (L = 9 ..
-    37 leave every kind of remainder for 2-, 4-, 8- and 16-lane vectors)."""
+    37: rows of 1 to 10 vectors, some ending in a shorter block, for 4-, 8- and 16-lane vectors alike)."""
     model = _gnn(widths=widths).to(dtype)
     for L in (9, 10, 13, 20, 23, 37):
         Q = torch.randn(2, L, L, dtype=dtype)
