@@ -228,6 +228,15 @@ def test_correlation_length_on_analytic_curves():
     xi, ok = correlation_length(Gb, r)
     assert ok.tolist() == [False, False, True]
     assert np.isnan(xi[0]) and np.isnan(xi[1]) and np.isfinite(xi[2])
+    # a curve that starts below the level has no crossing (not an extrapolation from its end)
+    xi, ok = correlation_length(np.array([0.4, 0.3, 0.2]), np.array([0.0, 1.0, 2.0]))
+    assert not ok and np.isnan(xi)
+
+
+@pytest.mark.parametrize("L, last_r2", [(6, 9), (7, 10), (8, 16), (9, 20)])
+def test_distance_bins_reach_half_the_lattice(L, last_r2):
+    """The default range is r <= L/2 (not L//2): odd L keeps its outermost shells (L = 7: r^2 = 10)."""
+    assert round(distance_bins(L).r[-1] ** 2) == last_r2
 
 
 def test_correlation_length_recovers_planted_length():

@@ -219,3 +219,28 @@ def test_hot_start_without_neighbour_coupling_uses_the_on_site_stiffness():
     p = HolsteinParams(k=4.0, kappa=0.0)
     Q, _ = random_hot_start(40, 16, p, mass=5.0, init_temperature=2.0, generator=torch.Generator().manual_seed(0))
     assert abs(float(Q.var()) / (2.0 / 4.0) - 1) < 5 * math.sqrt(2 / Q.numel())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bath_noise_is_independent_across_replicas_and_sites(native):
+    """From rest without forces one step gives V = c xi: each replica's noise is its own (uncorrelated with
+    the others', not a shared draw), unit-variance and uncorrelated between neighbouring sites."""
+    R, L = 4, 32
+    p = LangevinParams(mass=2.0, gamma=0.5, dt=0.05, temperature=0.8)
+    integ = LangevinIntegrator(lambda Q: torch.zeros_like(Q), p, torch.Generator().manual_seed(3), native=native)
+    state = integ.step(integ.init_state(torch.zeros(R, L, L, dtype=torch.float64)))
+    xi = (state.V / p.ou_noise).reshape(R, -1)
+    n = xi.shape[1]
+    tol = 5 / math.sqrt(n)
+    corr = torch.corrcoef(xi)
+    assert (corr - torch.eye(R, dtype=corr.dtype)).abs().max() < tol, corr
+    assert (xi.var(dim=1) - 1).abs().max() < 5 * math.sqrt(2 / n)
+    nb = (state.V * state.V.roll(1, -1)).mean() / state.V.pow(2).mean()
+    assert abs(float(nb)) < tol / 2
+
+
+def test_kinetic_temperature_is_m_mean_v_squared():
+    """Equipartition of one degree of freedom: <m v^2 / 2> = T / 2, so T_kin = m <v^2> (not m <v^2> / 2)."""
+    V = torch.tensor([[[1.0, -2.0], [0.5, 0.0]]], dtype=torch.float32)
+    state = LangevinState(Q=torch.zeros_like(V), V=V, F=torch.zeros_like(V))
+    assert state.kinetic_temperature(5.0) == pytest.approx(5.0 * (1 + 4 + 0.25) / 4, rel=1e-12)

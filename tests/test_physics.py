@@ -99,6 +99,28 @@ def test_zero_temperature_degenerate_shell_is_filled_fractionally():
     assert torch.allclose(res.forces, torch.zeros_like(res.forces), atol=1e-11)
 
 
+def test_zero_temperature_shell_without_particle_hole_symmetry():
+    # one impurity Q[0, 0] = 0.5 on L = 4 breaks particle-hole symmetry: the shell at the Fermi energy is
+    # 5-fold and needs 2 of the 8 electrons (fraction 2/5, not 1/2); the density is the T -> 0 limit
+    Q = torch.zeros(4, 4, dtype=torch.float64)
+    Q[0, 0] = 0.5
+    res = ExactForces(HolsteinParams(temperature=0.0)).compute(Q, return_eigenvalues=True)
+    eps = res.eigenvalues
+    shell = (eps - eps[7]).abs() < 1e-9
+    assert int(shell.sum()) == 5 and int((eps < eps[7] - 1e-9).sum()) == 6  # the case this test is about
+    assert abs(float(res.density.sum()) - 8) < 1e-12
+    cold = ExactForces(HolsteinParams(temperature=1e-3)).compute(Q)
+    assert torch.allclose(cold.density, res.density, atol=1e-6)
+    assert torch.allclose(cold.forces, res.forces, atol=1e-5)
+
+
+def test_zero_temperature_chemical_potential_is_midgap():
+    # datasets store mu: at T = 0 it is the middle of the gap between the levels N/2 and N/2 + 1
+    Q = _configs(3, 4, seed=0)
+    res = ExactForces(HolsteinParams(temperature=0.0)).compute(Q, return_eigenvalues=True)
+    assert torch.allclose(res.mu, 0.5 * (res.eigenvalues[:, 7] + res.eigenvalues[:, 8]), atol=1e-14, rtol=0)
+
+
 # -- filling ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [0.01, 0.1, 0.5, 3.0])
 def test_canonical_electron_count_is_exact(T):

@@ -26,7 +26,7 @@ from lattice_lab.symmetry import (
     projector,
 )
 from lattice_lab.symmetry.clebsch_gordan import product_representation
-from lattice_lab.symmetry.group import adapted_basis
+from lattice_lab.symmetry.group import ELEMENT_NAMES, adapted_basis
 
 
 def test_group_structure():
@@ -79,6 +79,35 @@ def test_projectors_on_regular_representation():
         assert round(np.trace(P)) == IRREP_DIM[ir] ** 2
         total += P
     np.testing.assert_allclose(total, np.eye(8), atol=1e-14)
+
+
+def test_element_conventions():
+    """The labels mean what ELEMENT_NAMES says: C4 turns x into y (counter-clockwise), sigma_x keeps x
+    and flips y, sigma_d swaps x and y. The group-summed quantities above cannot see a relabelling."""
+    x, y = np.array([1, 0]), np.array([0, 1])
+    names = dict(zip(ELEMENT_NAMES, D4_ELEMENTS))
+    assert (names["C4"] @ x).tolist() == y.tolist() and (names["C4"] @ y).tolist() == (-x).tolist()
+    assert (names["C4^3"] @ x).tolist() == (-y).tolist()
+    assert (names["sigma_x"] @ y).tolist() == (-y).tolist() and (names["sigma_x"] @ x).tolist() == x.tolist()
+    assert (names["sigma_d"] @ x).tolist() == y.tolist()
+
+
+def test_translate_moves_content_by_the_shift():
+    """translate(f, s)[x] = f[x - s]: a delta at the origin lands at s (periodically)."""
+    f = torch.zeros(5, 5)
+    f[0, 0] = 1.0
+    assert torch.nonzero(translate(f, (1, 2))).tolist() == [[1, 2]]
+    assert torch.nonzero(translate(f, (-1, 7))).tolist() == [[4, 2]]
+
+
+def test_clebsch_gordan_of_two_doublets_follows_design():
+    """E x E in the (x, y) basis (DESIGN.md): A1 ~ x1y1 + x2y2, A2 ~ x1y2 - x2y1, B1 ~ x1y1 - x2y2,
+    B2 ~ x1y2 + x2y1, each normalised by 1/sqrt(2) with this sign (the sign of a learned product's weight)."""
+    cg = clebsch_gordan("E", "E")
+    expected = {"A1": [[1, 0], [0, 1]], "A2": [[0, 1], [-1, 0]], "B1": [[1, 0], [0, -1]], "B2": [[0, 1], [1, 0]]}
+    assert list(cg) == list(expected)
+    for name, C in expected.items():
+        np.testing.assert_allclose(cg[name][0], np.array(C) / math.sqrt(2), atol=1e-15)
 
 
 @pytest.mark.parametrize("ir1,ir2", list(itertools.product(IRREPS, IRREPS)))
