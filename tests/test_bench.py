@@ -155,6 +155,7 @@ def test_bad_config_names_the_key(tmp_path, override, key):
     # were refused only after every model was measured (ed_device) or named as dtype (ceiling.dtypes)
     ("ed_device=tpu", "ed_device='tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("ceiling.dtypes=[float32,float16x]", "ceiling.dtypes='float16x': expected one of"),
+    ("seed=18446744073709551616", "seed=18446744073709551616: too large (seeds are 64-bit"),
 ])
 def test_bad_value_is_named_before_any_work(tmp_path, override, message):
     out = tmp_path / "bench"

@@ -225,6 +225,9 @@ def test_corrupted_partial_build_is_a_config_error(tmp_path):
     (["dataset.replicas=0"], "dataset.replicas=0: expected an integer >= 1"),
     (["dataset.dt=0"], "dataset.dt=0.0: must be > 0"),
     (["dataset.mass=-1"], "dataset.mass=-1.0: must be > 0"),
+    # the quench draws from seed + 1: 2^64 - 1 would overflow torch's 64-bit seed after the random phase
+    (["seed=18446744073709551615"], "seed=18446744073709551615: too large (seeds are 64-bit: at most 2^64 - 2"),
+    (["seed=99999999999999999999999"], "seed=99999999999999999999999: too large"),
 ])
 def test_bad_inputs_raise_one_line_config_errors(tmp_path, overrides, fragment):
     with pytest.raises(ConfigError) as exc:

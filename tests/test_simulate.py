@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from lattice_lab.common.cli import CONFIG_DIR
 from lattice_lab.common.errors import ConfigError, SimulationDiverged
+from lattice_lab.common.seeding import check_seed
 from lattice_lab.dynamics.compare_run import run_comparison
 from lattice_lab.dynamics.forces import EDForceProvider, ForceProvider, make_force_provider, weights_sha256
 from lattice_lab.dynamics.runner import build_hamiltonian, run_simulation
@@ -412,6 +413,13 @@ def test_bad_seed_refused_before_anything_is_written(tmp_path, seed):
         run(make_cfg(tmp_path, "force=ed", f"seed={seed}"))
     assert seed in str(info.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_seed_beyond_64_bits_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match=r"^seed=18446744073709551616: too large \(seeds are 64-bit: at most 2\^64 - 1"):
+        run(make_cfg(tmp_path, "force=ed", "seed=18446744073709551616"))
+    assert not any(tmp_path.iterdir())
+    assert check_seed(2**64 - 1) == 2**64 - 1  # the largest seed torch and the native noise take
 
 
 @pytest.mark.parametrize("override, fragment", [

@@ -170,6 +170,9 @@ def test_bad_seed_is_a_config_error(dataset_file, tmp_path):
     with pytest.raises(ConfigError, match=r"seed='abc': expected a non-negative integer"):
         run(_cfg(dataset_file, tmp_path, "seed=abc", "tracking.enabled=false"))
     assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=r"seed=99999999999999999999999: too large \(seeds are 64-bit"):
+        run(_cfg(dataset_file, tmp_path, "seed=99999999999999999999999", "tracking.enabled=false"))
+    assert not any(tmp_path.iterdir())
 
 
 def test_dataset_smaller_than_the_receptive_field_is_refused_before_the_run(dataset_file, tmp_path):

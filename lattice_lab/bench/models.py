@@ -19,6 +19,7 @@ from lattice_lab.bench.timing import peak_memory, plan_repeats, time_call
 from lattice_lab.common.cuda_graph import GraphedCall
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.progress import progress
+from lattice_lab.common.seeding import SEED_MAX
 from lattice_lab.models.base import min_lattice as reach_lattice
 
 
@@ -90,6 +91,11 @@ def random_configuration(batch: int, L: int, device, dtype, seed: int) -> tuple[
     Q = torch.randn(batch, L, L, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     V = 0.1 * torch.randn(batch, L, L, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     return Q, V
+
+
+def _size_seed(seed: int, L: int) -> int:
+    """The seed of the configuration timed at size L: ``seed + L``, kept a 64-bit seed."""
+    return (seed + L) % (SEED_MAX + 1)
 
 
 class _Budget:
@@ -171,7 +177,7 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
             _measure_size(row, provider, compiled, budget, hamiltonian=hamiltonian, device=device, dtype=dtype,
                           batch=batch, repeats=repeats, warmup=warmup, max_seconds=max_seconds, min_seconds=min_seconds,
                           langevin=langevin or {}, measure_memory=measure_memory and role == "scaling",
-                          full=role == "scaling", seed=seed + L, info=info, statistic=statistic,
+                          full=role == "scaling", seed=_size_seed(seed, L), info=info, statistic=statistic,
                           cuda_graph=cuda_graph)
         except torch.OutOfMemoryError as exc:
             row.update(status="skipped", note=f"out of memory: {str(exc).splitlines()[0]}")
@@ -193,7 +199,7 @@ def bench_preset(name: str, *, sizes, compare_sizes, hamiltonian, device: torch.
                 _measure_size(again, provider, None, _Budget(max_seconds, max_bytes), hamiltonian=hamiltonian,
                               device=device, dtype=dtype, batch=batch, repeats=repeats, warmup=warmup,
                               max_seconds=max_seconds, min_seconds=min_seconds, langevin=langevin or {},
-                              measure_memory=False, full=row["set"] == "scaling", seed=seed + row["L"], info=info,
+                              measure_memory=False, full=row["set"] == "scaling", seed=_size_seed(seed, row["L"]), info=info,
                               statistic=statistic, cuda_graph=cuda_graph)
             except RuntimeError as exc:  # out of memory (torch.OutOfMemoryError included) in a later round:
                 if "memory" not in str(exc).lower():  # the size keeps the rounds it has

@@ -35,6 +35,7 @@ from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.interrupts import interrupts_as
 from lattice_lab.common.io import atomic_torch_save, load_torch_file
 from lattice_lab.common.progress import progress, set_status, start_phase
+from lattice_lab.common.seeding import SEED_MAX, check_seed
 from lattice_lab.common.switch import check_flag
 from lattice_lab.data.h5io import write_force_dataset
 from lattice_lab.dynamics.initial import random_hot_start
@@ -133,9 +134,7 @@ def validate_generate_config(cfg) -> tuple[dict, HolsteinParams]:
     if ds["n_random"] + ds["n_quench"] < 1:
         raise ConfigError("dataset.n_random=0, dataset.n_quench=0: the dataset would be empty")
     LangevinParams.checked({k: ds[k] for k in ("mass", "gamma", "dt", "temperature")}, "dataset")
-    seed = c.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed={seed!r}: expected a non-negative integer")
+    check_seed(c.get("seed", 0), largest=SEED_MAX - 1)  # the quench draws from seed + 1
     check_flag(c.get("overwrite", False), "overwrite")
     params = HolsteinParams.from_config(c.get("hamiltonian") or {}, temperature=ds["temperature"])
     if params.kappa == 0 and ds["n_random"] > 0:
