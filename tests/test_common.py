@@ -41,6 +41,27 @@ def test_device_and_dtype_errors_name_the_value():
         resolve_dtype("float8")
 
 
+@pytest.mark.parametrize("cuda_present", [False, True])
+@pytest.mark.parametrize("spec", ["cuda:abc", "cuda:", "cuda:-1", "cuda0", "cudax", "cuda:0:1"])
+def test_a_malformed_device_is_named_with_the_accepted_forms(monkeypatch, spec, cuda_present):
+    """``device=cuda:abc`` was reported as 'CUDA is not available' (and taken as a device where CUDA is)."""
+    import re
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_present)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda_present))
+    with pytest.raises(ConfigError, match=rf"^device={re.escape(repr(spec))}: expected 'auto', 'cpu', 'cuda' or "
+                                          r"'cuda:N' \(N: a GPU index"):
+        resolve_device(spec)
+
+
+def test_a_gpu_index_the_machine_does_not_have_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("CUDA") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"^ed_device='cuda:2': this machine has 2 CUDA devices \(cuda:0 to cuda:1\)$"):
+        resolve_device("cuda:2", key="ed_device")
+
+
 def test_model_dtypes_refuse_half_precision_by_name():
     from lattice_lab.common.device import MODEL_DTYPES
 

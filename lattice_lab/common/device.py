@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from lattice_lab.common.errors import ConfigError
@@ -20,13 +22,18 @@ def resolve_device(spec: str | torch.device | None = "auto", key: str = "device"
     spec = "auto" if spec is None else str(spec).strip().lower()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{key}={spec!r}: CUDA is not available on this machine (use {key}=auto or cpu)")
-        return torch.device(spec)
     if spec == "cpu":
         return torch.device("cpu")
-    raise ConfigError(f"{key}={spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if cuda is None:  # checked first: cuda:abc is a malformed value, not a machine without CUDA
+        raise ConfigError(f"{key}={spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' (N: a GPU index, 0, 1, ...)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}={spec!r}: CUDA is not available on this machine (use {key}=auto or cpu)")
+    count = torch.cuda.device_count()
+    if cuda.group(1) is not None and int(cuda.group(1)) >= count:  # torch would fail at the first tensor moved
+        have = "1 CUDA device (cuda:0)" if count == 1 else f"{count} CUDA devices (cuda:0 to cuda:{count - 1})"
+        raise ConfigError(f"{key}={spec!r}: this machine has {have}")
+    return torch.device(spec)
 
 
 def resolve_dtype(spec: str | torch.dtype, allowed: tuple[str, ...] | None = None, key: str = "dtype") -> torch.dtype:
