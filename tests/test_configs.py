@@ -68,6 +68,23 @@ def test_tracking_store_and_experiment_can_be_set_on_the_command_line(primary):
     assert cfg.tracking.uri == "sqlite:////tmp/x.db" and cfg.tracking.experiment == "mine"
 
 
+def test_the_entrypoints_without_a_seed_are_those_the_readme_names():
+    """README: every Hydra entrypoint accepts ``seed=...`` but those it names; ``evaluate ... seed=1`` was refused
+    by Hydra (``use +seed=1``) while the README named only analyze. Neither draws random numbers."""
+    import re
+
+    repo = CONF.parent
+    text = " ".join((repo / "README.md").read_text().split())
+    found = re.search(r"\(all but ([^)]*), which draws? no random numbers\) `seed=\.\.\.`", text)
+    assert found, "README no longer says which entrypoints take seed=..."
+    entrypoints = {m for p in (repo / "lattice_lab").rglob("*.py")
+                   for m in re.findall(r'config_name="(\w+)"', p.read_text())}
+    assert {"train", "evaluate", "analyze"} <= entrypoints
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        without = {name for name in entrypoints if "seed" not in compose(name)}
+    assert without == set(re.findall(r"`(\w+)`", found.group(1)))
+
+
 def test_documented_commands_of_multirun_experiments_pass_dash_m():
     """An experiment that sets ``hydra.mode: MULTIRUN`` only runs with ``-m`` (Hydra 1.4 refuses a mode
     changed during composition), so every command the repo shows for it must pass ``-m``."""
