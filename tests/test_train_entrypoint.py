@@ -245,6 +245,17 @@ def test_resume_without_run_name_skips_sweep_trials_and_names_the_run_it_picked(
     assert len(list(csv.DictReader((tmp_path / "gnn_holstein_L8_tiny_mine" / "metrics.csv").open()))) == 2
 
 
+def test_resume_with_another_seed_is_refused_and_changes_nothing(dataset_file, tmp_path):
+    """``resume=true run_name=ok1 seed=9`` on a run started with seed 0 was accepted, and best.pt and
+    config_resume.yaml then recorded seed 9 (the continuation draws from last.pt's RNG states, not from seed 9)."""
+    off = ("tracking.enabled=false", "plots=false")
+    run(_cfg(dataset_file, tmp_path, *off, "run_name=ok1", "trainer.max_epochs=1"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ok1").iterdir()}
+    with pytest.raises(ConfigError, match=r"^seed=9: the run being resumed \(\S+/ok1\) was trained with seed=0$"):
+        run(_cfg(dataset_file, tmp_path, *off, "resume=true", "run_name=ok1", "seed=9", "trainer.max_epochs=2"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ok1").iterdir()} == before  # no config_resume.yaml
+
+
 def _ctrl_c_in_epoch(n):
     """A Trainer._train_epoch that is interrupted (Ctrl-C) inside epoch ``n``."""
     from lattice_lab.training.trainer import Trainer

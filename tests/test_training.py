@@ -151,7 +151,8 @@ def test_resume_is_bit_identical(tiny_data, tmp_path):
     assert part.epoch == 3
     torch.manual_seed(123)  # the global RNG state must come from the checkpoint, not from here
     resumed = Trainer(_model(7), tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path / "b",
-                      seed=999, resume=True)  # different init and seed: everything must come from last.pt
+                      seed=5, resume=True)  # different init: everything must come from last.pt (the shuffling
+    # generator's state too: it is at epoch 3, not at the seed's start)
     assert resumed.epoch == 3
     resumed.fit()
 
@@ -180,6 +181,29 @@ def test_resume_needs_last_checkpoint_and_same_dtype(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"model\.widths=\[1, 4, 1\]: the run being resumed \(.+\) was trained with "
                                           r".*widths=\[1, 8, 8, 1\]"):
         Trainer(other, tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
+
+
+def test_resume_refuses_another_seed_or_hamiltonian(tiny_data, tmp_path):
+    """Another seed was resumed silently and then recorded in the checkpoints (the continuation draws from last.pt's
+    RNG states); a model built for another Hamiltonian (the elastic prior's k, kappa) took the run's weights."""
+    from lattice_lab.common.io import atomic_torch_save, load_torch_file
+
+    Trainer(_model(), tiny_data, _cfg(max_epochs=1), device="cpu", dtype="float64", out_dir=tmp_path, seed=3).fit()
+    assert load_torch_file(tmp_path / "best.pt")["seed"] == 3
+    resumed = f"the run being resumed \\({re.escape(str(tmp_path))}\\)"
+    with pytest.raises(ConfigError, match=rf"^seed=9: {resumed} was trained with seed=3$"):
+        Trainer(_model(), tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, seed=9, resume=True)
+    other = build_model(TINY_GNN, HolsteinParams(temperature=0.1, kappa=0.1))
+    with pytest.raises(ConfigError, match=rf"^hamiltonian\.kappa=0\.1: {resumed} was trained for kappa=0\.18$"):
+        Trainer(other, tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, seed=3, resume=True)
+    # a last.pt written before the seed was stored with it: the seed of the entrypoint's config it holds
+    ckpt = load_torch_file(tmp_path / "last.pt")
+    del ckpt["seed"]
+    atomic_torch_save({**ckpt, "config": "seed: 3\ndtype: float64\n"}, tmp_path / "last.pt")
+    with pytest.raises(ConfigError, match=rf"^seed=9: {resumed} was trained with seed=3$"):
+        Trainer(_model(), tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, seed=9, resume=True)
+    assert Trainer(_model(), tiny_data, _cfg(), device="cpu", dtype="float64", out_dir=tmp_path, seed=3,
+                   resume=True).epoch == 1
 
 
 def test_resume_from_a_last_pt_without_training_state_or_without_best_pt_is_refused(tiny_data, tmp_path):

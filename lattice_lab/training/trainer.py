@@ -66,6 +66,20 @@ RESUME_STATE_KEYS = ("optimizer", "scheduler", "rng", "shuffle_generator", "epoc
                      "elapsed", "history")
 
 
+def _saved_seed(ckpt: dict) -> int | None:
+    """The seed a checkpoint's run was started with: stored with it, else (checkpoints written before it was)
+    the ``seed`` of the entrypoint's config the checkpoint holds; None where neither says."""
+    if ckpt.get("seed") is not None:
+        return int(ckpt["seed"])
+    from omegaconf import OmegaConf
+
+    try:
+        seed = OmegaConf.to_container(OmegaConf.create(str(ckpt.get("config") or "{}"))).get("seed")
+    except Exception:  # noqa: BLE001 - no config, or not a mapping: nothing to compare
+        return None
+    return int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def data_fingerprint(data) -> str:
     """SHA-256 of what training sees: Q, F and the validation split (not file names or attributes)."""
     import hashlib
@@ -96,8 +110,9 @@ class Trainer:
     tracker: optional :class:`lattice_lab.tracking.mlflow_utils.Tracker`; per-epoch metrics go to it.
     model_cfg: the model's config (``conf/model/<name>.yaml`` as a dict) stored in checkpoints so
         ``load_force_field`` can rebuild the model.
-    seed: seed of the shuffling generator.
-    resume: continue from ``out_dir/last.pt`` (weights, optimiser, scheduler, RNGs, history).
+    seed: seed of the shuffling generator (stored in checkpoints).
+    resume: continue from ``out_dir/last.pt`` (weights, optimiser, scheduler, RNGs, history); another
+        ``seed``, dtype, model config, Hamiltonian, data or optimisation setting than the run's is refused.
     meta: extra entries stored in every checkpoint (e.g. the resolved config, dataset path).
     """
 
@@ -110,6 +125,7 @@ class Trainer:
         self.tracker = tracker
         self.model_cfg = dict(model_cfg) if model_cfg is not None else dict(getattr(model, "model_cfg", {}) or {})
         self.meta = dict(meta or {})
+        self.seed = int(seed)
         self.data_sha256 = data_fingerprint(data)
         self.model = model.to(device=self.device, dtype=self.dtype)
 
@@ -166,6 +182,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "dtype": str(self.dtype).removeprefix("torch."),
             "trainer_cfg": self.cfg.as_dict(),
+            "seed": self.seed,
             "data_sha256": self.data_sha256,
             "mlflow_run_id": self.mlflow_run_id,
         }
@@ -213,6 +230,15 @@ class Trainer:
             now = ", ".join(f"model.{k}={self.model_cfg.get(k)!r}" for k in diff)
             then = ", ".join(f"{k}={saved_cfg.get(k)!r}" for k in diff)
             raise ConfigError(f"{now}: {resumed} was trained with {then}")
+        saved_ham, ham = dict(ckpt["hamiltonian"]), dict(self.model.hamiltonian)  # the elastic prior's k, kappa...
+        diff = sorted(k for k in set(saved_ham) | set(ham) if saved_ham.get(k) != ham.get(k))
+        if diff:  # Q, F and the split (the content hash below) do not cover the file's Hamiltonian attributes
+            now = ", ".join(f"hamiltonian.{k}={ham.get(k)!r}" for k in diff)
+            then = ", ".join(f"{k}={saved_ham.get(k)!r}" for k in diff)
+            raise ConfigError(f"{now}: {resumed} was trained for {then}")
+        saved_seed = _saved_seed(ckpt)
+        if saved_seed is not None and saved_seed != self.seed:  # last.pt's RNG states win: the record would lie
+            raise ConfigError(f"seed={self.seed}: {resumed} was trained with seed={saved_seed}")
         saved_data = ckpt.get("data_sha256")
         if saved_data is not None and saved_data != self.data_sha256:
             where = self.meta.get("dataset_path")
