@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> dict:
     if same_data and opts["split"] != "val":
         log.warning("%s is the data this model was trained on: split=%s includes its training configurations "
                     "(split=val scores the held-out ones only)", data_path.name, opts["split"])
-    dataset = str(data.attrs.get("name") or data_path.stem)  # the file's own name (dataset.path may point anywhere)
+    dataset = data.name  # the file's own name (dataset.path may point anywhere)
     out = (Path(to_absolute_path(str(cfg.out_dir))) if cfg.get("out_dir")
            else Path(to_absolute_path("runs/evaluations")) / f"{info['name']}_on_{dataset}_{opts['split']}")
     if out.exists() and not out.is_dir():

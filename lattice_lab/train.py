@@ -21,10 +21,10 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lattice_lab.common.cli import CONFIG_DIR, friendly_errors, hydra_errors
-from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.errors import ConfigError, number_or_nan
 from lattice_lab.common.interrupts import interrupts_as
 from lattice_lab.common.io import atomic_write_text, check_run_name
 from lattice_lab.common.switch import check_flag
@@ -108,6 +108,42 @@ def _dataset_path(cfg: DictConfig) -> Path:
     return path
 
 
+def _same_setting(given, own) -> bool:
+    if isinstance(own, str):
+        return str(given) == own
+    return math.isclose(number_or_nan(given), float(own), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def describe_dataset(cfg: DictConfig, data, data_path: Path) -> None:
+    """Make ``cfg.dataset``, which the run saves (config.yaml, checkpoints) and logs, describe the file it reads.
+
+    ``dataset.path`` may name any file (``dataset=holstein_L8_tiny dataset.path=runs/data/ref16.h5``): the file's
+    own name and L, and its build settings where it stores them (generate does), replace the preset's, with a
+    warning naming both. A Hamiltonian setting of the config (``dataset.temperature``, ``hamiltonian.*`` where one
+    is given) other than the file's is refused: the model is built for the file's Hamiltonian.
+    """
+    from lattice_lab.data.h5io import HAMILTONIAN_ATTRS
+
+    own = data.hamiltonian().as_dict()
+    for section in ("dataset", "hamiltonian"):
+        given = cfg.get(section) or {}
+        for key in HAMILTONIAN_ATTRS:
+            if key in given and not _same_setting(given[key], own[key]):
+                raise ConfigError(f"{section}.{key}={given[key]!r}: the dataset file {data_path} ({data.name}) holds "
+                                  f"forces for {key}={own[key]!r}, and the model is built for the file's Hamiltonian "
+                                  f"(use the dataset preset it was built with, or {section}.{key}={own[key]!r})")
+    preset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    record = {"name": data.name, "path": preset["path"], "L": data.L}
+    settings = data.build_settings() or {"temperature": own["temperature"]}  # a file generate did not write
+    record.update({k: v for k, v in settings.items() if k not in record})
+    if (preset.get("name"), preset.get("L")) != (record["name"], record["L"]):
+        log.warning("dataset.path=%s holds dataset %s (L=%d), not the preset's %s (L=%s): the run records the "
+                    "file's name, L and build settings", preset["path"], record["name"], record["L"],
+                    preset.get("name"), preset.get("L"))
+    with open_dict(cfg):
+        cfg.dataset = record
+
+
 def _optional_flops(model) -> float | None:
     for module in ("lattice_lab.models.flops", "lattice_lab.models.registry"):
         try:
@@ -169,12 +205,13 @@ def _run(cfg: DictConfig, where: dict) -> float:
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype, MODEL_DTYPES)
     seed = check_seed(cfg.seed)
     data_path = _dataset_path(cfg)
+    data = read_force_dataset(data_path)
+    describe_dataset(cfg, data, data_path)  # before the run is named after it (<model>_<dataset>_<time>)
     run_dir = where["run_dir"] = resolve_run_dir(cfg)
     if not resume and (run_dir / "last.pt").exists():
         raise ConfigError(f"run_name={run_dir.name!r}: {run_dir} already holds a run "
                           "(resume=true continues it, or choose another run_name)")
     seed_everything(seed)
-    data = read_force_dataset(data_path)
     where_model = f"model={model_label(cfg)} on dataset {dataset_name(cfg)} ({data_path})"
     cutoff = cfg.model.get("cutoff")  # an environment's reach is floor(cutoff): checked before the model is
     if isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool) and math.isfinite(cutoff):  # built, whose

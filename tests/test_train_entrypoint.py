@@ -145,11 +145,12 @@ def test_tracking_disabled_still_trains_and_resumes_newest_run(dataset_file, tmp
     off = ("tracking.enabled=false", "plots=false")
     best = run(_cfg(dataset_file, tmp_path, *off, "trainer.max_epochs=1"))
     assert isinstance(best, float) and not db.exists()
-    # composed without Hydra's runtime the preset name is unknown: the run is named after the model family
-    (run_dir,) = tmp_path.glob("gnn_holstein_L8_tiny_*")
+    # composed without Hydra's runtime the preset name is unknown: the run is named after the model family, and
+    # after the dataset file's own name (tiny), not the preset's (holstein_L8_tiny)
+    (run_dir,) = tmp_path.glob("gnn_tiny_*")
     assert (run_dir / "best.pt").is_file() and not (run_dir / "parity.png").exists()
     run(_cfg(dataset_file, tmp_path, *off, "resume=true", "trainer.max_epochs=2"))  # newest run of model+data
-    assert [p.name for p in tmp_path.glob("gnn_holstein_L8_tiny_*")] == [run_dir.name]
+    assert [p.name for p in tmp_path.glob("gnn_tiny_*")] == [run_dir.name]
     assert len(list(csv.DictReader((run_dir / "metrics.csv").open()))) == 2
     assert (run_dir / "config_resume.yaml").is_file()
 
@@ -200,6 +201,41 @@ def test_dataset_path_that_is_a_folder_is_named(tmp_path, dataset_file):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_run_records_the_dataset_file_it_read_not_the_preset(dataset_file, tmp_path, caplog):
+    """``dataset=holstein_L8_tiny dataset.path=<another file>`` trained on the file and recorded the preset's name
+    and L (checkpoint dataset_name, saved config, run name): the file's own name, L and build settings win."""
+    import logging
+
+    data = read_force_dataset(dataset_file)
+    built = tmp_path / "data" / "ref10.h5"  # as generate writes one: its build settings stored with it
+    stored = "seed: 0\ndataset:\n  name: ref10\n  path: somewhere/ref10.h5\n  L: 10\n  temperature: 0.1\n  n_random: 3\n"
+    write_force_dataset(built, data, {"name": "ref10", "config": stored})
+    off = ("tracking.enabled=false", "plots=false", "trainer.max_epochs=1")
+    for path, name, expected in [(dataset_file, "plain", {"name": "tiny", "path": str(dataset_file), "L": L,
+                                                           "temperature": 0.1}),
+                                 (built, "built", {"name": "ref10", "path": str(built), "L": L, "temperature": 0.1,
+                                                   "n_random": 3})]:
+        with caplog.at_level(logging.WARNING, logger="lattice_lab.train"):
+            run(_cfg(path, tmp_path, *off, f"run_name={name}"))
+        assert f"holds dataset {expected['name']} (L={L}), not the preset's holstein_L8_tiny (L=8)" in caplog.text
+        for saved in (yaml.safe_load((tmp_path / name / "config.yaml").read_text()),
+                      yaml.safe_load(torch.load(tmp_path / name / "best.pt", weights_only=False)["config"])):
+            assert saved["dataset"] == expected
+        assert torch.load(tmp_path / name / "best.pt", weights_only=False)["dataset_name"] == expected["name"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dataset.temperature=0.2", r"dataset\.temperature=0\.2: the dataset file \S+tiny\.h5 \(tiny\) holds forces for "
+                                r"temperature=0\.1, .*\(use the dataset preset it was built with, or "
+                                r"dataset\.temperature=0\.1\)$"),
+    ("+hamiltonian.g=3.0", r"hamiltonian\.g=3\.0: the dataset file \S+ \(tiny\) holds forces for g=3\.5, "),
+])
+def test_a_hamiltonian_other_than_the_dataset_files_is_refused(dataset_file, tmp_path, override, message):
+    with pytest.raises(ConfigError, match="^" + message):
+        run(_cfg(dataset_file, tmp_path, override, "tracking.enabled=false"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_cli_reports_config_errors_in_one_line(tmp_path):
     env = {**os.environ, "LATTICE_LAB_NO_PROGRESS": "1"}
     proc = subprocess.run([sys.executable, "-m", "lattice_lab.train", "dataset=holstein_L8_tiny",
@@ -231,18 +267,18 @@ def test_resume_without_run_name_skips_sweep_trials_and_names_the_run_it_picked(
     import logging
 
     off = ("tracking.enabled=false", "plots=false", "trainer.max_epochs=1")
-    run(_cfg(dataset_file, tmp_path, *off, "run_name=gnn_holstein_L8_tiny_mine"))
-    run(_cfg(dataset_file, tmp_path, *off, "run_name=gnn_holstein_L8_tiny_other", "model.widths=[1,4,4,4,1]"))
+    run(_cfg(dataset_file, tmp_path, *off, "run_name=gnn_tiny_mine"))
+    run(_cfg(dataset_file, tmp_path, *off, "run_name=gnn_tiny_other", "model.widths=[1,4,4,4,1]"))
     # the newest run of this model and dataset is another size: the refusal names the folder it picked
-    with pytest.raises(ConfigError, match=r"^model\.widths=.*: the run being resumed \(\S+/gnn_holstein_L8_tiny_other\) "
+    with pytest.raises(ConfigError, match=r"^model\.widths=.*: the run being resumed \(\S+/gnn_tiny_other\) "
                                           r"was trained with .*; resume=true without run_name picked it .*run_name="):
         run(_cfg(dataset_file, tmp_path, *off[:2], "resume=true"))
     # ... and is not picked once it is marked as an Optuna trial, as a sweep's trials are
-    (tmp_path / "gnn_holstein_L8_tiny_other" / "sweep_trial.yaml").write_text("study: s\n")
+    (tmp_path / "gnn_tiny_other" / "sweep_trial.yaml").write_text("study: s\n")
     with caplog.at_level(logging.INFO, logger="lattice_lab.train"):
         run(_cfg(dataset_file, tmp_path, *off[:2], "resume=true", "trainer.max_epochs=2"))
-    assert "gnn_holstein_L8_tiny_mine is the newest run" in caplog.text and "1 sweep trial folders skipped" in caplog.text
-    assert len(list(csv.DictReader((tmp_path / "gnn_holstein_L8_tiny_mine" / "metrics.csv").open()))) == 2
+    assert "gnn_tiny_mine is the newest run" in caplog.text and "1 sweep trial folders skipped" in caplog.text
+    assert len(list(csv.DictReader((tmp_path / "gnn_tiny_mine" / "metrics.csv").open()))) == 2
 
 
 def test_resume_with_another_seed_is_refused_and_changes_nothing(dataset_file, tmp_path):
@@ -322,7 +358,7 @@ def test_plot_titles_name_the_run_and_its_best_epoch(dataset_file, tmp_path, mon
                          key=lambda r: float(r["val/rmse"]))["epoch"])
     assert len(titles) == 2
     for title in titles:
-        assert " on holstein_L8_tiny\nrun seed7," in title, title
+        assert " on tiny\nrun seed7," in title, title
         assert f"best epoch {best_epoch} of 3" in title, title
 
 

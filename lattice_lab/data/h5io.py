@@ -73,6 +73,23 @@ class ForceData:
     def L(self) -> int:
         return int(self.Q.shape[-1])
 
+    @property
+    def name(self) -> str:
+        """The dataset's own name: attribute ``name`` (generate writes its preset's), else the file's stem."""
+        return str(self.attrs.get("name") or Path(str(self.attrs.get("path", ""))).stem)
+
+    def build_settings(self) -> dict:
+        """The ``dataset`` section of the config the file was generated from (attribute ``config``, which
+        generate writes); empty for a file that stores none."""
+        from omegaconf import OmegaConf
+
+        try:
+            config = OmegaConf.to_container(OmegaConf.create(str(self.attrs.get("config") or "{}")))
+        except Exception:  # noqa: BLE001 - not YAML, or not a mapping: the file says nothing usable
+            return {}
+        section = config.get("dataset") if isinstance(config, dict) else None
+        return dict(section) if isinstance(section, dict) else {}
+
     def subset(self, mask_or_index) -> ForceData:
         idx = np.asarray(mask_or_index)
         return replace(self, Q=self.Q[idx], F=self.F[idx], n=self.n[idx], kind=self.kind[idx],
