@@ -67,11 +67,11 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
     with the number of runs and every numeric column as ``mean +- std`` (std over the runs, ddof 1)."""
     import mlflow
 
-    from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
+    from lattice_lab.tracking.mlflow_utils import check_existing_store, resolve_tracking_uri
 
     uri = tracking_uri or resolve_tracking_uri(None)
     label = f"--tracking-uri {uri}" if tracking_uri else f"tracking store {uri}"
-    _check_store(uri, label)
+    check_existing_store(uri, label)  # this command only reads: MLflow would create an empty store
     mlflow.set_tracking_uri(uri)
     try:
         found = mlflow.get_experiment_by_name(experiment) is not None
@@ -125,25 +125,6 @@ def runs_table(experiment: str, columns: list[str] | None = None, sort: str | No
         return header, rows[:max_runs]
     rows = [[_fmt(v) for v in rec] for rec in df[present].itertuples(index=False)]
     return [_short(c) for c in present], rows
-
-
-def _check_store(uri: str, label: str) -> None:
-    """A local store must exist: this command only reads, and MLflow would create an empty one."""
-    from lattice_lab.tracking.mlflow_utils import local_store
-
-    store = local_store(uri)
-    if store is None:
-        return
-    kind, path = store
-    if kind == "sqlite" and not path.is_file():
-        raise ConfigError(f"{label}: no database {path} (expected the sqlite file a task logged to, "
-                          "e.g. sqlite:///runs/mlflow.db)")
-    if kind == "file" and path.is_file():
-        raise ConfigError(f"{label}: a file, not a tracking store folder (a sqlite database is "
-                          f"sqlite:///{path.resolve()})")
-    if kind == "file" and not path.is_dir():
-        raise ConfigError(f"{label}: no such tracking store {path} (expected sqlite:///<database file>, "
-                          "an existing file store folder or an http(s) server)")
 
 
 def _short(column: str) -> str:

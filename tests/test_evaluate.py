@@ -222,6 +222,21 @@ def test_a_checkpoint_given_by_mlflow_run_id_is_named_by_its_run(files, tmp_path
     assert r.data.tags["train_run"] == "run_a" and r.data.tags["checkpoint"] == train
 
 
+def test_a_run_id_where_there_is_no_tracking_store_says_so_and_creates_none(files, tmp_path, monkeypatch):
+    """``checkpoint=<run id> tracking.enabled=false`` created runs/mlflow.db (MLflow makes an empty store where it
+    opens a missing one) and then said only that the run was not found."""
+    import re
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_id, db = "0123456789abcdef0123456789abcdef", (tmp_path / "runs" / "mlflow.db").resolve()
+    with pytest.raises(ConfigError, match=rf"^checkpoint='{run_id}' \(an MLflow run id, looked up in "
+                                          rf"sqlite:///{re.escape(str(db))}\): no database {re.escape(str(db))} "):
+        run(_cfg(files, f"checkpoint={run_id}", f"out_dir={tmp_path / 'out'}"))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["runs"]  # no store, no output
+
+
 def test_an_export_is_tagged_with_its_training_run_and_data(files, tmp_path, tmp_mlflow):
     """The export's metadata carries the training run id and the training data's name (train_run_id was not
     tagged; train_dataset read a metadata key that no export had)."""

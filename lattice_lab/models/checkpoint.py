@@ -288,19 +288,23 @@ def _download_from_mlflow(ref: str) -> Path:
     """``<run_id>`` or ``runs:/<run_id>[/artifact/path]`` -> local path of the checkpoint artifact."""
     import mlflow
 
+    from lattice_lab.tracking.mlflow_utils import check_existing_store
+
     if ref.startswith("runs:/"):
         rest = ref[len("runs:/"):].strip("/")
         run_id, _, artifact = rest.partition("/")
     else:
         run_id, artifact = ref, ""
     artifact = artifact or BEST_ARTIFACT
+    uri = _tracking_uri()  # read only: a store that is not there is named, not created empty (tracking may be off)
+    check_existing_store(uri, f"checkpoint={ref!r} (an MLflow run id, looked up in {uri})")
     dst = tempfile.mkdtemp(prefix="lattice_lab_ckpt_")
     try:
         local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=artifact, dst_path=dst, tracking_uri=_tracking_uri())
+            run_id=run_id, artifact_path=artifact, dst_path=dst, tracking_uri=uri)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types; report one clear line
         raise ConfigError(f"checkpoint={ref!r}: cannot download {artifact!r} of MLflow run {run_id!r} "
-                          f"from {_tracking_uri()} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                          f"from {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     return Path(local)
 
 

@@ -43,7 +43,7 @@ from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
-from lattice_lab.common.errors import Interrupted
+from lattice_lab.common.errors import ConfigError, Interrupted
 from lattice_lab.common.switch import check_flag
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -98,8 +98,6 @@ class TrackingSettings:
         if isinstance(cfg, TrackingSettings):
             return cfg
         if not isinstance(cfg, dict):
-            from lattice_lab.common.errors import ConfigError
-
             raise ConfigError(f"tracking={cfg!r}: expected a mapping")
         section = cfg.get("tracking", cfg) if "tracking" in cfg else cfg
         section = section or {}
@@ -121,6 +119,24 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     if env:
         return env
     return f"sqlite:///{_abs(DEFAULT_DB)}"
+
+
+def check_existing_store(uri: str, label: str) -> None:
+    """For what only reads a store (compare_runs' table, a checkpoint given as an MLflow run id): a local store
+    must exist; MLflow would create an empty one."""
+    store = local_store(uri)
+    if store is None:
+        return
+    kind, path = store
+    if kind == "sqlite" and not path.is_file():
+        raise ConfigError(f"{label}: no database {path} (expected the sqlite file a task logged to, "
+                          "e.g. sqlite:///runs/mlflow.db)")
+    if kind == "file" and path.is_file():
+        raise ConfigError(f"{label}: a file, not a tracking store folder (a sqlite database is "
+                          f"sqlite:///{path.resolve()})")
+    if kind == "file" and not path.is_dir():
+        raise ConfigError(f"{label}: no such tracking store {path} (expected sqlite:///<database file>, "
+                          "an existing file store folder or an http(s) server)")
 
 
 def local_store(uri: str) -> tuple[str, Path] | None:
