@@ -172,6 +172,48 @@ def test_tracking_failures_warn_and_the_run_goes_on(store, monkeypatch):
     assert ran
 
 
+BOGUS = r"MLflow has no tracking store for the scheme 'bogus' \(known: .*sqlite"
+
+
+def test_a_uri_of_a_scheme_mlflow_has_no_store_for_is_a_config_error(tmp_path, monkeypatch):
+    """``tracking.uri=bogus://x`` only warned ('MLflow tracking unavailable ...; running without tracking'), while
+    compare_runs refused it: a wrong setting, refused wherever the tracking section is read."""
+    with pytest.raises(ConfigError, match=rf"^tracking\.uri='bogus://x': {BOGUS}"):
+        mu.TrackingSettings.from_config({"tracking": {"uri": "bogus://x"}})
+    assert not mu.TrackingSettings.from_config({"tracking": {"enabled": False, "uri": "bogus://x"}}).enabled
+    # analyze's null, opened with enabled=True by the caller: refused before the body, not warned about
+    ran = []
+    with pytest.raises(ConfigError, match=rf"^tracking\.uri='bogus://x': {BOGUS}"):
+        with mu.start_run(task="analyze", cfg={"tracking": {"enabled": None, "uri": "bogus://x"}}, enabled=True):
+            ran.append(True)
+    assert not ran
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://y")  # where the URI comes from is named
+    with pytest.raises(ConfigError, match=rf"^MLFLOW_TRACKING_URI='bogus://y': {BOGUS}"):
+        mu.TrackingSettings.from_config({"tracking": {}})
+    for uri in (f"sqlite:///{tmp_path}/m.db", str(tmp_path / "mlruns"), "http://127.0.0.1:9", "postgresql://u@h/db"):
+        assert mu.check_tracking_uri(uri) == uri  # only the scheme is checked: nothing opened, nothing created
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_entrypoint_refuses_a_bad_uri_before_the_run_does_any_work(tmp_path):
+    """``simulate ... tracking.uri=bogus://x`` ran (without tracking) and exited 0; simulate opens its MLflow run
+    only after it has made its run folder and hot start, so the entrypoint checks the section first."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(mu.__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "LATTICE_LAB_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lattice_lab.simulate", "force=ed", "dynamics.L=4",
+                           "dynamics.replicas=1", "dynamics.steps=2", "dynamics.save_every=1", "analyze=false",
+                           "tracking.uri=bogus://x", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith("error: tracking.uri='bogus://x': MLflow has no tracking store for the scheme 'bogus'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hydra"]  # no runs/trajectories, no store
+
+
 def test_plots_are_pngs(tmp_path):
     rng = np.random.default_rng(0)
     exact = rng.normal(size=(3, 6, 6))

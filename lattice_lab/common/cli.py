@@ -9,7 +9,9 @@ Every Hydra entrypoint is decorated twice::
 
 - :func:`friendly_errors`: a :class:`LatticeLabError` (or an ``OSError`` naming a file) prints
   ``error: ...`` and exits 2. In a multirun it is raised on, labelled with its job, so that launchers
-  and sweepers record the job as failed (Optuna: the trial is ``FAIL`` and the sweep goes on).
+  and sweepers record the job as failed (Optuna: the trial is ``FAIL`` and the sweep goes on). The job's
+  ``tracking`` section is checked before the job starts: a store URI of a scheme MLflow has no store for
+  (``tracking.uri=bogus://x``) is such an error, not a warning once the run is under way.
 - :func:`hydra_errors`: Hydra's composition errors (``dynamics=quench_smal``, an unparsable override,
   an unknown key, flags that do not go together such as ``-m --cfg job``), the failed job that ends a plain multirun (``error: job N (overrides): message``)
   and ``+launcher=slurm`` without SLURM print one line and exit 2; anything else is reported the way
@@ -150,6 +152,16 @@ def _sigterm_interrupts():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _check_tracking(args) -> None:
+    """The ``tracking`` section of the job's config (its first argument), where it has one and tracking is on:
+    :meth:`~lattice_lab.tracking.mlflow_utils.TrackingSettings.from_config` checks it."""
+    cfg = args[0] if args else None
+    if cfg is not None and hasattr(cfg, "get") and cfg.get("tracking") is not None:
+        from lattice_lab.tracking.mlflow_utils import TrackingSettings
+
+        TrackingSettings.from_config(cfg)
+
+
 def friendly_errors(fn):
     """Decorate a Hydra task function: a :class:`LatticeLabError` prints ``error: ...`` and exits 2.
 
@@ -158,6 +170,7 @@ def friendly_errors(fn):
     Ctrl-C (or SIGTERM) prints ``interrupted: <how to continue>`` and exits 130 (143 after SIGTERM);
     :class:`Interrupted`, raised by a run that saved its state, prints ``interrupted: <its message>``.
     In multirun (sweeps) user errors propagate so the sweeper records the trial as failed.
+    The config's ``tracking`` section is checked before ``fn`` runs (every entrypoint, before any work).
     Also tunes glibc malloc for tensor workloads (:mod:`lattice_lab.common.allocator`).
     """
 
@@ -167,6 +180,7 @@ def friendly_errors(fn):
         _received["signal"] = None
         try:
             with _sigterm_interrupts():
+                _check_tracking(args)
                 return fn(*args, **kwargs)
         except KeyboardInterrupt:  # a multirun stops too: the user wants the sweep to end
             hint = _RESUME_HINTS.get(_job_name() or "")

@@ -18,7 +18,10 @@ database; MLflow 3 needs the artifact location set when the experiment is create
 whose methods do nothing.
 
 Tracking never loses a run: every MLflow call is guarded; a failure warns once per kind of call
-and the run continues without it.
+and the run continues without it. A store URI of a scheme MLflow has no store for (``bogus://x``) is
+no failure of the store but a wrong setting: with tracking on it is a ConfigError, raised when the
+``tracking`` section is read (:meth:`TrackingSettings.from_config`, which every entrypoint calls
+before it starts: :func:`lattice_lab.common.cli.friendly_errors`).
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ class TrackingSettings:
         if out.enabled is not None:  # null: off here (analyze decides it before, see its tracking_enabled)
             check_flag(out.enabled, "tracking.enabled")
         out.enabled = bool(out.enabled)
+        if out.enabled:
+            check_tracking_uri(out.uri)
         return out
 
 
@@ -121,9 +126,31 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{_abs(DEFAULT_DB)}"
 
 
+def check_tracking_uri(uri: str | None = None, label: str | None = None) -> str:
+    """The store URI (:func:`resolve_tracking_uri` of ``uri``); a ConfigError unless MLflow has a tracking store
+    for its scheme. ``label`` names the setting in the error (default: ``tracking.uri=...``, or
+    ``MLFLOW_TRACKING_URI=...`` where the URI comes from there). Whether the store answers is not asked: a
+    store that is down is no wrong setting, and only warns (:func:`start_run`)."""
+    resolved = resolve_tracking_uri(uri)
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+    except ImportError:  # pragma: no cover - MLflow moved its registry: its own error, where the store is opened
+        return resolved
+    try:
+        registry.get_store_builder(resolved)
+    except Exception:  # noqa: BLE001 - MLflow's UnsupportedModelRegistryStoreURIException (sic)
+        if label is None:
+            label = f"tracking.uri={str(uri)!r}" if uri else f"MLFLOW_TRACKING_URI={resolved!r}"
+        schemes = ", ".join(sorted(s for s in getattr(registry, "_registry", {}) if s))
+        raise ConfigError(f"{label}: MLflow has no tracking store for the scheme {urlparse(resolved).scheme!r} "
+                          f"(known: {schemes}; e.g. sqlite:///runs/mlflow.db, a folder or http://host:5000)") from None
+    return resolved
+
+
 def check_existing_store(uri: str, label: str) -> None:
-    """For what only reads a store (compare_runs' table, a checkpoint given as an MLflow run id): a local store
-    must exist; MLflow would create an empty one."""
+    """For what only reads a store (compare_runs' table, a checkpoint given as an MLflow run id): a URI MLflow
+    has a store for, and, for a local store, one that exists; MLflow would create an empty one."""
+    check_tracking_uri(uri, label)
     store = local_store(uri)
     if store is None:
         return
@@ -462,7 +489,8 @@ def start_run(experiment: str | None = None, run_name: str | None = None, tags: 
     - ``enabled`` (or ``tracking.enabled``): False yields a tracker that does nothing.
 
     The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C. A tracking failure at start
-    warns and yields a disabled tracker; the body always runs.
+    warns and yields a disabled tracker; the body always runs. A URI of a scheme MLflow has no store
+    for is a ConfigError (:func:`check_tracking_uri`), raised before the body.
     """
     settings = TrackingSettings.from_config(cfg)
     if enabled is None:
@@ -470,6 +498,7 @@ def start_run(experiment: str | None = None, run_name: str | None = None, tags: 
     if not enabled:
         yield Tracker(None)
         return
+    check_tracking_uri(settings.uri)  # a wrong setting, not a store that is down (enabled=True over a null)
     parent_run_id = parent_run_id or settings.parent_run_id
     all_tags = {**settings.tags, **(tags or {})}
     if parent_run_id:
