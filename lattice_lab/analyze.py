@@ -58,9 +58,8 @@ def run(cfg: DictConfig) -> dict:
     for key in ("trajectory", "compare_with", "out_dir"):
         acfg.pop(key, None)
     check_config(acfg)  # every setting, before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    summary = analyze_trajectory(traj, acfg, out_dir=out)  # every frame read and checked before it writes
     atomic_write_text(out / "analyze_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    summary = analyze_trajectory(traj, acfg, out_dir=out)
     if other is not None:
         from lattice_lab.analysis.pipeline import _attr
 

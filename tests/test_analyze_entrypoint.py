@@ -87,6 +87,49 @@ def test_bad_settings_are_refused_before_anything_is_written(trajectories, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("key", "frame", "value"), [("n", 3, np.nan), ("Q", 1, np.nan), ("Q", 3, -np.inf),
+                                                 ("time", 2, np.inf)])
+def test_nan_or_inf_in_a_frame_is_refused_before_anything_is_written(trajectories, tmp_path, key, frame, value):
+    """One site of n set to NaN in one frame gave exit 0, NaN rows in L_t.csv, a dropped replica and another alpha;
+    NaN in Q (read only at the C(r) steps: 200 and 800 here, not 100 or 400) went unnoticed."""
+    import h5py
+
+    ml, _ = trajectories
+    with h5py.File(ml, "r+") as f:
+        if key == "time":
+            f[key][frame] = value
+        else:
+            f[key][frame, 1, 2, 3] = value
+    out = tmp_path / "out"
+    step = [0, 100, 200, 400, 800, 1200][frame]
+    with pytest.raises(ConfigError, match=rf"^trajectory=.*: {key} holds NaN/inf at frame {frame} \(step {step}\)$"):
+        run(make_cfg(f"trajectory={ml}", f"out_dir={out}", "tracking.enabled=false", "device=cpu"))
+    assert not out.exists()
+
+
+def test_nan_in_the_trajectory_compared_with_is_refused(trajectories, tmp_path):
+    import h5py
+
+    ml, ed = trajectories
+    with h5py.File(ed, "r+") as f:
+        f["Q"][2, 0, 0, 0] = np.nan  # step 200, a C(r) step of the comparison
+    with pytest.raises(ConfigError, match=r"^trajectory=.*ed/trajectory.h5: Q holds NaN/inf at frame 2 \(step 200\)$"):
+        run(make_cfg(f"trajectory={ml}", f"compare_with={ed}", f"out_dir={tmp_path / 'out'}",
+                     "correlation_steps=[200,1000]", "tracking.enabled=false", "device=cpu"))
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ("correlation_steps=[-5]", "correlation_steps=[-5]: step -5 is negative; MD steps count from 0"),
+    ("snapshot_steps=[200,-1]", "snapshot_steps=[200, -1]: step -1 is negative; MD steps count from 0"),
+])
+def test_negative_steps_are_refused_before_anything_is_written(trajectories, tmp_path, bad, message):
+    """correlation_steps=[-5] only warned and analysed step 0 in its place."""
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        run(make_cfg(f"trajectory={trajectories[0]}", f"out_dir={out}", bad, "tracking.enabled=false", "device=cpu"))
+    assert not out.exists()
+
+
 def test_bad_fit_window_is_a_config_error(trajectories):
     ml, _ = trajectories
     with pytest.raises(ConfigError, match="fit.t_min"):

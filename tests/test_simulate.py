@@ -779,6 +779,7 @@ def test_bad_run_settings_are_named(tmp_path, bad):
     ("analysis.fit.t_min=abc", "analysis.fit.t_min='abc': expected a number or null"),
     ("analysis.correlation_steps=abc", "analysis.correlation_steps='abc': expected a list of integer steps"),
     ("+analysis.collapse_frames=0", "analysis.collapse_frames=0: expected an integer >= 1"),
+    ("analysis.correlation_steps=[200,-5]", "analysis.correlation_steps=[200, -5]: step -5 is negative"),
 ])
 def test_bad_analysis_settings_are_refused_before_the_run(tmp_path, bad, message):
     """The analysis runs after the simulation (hours at the papers' size): its settings are checked first."""

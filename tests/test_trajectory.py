@@ -89,6 +89,25 @@ def test_errors(tmp_path):
         TrajectoryWriter.reopen(tmp_path / "t.h5", 3)
 
 
+def test_datasets_of_different_lengths_are_named(tmp_path):
+    """A finished trajectory whose datasets disagree (11 frames of Q and n, 8 steps) is damaged: the message says
+    so and names the counts. Only for an unfinished .partial file is a writer caught between two flushes likely."""
+    w = TrajectoryWriter(tmp_path / "t.h5", L, R)
+    for i, (Q, n) in enumerate(_frames(11)):
+        w.append(i, 0.1 * i, Q, n)
+    path = w.finalize()
+    with h5py.File(path, "r+") as f:
+        for key in ("step", "time"):
+            f[key].resize(8, axis=0)
+    counts = r"its datasets hold different numbers of frames \(Q: 11, n: 11, step: 8, time: 8\)"
+    with pytest.raises(ConfigError, match=rf"^trajectory=.*t.h5: {counts}: a finished trajectory has one count, "
+                                          r"so this file is inconsistent \(damaged or edited\)$"):
+        read_trajectory(path)
+    part = path.rename(partial_path(path))
+    with pytest.raises(ConfigError, match=rf"^trajectory=.*t.h5.partial: {counts}: a simulation is writing it right now"):
+        read_trajectory(part)
+
+
 @pytest.mark.parametrize(("compression", "at_most"), [("gzip", 0.85), ("lzf", 0.95)])
 def test_compressed_frames_are_byte_shuffled(tmp_path, compression, at_most):
     """float32 frames of noisy distortions and densities: gzip alone saved ~10% (0.89 of the raw size at the

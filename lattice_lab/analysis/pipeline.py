@@ -118,6 +118,11 @@ def open_trajectory(path):
     if len(traj) == 0:
         traj.close()
         raise ConfigError(f"trajectory={path}: holds no frames")
+    bad_time = np.flatnonzero(~np.isfinite(traj.time))
+    if bad_time.size:
+        traj.close()
+        i = int(bad_time[0])
+        raise ConfigError(f"trajectory={path}: time holds NaN/inf at frame {i} (step {int(traj.step[i])})")
     if traj.n.shape[1:] != (traj.R, traj.L, traj.L):
         traj.close()
         raise ConfigError(f"trajectory={path}: n has shape {traj.n.shape}, expected [S, R={traj.R}, L={traj.L}, "
@@ -126,6 +131,22 @@ def open_trajectory(path):
         traj.close()
         raise ConfigError(f"trajectory={path}: L={traj.L} is odd; the CDW analysis (Q = (pi, pi)) needs even L")
     return traj
+
+
+def read_frame(traj, path, key: str, i: int) -> np.ndarray:
+    """Frame ``i`` of the dataset ``key`` (``Q`` or ``n``) of the open trajectory ``traj``, checked as it is read:
+    a ConfigError naming the file, the dataset and the frame where its compressed chunk cannot be read or it holds
+    NaN/inf (a damaged or edited file; a simulation checks every frame before it writes it), instead of NaN
+    curves, a silently dropped replica and a changed exponent. The check costs 0.2 ms for a 30 x 200 x 200 frame,
+    against ~20 ms to read and decompress it."""
+    try:
+        frame = getattr(traj, key)[i]
+    except OSError as exc:  # a damaged compressed chunk
+        raise ConfigError(f"trajectory={path}: frame {i} (step {int(traj.step[i])}) cannot be read, the file "
+                          f"is corrupted ({exc})") from None
+    if not np.isfinite(frame).all():
+        raise ConfigError(f"trajectory={path}: {key} holds NaN/inf at frame {i} (step {int(traj.step[i])})")
+    return frame
 
 
 def select_frames(saved_steps, requested, warn: bool = True, unique: bool = True) -> list[dict]:
@@ -154,7 +175,8 @@ def select_frames(saved_steps, requested, warn: bool = True, unique: bool = True
 
 
 def _steps_list(value, key: str) -> list[int]:
-    """A list of integer steps from an int, a list, or null (-> [])."""
+    """A list of integer steps >= 0 from an int, a list, or null (-> []). A negative step is refused, naming it
+    (the nearest saved frame, step 0, would be analysed in its place with only a warning)."""
     if value is None:
         return []
     items = [value] if isinstance(value, (int, np.integer, float, str)) else value
@@ -166,6 +188,9 @@ def _steps_list(value, key: str) -> list[int]:
             out.append(int(float(v)))
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r}: expected a list of integer steps") from None
+    negative = [s for s in out if s < 0]
+    if negative:
+        raise ConfigError(f"{key}={value!r}: step {negative[0]} is negative; MD steps count from 0")
     return out
 
 
@@ -358,11 +383,9 @@ def analyze_trajectory(path, cfg=None, out_dir=None, tracker=None) -> dict:
         kept: dict[str, np.ndarray] = {}
         C_Q, snaps = {}, {}
         for i in progress(range(S_frames), desc=f"analyze L={L} R={R}", unit="frame"):
-            try:
-                n_i, Q_i = traj.n[i], (traj.Q[i] if i in corr_idx else None)
-            except OSError as exc:  # a damaged compressed chunk
-                raise ConfigError(f"trajectory={path}: frame {i} (step {int(steps[i])}) cannot be read, the file "
-                                  f"is corrupted ({exc})") from None
+            # every frame of n and Q is read and checked (NaN/inf, a damaged chunk) before any output is written;
+            # Q too, although only the C(r) frames use it: a file with a bad Q is not analysed as if it were sound
+            n_i, Q_i = read_frame(traj, path, "n", i), read_frame(traj, path, "Q", i)
             n = as_field(n_i, device)
             obs = frame_observables(n, g_bins, thr)
             for k in _KEPT:
@@ -591,8 +614,9 @@ def _replica_correlations(path, requested, bins_cfg, device):
     with open_trajectory(path) as traj:
         sel = select_frames(traj.step, requested, unique=False)  # one entry per request: paired by it
         bins = distance_bins(traj.L, bins_cfg.get("r_max"), bins_cfg.get("binning", "exact"))
-        curves = {s["index"]: correlation_t(as_field(traj.Q[s["index"]], device), bins).cpu().numpy() for s in sel}
-        start = traj.Q[0] if int(traj.step[0]) == 0 else None
+        curves = {s["index"]: correlation_t(as_field(read_frame(traj, path, "Q", s["index"]), device), bins).cpu().numpy()
+                  for s in sel}
+        start = read_frame(traj, path, "Q", 0) if int(traj.step[0]) == 0 else None
         return curves, sel, dict(traj.attrs, L=traj.L, R=traj.R, _time=traj.time.copy()), bins.r, start
 
 

@@ -190,11 +190,15 @@ class Trajectory:
         self.n = self._f["n"]
         self.step = self._f["step"][...]
         self.time = self._f["time"][...]
-        lengths = {self.Q.shape[0], self.n.shape[0], len(self.step), len(self.time)}
-        if len(lengths) > 1:  # a writer's metadata caught between two flushes
+        counts = {"Q": self.Q.shape[0], "n": self.n.shape[0], "step": len(self.step), "time": len(self.time)}
+        if len(set(counts.values())) > 1:
             self._f.close()
-            raise ConfigError(f"trajectory={self.path}: its datasets hold {sorted(lengths)} frames: a simulation "
-                              "is writing it right now; try again in a moment")
+            held = ", ".join(f"{key}: {count}" for key, count in counts.items())
+            if self.path.name.endswith(".partial"):  # a writer's metadata caught between two flushes
+                raise ConfigError(f"trajectory={self.path}: its datasets hold different numbers of frames ({held}): "
+                                  "a simulation is writing it right now; try again in a moment")
+            raise ConfigError(f"trajectory={self.path}: its datasets hold different numbers of frames ({held}): a "
+                              "finished trajectory has one count, so this file is inconsistent (damaged or edited)")
         self.attrs = {k: _decode(v) for k, v in self._f.attrs.items()}
         self.L = int(self.attrs["L"])
         self.R = int(self.attrs["R"])
