@@ -421,3 +421,25 @@ def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
         monkeypatch.setenv("LATTICE_LAB_PROGRESS_INTERVAL", bad)
         with pytest.raises(ConfigError, match=f"LATTICE_LAB_PROGRESS_INTERVAL='{bad}'"):
             P.update_interval()
+
+
+def test_available_memory_and_the_refusal_naming_the_settings(tmp_path, monkeypatch):
+    """common/memory.py: MemAvailable of /proc/meminfo on the CPU (None where it cannot be read: then nothing is
+    refused); an estimate above it is a ConfigError naming the settings that set the size and both amounts."""
+    from lattice_lab.common import memory
+
+    fake = tmp_path / "meminfo"
+    fake.write_text("MemTotal:       16000000 kB\nMemFree:          100000 kB\nMemAvailable:    2000000 kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", str(fake))
+    assert memory.available_bytes("cpu") == 2000000 * 1024
+    memory.require_memory(2000000 * 1024, "cpu", {"dynamics.L": 8})  # fits exactly
+    with pytest.raises(ConfigError, match=r"^dynamics.L=100000, dynamics.replicas=4: needs ~320 GB on cpu for "
+                                          r"Q and V, 2.05 GB available$"):
+        memory.require_memory(3.2e11, "cpu", {"dynamics.L": 100000, "dynamics.replicas": 4}, "Q and V")
+    with pytest.raises(ConfigError, match=r"^dataset.configurations=10: needs ~5,000 GB on cpu, 2.05 GB available$"):
+        memory.require_memory(5e12, torch.device("cpu"), {"dataset.configurations": 10})
+    monkeypatch.setattr(memory, "MEMINFO", str(tmp_path / "missing"))
+    assert memory.available_bytes("cpu") is None
+    memory.require_memory(1e30, "cpu", {"dynamics.L": 8})  # not known: not refused
+    if torch.cuda.is_available():
+        assert memory.available_bytes("cuda") == torch.cuda.mem_get_info()[0]

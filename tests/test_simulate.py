@@ -348,6 +348,79 @@ def test_overwrite_leaves_no_file_of_the_replaced_run(tmp_path):
     assert left == [".lock", "checkpoint.pt", "config.yaml", "trajectory.h5.partial"]  # the old trajectory.h5 is gone
 
 
+@pytest.mark.parametrize("damage", ["deleted", "cut short", "fewer frames"])
+def test_a_resume_refused_for_its_trajectory_changes_no_file(tmp_path, damage):
+    """An interrupted run whose trajectory.h5.partial was deleted or damaged cannot continue: the resume is
+    refused before anything is written (it used to write config_resume.yaml first), and the advice is
+    overwrite=true, which starts the run again (resume=false would say the folder holds a run)."""
+    run(make_cfg(tmp_path, "force=ed", "stop_after_steps=5", "run_name=lost"))  # frames 0, 5
+    part = tmp_path / "lost" / "trajectory.h5.partial"
+    if damage == "deleted":
+        part.unlink()
+    elif damage == "cut short":
+        part.write_bytes(part.read_bytes()[:2000])
+    else:
+        with h5py.File(part, "r+") as f:
+            for key in ("Q", "n", "step", "time"):
+                f[key].resize(1, axis=0)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "lost").iterdir()}
+    found = {"deleted": "is missing, so the checkpoint's 2 frames are lost", "cut short": "cannot be read",
+             "fewer frames": "holds 1 frames but the checkpoint expects 2"}[damage]
+    with pytest.raises(ConfigError, match=rf"^resume=true: .*trajectory.h5.partial {found}.*; "
+                                          r"overwrite=true \(instead of resume=true\) starts the run again$"):
+        run(make_cfg(tmp_path, "force=ed", "resume=true", "run_name=lost"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lost").iterdir()} == before
+    again = run(make_cfg(tmp_path, "force=ed", "overwrite=true", "run_name=lost"))
+    assert again["completed"] and again["frames"] == 5
+
+
+def test_the_final_state_is_saved_whatever_save_every(tmp_path):
+    """The run's last step is a frame although save_every does not divide dynamics.steps (the trajectory ended
+    at the last multiple, and save_every > steps kept step 0 only). A run stopped early saves no frame where it
+    stopped (its resume equals one uninterrupted run); a run extended on resume keeps the frame of its old end.
+    The analysis reads the saved times: its final state is the run's."""
+    from lattice_lab.analysis.pipeline import analyze_trajectory
+    from lattice_lab.dynamics.compare_run import comparison_steps
+
+    over = ["run_name=last", "dynamics.steps=21"]
+    one = run_simulation(make_cfg(tmp_path / "a", *over), force_provider=Harmonic())
+    a, _ = read_all(one["trajectory"])
+    assert a["step"].tolist() == [0, 5, 10, 15, 20, 21] and one["frames"] == 6
+    np.testing.assert_allclose(a["time"], 0.05 * a["step"], rtol=0, atol=1e-12)
+    final = torch.load(one["checkpoint"], weights_only=False)["state"]
+    assert final["step"] == 21
+    np.testing.assert_array_equal(a["Q"][-1], final["Q"].numpy().astype(np.float32))
+    summary = analyze_trajectory(one["trajectory"], {"correlation_steps": [10], "device": "cpu",
+                                                     "tracking": {"enabled": False}})
+    assert summary["final"]["step"] == 21 and summary["times"][1] == pytest.approx(1.05)
+
+    run_simulation(make_cfg(tmp_path / "b", *over, "stop_after_steps=13"), force_provider=Harmonic())
+    done = run_simulation(make_cfg(tmp_path / "b", *over, "resume=true"), force_provider=Harmonic())
+    b, _ = read_all(done["trajectory"])
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    longer = run_simulation(make_cfg(tmp_path / "b", "run_name=last", "dynamics.steps=30", "resume=true"),
+                            force_provider=Harmonic())
+    assert read_all(longer["trajectory"])[0]["step"].tolist() == [0, 5, 10, 15, 20, 21, 25, 30]
+
+    rare = run_simulation(make_cfg(tmp_path / "c", "dynamics.save_every=1000"), force_provider=Harmonic())
+    assert read_all(rare["trajectory"])[0]["step"].tolist() == [0, 20]
+    # compare.steps: only what every run length saves (a longer shared compare.ed_run lacks this run's last step)
+    with pytest.raises(ConfigError, match=r"compare.steps=\[5, 21\]: step 21 is not a saved frame .*last step"):
+        comparison_steps(make_cfg(tmp_path, "dynamics.steps=21", "compare.steps=[5,21]",
+                                  config_name="simulate_compare"))
+
+
+def test_a_run_too_large_for_memory_is_refused_before_anything_is_written(tmp_path):
+    """dynamics.L=100000 (or 10^8 replicas) failed in the allocator (RuntimeError DefaultCPUAllocator) after the run
+    folder and its config.yaml were made; the state's memory is now checked against what is available first."""
+    with pytest.raises(ConfigError, match=r"^dynamics.L=100000, dynamics.replicas=100000000: needs ~[\d,]+ GB on "
+                                          r"cpu for Q, V, F in float64, .*, [\d.,]+ GB available$"):
+        run_simulation(make_cfg(tmp_path, "dynamics.L=100000", "dynamics.replicas=100000000"),
+                       force_provider=Harmonic())
+    assert not any(tmp_path.iterdir())
+
+
 # -- divergence ---------------------------------------------------------------------------------
 def test_divergence_stops_with_last_good_checkpoint(tmp_path):
     cfg = make_cfg(tmp_path, "dynamics.steps=200", "checkpoint_every_steps=5", "divergence.check_every=1",
@@ -522,14 +595,19 @@ def test_model_for_other_hamiltonian_refused(tmp_path):
         run(make_cfg(tmp_path / "out", "force=ml", f"force.checkpoint={good}"))
 
 
-def test_entrypoint_prints_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lattice_lab.simulate", "force=ed", "dynamics.L=64",
-                           f"output_root={tmp_path}", "tracking.enabled=false", f"hydra.run.dir={tmp_path}/h"],
+@pytest.mark.parametrize(("bad", "start", "says"), [
+    ("dynamics.L=64", "error: dynamics.L=64", "force=ml"),  # above force.max_L
+    ("dynamics.replicas=1000000000000", "error: dynamics.L=8, dynamics.replicas=1000000000000: needs ~", "available"),
+])
+def test_entrypoint_prints_one_line_error(tmp_path, bad, start, says):
+    proc = subprocess.run([sys.executable, "-m", "lattice_lab.simulate", "force=ed", "dynamics.L=8", bad,
+                           f"output_root={tmp_path / 'out'}", "tracking.enabled=false", f"hydra.run.dir={tmp_path}/h"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: dynamics.L=64") and "force=ml" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith(start) and says in errors[0]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before the run folder is made
 
 
 # -- batching -----------------------------------------------------------------------------------
@@ -659,8 +737,10 @@ def test_comparisons_share_one_ed_run(tmp_path, gnn_checkpoint, tmp_mlflow):
                            "dynamics.steps=10", "compare.name=cmp_short", config_name="simulate_compare"))
     assert [s["requested"] for s in shorter["comparison"]["steps"]] == [5, 10]  # a longer ED run serves as it is
     assert shorter["ed"]["steps_per_s"] == 0.0
-    with pytest.raises(ConfigError, match="seed.*another compare.ed_run"):  # the setting the user chose
+    with pytest.raises(ConfigError, match=rf"^compare.ed_run={re.escape(str(shared.resolve()))}: seed=7 differs from "
+                                          r"the checkpoint's 3 .*another compare.ed_run$") as refused:
         run(make_cfg(tmp_path, *common, "compare.name=cmp_c", "seed=7", config_name="simulate_compare"))
+    assert "resume" not in str(refused.value)  # the setting the user chose, not a resume they never asked for
     other_dtype = run(make_cfg(tmp_path, *common, "compare.name=cmp_f", "dtype=float64", config_name="simulate_compare"))
     assert other_dtype["ed"]["trajectory"] == str(ed_file)  # the model's dtype is not ED's (always float64)
     with pytest.raises(ConfigError, match="compare.ed_run=.*holds an ED-vs-ML comparison"):

@@ -32,6 +32,7 @@ from lattice_lab.common.cuda_graph import wanted
 from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtype
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.common.io import atomic_write_text
+from lattice_lab.common.memory import available_bytes
 from lattice_lab.common.seeding import check_seed, seed_everything
 from lattice_lab.common.switch import check_flag, check_switch
 from lattice_lab.common.threads import shutdown_pool
@@ -89,20 +90,14 @@ def _positive(cfg, key: str, kind=float, allow_zero: bool = False, default=None)
 
 
 def _memory_budget(cfg, device: torch.device) -> float | None:
-    """Bytes one measurement may need: ``max_memory_gb`` or half the free memory."""
+    """Bytes one measurement may need: ``max_memory_gb``, else 0.8 of a GPU's free memory or half the CPU's
+    available memory (:func:`lattice_lab.common.memory.available_bytes`); None where that is not known."""
     if cfg.get("max_memory_gb") is not None:
         return _positive(cfg, "max_memory_gb") * 1e9
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return 0.8 * free
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return 0.5 * int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    free = available_bytes(device)
+    if free is None:
+        return None
+    return (0.8 if device.type == "cuda" else 0.5) * free
 
 
 def _presets(cfg) -> list[str]:

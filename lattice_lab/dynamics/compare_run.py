@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 
 
 def comparison_steps(cfg) -> list[int]:
-    """``compare.steps`` validated against the run length and the save interval."""
+    """``compare.steps`` validated against the run length and the save interval: steps that every run of any
+    length saves (not the run's last step where no other rule saves it: a longer shared ``compare.ed_run``
+    does not have that frame)."""
     dyn = validate_dynamics(cfg)
     raw = _get(cfg, "compare.steps")
     if raw is None or isinstance(raw, (str, int)) or len(raw) == 0:
@@ -59,9 +61,11 @@ def comparison_steps(cfg) -> list[int]:
         if s > dyn["steps"]:
             raise ConfigError(f"compare.steps={list(raw)}: step {s} is beyond dynamics.steps={dyn['steps']}")
         if s not in saved:
+            last = (" (the run's last step is saved too, but not by a longer shared compare.ed_run)"
+                    if s == dyn["steps"] else "")
             raise ConfigError(f"compare.steps={list(raw)}: step {s} is not a saved frame "
                               f"(dynamics.save_every={dyn['save_every']}, "
-                              f"save_log_per_decade={dyn['save_log_per_decade']})")
+                              f"save_log_per_decade={dyn['save_log_per_decade']}){last}")
         steps.append(int(s))
     return steps
 
@@ -206,14 +210,12 @@ def _shared_ed_dir(cfg, root):
     return shared
 
 
-_NEW_SHARED_RUN = "another compare.ed_run"
-
-
-def _shared_fingerprint_check(ed_cfg, checkpoint: dict, ck_path) -> None:
-    """The shared run's checkpoint against this comparison's ED settings (the resume check, with advice
-    that names the setting the user chose: ``compare.ed_run``)."""
+def _shared_fingerprint_check(ed_cfg, checkpoint: dict, ck_path, shared) -> None:
+    """The shared run's checkpoint against this comparison's ED settings (the resume check, with an error
+    and advice that name the setting the user chose: ``compare.ed_run``, not a resume they never asked for)."""
     state_dtype = resolve_dtype(_get(ed_cfg, "integrator_dtype") or "float64", MODEL_DTYPES, "integrator_dtype")  # ED forces are float64
-    _check_resumable(checkpoint, _fingerprint(ed_cfg, state_dtype), ck_path, new_run=_NEW_SHARED_RUN)
+    _check_resumable(checkpoint, _fingerprint(ed_cfg, state_dtype), ck_path, label=f"compare.ed_run={shared}",
+                     advice="compare with that ED run's settings, or give this comparison another compare.ed_run")
 
 
 def _finished_shared_run(ed_cfg, shared) -> dict | None:
@@ -224,7 +226,7 @@ def _finished_shared_run(ed_cfg, shared) -> dict | None:
     if not (checkpoint_path.exists() and trajectory.exists()):
         return None
     checkpoint = load_torch_file(checkpoint_path, "compare.ed_run: checkpoint")
-    _shared_fingerprint_check(ed_cfg, checkpoint, checkpoint_path)
+    _shared_fingerprint_check(ed_cfg, checkpoint, checkpoint_path, shared)
     done = int(checkpoint["state"]["step"])
     if done < int(ed_cfg.dynamics.steps):
         return None
@@ -253,7 +255,7 @@ def _share_ed_run(ed_cfg, shared) -> None:
         state = load_torch_file(checkpoint, "compare.ed_run: checkpoint")
         if not isinstance(state, dict) or "state" not in state:
             raise ConfigError(f"compare.ed_run={shared}: {checkpoint} is not a simulation checkpoint")
-        _shared_fingerprint_check(ed_cfg, state, checkpoint)
+        _shared_fingerprint_check(ed_cfg, state, checkpoint, shared)
         ed_cfg.dynamics.steps = max(int(ed_cfg.dynamics.steps), int(state["state"]["step"]))
 
 

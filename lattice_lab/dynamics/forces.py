@@ -90,6 +90,12 @@ class ForceProvider:
         F = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return F.to(dtype=Q.dtype)
 
+    def working_bytes(self, R: int, L: int) -> int:
+        """Bytes a force call on R replicas of L x L needs beyond its input and output, as far as known
+        without running it (memory estimates before a run): 0 here, as for a model, whose activations
+        depend on its layers; ED: its diagonalisation's working set."""
+        return 0
+
     def density(self, Q: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
         """Electron density <n_i> [R, L, L] at configuration Q whose force is F."""
         from lattice_lab.physics.holstein import density_from_force
@@ -126,6 +132,9 @@ class EDForceProvider(ForceProvider):
         res = self._ed.compute(Qc)
         self._cache_Q, self._cache_n = Qc.clone(), res.density
         return res.forces.to(dtype=Q.dtype)
+
+    def working_bytes(self, R: int, L: int) -> int:
+        return self._ed.working_bytes(R, L)
 
     def density(self, Q: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
         """The ED density of the last force call if it was at this Q; otherwise diagonalise again."""

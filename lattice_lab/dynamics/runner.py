@@ -3,8 +3,9 @@
 Physics: R independent L x L Holstein lattices start from a random hot state (Q_i ~ N(0,
 T_init/kappa), V_i ~ N(0, T_init/m)) and evolve under Langevin dynamics in a bath at temperature
 T (DESIGN.md section 3); the electrons are at the same temperature T (section 2). Every
-``save_every`` steps the distortions Q and the electron densities n of all replicas are appended
-to ``trajectory.h5``.
+``save_every`` steps, and at the run's last step (``dynamics.steps``: the final state is always saved), the
+distortions Q and the electron densities n of all replicas are appended to ``trajectory.h5``
+(:class:`~lattice_lab.dynamics.schedule.SaveSchedule`).
 
 Robustness: the full state (Q, V, cached F, step, the noise generator's state, the number of
 frames written, the config) is checkpointed atomically every ``checkpoint_every_s`` seconds and at
@@ -56,7 +57,7 @@ from lattice_lab.dynamics.forces import equilibrium_q_scale, make_force_provider
 from lattice_lab.dynamics.initial import random_hot_start
 from lattice_lab.dynamics.langevin import LangevinIntegrator, LangevinParams, LangevinState
 from lattice_lab.dynamics.schedule import SaveSchedule
-from lattice_lab.dynamics.trajectory import TrajectoryWriter, partial_path
+from lattice_lab.dynamics.trajectory import RESTART_ADVICE, TrajectoryWriter, partial_path
 from lattice_lab.tracking.mlflow_utils import standard_tags, start_run
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
     provider = force_provider or make_force_provider(cfg.force, hamiltonian, device,
                                                      _get(cfg, "dtype", "float32"), L=L)
     state_dtype = resolve_dtype(_get(cfg, "integrator_dtype") or provider.dtype, MODEL_DTYPES, "integrator_dtype")
+    _require_memory(R, L, state_dtype, provider, device)  # before anything is written (a resume needs as much)
     q_limit = _divergence_limit(cfg, hamiltonian)
     check_every = _positive_int(cfg, "divergence.check_every", default=1)
     ck_every_s = _positive_float(cfg, "checkpoint_every_s", allow_zero=True, default=300.0)
@@ -248,10 +250,15 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
     if getattr(provider, "model_sha256", ""):  # the same path may hold another model by now (retrained)
         fingerprint["model_sha256"] = provider.model_sha256
 
+    # the setting that asked for the resume, and how to start the run again instead: a comparison's shared
+    # ED run is resumed by compare.ed_run (the user never passed resume=true) and is never overwritten
+    resume_label, restart = ((folder_label, "a shared ED run is never overwritten: remove that folder to run ED "
+                                            "there again, or name another one") if folder_label
+                             else ("resume=true", RESTART_ADVICE))
     checkpoint = None
     if resume and ck_path.exists():
-        checkpoint = load_torch_file(ck_path, "resume=true: checkpoint")
-        _check_resumable(checkpoint, fingerprint, ck_path)
+        checkpoint = load_torch_file(ck_path, f"{resume_label}: checkpoint")
+        _check_resumable(checkpoint, fingerprint, ck_path, label=resume_label)
     elif resume and not (traj_path.exists() or partial_path(traj_path).exists()):
         log.warning("resume=true but %s does not exist: starting a new run", ck_path)
     elif resume and not overwrite:
@@ -295,13 +302,15 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
                                   F=st["F"].to(device, state_dtype), step=int(st["step"]))
             noise = integrator.noise_source(state)
             if checkpoint.get("noise", "torch") != noise:  # checked before anything on disk changes
-                raise ConfigError(f"resume=true: {ck_path} drew its bath noise from the "
+                raise ConfigError(f"{resume_label}: {ck_path} drew its bath noise from the "
                                   f"{checkpoint.get('noise', 'torch')} generator, this run would use {noise} "
                                   "(native_integrator=false selects torch's generator, true the native Philox step)")
+            n_frames = int(checkpoint["n_frames"])
+            continued = TrajectoryWriter.check_reopen(traj_path, n_frames, resume_label, restart)
             atomic_write_text(cfg_path, config_yaml)  # after every check: a refused resume changes nothing
-            if traj_path.exists() and not partial_path(traj_path).exists():  # finished run, now extended
+            if continued == traj_path:  # finished run, now extended
                 os.replace(traj_path, partial_path(traj_path))
-            writer = TrajectoryWriter.reopen(traj_path, int(checkpoint["n_frames"]))
+            writer = TrajectoryWriter.reopen(traj_path, n_frames, resume_label, restart)
             stack.callback(writer.close)
             writer.set_attrs(config_resume=config_yaml)
             generator.set_state(checkpoint["generator_state"])
@@ -317,6 +326,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
             Q0, V0 = random_hot_start(R, L, hamiltonian, dyn["mass"], dyn["init_temperature"], generator,
                                       dtype=torch.float64, device=device)
             state = integrator.init_state(Q0.to(device, state_dtype), V0.to(device, state_dtype))
+            del Q0, V0  # the float64 draw is not kept for the whole run
             noise = integrator.noise_source(state)
             writer = TrajectoryWriter(traj_path, L, R, attrs,
                                       compression=str(_get(cfg, "trajectory.compression", "gzip")),
@@ -343,7 +353,7 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
         start_step, site_count = state.step, R * L * L
         space = _DiskSpace(run_dir, frame_bytes=2 * 4 * site_count,
                            checkpoint_bytes=3 * site_count * state.Q.element_size() + (1 << 20))
-        schedule = SaveSchedule(save_every, dyn["save_log_per_decade"])
+        schedule = SaveSchedule(save_every, dyn["save_log_per_decade"], final=steps)  # the final state too
         space.warn_if_short(schedule.count(state.step, target) * space.frame_bytes)
         synchronize(device)
         t0 = last_ck = last_post = time.perf_counter()
@@ -412,6 +422,32 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
     return result
 
 
+def _require_memory(R: int, L: int, state_dtype: torch.dtype, provider, device: torch.device) -> None:
+    """Refuse a run whose arrays cannot fit (ConfigError naming dynamics.L and dynamics.replicas), instead of an
+    allocator error deep inside after the run folder was made. Counted, per site, a lower bound of the run's
+    memory (a model's activations come on top): on ``device`` Q, V, F in the integrator's dtype, the float64
+    hot start they are drawn from, the force call's input and output where the force runs in another dtype,
+    and the force's known working set (ED: the diagonalisation); on the host the float32 frame (Q, n) written
+    to the trajectory and, from a GPU, the checkpoint's copy of Q, V, F
+    (:func:`lattice_lab.common.memory.require_memory`)."""
+    from lattice_lab.common.memory import require_memory
+
+    sites = R * L * L
+    e = torch.empty((), dtype=state_dtype).element_size()
+    e_force = torch.empty((), dtype=provider.dtype).element_size()
+    on_device = sites * (3 * e + 2 * 8 + (2 * e_force if provider.dtype != state_dtype else 0))
+    working = getattr(provider, "working_bytes", None)  # an injected provider may not know it
+    on_device += working(R, L) if working is not None else 0
+    on_host = sites * (2 * 4 + (3 * e if device.type != "cpu" else 0))
+    settings = {"dynamics.L": L, "dynamics.replicas": R}
+    what = f"Q, V, F in {str(state_dtype).removeprefix('torch.')}, their hot start and a frame"
+    if device.type == "cpu":
+        require_memory(on_device + on_host, device, settings, what)
+    else:
+        require_memory(on_device, device, settings, what)
+        require_memory(on_host, "cpu", settings, "a frame and a checkpoint")
+
+
 def _use_cuda_graph(setting, provider, device) -> bool:
     """``cuda_graph``: auto records the steps of ML forces on CUDA, torch.compile'd or not (not ED: its
     eigensolver synchronises with the host). torch.compile's default mode launches its fused kernels one
@@ -453,16 +489,19 @@ def _analysis_config(cfg) -> dict:
     return acfg
 
 
-def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path, new_run: str = "another run_name") -> None:
+def _check_resumable(checkpoint: dict, fingerprint: dict, ck_path: Path, *, label: str = "resume=true",
+                     advice: str = "resume with the original settings or start a new run (another run_name)") -> None:
+    """The checkpoint ``ck_path`` against this run's ``fingerprint``: ConfigError naming the first setting that
+    differs, prefixed with ``label`` (the setting that continues the run: ``resume=true``, or
+    ``compare.ed_run=...`` for a comparison's shared ED run) and ending with ``advice``."""
     if checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError(f"resume=true: {ck_path} has checkpoint version {checkpoint.get('version')}, "
+        raise ConfigError(f"{label}: {ck_path} has checkpoint version {checkpoint.get('version')}, "
                           f"expected {CHECKPOINT_VERSION}")
     old = checkpoint.get("fingerprint", {})
     for key in sorted(set(old) | set(fingerprint)):
         if old.get(key) != fingerprint.get(key) and not _ignored_on_resume(key, old, fingerprint):
-            raise ConfigError(f"resume=true: {key}={fingerprint.get(key)!r} differs from the checkpoint's "
-                              f"{old.get(key)!r} ({ck_path}); resume with the original settings or start a "
-                              f"new run ({new_run})")
+            raise ConfigError(f"{label}: {key}={fingerprint.get(key)!r} differs from the checkpoint's "
+                              f"{old.get(key)!r} ({ck_path}); {advice}")
 
 
 def _free_bytes(folder: Path) -> int:

@@ -36,6 +36,43 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+RESTART_ADVICE = "overwrite=true (instead of resume=true) starts the run again"
+_DATASETS = ("Q", "n", "step", "time")
+
+
+def _resumable_file(path, n_frames: int, label: str, restart: str, *, extend: bool = True) -> Path:
+    """The file a resume continues: ``<path>.partial``, else (``extend``) the finished ``path`` of a run
+    extended on resume. ConfigError where there is none: the frames up to the checkpoint are gone."""
+    part, path = partial_path(path), Path(path)
+    if part.exists():
+        return part
+    if extend and path.exists():
+        return path
+    raise ConfigError(f"{label}: the unfinished trajectory {part} is missing, so the checkpoint's {n_frames} "
+                      f"frames are lost; {restart}")
+
+
+def _open_resumable(path: Path, mode: str, n_frames: int, label: str, restart: str) -> h5py.File:
+    """Open the trajectory ``path`` a resume continues and check that every dataset is there and holds at
+    least ``n_frames`` frames; ConfigError naming ``path`` otherwise (the file closed again)."""
+    what = "unfinished trajectory" if path.name.endswith(".partial") else "trajectory"
+    try:  # a kill or a full disk while HDF5 was writing can leave it cut short
+        f = h5py.File(path, mode)
+    except OSError as exc:
+        raise ConfigError(f"{label}: the {what} {path} cannot be read ({str(exc).splitlines()[0]}); "
+                          f"{restart}") from None
+    missing = [key for key in _DATASETS if key not in f]
+    counts = {key: int(f[key].shape[0]) for key in _DATASETS if key in f}
+    if missing or min(counts.values()) < n_frames:
+        f.close()
+        if missing:
+            raise ConfigError(f"{label}: the {what} {path} cannot be read (no {missing[0]!r} dataset); {restart}")
+        have = counts["step"] if len(set(counts.values())) == 1 else counts
+        raise ConfigError(f"{label}: {path} holds {have} frames but the checkpoint expects {n_frames}; the "
+                          f"trajectory and checkpoint do not belong together; {restart}")
+    return f
+
+
 def _attr_value(value):
     """HDF5 attributes cannot hold None or nested containers: map them to strings."""
     if value is None:
@@ -101,30 +138,29 @@ class TrajectoryWriter:
         self._f.flush()
 
     @classmethod
-    def reopen(cls, path: str | os.PathLike, n_frames: int) -> TrajectoryWriter:
-        """Reopen the partial file of ``path`` and truncate it to its first ``n_frames`` frames."""
-        part = partial_path(path)
-        if not part.exists():
-            raise ConfigError(f"resume=true: the unfinished trajectory {part} is missing; "
-                              f"start again with resume=false")
-        unreadable = f"resume=true: the unfinished trajectory {part} cannot be read ({{}}); overwrite=true starts the run again"
-        try:  # a kill or a full disk while HDF5 was writing can leave it cut short
-            f = h5py.File(part, "r+")
-        except OSError as exc:
-            raise ConfigError(unreadable.format(str(exc).splitlines()[0])) from None
-        if "step" not in f:
-            f.close()
-            raise ConfigError(unreadable.format("no 'step' dataset"))
-        have = f["step"].shape[0]
-        if have < n_frames:
-            f.close()
-            raise ConfigError(f"resume=true: {part} holds {have} frames but the checkpoint expects "
-                              f"{n_frames}; the trajectory and checkpoint do not belong together")
-        for key in ("Q", "n", "step", "time"):
+    def reopen(cls, path: str | os.PathLike, n_frames: int, label: str = "resume=true",
+               restart: str = RESTART_ADVICE) -> TrajectoryWriter:
+        """Reopen the partial file of ``path`` and truncate it to its first ``n_frames`` frames
+        (refused as :meth:`check_reopen` refuses; ``label`` and ``restart`` as there)."""
+        part = _resumable_file(path, n_frames, label, restart, extend=False)
+        f = _open_resumable(part, "r+", n_frames, label, restart)
+        for key in _DATASETS:
             f[key].resize(n_frames, axis=0)
         f.flush()
         L, R = int(f.attrs["L"]), int(f.attrs["R"])
         return cls(path, L, R, _file=f)
+
+    @staticmethod
+    def check_reopen(path: str | os.PathLike, n_frames: int, label: str = "resume=true",
+                     restart: str = RESTART_ADVICE) -> Path:
+        """What :meth:`reopen` checks, changing nothing (read-only), so that a refused resume writes no file:
+        the trajectory a resume continues (``<path>.partial``, or ``path`` itself where a finished run is
+        extended) exists, can be read and holds at least ``n_frames`` frames in every dataset. Returns that
+        file; otherwise a ConfigError prefixed with ``label`` (the setting that asked for the resume) and
+        ending with ``restart`` (how to start the run again instead)."""
+        found = _resumable_file(path, n_frames, label, restart)
+        _open_resumable(found, "r", n_frames, label, restart).close()
+        return found
 
     @property
     def n_frames(self) -> int:

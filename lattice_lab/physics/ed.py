@@ -147,6 +147,12 @@ class ExactForces:
             return max(1, int(self.chunk_size))
         return max(1, int(512e6 // (3 * 8 * N * N)))
 
+    def working_bytes(self, batch: int, L: int) -> int:
+        """Bytes a call on ``batch`` configurations of L x L works in: ~3 N^2 float64 (Hamiltonian,
+        eigenvectors, a product) per configuration diagonalised at once (``chunk_size``), N = L^2."""
+        N = int(L) ** 2
+        return 3 * 8 * N * N * min(int(batch), self._chunk(N))
+
     def _prepare(self, Q) -> tuple[torch.Tensor, tuple, torch.device]:
         Q = torch.as_tensor(Q)
         if Q.dim() < 2 or Q.shape[-1] != Q.shape[-2]:
