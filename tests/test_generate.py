@@ -236,6 +236,26 @@ def test_bad_inputs_raise_one_line_config_errors(tmp_path, overrides, fragment):
     assert not (tmp_path / "bad.h5").exists()
 
 
+def test_a_build_too_large_for_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """The kept configurations (Q, F, n and the hot starts) plus one ED call's 3 N^2 float64 matrices are
+    checked against the available memory up front (here 100 kB: holstein_L8_tiny with ed_batch=4 needs
+    4 x 98 kB of ED matrices, and 43 kB for its 24 configurations)."""
+    from lattice_lab.common import memory
+
+    fake = tmp_path / "meminfo"
+    fake.write_text("MemAvailable:    100 kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", str(fake))
+    out = tmp_path / "data" / "big.h5"
+    with pytest.raises(ConfigError, match=r"^dataset.L=8, dataset.n_random=12, dataset.n_quench=12: needs ~0.000436 GB "
+                                          r"on cpu for the configurations kept .* and one ED call's matrices, "
+                                          r"0.000102 GB available$"):
+        run(_cfg(out, "dataset.ed_batch=4"))
+    assert not out.parent.exists()
+    fake.write_text("MemAvailable:    100000 kB\n")  # 100 MB: the same build fits
+    run(_cfg(out))
+    assert out.is_file()
+
+
 def test_entrypoint_prints_one_line_error_without_traceback(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LATTICE_LAB_NO_PROGRESS": "1"}
     proc = subprocess.run(

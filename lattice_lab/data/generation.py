@@ -183,6 +183,27 @@ class _CachingED:
         return self.last
 
 
+def _check_memory(ds: dict, params: HolsteinParams, device: torch.device) -> None:
+    """Refuse a build that cannot fit before anything is written: the configurations it keeps until the file
+    is written (Q, F, n in float64, plus the random hot starts) on the CPU, and one ED call's matrices
+    (``ed_batch`` random configurations or ``replicas`` quench replicas at once) on ``device``."""
+    from lattice_lab.common.memory import require_memory
+
+    L, N = ds["L"], ds["L"] ** 2
+    size = {"dataset.L": L}
+    kept = 8 * N * (3 * (ds["n_random"] + ds["n_quench"]) + ds["n_random"])
+    ed = ExactForces(params, device=device)
+    work = max(ed.working_bytes(ds["ed_batch"], L), ed.working_bytes(ds["replicas"], L))
+    if device.type == "cpu":
+        require_memory(kept + work, device, {**size, "dataset.n_random": ds["n_random"],
+                                             "dataset.n_quench": ds["n_quench"]},
+                       "the configurations kept until the file is written and one ED call's matrices")
+    else:
+        require_memory(kept, "cpu", {**size, "dataset.n_random": ds["n_random"], "dataset.n_quench": ds["n_quench"]},
+                       "the configurations kept until the file is written")
+        require_memory(work, device, size, "one ED call's matrices")
+
+
 def build_dataset(cfg) -> Path:
     """Generate (or resume) the dataset described by a composed ``generate`` config; return its path."""
     from omegaconf import OmegaConf
@@ -201,6 +222,7 @@ def build_dataset(cfg) -> Path:
                               f"the .h5 file to write, e.g. {str(path / (ds['name'] + '.h5'))!r})")
     if path.exists() and not overwrite:
         raise ConfigError(f"dataset.path={str(path)!r}: file exists (pass overwrite=true to rebuild it)")
+    _check_memory(ds, params, device)
     try:  # before any ED work: an unwritable folder is found in a second, not after the first batch
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.write-test-{os.getpid()}"
