@@ -260,6 +260,7 @@ def test_load_from_mlflow_run(tmp_path, monkeypatch):
     ckpt = save_checkpoint(tmp_path / "store" / "checkpoints" / "best.pt", model)
     run_id = "0123456789abcdef0123456789abcdef"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "mlflow.db").touch()  # a run id is looked up only in a store that exists (none is created)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     calls = []
     real = mlflow.artifacts.download_artifacts

@@ -40,7 +40,7 @@ from lattice_lab.common.switch import check_flag
 from lattice_lab.data.h5io import write_force_dataset
 from lattice_lab.dynamics.initial import random_hot_start
 from lattice_lab.dynamics.langevin import LangevinIntegrator, LangevinParams, LangevinState
-from lattice_lab.physics.ed import ExactForces
+from lattice_lab.physics.ed import ExactForces, working_bytes
 from lattice_lab.physics.holstein import HolsteinParams
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class _CachingED:
         return self.last
 
 
-def _check_memory(ds: dict, params: HolsteinParams, device: torch.device) -> None:
+def _check_memory(ds: dict, device: torch.device) -> None:
     """Refuse a build that cannot fit before anything is written: the configurations it keeps until the file
     is written (Q, F, n in float64, plus the random hot starts) on the CPU, and one ED call's matrices
     (``ed_batch`` random configurations or ``replicas`` quench replicas at once) on ``device``."""
@@ -192,8 +192,7 @@ def _check_memory(ds: dict, params: HolsteinParams, device: torch.device) -> Non
     L, N = ds["L"], ds["L"] ** 2
     size = {"dataset.L": L}
     kept = 8 * N * (3 * (ds["n_random"] + ds["n_quench"]) + ds["n_random"])
-    ed = ExactForces(params, device=device)
-    work = max(ed.working_bytes(ds["ed_batch"], L), ed.working_bytes(ds["replicas"], L))
+    work = working_bytes(max(ds["ed_batch"], ds["replicas"]), L)  # generate's ExactForces: default chunks
     if device.type == "cpu":
         require_memory(kept + work, device, {**size, "dataset.n_random": ds["n_random"],
                                              "dataset.n_quench": ds["n_quench"]},
@@ -222,7 +221,7 @@ def build_dataset(cfg) -> Path:
                               f"the .h5 file to write, e.g. {str(path / (ds['name'] + '.h5'))!r})")
     if path.exists() and not overwrite:
         raise ConfigError(f"dataset.path={str(path)!r}: file exists (pass overwrite=true to rebuild it)")
-    _check_memory(ds, params, device)
+    _check_memory(ds, device)
     try:  # before any ED work: an unwritable folder is found in a second, not after the first batch
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.write-test-{os.getpid()}"

@@ -117,6 +117,22 @@ def _zero_temperature_occupations(eps: torch.Tensor, n_electrons: int) -> tuple[
     return occ, mu
 
 
+def chunk_configurations(N: int, chunk_size: int | None = None) -> int:
+    """Configurations of N sites diagonalised at once: ``chunk_size``, or as many as fit ~512 MB of
+    3 N x N float64 matrices (at least one)."""
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    return max(1, int(512e6 // (3 * 8 * N * N)))
+
+
+def working_bytes(batch: int, L: int, chunk_size: int | None = None) -> int:
+    """Bytes an ED call on ``batch`` configurations of L x L works in: ~3 N^2 float64 (Hamiltonian,
+    eigenvectors, a product) per configuration diagonalised at once (:func:`chunk_configurations`), N = L^2.
+    A function of the sizes alone, so a run can check its memory before it builds anything."""
+    N = int(L) ** 2
+    return 3 * 8 * N * N * min(int(batch), chunk_configurations(N, chunk_size))
+
+
 class ExactForces:
     """ED force provider: ``ExactForces(params)(Q [B, L, L]) -> F [B, L, L]`` (float64).
 
@@ -143,15 +159,11 @@ class ExactForces:
         return self._hop[L]
 
     def _chunk(self, N: int) -> int:
-        if self.chunk_size is not None:
-            return max(1, int(self.chunk_size))
-        return max(1, int(512e6 // (3 * 8 * N * N)))
+        return chunk_configurations(N, self.chunk_size)
 
     def working_bytes(self, batch: int, L: int) -> int:
-        """Bytes a call on ``batch`` configurations of L x L works in: ~3 N^2 float64 (Hamiltonian,
-        eigenvectors, a product) per configuration diagonalised at once (``chunk_size``), N = L^2."""
-        N = int(L) ** 2
-        return 3 * 8 * N * N * min(int(batch), self._chunk(N))
+        """:func:`working_bytes` of a call of this engine (its ``chunk_size``)."""
+        return working_bytes(batch, L, self.chunk_size)
 
     def _prepare(self, Q) -> tuple[torch.Tensor, tuple, torch.device]:
         Q = torch.as_tensor(Q)
