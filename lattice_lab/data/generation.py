@@ -191,15 +191,14 @@ def _check_memory(ds: dict, device: torch.device) -> None:
 
     L, N = ds["L"], ds["L"] ** 2
     size = {"dataset.L": L}
+    counts = {**size, "dataset.n_random": ds["n_random"], "dataset.n_quench": ds["n_quench"]}
     kept = 8 * N * (3 * (ds["n_random"] + ds["n_quench"]) + ds["n_random"])
+    kept_what = "the configurations kept until the file is written"
     work = working_bytes(max(ds["ed_batch"], ds["replicas"]), L)  # generate's ExactForces: default chunks
-    if device.type == "cpu":
-        require_memory(kept + work, device, {**size, "dataset.n_random": ds["n_random"],
-                                             "dataset.n_quench": ds["n_quench"]},
-                       "the configurations kept until the file is written and one ED call's matrices")
+    if device.type == "cpu":  # one memory
+        require_memory(kept + work, device, counts, f"{kept_what} and one ED call's matrices")
     else:
-        require_memory(kept, "cpu", {**size, "dataset.n_random": ds["n_random"], "dataset.n_quench": ds["n_quench"]},
-                       "the configurations kept until the file is written")
+        require_memory(kept, "cpu", counts, kept_what)
         require_memory(work, device, size, "one ED call's matrices")
 
 
