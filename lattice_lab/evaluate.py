@@ -73,21 +73,22 @@ def _mlflow_run_of(ref: str) -> str | None:
     return ref if re.fullmatch(r"[0-9a-f]{32}", ref) and not Path(ref).exists() else None
 
 
-def _mlflow_run_name(run_id: str) -> str:
+def _mlflow_run_name(run_id: str, uri: str | None) -> str:
     """The name of MLflow run ``run_id`` (train names it after its run folder); the id where it has none."""
     from mlflow.tracking import MlflowClient
 
     from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
 
     try:  # the store the checkpoint was just downloaded from
-        name = MlflowClient(resolve_tracking_uri()).get_run(run_id).info.run_name
+        name = MlflowClient(resolve_tracking_uri(uri)).get_run(run_id).info.run_name
     except Exception:  # noqa: BLE001 - only a name: the id stands in
         return run_id
     return name if name and "/" not in name and name not in (".", "..") else run_id
 
 
-def _checkpoint_info(ref: str, path: Path, model) -> dict:
-    """What the checkpoint ``ref`` (read from ``path``) says about its training: run name, MLflow run, training data."""
+def _checkpoint_info(ref: str, path: Path, model, uri: str | None = None) -> dict:
+    """What the checkpoint ``ref`` (read from ``path``) says about its training: run name, MLflow run, training
+    data (an MLflow run's name from the store ``uri``)."""
     from lattice_lab.models.checkpoint import is_torchscript, load_checkpoint
 
     if is_torchscript(path):
@@ -101,7 +102,7 @@ def _checkpoint_info(ref: str, path: Path, model) -> dict:
                 "train_data_path": ckpt.get("dataset_path")}
     run_id = _mlflow_run_of(ref)
     if run_id:  # downloaded to a temporary folder, whose name says nothing
-        info["train_run"] = _mlflow_run_name(run_id)
+        info["train_run"] = _mlflow_run_name(run_id, uri)
         info["train_run_id"] = info["train_run_id"] or run_id
     info["checkpoint"] = ref if run_id else str(path)
     # what the evaluation is named after: the run, and the file where it is not the run's best.pt (last.pt)
@@ -130,9 +131,10 @@ def run(cfg: DictConfig) -> dict:
     picked = data.subset(where)
     if len(picked) == 0:
         raise ConfigError(f"split={opts['split']}: {data_path.name} has no such configurations")
-    ckpt_path = resolve_checkpoint_path(str(cfg.checkpoint))  # once: an MLflow run's is downloaded
+    uri = OmegaConf.select(cfg, "tracking.uri", default=None)  # the store a run id as checkpoint is in
+    ckpt_path = resolve_checkpoint_path(str(cfg.checkpoint), uri)  # once: an MLflow run's is downloaded
     model = load_force_field(ckpt_path, device=opts["device"], dtype=opts["dtype"])
-    info = _checkpoint_info(str(cfg.checkpoint), ckpt_path, model)
+    info = _checkpoint_info(str(cfg.checkpoint), ckpt_path, model, uri)
     model.check_compatible(data.hamiltonian())  # t, g, k, kappa must match; another temperature warns
     check_reach(data.L, model.receptive_field)
     if info.get("train_data_sha256"):

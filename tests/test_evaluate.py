@@ -222,6 +222,24 @@ def test_a_checkpoint_given_by_mlflow_run_id_is_named_by_its_run(files, tmp_path
     assert r.data.tags["train_run"] == "run_a" and r.data.tags["checkpoint"] == train
 
 
+def test_a_run_id_is_looked_up_in_the_store_of_tracking_uri(files, tmp_path, monkeypatch):
+    """``checkpoint=<run id> tracking.uri=<store>``: the run is fetched from that store (it was looked up only in
+    $MLFLOW_TRACKING_URI or runs/mlflow.db, which do not hold it) and the evaluation is named after it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    client = MlflowClient(uri)
+    train = client.create_run(client.create_experiment("lattice_lab/train"), run_name="run_b").info.run_id
+    client.log_artifact(train, str(files["ckpt"]), "checkpoints")
+    (tmp_path / "work" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    metrics = run(_cfg(files, f"checkpoint={train}", f"tracking.uri={uri}", "split=val", "plots=false"))
+    assert metrics["n_configs"] == 3
+    assert (tmp_path / "work" / "runs" / "evaluations" / "run_b_on_d_val" / "metrics.yaml").is_file()
+    assert not (tmp_path / "work" / "runs" / "mlflow.db").exists()
+
+
 def test_a_run_id_where_there_is_no_tracking_store_says_so_and_creates_none(files, tmp_path, monkeypatch):
     """``checkpoint=<run id> tracking.enabled=false`` created runs/mlflow.db (MLflow makes an empty store where it
     opens a missing one) and then said only that the run was not found."""

@@ -150,7 +150,7 @@ class MLForceProvider(ForceProvider):
     source = "ml"
 
     def __init__(self, hamiltonian, device, dtype, checkpoint, *, chunk_replicas=None,
-                 compile: bool | str = False, model=None):
+                 compile: bool | str = False, model=None, tracking_uri: str | None = None):
         super().__init__(hamiltonian, device, dtype, chunk_replicas)
         if model is None:
             if checkpoint in (None, "", "???"):
@@ -158,7 +158,7 @@ class MLForceProvider(ForceProvider):
                                   "MLflow run id (force.checkpoint=PATH|RUN_ID), or use force=ed")
             from lattice_lab.models.checkpoint import load_force_field
 
-            model = load_force_field(str(checkpoint), device=self.device, dtype=dtype)
+            model = load_force_field(str(checkpoint), device=self.device, dtype=dtype, tracking_uri=tracking_uri)
             self.model_path = str(checkpoint)
         model = model.to(device=self.device, dtype=dtype).eval()
         model.check_compatible(hamiltonian.as_dict() if hasattr(hamiltonian, "as_dict") else dict(hamiltonian))
@@ -288,13 +288,14 @@ def check_force_config(force_cfg, prefix: str = "force.", *, L: int | None = Non
 
 
 def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", *, L: int | None = None,
-                        model=None) -> ForceProvider:
+                        model=None, tracking_uri: str | None = None) -> ForceProvider:
     """Build the force provider named by ``force_cfg.source`` (``ed`` or ``ml``), checked by
     :func:`check_force_config`.
 
     ``hamiltonian`` is a :class:`~lattice_lab.physics.holstein.HolsteinParams` (temperature = the
     bath temperature). ``dtype`` is the ML model's dtype (ED is always float64). With ``L`` given,
-    ED refuses lattices above ``force.max_L``. ``model`` injects an already built force field.
+    ED refuses lattices above ``force.max_L``. ``model`` injects an already built force field;
+    ``tracking_uri`` is the MLflow store a checkpoint given as a run id is looked up in.
     """
     source = check_force_config(force_cfg, L=L)
     chunk = _cfg_get(force_cfg, "chunk_replicas")
@@ -302,7 +303,7 @@ def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", 
         return EDForceProvider(hamiltonian, device, chunk_replicas=chunk)
     provider = MLForceProvider(hamiltonian, device, resolve_dtype(dtype, MODEL_DTYPES), _cfg_get(force_cfg, "checkpoint"),
                                chunk_replicas=chunk, compile=_cfg_get(force_cfg, "compile", False),
-                               model=model)
+                               model=model, tracking_uri=tracking_uri)
     need = min_lattice(float(getattr(provider.model, "receptive_field", 0)))
     if L is not None and int(L) < need:
         raise ConfigError(f"dynamics.L={L}: smaller than this force field's receptive field allows "

@@ -221,7 +221,8 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
     device = resolve_device(_get(cfg, "device", "auto"))
     hamiltonian = build_hamiltonian(cfg)
     provider = force_provider or make_force_provider(cfg.force, hamiltonian, device,
-                                                     _get(cfg, "dtype", "float32"), L=L)
+                                                     _get(cfg, "dtype", "float32"), L=L,
+                                                     tracking_uri=_get(cfg, "tracking.uri", None))
     state_dtype = resolve_dtype(_get(cfg, "integrator_dtype") or provider.dtype, MODEL_DTYPES, "integrator_dtype")
     _require_memory(R, L, state_dtype, provider, device)  # before anything is written (a resume needs as much)
     q_limit = _divergence_limit(cfg, hamiltonian)

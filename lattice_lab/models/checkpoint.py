@@ -277,14 +277,14 @@ def load_exported(path, device="cpu") -> ExportedForceField:
 
 
 # -- one entry point for every kind of saved model ----------------------------------------------
-def _tracking_uri() -> str:
+def _tracking_uri(uri: str | None = None) -> str:
     """The project's one tracking-store rule (``tracking.mlflow_utils.resolve_tracking_uri``)."""
     from lattice_lab.tracking.mlflow_utils import resolve_tracking_uri
 
-    return resolve_tracking_uri()
+    return resolve_tracking_uri(uri)
 
 
-def _download_from_mlflow(ref: str) -> Path:
+def _download_from_mlflow(ref: str, tracking_uri: str | None = None) -> Path:
     """``<run_id>`` or ``runs:/<run_id>[/artifact/path]`` -> local path of the checkpoint artifact."""
     import mlflow
 
@@ -296,7 +296,7 @@ def _download_from_mlflow(ref: str) -> Path:
     else:
         run_id, artifact = ref, ""
     artifact = artifact or BEST_ARTIFACT
-    uri = _tracking_uri()  # read only: a store that is not there is named, not created empty (tracking may be off)
+    uri = _tracking_uri(tracking_uri)  # read only: a store that is not there is named, not created empty (tracking may be off)
     check_existing_store(uri, f"checkpoint={ref!r} (an MLflow run id, looked up in {uri})")
     dst = tempfile.mkdtemp(prefix="lattice_lab_ckpt_")
     try:
@@ -308,11 +308,12 @@ def _download_from_mlflow(ref: str) -> Path:
     return Path(local)
 
 
-def resolve_checkpoint_path(path_or_run_id) -> Path:
-    """A checkpoint/export file, a folder with ``best.pt``, an MLflow run id or ``runs:/`` URI -> file."""
+def resolve_checkpoint_path(path_or_run_id, tracking_uri: str | None = None) -> Path:
+    """A checkpoint/export file, a folder with ``best.pt``, an MLflow run id or ``runs:/`` URI -> file
+    (a run is looked up in the store ``tracking_uri``, by the rule of ``resolve_tracking_uri``)."""
     ref = str(path_or_run_id)
     if ref.startswith("runs:/"):
-        return _download_from_mlflow(ref)
+        return _download_from_mlflow(ref, tracking_uri)
     path = Path(ref)
     if path.is_dir():
         best = path / "best.pt"
@@ -322,20 +323,20 @@ def resolve_checkpoint_path(path_or_run_id) -> Path:
     if path.is_file():
         return path
     if _RUN_ID.match(ref):
-        return _download_from_mlflow(ref)
+        return _download_from_mlflow(ref, tracking_uri)
     raise ConfigError(f"checkpoint={ref!r}: file not found (expected a .pt file, a folder with best.pt, "
                       "an MLflow run id or runs:/<run_id>)")
 
 
-def load_force_field(path_or_run_id, device="auto", dtype=None) -> ForceField:
+def load_force_field(path_or_run_id, device="auto", dtype=None, tracking_uri: str | None = None) -> ForceField:
     """A ready-to-use force field in eval mode.
 
     Accepts a checkpoint ``.pt``, a folder containing ``best.pt``, a TorchScript export, an MLflow
-    run id or a ``runs:/<run_id>[/path]`` URI (artifact ``checkpoints/best.pt`` by default; tracking
-    URI from ``MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlflow.db``). ``dtype=None`` keeps the
-    dtype the model was saved with.
+    run id or a ``runs:/<run_id>[/path]`` URI (artifact ``checkpoints/best.pt`` by default; looked up
+    in ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///runs/mlflow.db``). ``dtype=None``
+    keeps the dtype the model was saved with.
     """
-    path = resolve_checkpoint_path(path_or_run_id)
+    path = resolve_checkpoint_path(path_or_run_id, tracking_uri)
     dev = resolve_device(device)
     if is_torchscript(path):
         model = load_exported(path, device=dev)
