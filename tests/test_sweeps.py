@@ -1,6 +1,7 @@
 """Optuna sweeps through Hydra multirun: persistent study, resume, failed trials, one MLflow parent."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +55,8 @@ def _sweep(tmp, dataset, n_trials, tag):
            f"hydra.sweep.dir={tmp / ('sweep_' + tag)}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the sweep callback is built as a trusted target (Hydra warned of it at every sweep, and 1.5 refuses it)
+    assert "_execution_whitelist_" not in proc.stderr, proc.stderr[-3000:]
     return tmp / ("sweep_" + tag)
 
 
@@ -140,6 +144,46 @@ def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(
         "the trials' configs are composed from the overrides and must see the same sweeper"
     again = first_draws(cfg.hydra.sweeper.sampler, "resume_seed")
     assert set(again).isdisjoint(first)
+
+
+def test_sampler_seed_is_a_32_bit_seed_and_a_resumed_study_wraps_it(tmp_path):
+    """Optuna's samplers take seeds below 2^32: a larger or negative seed is refused naming it (it failed in
+    Optuna with a traceback), and the offset of a resumed study wraps around instead of leaving that range."""
+    from hydra import compose, initialize_config_dir
+
+    from lattice_lab.common.cli import CONFIG_DIR
+    from lattice_lab.sweeps.callback import offset_sampler_seed
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def cfg(seed):
+        with initialize_config_dir(config_dir=CONFIG_DIR):
+            return compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
+                                              "hydra.sweeper.study_name=wrap", f"seed={seed}"],
+                           return_hydra_config=True)
+
+    for bad, why in ((2**32, "too large (seeds are 32-bit: at most 2^32 - 1 = 4294967295)"),
+                     (-1, "expected a non-negative integer")):
+        with pytest.raises(ConfigError, match=rf"^hydra\.sweeper\.sampler\.seed={bad}: {re.escape(why)}; "
+                                              r"the search files set it to the run's seed: give seed="):
+            offset_sampler_seed(cfg(bad))
+    study = optuna.create_study(study_name="wrap", storage=storage)
+    for x in (0.1, 0.2):
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": x}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)}, value=x))
+    assert offset_sampler_seed(cfg(2**32 - 1)) == 1
+
+
+def test_a_sweep_with_a_seed_optuna_cannot_take_stops_with_one_line(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "lattice_lab.train", "-m", "hparams_search=mlp_optuna",
+                           "seed=4294967296", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1].startswith(
+        "error: hydra.sweeper.sampler.seed=4294967296: too large (seeds are 32-bit"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Record does not exist" not in proc.stderr
 
 
 def _enn_trials(storage=None):

@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 _received: dict = {"signal": None}  # the last SIGTERM turned into a KeyboardInterrupt by _sigterm_interrupts
 # user errors of this process's multirun jobs, (job label, message), for the line that ends the multirun
 _failed_jobs: list[tuple[str, str]] = []
+# user errors a multirun's callback found before the sweep (Hydra turns a callback's exception into a warning;
+# the multirun then fails where the bad setting is used, e.g. Optuna's sampler seed), for that failure's line
+_setup_errors: list[str] = []
 _JOB_ATTR = "_lattice_lab_job"  # the label a multirun job's user error carries to hydra_errors (survives pickling)
 
 
@@ -108,6 +111,17 @@ def _job_failed(exc: BaseException) -> None:
         setattr(exc, _JOB_ATTR, label)
     _failed_jobs.append((label, message))
     log.error("%s failed: %s", label, message)
+
+
+def refuse_multirun(exc: LatticeLabError) -> None:
+    """Remember a user error a multirun callback found at its start (see ``_setup_errors``): the error that
+    then ends the multirun is reported as this one line."""
+    _setup_errors.append(str(exc))
+
+
+def multirun_refused() -> bool:
+    """Whether a callback of this multirun refused a setting at its start (its end has nothing to report)."""
+    return bool(_setup_errors)
 
 
 def received_signal() -> int | None:
@@ -255,6 +269,8 @@ def _top_level_message(exc: BaseException) -> str | None:
         return hydra_msg
     if isinstance(exc, ValueError) and _raise_site(exc) == "_run_hydra":
         return str(exc)  # Hydra's command-line flags that do not go together (-m with --cfg, --resolve alone)
+    if _setup_errors:  # a setting a callback refused at the start: the cause of whatever failed after it
+        return _setup_errors[0]
     label = getattr(exc, _JOB_ATTR, None)
     if label is not None:  # the failed multirun job that ended the sweep
         others = [other for other, _ in _failed_jobs if other != label]
@@ -294,6 +310,17 @@ def _report_like_hydra(exc: BaseException) -> None:
 _USER_FULL_ERROR = "LATTICE_LAB_USER_HYDRA_FULL_ERROR"
 
 
+def _trusted_targets():
+    """The Python targets this project's configs may name for Hydra to build (its sweep callback): Hydra 1.4
+    warns at every sweep of a target built without a whitelist from the calling code (1.5 will refuse it);
+    the project's own package is trusted, anything else is left to Hydra's check."""
+    try:
+        from hydra.utils import execution_whitelist
+    except ImportError:  # a Hydra without execution checks
+        return contextlib.nullcontext()
+    return execution_whitelist(["lattice_lab.*"])
+
+
 def hydra_errors(main):
     """Decorate a ``hydra.main`` function (outermost): the errors Hydra itself would print as several lines or a
     traceback, exit status 1, become one line ``error: ...`` and exit 2 where they are the user's (see the
@@ -318,9 +345,10 @@ def hydra_errors(main):
 
         os.environ.update({"HYDRA_FULL_ERROR": "1", _USER_FULL_ERROR: user_full_error})
         _failed_jobs.clear()
+        _setup_errors.clear()
         _received["signal"] = None
         try:
-            with _sigterm_interrupts():
+            with _sigterm_interrupts(), _trusted_targets():
                 return main(*args, **kwargs)
         except KeyboardInterrupt:
             restore()

@@ -12,14 +12,16 @@ from lattice_lab.common.errors import ConfigError
 SEED_MAX = 2**64 - 1  # torch generators and the native Philox noise take 64-bit seeds
 
 
-def check_seed(value, key: str = "seed", largest: int = SEED_MAX) -> int:
+def check_seed(value, key: str = "seed", largest: int = SEED_MAX, bits: int = 64) -> int:
     """A config seed as an int: ConfigError unless it is an integer in ``[0, largest]`` (a run that
-    derives further streams as ``seed + k`` passes ``SEED_MAX - k``)."""
+    derives further streams as ``seed + k`` passes ``SEED_MAX - k``; a consumer of ``bits``-bit seeds,
+    such as Optuna's samplers (32), passes ``2**bits - 1``)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ConfigError(f"{key}={value!r}: expected a non-negative integer")
     if value > largest:
-        bound = "2^64 - 1" if largest == SEED_MAX else f"2^64 - {SEED_MAX - largest + 1}"
-        raise ConfigError(f"{key}={value!r}: too large (seeds are 64-bit: at most {bound} = {largest})")
+        gap = 2**bits - largest
+        bound = f"2^{bits} - {gap}"
+        raise ConfigError(f"{key}={value!r}: too large (seeds are {bits}-bit: at most {bound} = {largest})")
     return int(value)
 
 

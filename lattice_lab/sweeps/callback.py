@@ -23,7 +23,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from lattice_lab.common.cli import CONFIG_DIR
+from lattice_lab.common.cli import CONFIG_DIR, multirun_refused, refuse_multirun
+from lattice_lab.common.errors import ConfigError
+from lattice_lab.common.seeding import check_seed
 from lattice_lab.common.switch import check_flag
 from lattice_lab.sweeps.parent import FILE_NAME as PARENT_FILE
 from lattice_lab.sweeps.parent import publish_parent_run_id
@@ -31,6 +33,7 @@ from lattice_lab.sweeps.trial import study_name
 from lattice_lab.tracking.mlflow_utils import TrackingSettings
 
 log = logging.getLogger(__name__)
+SAMPLER_SEED_MAX = 2**32 - 1  # Optuna's samplers seed numpy.random.RandomState
 STUDY_TAG = "lattice_lab.study"
 
 
@@ -58,6 +61,17 @@ def _study_name(config: DictConfig) -> str:
     return study_name(config.hydra.sweeper)
 
 
+def check_sampler_seed(seed) -> int:
+    """The sampler's seed, refused (naming it and the run's ``seed``, which the search files pass on) unless
+    Optuna's samplers take it: they seed numpy's 32-bit Mersenne twister, and a larger seed failed inside
+    Optuna after the sweep had started."""
+    try:
+        return check_seed(seed, "hydra.sweeper.sampler.seed", SAMPLER_SEED_MAX, bits=32)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; the search files set it to the run's seed: give seed= (or "
+                          f"hydra.sweeper.sampler.seed=) from 0 to {SAMPLER_SEED_MAX}") from None
+
+
 def offset_sampler_seed(config: DictConfig) -> int | None:
     """Seed the sampler of a resumed study with ``seed + <trials already in the study>``.
 
@@ -69,7 +83,10 @@ def offset_sampler_seed(config: DictConfig) -> int | None:
     """
     sweeper = config.hydra.get("sweeper") or {}
     sampler, storage = sweeper.get("sampler"), sweeper.get("storage")
-    if sampler is None or sampler.get("seed") is None or not storage:
+    if sampler is None or sampler.get("seed") is None:
+        return None
+    check_sampler_seed(sampler.seed)
+    if not storage:
         return None
     if str(sampler.get("_target_", "")).endswith(("GridSampler", "QMCSampler")):
         return None  # these find their place in the stored trials (the grid's order depends on the seed)
@@ -82,7 +99,7 @@ def offset_sampler_seed(config: DictConfig) -> int | None:
     n = len(study.get_trials(deepcopy=False))
     if not n:
         return None
-    seed = int(sampler.seed) + n
+    seed = (int(sampler.seed) + n) % (SAMPLER_SEED_MAX + 1)  # kept a seed the sampler takes
     # as a hydra override too: each trial's config is composed again from those and must match
     with read_write(config.hydra), open_dict(config.hydra):
         sampler.seed = seed
@@ -186,7 +203,11 @@ class MlflowSweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         prepare_storage(config)
-        offset_sampler_seed(config)
+        try:
+            offset_sampler_seed(config)
+        except ConfigError as exc:  # Hydra only warns of a callback's error: the sweeper then fails on the seed
+            refuse_multirun(exc)
+            raise
         if not self.enabled or not TrackingSettings.from_config(config.get("tracking")).enabled:
             return
         client, experiment_id = client_and_experiment(config)
@@ -220,6 +241,8 @@ class MlflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from lattice_lab.sweeps.report import write_study_report
 
+        if multirun_refused():  # nothing started
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         id_file = sweep_dir / PARENT_FILE  # Hydra may call start and end on different callback instances
         if self.parent_run_id is None and id_file.is_file():
