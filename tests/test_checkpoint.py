@@ -1,5 +1,6 @@
 """Checkpoints round-trip exactly; TorchScript exports run with plain torch at any lattice size."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -292,10 +293,12 @@ def test_export_of_a_checkpoint_names_its_training_run_and_weights(tmp_path):
 
     run_id = "0123456789abcdef0123456789abcdef"
     model = trained_like("gnn_small")
-    ckpt = save_checkpoint(tmp_path / "best.pt", model, {"mlflow_run_id": run_id})
+    ckpt = save_checkpoint(tmp_path / "best.pt", model,
+                           {"mlflow_run_id": run_id, "dataset_name": "holstein_L8_tiny"})
     path = export_force_field(load_force_field(ckpt, device="cpu"), tmp_path / "m.ts.pt")
     exported = load_force_field(path, device="cpu")
     assert exported.metadata["mlflow_run_id"] == run_id
+    assert exported.metadata["dataset_name"] == "holstein_L8_tiny"  # evaluate records it as train_dataset
     assert exported.metadata["weights_sha256"] == weights_sha256(model)
     assert model_run_id_of(path, exported) == run_id
     from lattice_lab.dynamics.forces import MLForceProvider
@@ -307,3 +310,53 @@ def test_export_of_a_checkpoint_names_its_training_run_and_weights(tmp_path):
     # a model built in Python (no training run) exports with no run id rather than a wrong one
     bare = load_force_field(export_force_field(model, tmp_path / "bare.ts.pt"), device="cpu")
     assert bare.metadata["mlflow_run_id"] is None and model_run_id_of(tmp_path / "bare.ts.pt", bare) == ""
+    assert bare.metadata["dataset_name"] is None
+
+
+def test_weights_hash_is_the_same_in_float32_and_float64():
+    """weights_sha256 hashes floats as float64: one model gives one hash whatever dtype it is loaded in
+    (a simulation in float32 and one in float64 name the same weights), and other weights another."""
+    from lattice_lab.models.checkpoint import weights_sha256
+
+    model = trained_like("gnn_small", dtype=torch.float32)
+    assert weights_sha256(model) == weights_sha256(copy.deepcopy(model).double())
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.layers[0].bias[0] += 1.0
+    assert weights_sha256(other) != weights_sha256(model)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_export_leaves_the_models_mode_as_it_was(tmp_path, training):
+    """Export evaluates in eval mode but hands the model back in its own mode: a model being trained
+    stays in training mode (an energy model in eval mode would stop keeping the graph of its forces)."""
+    model = trained_like("gnn_energy_small").train(training)
+    export_force_field(model, tmp_path / "m.ts.pt", example_L=9)
+    assert model.training is training
+
+
+def test_export_that_disagrees_with_the_model_is_refused(tmp_path, monkeypatch):
+    """With example_L the export is checked against the eager model before it is written: a scripted
+    module that computes other forces raises and leaves no file."""
+    real_script = torch.jit.script
+
+    class Offset(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, Q):
+            return self.inner(Q) + 0.1
+
+    def script(obj, *args, **kwargs):  # torch.jit.script also compiles the submodules through this name
+        from lattice_lab.models.checkpoint import _DirectExport
+
+        out = real_script(obj, *args, **kwargs)
+        return Offset(out) if isinstance(obj, _DirectExport) else out
+
+    monkeypatch.setattr(torch.jit, "script", script)
+    model = trained_like("gnn_small")
+    with pytest.raises(RuntimeError, match="export check failed at L=9"):
+        export_force_field(model, tmp_path / "m.ts.pt", example_L=9)
+    assert not list(tmp_path.iterdir())
+    assert not model.training  # trained_like's eval mode, restored

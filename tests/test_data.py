@@ -89,6 +89,19 @@ def test_damaged_values_give_config_errors_naming_them(tmp_path):
         f.attrs["g"] = "abc"
     with pytest.raises(ConfigError, match=r"attr.h5'?: attribute g='abc' is not a number"):
         read_force_dataset(path).hamiltonian()
+    path = write_force_dataset(tmp_path / "inf.h5", _data())
+    with h5py.File(path, "a") as f:
+        Q = f["Q"][...]
+        Q[[1, 6], 0, 3] = [np.inf, -np.inf]  # inf, not only NaN
+        f["Q"][...] = Q
+    with pytest.raises(ConfigError, match=r"inf.h5'?: Q holds NaN or inf in 2 configuration\(s\) "
+                                          r"\(first: index 1\)"):
+        read_force_dataset(path)
+    path = write_force_dataset(tmp_path / "L.h5", _data())
+    with h5py.File(path, "a") as f:
+        f.attrs["L"] = 5  # the attribute no longer describes the arrays
+    with pytest.raises(ConfigError, match=r"L.h5'?: attribute L=5 but Q is \(7, 4, 4\)"):
+        read_force_dataset(path)
 
 
 def test_bad_data_is_rejected_and_existing_file_survives(tmp_path):

@@ -427,3 +427,19 @@ def test_odd_tanh_and_inplace_activation():
     with torch.no_grad():
         got = act.forward_packed(Y.detach().clone())  # in-place fast path
     torch.testing.assert_close(got, ref.detach(), atol=1e-15, rtol=0)
+
+
+def test_projection_cache_follows_each_normalisation_buffer():
+    """The cached packed projection is rebuilt when any single input-normalisation buffer is written in
+    place (a key watching only some of them would keep serving the old normalisation)."""
+    model = _randomise(ENN(HAM, SQRT13, [4, 3, 2]).double()).eval()
+    fresh = ENN(HAM, SQRT13, [4, 3, 2]).double().eval()
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    for buf in model.normalization_buffers()[:-2]:  # input scales and shift (not the force scale)
+        with torch.no_grad():
+            before = model(Q)
+            buf.mul_(1.5).add_(0.1)
+            got = model(Q)
+            fresh.load_state_dict(model.state_dict())
+            torch.testing.assert_close(got, fresh(Q), atol=1e-12, rtol=0)
+        assert (got - before).abs().max() > 1e-6

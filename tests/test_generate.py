@@ -57,6 +57,7 @@ def test_tiny_preset_writes_a_valid_consistent_file(tmp_path):
     assert np.array_equal(d.kind, [0] * 12 + [1] * 12)
     assert np.array_equal(d.is_val, np.arange(24) % 3 == 2)
     assert cfg["name"] == "holstein_L8_tiny" and "holstein_L8_tiny" in cfg["config"] and cfg["seed"] == 0
+    assert (cfg["n_random"], cfg["n_quench"]) == (12, 12)
     p = d.hamiltonian()
     assert (p.g, p.kappa, p.temperature, p.filling) == (3.5, 0.18, 0.1, "canonical")
     # the stored forces and densities are the exact ones for the stored configurations
@@ -97,14 +98,8 @@ def test_quench_uses_its_own_mass_and_init_temperature(tmp_path):
     np.testing.assert_allclose(d.Q, state.Q.numpy(), rtol=0, atol=1e-12)
 
 
-# ED calls of the tiny build: 3 random chunks of 4, the quench initial force, then one per Langevin step
-# (snapshots after steps 6, 9, 12). Interrupt in the random phase, at the start of the quench, and in the
-# middle of the quench (resumes from the saved integrator state and noise generator).
-@pytest.mark.parametrize("fail_after_calls, expect_done", [(2, 8), (5, 12), (12, 16)])
-def test_interrupted_build_resumes_to_the_identical_file(tmp_path, monkeypatch, fail_after_calls, expect_done):
-    ref = run(_cfg(tmp_path / "ds.h5"))
-    os.replace(ref, tmp_path / "reference.h5")
-
+def _interrupted_build(monkeypatch, path, fail_after_calls, *overrides):
+    """Run the tiny build with ED failing after ``fail_after_calls`` calls (an interruption), then restore ED."""
     original = ExactForces.compute
     calls = {"n": 0}
 
@@ -116,13 +111,27 @@ def test_interrupted_build_resumes_to_the_identical_file(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(ExactForces, "compute", flaky)
     with pytest.raises(RuntimeError, match="injected"):
-        run(_cfg(tmp_path / "ds.h5"))
+        run(_cfg(path, *overrides))
+    monkeypatch.setattr(ExactForces, "compute", original)
+
+
+# ED calls of the tiny build: 3 random chunks of 4, the quench initial force, then one per Langevin step
+# (snapshots after steps 6, 9, 12). Interrupt in the random phase, at the start of the quench, and in the
+# middle of the quench (resumes from the saved integrator state and noise generator). With checkpoint_every=8
+# the random phase's last 4 configurations fall between two checkpoints: they are saved when the phase ends.
+@pytest.mark.parametrize("fail_after_calls, expect_done, extra", [
+    (2, 8, []), (5, 12, []), (12, 16, []), (5, 12, ["dataset.checkpoint_every=8"])])
+def test_interrupted_build_resumes_to_the_identical_file(tmp_path, monkeypatch, fail_after_calls, expect_done,
+                                                         extra):
+    ref = run(_cfg(tmp_path / "ds.h5", *extra))
+    os.replace(ref, tmp_path / "reference.h5")
+
+    _interrupted_build(monkeypatch, tmp_path / "ds.h5", fail_after_calls, *extra)
     partial = generation.partial_path(tmp_path / "ds.h5")
     assert partial.exists() and not (tmp_path / "ds.h5").exists()
     done = len(torch.load(partial, weights_only=False)["kind"])
     assert done == expect_done
-    monkeypatch.setattr(ExactForces, "compute", original)
-    path = run(_cfg(tmp_path / "ds.h5"))
+    path = run(_cfg(tmp_path / "ds.h5", *extra))
     _assert_same_file(path, tmp_path / "reference.h5")
     assert not partial.exists()
 
@@ -130,19 +139,7 @@ def test_interrupted_build_resumes_to_the_identical_file(tmp_path, monkeypatch, 
 def test_quench_noise_source_is_recorded_and_a_resume_with_another_is_refused(tmp_path, monkeypatch):
     from lattice_lab.dynamics.langevin import LangevinIntegrator
 
-    original = ExactForces.compute
-    calls = {"n": 0}
-
-    def flaky(self, Q, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 12:  # in the middle of the quench (see the test above)
-            raise RuntimeError("injected interruption")
-        return original(self, Q, *args, **kwargs)
-
-    monkeypatch.setattr(ExactForces, "compute", flaky)
-    with pytest.raises(RuntimeError, match="injected"):
-        run(_cfg(tmp_path / "ds.h5"))
-    monkeypatch.setattr(ExactForces, "compute", original)
+    _interrupted_build(monkeypatch, tmp_path / "ds.h5", 12)  # in the middle of the quench (see the test above)
     partial = generation.partial_path(tmp_path / "ds.h5")
     used = torch.load(partial, weights_only=False)["quench"]["noise"]
     assert used in ("philox", "torch")
@@ -203,6 +200,16 @@ def test_partial_build_with_other_settings_is_not_mixed_in(tmp_path):
         run(_cfg(target))
     run(_cfg(target, "overwrite=true"))
     assert len(read_force_dataset(target)) == 24
+
+
+@pytest.mark.parametrize("other", ["seed=1", "dataset.burn_in=3"])
+def test_interrupted_build_is_not_resumed_with_another_seed_or_schedule(tmp_path, monkeypatch, other):
+    """The seed and the quench schedule decide the numbers: a resume with another one would mix two
+    builds in one file."""
+    _interrupted_build(monkeypatch, tmp_path / "ds.h5", 5)  # in the quench, after the random phase was saved
+    assert generation.partial_path(tmp_path / "ds.h5").exists()
+    with pytest.raises(ConfigError, match="unfinished build with different settings"):
+        run(_cfg(tmp_path / "ds.h5", other))
 
 
 def test_corrupted_partial_build_is_a_config_error(tmp_path):

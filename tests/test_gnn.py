@@ -183,27 +183,34 @@ def test_energy_model_receptive_field_and_cutoff():
 
 @pytest.mark.parametrize(("B", "L", "chunk"), [(3, 12, 100), (1, 13, 40), (2, 9, 1), (5, 9, 200)])
 def test_energy_model_chunked_forces_are_exact(energy_model, B, L, chunk):
-    """Inference in pieces (bands of rows with a halo, groups of configurations) = one graph."""
+    """Inference in pieces (bands of rows with a halo, groups of configurations) = one graph. On the torch
+    path: with the native kernel (the preset's ``auto``) both sides were the kernel, and a halo of fewer
+    than ``blocks`` rows went unnoticed."""
     Q = torch.randn(B, L, L, dtype=torch.float64)
     energy_model.chunk_sites = 10 ** 9
-    with torch.no_grad():
-        ref = energy_model(Q)
-    energy_model.chunk_sites = chunk
+    energy_model.native_kernel = False
     try:
+        with torch.no_grad():
+            ref = energy_model(Q)
+        energy_model.chunk_sites = chunk
         with torch.no_grad():
             torch.testing.assert_close(energy_model(Q), ref, atol=1e-12, rtol=0)
         torch.testing.assert_close(energy_model(Q), ref, atol=1e-12, rtol=0)  # grad enabled, eval mode
     finally:
         energy_model.chunk_sites = 32768
+        energy_model.native_kernel = "auto"
 
 
-@pytest.mark.parametrize("activation", ["relu", "silu"])
-def test_gnn_bands_match_whole_lattice(activation):
-    """CPU inference in bands of rows (neighbour rows from the periodic ring) = the whole-lattice layer."""
+@pytest.mark.parametrize(("activation", "aggregation"), [("relu", "sum"), ("silu", "mean")])
+def test_gnn_bands_match_whole_lattice(activation, aggregation):
+    """CPU inference in bands of rows (neighbour rows from the periodic ring) = the whole-lattice layer. On
+    the torch path (``native_kernel: false``): with the native kernel both sides were the kernel, and a band's
+    neighbour sum that wrapped the wrong column, or a mean that summed, went unnoticed."""
     from lattice_lab.models.gnn import CrossLayer
 
-    model = randomise(build_model(dict(load_preset("gnn_small"), widths=[1, 6, 3, 7, 2, 1], activation=activation),
-                                  HAM).double()).eval()
+    cfg = dict(load_preset("gnn_small"), widths=[1, 6, 3, 7, 2, 1], activation=activation,
+               aggregation=aggregation, native_kernel=False)
+    model = randomise(build_model(cfg, HAM).double()).eval()
     net = getattr(model, "network", model)
     Q = torch.randn(2, 11, 11, dtype=torch.float64)
     with torch.no_grad():
@@ -217,3 +224,59 @@ def test_gnn_bands_match_whole_lattice(activation):
             CrossLayer.band_bytes = 8 << 20
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
     assert not net.layers[0]._use_bands(torch.zeros(2, 11, 11, 1, dtype=torch.float64, requires_grad=True))
+
+
+def test_gnn_fit_normalization_sets_the_data_moments():
+    """Input shift/scale = mean/std of Q, output shift/scale = mean/std of F (float64, std over all sites):
+    a force scale taken from Q instead would scale every predicted force by the wrong factor."""
+    gen = torch.Generator().manual_seed(2)
+    Q = 0.5 + 1.5 * torch.randn(3, 8, 8, generator=gen, dtype=torch.float64)
+    F = -0.4 + 3.0 * torch.randn(3, 8, 8, generator=gen, dtype=torch.float64)
+    model = GNN(HAM, widths=[1, 4, 1])
+    model.fit_normalization(Q, F)
+    got = [float(getattr(model, name)) for name in ("q_mean", "q_std", "f_mean", "f_std")]
+    want = [float(Q.mean()), float(Q.std(unbiased=False)), float(F.mean()), float(F.std(unbiased=False))]
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_energy_model_output_scale_follows_its_normalisation():
+    """The learned part of the force is ``f_std * (-d readout / dx) + f_mean`` with x = (Q - q_mean) / q_std
+    (module docstring), where f_mean / f_std are the moments of the force minus its elastic part. An energy
+    scale without the factor q_std, or moments of the total force, would scale or shift every force."""
+    model = randomise(build_model(load_preset("gnn_energy_small"), HAM).double())
+    gen = torch.Generator().manual_seed(4)
+    Q = 0.5 + 2.5 * torch.randn(2, 9, 9, generator=gen, dtype=torch.float64)  # q_std far from 1
+    F = 0.3 + 2.0 * torch.randn(2, 9, 9, generator=gen, dtype=torch.float64)
+    model.native_kernel = False
+    model.fit_normalization(Q, F)
+    residual = F - (-HAM["k"] * Q - HAM["kappa"] * nn_sum(Q))
+    assert [float(model.f_mean), float(model.f_std)] == pytest.approx(
+        [float(residual.mean()), float(residual.std(unbiased=False))], rel=1e-6)
+    model.eval()
+    x = ((Q - model.q_mean) / model.q_std).requires_grad_(True)
+    h = model.embed(x.unsqueeze(-1))
+    for block in model.blocks:
+        h = block(h)
+    (dr_dx,) = torch.autograd.grad(model.readout(h).sum(), [x])
+    learned = model(Q) - (-HAM["k"] * Q - HAM["kappa"] * nn_sum(Q))
+    torch.testing.assert_close(learned, model.f_std * -dr_dx + model.f_mean, rtol=1e-10, atol=1e-10)
+
+
+def test_energy_model_keeps_no_graph_under_no_grad_in_training_mode():
+    """compute_forces (the exported path) keeps the graph of the gradient only when the caller records
+    one: under no_grad in training mode it must return plain forces, not a graph that pins memory."""
+    model = fitted(randomise(build_model(load_preset("gnn_energy_small"), HAM).double())).train()
+    Q = torch.randn(1, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        F = model.compute_forces(Q)
+    assert F.grad_fn is None and not F.requires_grad
+    assert model.compute_forces(Q).requires_grad  # grad enabled in training: the graph for a force loss
+
+
+def test_energy_model_flops_are_three_forward_passes():
+    """flops.py: a force of the energy GNN costs 3 x forward (forward + a backward of twice its cost),
+    forward = 2 sum(in * out) over every linear map + 3 width neighbour adds per block."""
+    model = EnergyGNN(HAM, width=4, blocks=1, readout=[4])
+    # in * out: embed 4, self / neighbour / update MLPs 3 x (16 + 16), residual 16, readout 16 + 4
+    forward = 2 * (4 + 3 * 32 + 16 + 20) + 3 * 4 * 1
+    assert flops_per_site(model) == 3 * forward == 852

@@ -126,3 +126,12 @@ def test_presets_build(preset):
         assert widths == [4096, 2048, 750, 592, 256, 127, 69, 1]
     else:
         assert model(torch.randn(1, 8, 8)).shape == (1, 8, 8)
+
+
+def test_flops_count_the_mlp_and_the_environment_projection():
+    """flops.py: 2 sum(in * out) over the MLP's linear layers + 2 M^2 for the projection of the M = 45
+    environment sites onto the symmetry-adapted basis."""
+    from lattice_lab.models import flops_per_site
+
+    model = DescriptorMLP(HAM, SQRT13, [8])
+    assert flops_per_site(model) == 2 * (70 * 8 + 8 * 1) + 2 * 45 * 45 == 5186

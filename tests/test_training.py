@@ -10,6 +10,7 @@ import torch
 from lattice_lab import load_force_field
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.data.h5io import ForceData
+from lattice_lab.models.checkpoint import load_checkpoint
 from lattice_lab.models.registry import build_model
 from lattice_lab.physics.ed import ExactForces
 from lattice_lab.physics.holstein import HolsteinParams
@@ -128,6 +129,10 @@ def test_training_lowers_val_loss_and_logs_all_metrics(tiny_data, tmp_path):
         assert all(math.isfinite(v) for v in h.values())
         assert h["val/sigma"] <= h["val/rmse"] + 1e-15 and h["val/max_err"] >= h["val/rmse"]
     assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+    # best.pt records the validation metrics of its epoch
+    best_row = trainer.history[trainer.best_epoch - 1]
+    assert load_checkpoint(tmp_path / "best.pt")["val_metrics"] == {k: v for k, v in best_row.items()
+                                                                  if k.startswith("val/")}
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert lines[0].split(",") == ["epoch", *EPOCH_METRICS] and len(lines) == 9
 
@@ -249,6 +254,9 @@ def test_stopping_rules(tiny_data):
     ("lr", -1.0, "trainer.lr=-1.0"),
     ("batch_size", 0, "trainer.batch_size=0"),
     ("lr_factor", 1.5, "trainer.lr_factor=1.5"),
+    ("lr_factor", 1.0, "trainer.lr_factor=1.0"),  # else ReduceLROnPlateau raises a ValueError
+    ("min_lr", 0.1, "trainer.min_lr=0.1"),  # above lr (1e-2): the schedule would raise the rate
+    ("patience", 0, "trainer.patience=0"),  # would stop after the first epoch that is not a new best
     ("bogus", 1, "trainer.bogus"),
 ])
 def test_bad_trainer_config(tiny_data, key, value, match):
@@ -270,6 +278,16 @@ def test_resume_refuses_other_data_and_other_optimisation_settings(tiny_data, tm
                       is_val=tiny_data.is_val, attrs=tiny_data.attrs)
     with pytest.raises(ConfigError, match="trained on other data"):
         Trainer(_model(), other, _cfg(max_epochs=2), device="cpu", dtype="float64", out_dir=tmp_path, resume=True)
+    resplit = tiny_data.subset(np.arange(6))
+    resplit.is_val = np.array([1, 1, 0, 0, 0, 0], bool)  # the same configurations, another validation split
+    with pytest.raises(ConfigError, match="trained on other data"):
+        Trainer(_model(), resplit, _cfg(max_epochs=2), device="cpu", dtype="float64", out_dir=tmp_path,
+                resume=True)
+    for key, value in (("lr", 2e-2), ("weight_decay", 0.1), ("lr_factor", 0.3), ("lr_patience", 5),
+                       ("min_lr", 1e-5), ("grad_clip", 1.0)):  # every setting of the optimisation itself
+        with pytest.raises(ConfigError, match=rf"^trainer\.{key}={value!r}: the run being resumed"):
+            Trainer(_model(), tiny_data, _cfg(max_epochs=2, **{key: value}), device="cpu", dtype="float64",
+                    out_dir=tmp_path, resume=True)
     with pytest.raises(ConfigError, match=rf"trainer\.batch_size=3: the run being resumed \({re.escape(str(tmp_path))}\) "
                                           r"was trained with batch_size=2"):
         Trainer(_model(), tiny_data, _cfg(max_epochs=2, batch_size=3), device="cpu", dtype="float64",
@@ -331,3 +349,78 @@ def test_learning_rate_follows_the_validation_error():
     trainer.fit()
     assert [h["lr"] for h in trainer.history] == pytest.approx([0.1, 0.1, 0.1, 0.05])
     assert [h["train/rmse"] for h in trainer.history] == sorted((h["train/rmse"] for h in trainer.history), reverse=True)
+
+
+def _flat_val(split="val"):
+    """A validation error that never improves after the first epoch."""
+    return {"rmse": 1.0, "mae": 1.0, "sigma": 1.0, "max_err": 1.0}
+
+
+def test_resume_continues_early_stopping_the_lr_schedule_and_the_clock(tiny_data, tmp_path):
+    """An interrupted run resumes the early-stopping counter, best epoch and value, the ReduceLROnPlateau
+    state and the training time of last.pt: reset, it would train past its patience, call a worse epoch
+    the best (overwriting best.pt), keep a rate the schedule had to lower, or restart the max_time clock."""
+    cfg = {"max_epochs": 8, "patience": 4, "lr_patience": 1}
+    full = Trainer(_model(), tiny_data, _cfg(**cfg), device="cpu", dtype="float64")
+    full.evaluate = _flat_val
+    full.fit()
+    assert full.stop_reason == "early_stopping" and full.epoch == 5  # epochs 2-5 without a better one
+
+    part = Trainer(_model(), tiny_data, _cfg(**{**cfg, "max_epochs": 3}), device="cpu", dtype="float64",
+                   out_dir=tmp_path)
+    part.evaluate = _flat_val
+    part.fit()
+    resumed = Trainer(_model(), tiny_data, _cfg(**cfg), device="cpu", dtype="float64", out_dir=tmp_path,
+                      resume=True)
+    assert (resumed.best_val, resumed.best_epoch, resumed.bad_epochs) == (1.0, 1, 2)
+    assert resumed.elapsed == part.elapsed > 0
+    resumed.evaluate = _flat_val
+    resumed.fit()
+    assert (resumed.stop_reason, resumed.epoch, resumed.best_epoch) == ("early_stopping", 5, 1)
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in full.history]
+    final_lr = [t.optimizer.param_groups[0]["lr"] for t in (resumed, full)]
+    assert final_lr[0] == final_lr[1] == pytest.approx(2.5e-3)  # halved after epochs 3 and 5
+    # resumed once more after it stopped early: nothing left to train
+    again = Trainer(_model(), tiny_data, _cfg(**{**cfg, "max_epochs": 20}), device="cpu", dtype="float64",
+                    out_dir=tmp_path, resume=True)
+    again.evaluate = _flat_val
+    again.fit()
+    assert (again.stop_reason, again.epoch) == ("early_stopping", 5)
+
+
+def test_max_time_counts_the_training_time_of_all_epochs(tiny_data, monkeypatch):
+    """max_time bounds the total training time, not the time of one epoch (a clock of 1 s per epoch)."""
+    import types
+
+    from lattice_lab.training import trainer as trainer_module
+
+    clock = iter(range(1000))
+    fake_time = types.SimpleNamespace(perf_counter=lambda: float(next(clock)))
+    monkeypatch.setattr(trainer_module, "time", fake_time)
+    t = Trainer(_model(), tiny_data, _cfg(max_time=2.5, max_epochs=50), device="cpu", dtype="float64")
+    t.fit()
+    assert (t.stop_reason, t.epoch, t.elapsed) == ("max_time", 3, 3.0)
+
+
+def test_weight_decay_acts_on_the_mean_squared_error():
+    """The loss is the mean over sites, so Adam's L2 term has the documented scale: with weight decay w
+    the constant force minimises mean((c - F)^2) + w c^2 / 2, at c = 2 mean(F) / (2 + w) = 1 for w = 2
+    (a loss summed over the 80 sites of a batch would leave c near the mean force 2)."""
+    model = _ConstantForce()
+    trainer = Trainer(model, _skewed_data(), _cfg(lr=0.1, batch_size=5, max_epochs=300, lr_patience=10**6,
+                                                  weight_decay=2.0), device="cpu", dtype="float64")
+    trainer.fit()
+    assert float(model.c.detach()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_gradient_clipping_is_applied():
+    """trainer.grad_clip bounds the gradient norm before the Adam step: clipped to 1e-12, the first step
+    moves c by about lr * 1e-12 / (1e-12 + eps) = 1e-5 instead of lr (Adam's eps = 1e-8)."""
+    moved = {}
+    for clip in (None, 1e-12):
+        model = _ConstantForce()
+        Trainer(model, _skewed_data(), _cfg(lr=0.1, batch_size=5, max_epochs=1, grad_clip=clip), device="cpu",
+                dtype="float64").fit()
+        moved[clip] = float(model.c.detach())
+    assert moved[None] == pytest.approx(0.1, rel=1e-6)
+    assert 0 < moved[1e-12] < 1e-4
