@@ -19,8 +19,7 @@ def check_seed(value, key: str = "seed", largest: int = SEED_MAX, bits: int = 64
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ConfigError(f"{key}={value!r}: expected a non-negative integer")
     if value > largest:
-        gap = 2**bits - largest
-        bound = f"2^{bits} - {gap}"
+        bound = f"2^{bits} - {2**bits - largest}"
         raise ConfigError(f"{key}={value!r}: too large (seeds are {bits}-bit: at most {bound} = {largest})")
     return int(value)
 
