@@ -127,11 +127,12 @@ def test_a_force_field_of_another_hamiltonian_is_refused(files, tmp_path):
 def test_entrypoint_prints_one_line(files, tmp_path):
     ok = subprocess.run([sys.executable, "-m", "lattice_lab.evaluate", f"checkpoint={files['ckpt']}",
                          f"dataset.path={files['data']}", f"out_dir={tmp_path / 'o'}", "device=cpu",
-                         "tracking.enabled=false", "plots=false"], capture_output=True, text=True, timeout=120)
+                         "tracking.enabled=false", "plots=false"], capture_output=True, text=True, timeout=120,
+                        cwd=tmp_path)  # Hydra's run folder, runs/hydra/evaluate/<time>, goes under the working directory
     assert ok.returncode == 0, ok.stderr
     assert "[evaluate] run_a on d (all, 9 configurations of 10x10): RMSE" in ok.stdout and "; quench " in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "lattice_lab.evaluate", f"dataset.path={files['data']}"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: checkpoint=???")
 
 
@@ -207,14 +208,14 @@ def test_a_model_giving_non_finite_forces_is_refused_before_anything_is_written(
     assert not (tmp_path / "x").exists()
 
 
-def test_a_checkpoint_given_by_mlflow_run_id_is_named_by_its_run(files, tmp_path, tmp_mlflow, monkeypatch):
+def test_a_checkpoint_given_by_mlflow_run_id_is_named_by_its_run(files, tmp_path, tmp_mlflow, monkeypatch,
+                                                                 log_train_run):
     """checkpoint=<run id>: the evaluation is named after the training run (it was the temporary download
     folder, lattice_lab_ckpt_<random>, a new default out_dir at every call) and tagged with the id."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tmp_mlflow)
-    train = client.create_run(client.create_experiment("lattice_lab/train"), run_name="run_a").info.run_id
-    client.log_artifact(train, str(files["ckpt"]), "checkpoints")
+    train = log_train_run(tmp_mlflow, files["ckpt"], "run_a")
     monkeypatch.chdir(tmp_path)
     run(_cfg(files, f"checkpoint={train}", "split=val", "plots=false", "tracking.enabled=true"))
     assert (tmp_path / "runs" / "evaluations" / "run_a_on_d_val" / "metrics.yaml").is_file()
@@ -222,15 +223,11 @@ def test_a_checkpoint_given_by_mlflow_run_id_is_named_by_its_run(files, tmp_path
     assert r.data.tags["train_run"] == "run_a" and r.data.tags["checkpoint"] == train
 
 
-def test_a_run_id_is_looked_up_in_the_store_of_tracking_uri(files, tmp_path, monkeypatch):
+def test_a_run_id_is_looked_up_in_the_store_of_tracking_uri(files, tmp_path, monkeypatch, log_train_run):
     """``checkpoint=<run id> tracking.uri=<store>``: the run is fetched from that store (it was looked up only in
     $MLFLOW_TRACKING_URI or runs/mlflow.db, which do not hold it) and the evaluation is named after it."""
-    from mlflow.tracking import MlflowClient
-
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
-    client = MlflowClient(uri)
-    train = client.create_run(client.create_experiment("lattice_lab/train"), run_name="run_b").info.run_id
-    client.log_artifact(train, str(files["ckpt"]), "checkpoints")
+    train = log_train_run(uri, files["ckpt"], "run_b")
     (tmp_path / "work" / "runs").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -191,17 +191,13 @@ def test_energy_model_forces_need_autograd(tmp_path):
     assert not F.requires_grad
 
 
-def test_a_checkpoint_given_by_run_id_is_fetched_from_the_store_of_tracking_uri(tmp_path, gnn_checkpoint, monkeypatch):
+def test_a_checkpoint_given_by_run_id_is_fetched_from_the_store_of_tracking_uri(tmp_path, gnn_checkpoint, monkeypatch,
+                                                                               log_train_run):
     """``force.checkpoint=<run id>`` with ``tracking.uri``: the model comes from that store (the lookup went only to
     $MLFLOW_TRACKING_URI or runs/mlflow.db)."""
-    from mlflow.tracking import MlflowClient
-
     path, model = gnn_checkpoint
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
-    client = MlflowClient(uri)
-    train = client.create_run(client.create_experiment("lattice_lab/train")).info.run_id
-    (tmp_path / "best.pt").write_bytes(path.read_bytes())  # the artifact a run id names: checkpoints/best.pt
-    client.log_artifact(train, str(tmp_path / "best.pt"), "checkpoints")
+    train = log_train_run(uri, path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     res = run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={train}", f"tracking.uri={uri}", "dynamics.steps=2"))
