@@ -443,3 +443,146 @@ def test_available_memory_and_the_refusal_naming_the_settings(tmp_path, monkeypa
     memory.require_memory(1e30, "cpu", {"dynamics.L": 8})  # not known: not refused
     if torch.cuda.is_available():
         assert memory.available_bytes("cuda") == torch.cuda.mem_get_info()[0]
+
+
+def test_a_reader_that_waits_gets_the_lock_once_the_writer_is_done(tmp_path):
+    """``wait=True`` (a comparison reading a shared ED run that another run is extending) blocks instead of
+    refusing."""
+    import threading
+
+    from lattice_lab.common.io import run_lock
+
+    got, errors = threading.Event(), []
+
+    def reader():
+        try:
+            with run_lock(tmp_path, "reader", shared=True, wait=True):
+                got.set()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with run_lock(tmp_path, "writer"):
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert not got.wait(0.2) and not errors  # held by the writer
+    thread.join(30)
+    assert got.is_set() and not errors, errors
+
+
+def test_seeding_takes_64_bit_seeds_and_rng_states_round_trip():
+    """numpy takes 32-bit seeds: a run's 64-bit seed seeds it modulo 2^32; a captured state restores every stream."""
+    import random
+
+    import numpy as np
+
+    from lattice_lab.common.seeding import rng_state, seed_everything, set_rng_state
+
+    seed_everything(2**40 + 5)
+    first = np.random.rand()
+    np.random.seed(5)
+    assert np.random.rand() == first
+    state = rng_state()
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.random(), np.random.rand(), torch.rand(3)
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+
+def test_a_single_gpu_machine_is_named_as_such(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"^device='cuda:1': this machine has 1 CUDA device \(cuda:0\)$"):
+        resolve_device("cuda:1")
+
+
+def test_run_pieces_runs_as_many_pieces_at_once_as_workers_after_a_smaller_pool():
+    """The pool is rebuilt for another number of workers: 3 pieces that wait for each other all run at once."""
+    import threading
+
+    from lattice_lab.common.threads import run_pieces, shutdown_pool
+
+    try:
+        run_pieces([lambda: None, lambda: None], 2)
+        barrier = threading.Barrier(3, timeout=20)
+        run_pieces([barrier.wait] * 3, 3)  # BrokenBarrierError if fewer than 3 threads run them
+    finally:
+        shutdown_pool()
+
+
+def test_interrupted_by_a_signal_exits_128_plus_it_and_the_next_run_starts_afresh(capsys):
+    """A run that caught SIGTERM itself and saved raises Interrupted(signum=SIGTERM): exit 143; a later run in the
+    same process interrupted by Ctrl-C exits 130, not the SIGTERM of the run before."""
+    import signal
+
+    from lattice_lab.common.errors import Interrupted
+
+    @friendly_errors
+    def stopped():
+        raise Interrupted("stopped at step 5, resume=true continues", signum=signal.SIGTERM)
+
+    @friendly_errors
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        stopped()
+    assert exc.value.code == 143
+    assert capsys.readouterr().err == "interrupted (SIGTERM): stopped at step 5, resume=true continues\n"
+    with pytest.raises(SystemExit) as exc:
+        ctrl_c()
+    assert exc.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_friendly_errors_leaves_someone_elses_sigterm_handler_alone():
+    """submitit handles SIGTERM itself (requeue): the run must not replace its handler."""
+    import signal
+
+    def foreign(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, foreign)
+    try:
+        assert friendly_errors(lambda: signal.getsignal(signal.SIGTERM))() is foreign
+        assert signal.getsignal(signal.SIGTERM) is foreign
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_hydra_errors_gives_back_the_environment_after_a_run_in_this_process(monkeypatch):
+    """It sets HYDRA_FULL_ERROR=1 while the run is under way; a later run in the process (tests, the demo's stages)
+    must not inherit it as the user's setting."""
+    from lattice_lab.common import cli
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.delenv(cli._USER_FULL_ERROR, raising=False)
+    assert cli.hydra_errors(lambda: os.environ.get("HYDRA_FULL_ERROR"))() == "1"
+    assert "HYDRA_FULL_ERROR" not in os.environ and cli._USER_FULL_ERROR not in os.environ
+
+
+def test_stop_requests_stand_in_for_pythons_ctrl_c_handler_and_give_it_back(capsys):
+    """Under Python's own SIGINT handler (every run from a terminal) Ctrl-C becomes a stop request; on the way out
+    the handlers before are back."""
+    import signal
+
+    from lattice_lab.common.interrupts import StopRequests
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler), signal.getsignal(signal.SIGTERM)
+    try:
+        with StopRequests() as stop:
+            signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt: a request
+            assert stop.signal == "SIGINT"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is before[1]
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+    assert "SIGINT: stopping at the next safe point" in capsys.readouterr().err
+
+
+def test_number_or_nan_takes_no_bool_for_a_number():
+    """A flag given for a number (``true`` is 1.0 to float()): range checks read it as NaN and refuse it."""
+    import math
+
+    from lattice_lab.common.errors import number_or_nan
+
+    assert all(math.isnan(number_or_nan(v)) for v in (True, False, None, "abc", [1]))
+    assert number_or_nan("0.5") == 0.5 and number_or_nan(2) == 2.0

@@ -166,3 +166,38 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_within_seconds(tmp_p
                           capture_output=True, text=True, timeout=100, env=env, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --tracking-uri http://127.0.0.1:9: "), proc.stderr
     assert len(proc.stderr.splitlines()) == 1
+
+
+def test_format_table_pads_every_column_to_its_widest_cell():
+    assert format_table(["a", "bb"], [["long value", "x"], ["s", "yyy"]]).splitlines() == [
+        "a           bb ", "---------------", "long value  x  ", "s           yyy"]
+    assert format_table(["a"], []) == "a\n-"
+
+
+def test_throughput_sorts_fastest_first_missing_values_are_dashes_and_mixed_values_are_counted(tmp_mlflow):
+    """``*_per_s`` is better when higher: ``--sort metrics.site_steps_per_s`` lists the fastest run first; a
+    metric a run did not log is ``-`` (not ``nan``); a grouped column whose runs disagree says how many values."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tmp_mlflow)
+    exp = mlflow.create_experiment("lattice_lab/simulate")
+    for name, rate, device, alpha in (("slow", 1e5, "cpu", 0.3), ("fast", 3e5, "cuda", None), ("mid", 2e5, "cpu", 0.25)):
+        with mlflow.start_run(experiment_id=exp, run_name=name):
+            mlflow.set_tags({"device": device, "model_run_id": "m1"})
+            mlflow.log_metrics({"site_steps_per_s": rate, **({"alpha": alpha} if alpha else {})})
+    header, rows = runs_table("lattice_lab/simulate", sort="metrics.site_steps_per_s", tracking_uri=tmp_mlflow)
+    assert [r[header.index("mlflow.runName")] for r in rows] == ["fast", "mid", "slow"]
+    assert [r[header.index("alpha")] for r in rows] == ["-", "0.25", "0.3"]
+    header, rows = runs_table("lattice_lab/simulate", sort="metrics.site_steps_per_s", tracking_uri=tmp_mlflow,
+                              group_by="tags.model_run_id")
+    assert [(r[0], r[1], r[header.index("device")], r[header.index("site_steps_per_s")]) for r in rows] == [
+        ("m1", "3", "(2 values)", "2e+05 +- 1e+05")]
+
+
+def test_a_missing_store_from_the_environment_is_named_as_the_tracking_store(tmp_path, monkeypatch, capsys):
+    """No --tracking-uri: the store comes from MLFLOW_TRACKING_URI (or the default), and the error says so."""
+    uri = f"sqlite:///{tmp_path / 'none.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith(f"error: tracking store {uri}: no database {tmp_path / 'none.db'}")
+    assert list(tmp_path.iterdir()) == []

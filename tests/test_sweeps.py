@@ -311,3 +311,198 @@ def test_sweep_parent_records_the_sampler_and_each_invocations_seed(tmp_path, tm
     assert client.get_run(parent).data.tags["sampler"] == "optuna.samplers.TPESampler"
     history = sorted((m.step, m.value) for m in client.get_metric_history(parent, "sampler_seed"))
     assert history == [(0, seed0), (1, seed0 + 2)]
+
+
+def test_only_a_resumed_seeded_sampler_with_a_storage_gets_an_offset_seed(tmp_path):
+    """A grid sampler finds its place in the stored trials (its order depends on the seed), a sampler without a
+    seed has nothing to offset, a sweep without a storage no stored trials: each keeps its configuration."""
+    from lattice_lab.sweeps.callback import offset_sampler_seed
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="kept", storage=storage)
+    for x in (0.1, 0.2):
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": x}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)}, value=x))
+
+    def cfg(*overrides):
+        with initialize_config_dir(config_dir=CONFIG_DIR):
+            return compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
+                                              "hydra.sweeper.study_name=kept", "seed=5", *overrides],
+                           return_hydra_config=True)
+
+    assert offset_sampler_seed(cfg()) == 7  # the resumed study itself
+    for overrides in (["hydra/sweeper/sampler=grid"], ["hydra.sweeper.sampler.seed=null"],
+                      ["hydra.sweeper.storage=null"]):
+        config = cfg(*overrides)
+        before = list(config.hydra.overrides.hydra)
+        assert offset_sampler_seed(config) is None, overrides
+        assert list(config.hydra.overrides.hydra) == before, overrides
+
+
+def test_override_value_is_read_back_by_hydra_as_the_same_value():
+    """best_config.yaml's overrides: ``true`` (not Python's ``True``, a string to Hydra), quoted text with quotes.
+    Every backslash was doubled, but Hydra halves only a run of them before a quote or at the end of a quoted
+    value: ``C:\\data x`` came back as ``C:\\\\data x``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lattice_lab.sweeps.report import override_value
+
+    assert [override_value(v) for v in (None, True, False, 3, 1e-5, "gate", [16, 8, True], {"a": 1})] == [
+        "null", "true", "false", "3", "1e-05", "gate", "[16,8,true]", "{a:1}"]
+    parser = OverridesParser.create()
+    for value in (True, False, "a b", "it's", "back\\slash 'q'", "C:\\data x", "ends in \\", "a\\'b", "x\\\\\\'y\\\\",
+                  [1, "x y"], 0.5, None):
+        text = override_value(value)
+        assert parser.parse_override(f"k={text}").value() == value, (value, text)
+
+
+def test_a_trial_matching_several_runs_or_of_several_objectives_is_left_empty():
+    """``mlflow_run_id`` is a trial's run only where exactly one run logged its values; the ``value`` of a
+    multi-objective trial is no single number."""
+    from lattice_lab.sweeps.report import match_run, trials_table
+
+    params = {"trainer.lr": 0.001}
+    runs = {"a": {"trainer.lr": "0.001"}, "b": {"trainer.lr": "0.001"}, "c": {"trainer.lr": "0.01"}}
+    assert match_run(params, runs) == "" and match_run(params, {"a": runs["a"], "c": runs["c"]}) == "a"
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(
+        params={"x": 0.5}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)}, values=[1.0, 2.0]))
+    (row,) = trials_table(study)
+    assert row["value"] is None and row["param.x"] == 0.5 and row["state"] == "COMPLETE"
+
+
+def test_study_report_counts_failed_trials_and_lists_the_params_of_every_trial(tmp_path):
+    """A trial that failed before it drew anything has no params: trials.csv's columns still cover the later
+    trials' params; a study whose trials all failed has no best_config.yaml."""
+    import csv
+
+    from lattice_lab.sweeps.report import write_study_report
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={}, distributions={}))
+    report = write_study_report(storage, "s", tmp_path / "failed")
+    assert (report["n_complete"], report["n_failed"], report["best_value"]) == (0, 1, None)
+    assert not (tmp_path / "failed" / "best_config.yaml").exists()
+    study.add_trial(optuna.trial.create_trial(
+        params={"x": 0.25}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)}, value=0.5))
+    report = write_study_report(storage, "s", tmp_path / "out")
+    assert (report["n_complete"], report["n_failed"], report["best_value"]) == (1, 1, 0.5)
+    with open(tmp_path / "out" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["state"], r["param.x"]) for r in rows] == [("FAIL", ""), ("COMPLETE", "0.25")]
+    assert OmegaConf.load(tmp_path / "out" / "best_config.yaml").overrides == ["x=0.25"]
+
+
+def test_sweep_end_on_another_callback_closes_the_parent_with_the_counts_and_a_resume_reopens_it(tmp_path,
+                                                                                                tmp_mlflow):
+    """Hydra may call the start and the end of a multirun on different callback instances: the end finds the
+    parent run through the sweep folder's file, logs the report and the trial counts and closes the run; the
+    next invocation of the study sets that parent RUNNING again."""
+    import mlflow
+
+    from lattice_lab.sweeps.callback import MlflowSweepCallback
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
+                                          "hydra.sweeper.study_name=ends", "hydra.job.name=train",
+                                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+    start = MlflowSweepCallback()
+    start.on_multirun_start(cfg)
+    study = optuna.create_study(study_name="ends", storage=storage, load_if_exists=True)
+    dist = {"trainer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}
+    study.add_trial(optuna.trial.create_trial(params={"trainer.lr": 1e-3}, distributions=dist, value=0.3))
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={}, distributions={}))
+    MlflowSweepCallback().on_multirun_end(cfg)
+    client = mlflow.MlflowClient(tracking_uri=tmp_mlflow)
+    run = client.get_run(start.parent_run_id)
+    assert run.info.status == "FINISHED"
+    assert (run.data.metrics["n_trials_complete"], run.data.metrics["n_trials_failed"]) == (1, 2)
+    assert run.data.metrics["best/value"] == 0.3
+    assert {a.path for a in client.list_artifacts(start.parent_run_id, "sweep")} == {"sweep/trials.csv",
+                                                                                    "sweep/best_config.yaml"}
+    again = MlflowSweepCallback()
+    again.on_multirun_start(cfg)
+    assert again.parent_run_id == start.parent_run_id
+    assert client.get_run(start.parent_run_id).info.status == "RUNNING"
+
+
+def test_a_trial_finds_its_parent_run_and_knows_whether_it_is_an_optuna_trial(tmp_path, monkeypatch):
+    """Inside a multirun job the sweep folder's file names the parent (cluster launchers share files, not the
+    environment), else the environment; a single run has no parent even where the variable is set (a run
+    started from a sweep's process). Only an Optuna sweeper's jobs are trials (not a multirun over seeds)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from lattice_lab.sweeps import parent, trial
+
+    sweep = tmp_path / "sweep"
+    monkeypatch.setenv(parent.ENV_VAR, "from-env")
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
+
+    def job(mode, *overrides):
+        with initialize_config_dir(config_dir=CONFIG_DIR):
+            cfg = compose("train", overrides=[f"hydra.sweep.dir={sweep}", "hydra.job.num=3", *overrides],
+                          return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode[mode]
+        HydraConfig.instance().set_config(cfg)
+
+    assert parent.current_parent_run_id() is None and trial.current_trial() is None  # outside Hydra
+    job("RUN", "hparams_search=mlp_optuna")
+    assert parent.current_parent_run_id() is None and trial.current_trial() is None
+    job("MULTIRUN", "hparams_search=mlp_optuna", "hydra.sweeper.study_name=s")
+    assert parent.current_parent_run_id() == "from-env"
+    parent.publish_parent_run_id("from-file", sweep)
+    monkeypatch.setenv(parent.ENV_VAR, "from-env")  # publishing set it: another launcher's environment
+    assert parent.current_parent_run_id() == "from-file"
+    assert trial.current_trial() == {"study": "s", "sweep_dir": str(sweep), "job": 3}
+    job("MULTIRUN", "seed=1")  # Hydra's basic sweeper: runs in their own right
+    assert trial.current_trial() is None
+    assert trial.study_name({"study_name": None}) == "default"
+
+
+def test_best_config_keeps_a_searched_key_fixed_on_the_command_line_and_drops_every_sweep(tmp_path):
+    """``hparams_search=enn_optuna trainer.batch_size=4``: Optuna takes a plain value of a searched key as fixed
+    (it leaves the search space and every trial trains with it), but best_config.yaml dropped it with the searched
+    keys, so its command retrained with the default batch size; a comma list (``2,3``, a sweep as much as
+    ``choice(2,3)``) was kept, a command a plain run refuses."""
+    from omegaconf import open_dict
+
+    from lattice_lab.sweeps.callback import fixed_overrides
+
+    sweep = ["hparams_search=enn_optuna", "trainer.batch_size=4", "dataset.name=tiny"]
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("train", overrides=sweep, return_hydra_config=True)
+    assert "trainer.batch_size" in cfg.hydra.sweeper.params
+    with open_dict(cfg):  # as Hydra's multirun holds them: the sweeps stay in the task overrides
+        cfg.hydra.overrides.task = [*sweep, "trainer.lr_patience=2,3", "trainer.patience=range(1,3)"]
+    fixed = fixed_overrides(cfg)
+    assert "trainer.batch_size=4" in fixed and "dataset.name=tiny" in fixed
+    assert not any(o.startswith(("trainer.lr_patience=", "trainer.patience=range")) for o in fixed), fixed
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        rerun = compose("train", overrides=[*fixed, "trainer.lr=0.001", "model.hidden.0=16", "model.hidden.1=8",
+                                             "model.activation=tanh"])
+    assert rerun.trainer.batch_size == 4 and rerun.trainer.max_epochs == 60
+
+
+def test_search_config_settings_add_keys_a_plain_run_lacks_and_delete_keys_it_has_too_many():
+    """A search config may add a key (``+key=...`` in the rerun) or remove one (``~key``): the plain run composed
+    with those overrides is the sweep's config."""
+    from omegaconf import open_dict
+
+    from lattice_lab.sweeps.callback import search_config_settings
+
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("train", overrides=["hparams_search=mlp_optuna"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.trainer.warmup_note = "added"
+        del cfg.trainer["lr_patience"]
+    extra = search_config_settings(cfg, ["model=mlp_small"])
+    assert "+trainer.warmup_note=added" in extra and "~trainer.lr_patience" in extra, extra
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        rerun = compose("train", overrides=["model=mlp_small", *extra])
+    assert rerun.trainer.warmup_note == "added" and "lr_patience" not in rerun.trainer

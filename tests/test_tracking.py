@@ -419,3 +419,191 @@ def test_error_by_configuration_without_a_schedule_places_each_split_at_its_posi
     assert xs[matplotlib.colors.to_rgb("tab:orange")] == [2, 5]
     assert all(float(x).is_integer() for x in qu.get_xticks())  # configurations, not fractions of one
     plt.close("all")
+
+
+def test_flatten_config_keeps_a_nested_hydra_key_and_writes_tuples_as_lists():
+    """Only the top-level ``hydra`` section is Hydra's own; a plain dict's tuple is logged like a config's list
+    (what :func:`lattice_lab.sweeps.report.logged_value` reads back); an empty config logs nothing."""
+    flat = mu.flatten_config({"launcher": {"hydra": {"x": 1}}, "shape": (16, 8), "hydra": {"run": 1}})
+    assert flat == {"launcher.hydra.x": "1", "shape": "[16, 8]"}
+    assert mu.flatten_config({}) == {} and mu.flatten_config(None) == {}
+
+
+def test_explicit_artifact_root_and_a_new_store_folder(tmp_path):
+    """``tracking.artifact_root`` wins over ``mlartifacts/`` beside the database; a sqlite store in a folder that
+    does not exist yet gets its folder (MLflow fails with 'unable to open database file')."""
+    uri = f"sqlite:///{tmp_path}/new/sub/m.db"
+    assert mu.default_artifact_root(uri, str(tmp_path / "arts")) == (tmp_path / "arts").as_uri()
+    assert mu.setup_tracking({"uri": uri}) == uri
+    assert (tmp_path / "new" / "sub").is_dir()
+
+
+def test_file_sha256_hashes_the_whole_file_short_or_in_full(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * (3 * 4096 + 1)  # beyond the 1 MiB chunks it reads
+    (tmp_path / "d.h5").write_bytes(data)
+    full = hashlib.sha256(data).hexdigest()
+    assert mu.file_sha256(tmp_path / "d.h5", short=None) == full
+    assert mu.file_sha256(tmp_path / "d.h5") == full[:12] and mu.file_sha256(tmp_path / "d.h5", 8) == full[:8]
+
+
+def test_git_commit_is_the_head_commit_and_none_without_one(tmp_path):
+    """``git rev-parse HEAD`` in a repository without a commit prints ``HEAD`` and fails: no commit to tag."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    assert mu.git_commit(tmp_path / "not_a_repo") is None
+    git("init", "-q")
+    assert mu.git_commit(tmp_path) is None
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "a")
+    assert mu.git_commit(tmp_path) == git("rev-parse", "HEAD") and len(mu.git_commit(tmp_path)) == 40
+
+
+def test_a_deleted_experiment_is_restored_and_runs_go_on_in_it(store):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    exp = mu.get_or_create_experiment("lattice_lab/gone", store)
+    client.delete_experiment(exp)
+    assert mu.get_or_create_experiment("lattice_lab/gone", store) == exp
+    assert client.get_experiment(exp).lifecycle_stage == "active"
+
+
+def test_more_params_tags_and_metrics_than_one_mlflow_batch_are_all_logged(store):
+    """MLflow takes at most 100 params or tags and 1000 metrics per log_batch: the tracker splits them, and logs
+    no None tag and no bool metric; a metric without a step is at step 0."""
+    from mlflow.tracking import MlflowClient
+
+    with mu.start_run(task="train") as tr:
+        tr.log_params({f"p{i:03d}": i for i in range(250)})
+        tr.set_tags({**{f"t{i:03d}": i for i in range(150)}, "none": None})
+        tr.log_metrics({**{f"m{i:04d}": float(i) for i in range(1200)}, "flag": True})
+    run = MlflowClient(store).get_run(tr.run_id)
+    assert len(run.data.params) == 250 and run.data.params["p249"] == "249"
+    assert {f"t{i:03d}" for i in range(150)} <= set(run.data.tags) and "none" not in run.data.tags
+    assert len(run.data.metrics) == 1200 and "flag" not in run.data.metrics
+    assert [m.step for m in MlflowClient(store).get_metric_history(tr.run_id, "m1199")] == [0]
+
+
+def test_a_folder_artifact_uploads_its_files(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(name)
+    with mu.start_run(task="train") as tr:
+        tr.log_artifact(folder, "figures")
+    assert {a.path for a in MlflowClient(store).list_artifacts(tr.run_id, "figures")} == {"figures/a.txt",
+                                                                                         "figures/b.txt"}
+
+
+def test_to_csv_takes_rows_with_other_keys_numpy_columns_and_refuses_ragged_columns():
+    assert mu.to_csv([{"a": 1}, {"a": 2, "b": 3}]).splitlines() == ["a,b", "1,", "2,3"]
+    assert mu.to_csv({"x": np.arange(2), "y": [0.5, 1.5]}).splitlines() == ["x,y", "0,0.5", "1,1.5"]
+    with pytest.raises(ValueError, match=r"^to_csv: columns have different lengths \[2, 3\]$"):
+        mu.to_csv({"a": [1, 2], "b": [1, 2, 3]})
+
+
+def test_resume_reopens_the_run_and_a_run_id_not_in_the_store_starts_a_new_one(store):
+    """A resumed run is RUNNING again while it runs and tagged ``resumed``; an unknown run id warns and a new
+    run starts (the body runs, tracked)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    with mu.start_run(task="train", run_name="first") as first:
+        pass
+    with mu.start_run(task="train", run_id=first.run_id, tags={"extra": "1"}) as again:
+        run = client.get_run(first.run_id)
+        assert run.info.status == "RUNNING"
+        assert run.data.tags["resumed"] == "true" and run.data.tags["extra"] == "1"
+    assert again.run_id == first.run_id and client.get_run(first.run_id).info.status == "FINISHED"
+    missing = "0" * 32
+    with pytest.warns(RuntimeWarning, match=rf"MLflow run {missing} not found in .*; starting a new run"):
+        with mu.start_run(task="train", run_id=missing) as new:
+            assert new.enabled and new.run_id not in (missing, first.run_id)
+    assert client.get_run(new.run_id).info.status == "FINISHED"
+
+
+def test_parent_from_the_config_or_the_active_run_and_call_tags_over_config_tags(store):
+    """``tracking.parent_run_id`` nests a run as the argument does (analyze under a simulate run); ``nested=True``
+    nests under this process's active run; the caller's tags win over ``tracking.tags``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    with mu.start_run(task="simulate") as parent:
+        pass
+    cfg = {"tracking": {"parent_run_id": parent.run_id, "tags": {"who": "config", "kept": "yes"}}}
+    with mu.start_run(task="analyze", cfg=cfg, tags={"who": "caller"}) as child:
+        pass
+    tags = client.get_run(child.run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent.run_id and tags["who"] == "caller" and tags["kept"] == "yes"
+    with mlflow.start_run(experiment_id=mu.get_or_create_experiment("lattice_lab/simulate", store)) as active:
+        with mu.start_run(task="simulate", nested=True) as inner:
+            pass
+    assert client.get_run(inner.run_id).data.tags["mlflow.parentRunId"] == active.info.run_id
+
+
+def test_parity_plot_counts_and_clips_predictions_outside_the_frame():
+    """The frame spans the exact forces: predictions far above and below are drawn at its edge and counted."""
+    import matplotlib.pyplot as plt
+
+    exact = np.linspace(-1.0, 1.0, 9)
+    pred = exact.copy()
+    pred[0], pred[-1] = -50.0, 80.0
+    ax = parity_plot({"val": (pred, exact)}).axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "2 predictions outside the frame (clipped)" in labels, labels
+    lo, hi = ax.get_ylim()
+    crosses = ax.collections[1].get_offsets()
+    assert sorted(crosses[:, 1]) == [lo, hi]
+    plt.close("all")
+
+
+def test_parity_plot_subsamples_the_points_but_counts_every_outlier(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from lattice_lab.tracking import plots
+
+    monkeypatch.setattr(plots, "MAX_SCATTER_POINTS", 10)
+    exact = np.linspace(-1.0, 1.0, 100)
+    pred = exact.copy()
+    pred[::4] = 10.0  # 25 outliers, more than are drawn
+    ax = plots.parity_plot({"train": (pred, exact)}).axes[0]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 10
+    assert "25 predictions outside the frame (clipped)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close("all")
+
+
+def test_error_histogram_of_a_perfect_model_and_a_learning_curve_without_its_best_epoch():
+    """All-zero errors (a model scored on its own labels) still give a histogram; a best epoch that is not in
+    the history (a resumed run's rows) is not marked; the plateau scheduler's few learning rates are labelled."""
+    import matplotlib.pyplot as plt
+
+    x = np.arange(6.0)
+    hx = error_histogram({"val": (x, x)}).axes[0]
+    assert hx.patches and np.allclose(hx.get_xlim(), (-1.05, 1.05), atol=0.2)
+    hist = [{"epoch": e, "train/rmse": 1.0 / e, "val/rmse": 1.1 / e, "lr": 1e-3 if e < 3 else 5e-4}
+            for e in range(1, 5)]
+    fig = learning_curve(hist, best_epoch=9)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert not any(s.startswith("best") for s in labels), labels
+    assert [t.get_text() for t in fig.axes[1].get_yticklabels()] == ["0.0005", "0.001"]
+    plt.close("all")
+
+
+def test_error_by_configuration_draws_a_median_line_only_where_a_time_has_several_snapshots():
+    """One replica per time: the points are the snapshots, no line joins them as if it were a median."""
+    import matplotlib.pyplot as plt
+
+    fig = error_by_configuration({"val": (np.array([0.3, 0.2, 0.1]), np.ones(3, int), np.array([2.0, 4.0, 6.0]))})
+    (ax,) = fig.axes
+    assert ax.get_lines() == [] and len(ax.collections[0].get_offsets()) == 3
+    plt.close("all")

@@ -123,10 +123,20 @@ def prepare_storage(config: DictConfig) -> None:
 RERUN_GROUPS = ("hamiltonian", "dataset", "model", "trainer")  # presets a single rerun must name
 
 
+def _is_sweep(override: str) -> bool:
+    """Whether a command-line override is a sweep (``choice(...)``, ``range(...)``, ``a,b``, ``tag(...)``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except Exception:  # noqa: BLE001 - Hydra parsed it once already; by its functions where it does not now
+        return any(f in override for f in ("choice(", "range(", "interval(", "tag(", "glob("))
+
+
 def fixed_overrides(config: DictConfig) -> list[str]:
     """The sweep's settings that are not searched, as the overrides of one plain (not multirun) run:
     the presets the search config chose (e.g. its family's model), the command-line overrides without
-    the searched keys and ``hparams_search``, and every value the search config itself sets
+    their sweeps (``choice(...)``, ``a,b``, ...) and ``hparams_search``, and every value the search config itself sets
     (``optuna_base``'s ``trainer.max_epochs``, ``trainer.patience``, ...). With a trial's values they
     compose that trial's config."""
     searched = set((config.hydra.sweeper.get("params") or {}).keys())
@@ -135,8 +145,9 @@ def fixed_overrides(config: DictConfig) -> list[str]:
     def key(o: str) -> str:
         return o.split("=", 1)[0].lstrip("+~")
 
-    out = [o for o in task if key(o) not in searched and key(o) != "hparams_search"
-           and not any(f in o for f in ("choice(", "range(", "interval(", "tag("))]
+    # a sweep (choice(...), a comma list, ...) is what the trials drew; a plain value is kept, also for a key the
+    # search config searches: Optuna takes it out of the search space and every trial trains with it
+    out = [o for o in task if key(o) != "hparams_search" and not _is_sweep(o)]
     choices = config.hydra.runtime.get("choices") or {}
     given = {key(o) for o in out}
     presets = [f"{g}={choices[g]}" for g in RERUN_GROUPS if choices.get(g) and g not in given]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import csv
 import io
+import re
 import shlex
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def override_value(value) -> str:
             return text
     except Exception:  # noqa: BLE001 - not a bare word of the grammar: quote it
         pass
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    # in quotes Hydra keeps a backslash as it is, except in a run of them before a quote or at the end, which
+    # it halves: only those runs are doubled (doubling all of them turned a value C:\data into C:\\data)
+    body = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + body.replace("'", "\\'") + "'"
 
 
 def _param_text(value) -> str:
