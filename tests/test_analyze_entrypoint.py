@@ -204,3 +204,14 @@ def test_inverted_fit_window_is_refused_before_any_frame_is_read(trajectories, m
     monkeypatch.setattr(pipeline, "select_frames", lambda *a, **k: pytest.fail("frames were selected"))
     with pytest.raises(ConfigError, match=r"fit.t_min=50 >= fit.t_max=10: the fit window is empty"):
         run(make_cfg(f"trajectory={trajectories[0]}", "fit.t_min=50", "fit.t_max=10", "tracking.enabled=false"))
+
+
+def test_default_output_folders(trajectories, tmp_path):
+    """Without out_dir: one trajectory is analysed into ``analysis/`` beside it; ``runs=<one folder>`` (a string,
+    not a list) is one run, written to ``growth_runs/`` beside the run folders."""
+    ml, _ = trajectories
+    summary = run(make_cfg(f"trajectory={ml}", "fit.t_min=4", "device=cpu", "tracking.enabled=false"))
+    assert summary["out_dir"] == str(ml.parent / "analysis")
+    assert (ml.parent / "analysis" / "summary.json").is_file() and (ml.parent / "analysis" / "analyze_config.yaml").is_file()
+    result = run(make_cfg(f"runs={ml.parent}", "fit.t_min=4", "device=cpu", "tracking.enabled=false"))
+    assert len(result["runs"]) == 1 and result["out_dir"] == str((tmp_path / "growth_runs").resolve())

@@ -405,3 +405,140 @@ def test_bench_figure_legend_clear_of_data_and_targets_on_their_own_bars(tmp_pat
     assert {"220%", "110%", "170%", "245%", "target 25%", "target 60%"} <= set(texts), texts
     assert "L = 128-512" in bx.get_ylabel() and "210 GFLOP/s = 100%" in bx.get_title()
     plt.close("all")
+
+
+TARGETS = {"scaling_tolerance": 0.25, "enn_ceiling_fraction": 0.25, "gnn_ceiling_fraction": 0.6, "large_L": 128,
+           "langevin_overhead": 0.1, "ed_compare_L": 40, "enn_ed_speedup": 50, "memory_preset": "enn",
+           "memory_L": 200, "enn_memory_gb": 1.0}
+
+
+def _rows(sizes, per_site=1e-8):
+    return [{"status": "ok", "set": "scaling", "L": L, "N": L * L, "batch": 1, "force_s": per_site * L * L,
+             "force_s_per_site": per_site, "gflops": 1.0} for L in sizes]
+
+
+def _summary(rows, preset="enn", **kw):
+    return S.summarize_model({"preset": preset, "model": "M", "params": 1, "flops_per_site": 1e3,
+                              "conservative": False, "rows": rows}, ceiling_gflops=10.0, **kw)
+
+
+def test_one_measured_size_or_none_at_large_L_is_not_a_verdict():
+    """One size gives no scaling ratio (N/A, not a ratio of 1 that passes); a ceiling fraction read below
+    targets.large_L (no size there fitted the budget) is reported but decides nothing."""
+    one = _summary(_rows([32]), preset="mlp")
+    assert one["scaling_ratio_all"] is None
+    small = _summary(_rows([32, 64]), large_L=128)
+    assert small["large_L_measured"] is False and small["large_sizes"] == [64]
+    assert small["ceiling_fraction_large"] == pytest.approx(0.1)
+    res = {t["target"]: t for t in S.evaluate_targets([one, small], {"models": {}}, None, TARGETS, "cpu")}
+    assert res["linear scaling mlp: time/site max/min <= 1.25"]["passed"] is None
+    assert "fewer than 2 sizes measured ([32])" in res["linear scaling mlp: time/site max/min <= 1.25"]["detail"]
+    ceiling = res["enn >= 25% of matmul ceiling on cpu at L >= 128"]
+    assert ceiling["passed"] is None and "(no size >= 128 fitted the budget)" in ceiling["detail"]
+
+
+def test_enn_speedup_target_and_memory_error_are_their_own_verdicts():
+    """enn 10x faster than ED: faster than ED (PASS) but short of the 50x target (FAIL); a memory measurement
+    that failed is N/A with its error named."""
+    s = {"preset": "enn", "scaling_ratio_all": None, "sizes_measured": [40], "ceiling_fraction_large": None,
+         "langevin_overhead_large": None}
+    comparison = {"models": {"enn": {"speedups": [{"L": 40, "speedup": 10.0, "how": "measured"}]}}}
+    memory = {"preset": "enn", "L": 200, "error": "OutOfMemoryError: simulated"}
+    res = {t["target"]: t for t in S.evaluate_targets([s], comparison, memory, TARGETS, "cpu")}
+    assert res["enn faster than ED at L = 40"]["passed"] is True
+    assert res["enn >= 50x faster than ED at L = 40"]["passed"] is False
+    mem = res["enn full step at L = 200 under 1 GB"]
+    assert mem["passed"] is None and mem["detail"] == "OutOfMemoryError: simulated"
+    from lattice_lab.bench.report import targets_text
+
+    text = targets_text(list(res.values()))
+    assert "N/A   enn full step at L = 200 under 1 GB" in text and "FAIL  enn >= 50x faster" in text
+
+
+def test_ed_fit_falls_back_to_every_size_and_model_times_come_from_the_nearest_sizes():
+    """ED's a N^3 is fitted on L >= ed_fit_min_L only when two sizes are there, else on every size; a model's
+    time is interpolated between its nearest sizes, and held at its largest size beyond them."""
+    a = 3e-10
+    ed_rows = [{"L": L, "N": L * L, "ed_force_s": a * (L * L) ** 3 * (2.0 if L == 8 else 1.0)} for L in (8, 12, 16)]
+    only_one = S.ed_comparison(ed_rows, [], fit_min_L=16)
+    assert only_one["ed_fit_sizes"] == [8, 12, 16]
+    two = S.ed_comparison(ed_rows, [], fit_min_L=12)
+    assert two["ed_fit_sizes"] == [12, 16] and math.isclose(two["ed_a_seconds_per_N3"], a, rel_tol=1e-12)
+    s = _summary([{**r, "force_s_per_site": r["force_s_per_site"] * r["L"] * (5.0 if r["L"] == 16 else 1.0)}
+                  for r in _rows([16, 32, 64, 128])])  # per-site time 1e-8 L, but 5x that at L = 16
+    t, how = S.model_time_at(s, 100)  # between 64 and 128 (log-log, exact for a power law), L = 16 plays no part
+    assert how == "interpolated" and math.isclose(t, 1e-8 * 100 * 100 * 100, rel_tol=1e-12)
+    t, how = S.model_time_at(s, 256)
+    assert how == "extrapolated" and math.isclose(t, 1e-8 * 128 * 256 * 256, rel_tol=1e-12)
+
+
+def test_near_core_ratio_needs_every_size_and_unattributable_probes_count_for_none():
+    """Three sizes, one of them without a near-core timing: no near-core ratio (the two others would hide it).
+    A row whose rounds lack a probe pair is not attributed to either state."""
+    from lattice_lab.bench.cores import PROBE_KEY
+
+    NEAR, FAR = [85.0, 88.0], [85.0, 360.0]
+    rows = _rows([32, 64, 128])
+    for r, probes in zip(rows, (NEAR, FAR, NEAR)):
+        r[PROBE_KEY] = probes
+    near = S.near_core_scaling(rows, fastest_ns=85.0)
+    assert near["ratio"] is None and near["sizes_without"] == [64] and near["far"] == 1
+    torn = {**rows[0], "force_s_rounds": [1.0, 1.1], f"{PROBE_KEY}_rounds": [NEAR]}
+    assert S._timings(torn) == [(1.0, (None, None)), (1.1, (None, None))]
+
+
+def test_core_state_and_csv_name_the_slow_probes(tmp_path):
+    """far_fraction: the share of probes beyond FAR_FACTOR x the fastest; bench.csv's core_rt_ns_slowest is the
+    slowest probe of the row's rounds."""
+    from lattice_lab.bench.cores import FAR_FACTOR
+    from lattice_lab.bench.report import write_csv
+    from lattice_lab.bench.runner import _core_state
+
+    state = _core_state([85.0, 90.0, 100.0, 360.0])
+    assert state["fastest_ns"] == 85.0 and state["slowest_ns"] == 360.0 and state["median_ns"] == 95.0
+    assert state["far_fraction"] == 0.25 and state["far_factor"] == FAR_FACTOR
+    assert _core_state([])["probes"] == 0
+    row = {**_rows([32])[0], "kind": "model", "core_rt_ns_rounds": [[85.0, 360.0], [90.0, 88.0]]}
+    with open(write_csv(tmp_path / "b.csv", [row])) as fh:
+        (line,) = csv.DictReader(fh)
+    assert float(line["core_rt_ns_slowest"]) == 360.0
+
+
+def test_size_budget_refuses_by_time_and_memory_and_seeds_stay_64_bit():
+    """A size is skipped when 2 calls (a warm-up and one timed) would exceed max_seconds, or its peak memory the
+    budget (both linear in N from the largest size measured); the per-size seed wraps at 2^64."""
+    from lattice_lab.bench.models import _Budget, _size_seed
+    from lattice_lab.common.seeding import SEED_MAX
+
+    budget = _Budget(max_seconds=1.0, max_bytes=1e9)
+    assert budget.refuse(100) is None  # nothing measured yet
+    budget.update(100, 0.2, 2e8)
+    assert budget.refuse(200) is None  # 0.4 s a call, 4e8 bytes
+    assert budget.refuse(300) == "skipped: estimated 0.6 s per call; 2 calls > max_seconds_per_measurement=1"
+    roomy = _Budget(max_seconds=100.0, max_bytes=1e9)
+    roomy.update(100, 0.2, 2e8)
+    assert roomy.refuse(500) is None and "peak memory 1.2 GB > budget 1 GB" in roomy.refuse(600)
+    assert _size_seed(3, 10) == 13 and _size_seed(SEED_MAX, 10) == 9
+
+
+def test_memory_budget_is_half_the_cpus_available_memory(monkeypatch):
+    from lattice_lab.bench import runner as bench_runner
+
+    monkeypatch.setattr(bench_runner, "available_bytes", lambda device: 8e9)
+    cfg = _cfg("max_memory_gb=null")
+    assert bench_runner._memory_budget(cfg, torch.device("cpu")) == 4e9
+    assert bench_runner._memory_budget(_cfg("max_memory_gb=3"), torch.device("cpu")) == 3e9
+    monkeypatch.setattr(bench_runner, "available_bytes", lambda device: None)
+    assert bench_runner._memory_budget(cfg, torch.device("cpu")) is None
+
+
+def test_sizes_are_sorted_without_repeats():
+    """sizes / ed_sizes in any order, with repeats: each size measured once, smallest first (the time budget
+    extrapolates from the largest size measured so far)."""
+    from omegaconf import OmegaConf
+
+    from lattice_lab.bench.runner import _sizes
+
+    cfg = OmegaConf.create({"sizes": [32, 8, 16, 8], "ed_sizes": [12, 4], "one": 10})
+    assert _sizes(cfg, "sizes") == [8, 16, 32] and _sizes(cfg, "ed_sizes", even=True) == [4, 12]
+    assert _sizes(cfg, "one") == [10]

@@ -152,6 +152,15 @@ def test_scoring_the_training_data_beyond_its_validation_split_warns(files, tmp_
     assert "trained on" not in caplog.text
 
 
+def test_a_checkpoint_without_a_data_hash_is_matched_to_its_training_data_by_path(files, tmp_path, caplog):
+    """A checkpoint from before the data's content hash was stored: the training data is recognised by its path."""
+    ckpt = save_checkpoint(tmp_path / "older" / "best.pt", files["model"],
+                           extra={"dataset_path": str(files["data"])})
+    with caplog.at_level("WARNING", logger="lattice_lab.evaluate"):
+        run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'a'}", "plots=false"))
+    assert "is the data this model was trained on: split=all includes its training configurations" in caplog.text
+
+
 def test_without_a_stored_schedule_the_snapshots_are_placed_at_their_position_in_the_file(files, tmp_path,
                                                                                             monkeypatch):
     """A file not written by generate has no schedule (quench_times is None): error_by_config.png places the
@@ -205,6 +214,9 @@ def test_a_model_giving_non_finite_forces_is_refused_before_anything_is_written(
     ckpt = save_checkpoint(tmp_path / "nan" / "best.pt", model)
     with pytest.raises(ConfigError, match=r"checkpoint=.*nan.*NaN or inf forces on 9 of 9 configurations"):
         run(_cfg(files, f"checkpoint={ckpt}", f"out_dir={tmp_path / 'x'}"))
+    # the configuration is named by its place in the file, not in the split (val: configurations 2, 5, 8)
+    with pytest.raises(ConfigError, match=r"on 3 of 3 configurations of d.h5 \(first: configuration 2 of the file\)"):
+        run(_cfg(files, f"checkpoint={ckpt}", "split=val", f"out_dir={tmp_path / 'x'}"))
     assert not (tmp_path / "x").exists()
 
 
@@ -221,6 +233,7 @@ def test_a_checkpoint_given_by_mlflow_run_id_is_named_by_its_run(files, tmp_path
     assert (tmp_path / "runs" / "evaluations" / "run_a_on_d_val" / "metrics.yaml").is_file()
     (r,) = client.search_runs([client.get_experiment_by_name("lattice_lab/evaluate").experiment_id])
     assert r.data.tags["train_run"] == "run_a" and r.data.tags["checkpoint"] == train
+    assert r.data.tags["train_run_id"] == train  # the checkpoint itself records none: the run it came from
 
 
 def test_a_run_id_is_looked_up_in_the_store_of_tracking_uri(files, tmp_path, monkeypatch, log_train_run):
@@ -235,6 +248,17 @@ def test_a_run_id_is_looked_up_in_the_store_of_tracking_uri(files, tmp_path, mon
     assert metrics["n_configs"] == 3
     assert (tmp_path / "work" / "runs" / "evaluations" / "run_b_on_d_val" / "metrics.yaml").is_file()
     assert not (tmp_path / "work" / "runs" / "mlflow.db").exists()
+
+
+def test_a_run_name_that_is_no_folder_name_is_replaced_by_the_run_id(files, tmp_path, log_train_run):
+    """The training run's MLflow name names the evaluation's folder: a name with a slash (or '..') would put it
+    elsewhere, so the run id stands in; a plain name is used as it is."""
+    from lattice_lab.evaluate import _mlflow_run_name
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    for name in ("a/b", ".."):
+        assert _mlflow_run_name(run_id := log_train_run(uri, files["ckpt"], name), uri) == run_id
+    assert _mlflow_run_name(log_train_run(uri, files["ckpt"], "run_c"), uri) == "run_c"
 
 
 def test_a_run_id_where_there_is_no_tracking_store_says_so_and_creates_none(files, tmp_path, monkeypatch):

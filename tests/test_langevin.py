@@ -1,6 +1,7 @@
 """Langevin integrator: equipartition, symplectic limit, reproducibility, exact resume, hot start."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.dynamics import LangevinIntegrator, LangevinParams, LangevinState, random_hot_start
 from lattice_lab.dynamics.harmonic import HarmonicForce
+from lattice_lab.dynamics.initial import hot_start_variance
 from lattice_lab.physics import ExactForces, HolsteinParams
 
 
@@ -212,6 +214,33 @@ def test_friction_decays_free_velocities_at_rate_gamma(native):
     torch.testing.assert_close(state.V, V0 * math.exp(-gamma * dt * n), rtol=1e-12, atol=0)
     # drift before decay: Q = dt v0 (1 + a + ... + a^(n-1))
     torch.testing.assert_close(state.Q, V0 * dt * (1 - a**n) / (1 - a), rtol=1e-12, atol=0)
+
+
+def test_hot_start_draws_q_then_v_from_the_generator():
+    """The documented recipe, value for value: Q = sqrt(T_init / kappa) xi_1, then V = sqrt(T_init / m) xi_2 from
+    the same generator (a start drawn in another order is another run for the same seed)."""
+    Q, V = random_hot_start(2, 4, 0.18, mass=2.0, init_temperature=3.0, generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    xi_q = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64)
+    xi_v = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(Q, xi_q * math.sqrt(3.0 / 0.18), rtol=1e-15, atol=0)
+    torch.testing.assert_close(V, xi_v * math.sqrt(3.0 / 2.0), rtol=1e-15, atol=0)
+
+
+def test_hot_start_of_a_negative_kappa_uses_its_magnitude():
+    assert hot_start_variance(-0.5, 2.0) == hot_start_variance(0.5, 2.0) == 4.0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mass": 0.0}, "mass=0.0: must be > 0"), ({"mass": -1.0}, "mass=-1.0: must be > 0"),
+    ({"init_temperature": -1.0}, "init_temperature=-1.0: must be >= 0"),
+    ({"init_temperature": math.nan}, "init_temperature=nan: must be >= 0"),
+    ({"R": 0}, "need R >= 1 and L >= 1, got R=0"), ({"L": 0}, "need R >= 1 and L >= 1, got R=2, L=0"),
+])
+def test_bad_hot_start_settings_are_named(kwargs, message):
+    args = {"R": 2, "L": 4, "params": 0.18, "mass": 5.0, "init_temperature": 5.0, **kwargs}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        random_hot_start(**args)
 
 
 def test_hot_start_without_neighbour_coupling_uses_the_on_site_stiffness():

@@ -341,6 +341,11 @@ def test_resume_without_checkpoint_keeps_an_existing_trajectory(tmp_path):
     after = read_all(done["trajectory"])[0]
     for key in before:
         np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    # with overwrite=true as well, the trajectory without its checkpoint is replaced by a new run
+    again = run(make_cfg(tmp_path, "force=ed", "dynamics.steps=5", "run_name=kept", "resume=true", "overwrite=true",
+                         "seed=4"))
+    assert again["completed"] and (tmp_path / "kept" / "checkpoint.pt").exists()
+    assert not np.array_equal(read_all(again["trajectory"])[0]["Q"], before["Q"])
 
 
 @pytest.mark.parametrize(("name", "keep", "message"), [
@@ -428,6 +433,24 @@ def test_the_final_state_is_saved_whatever_save_every(tmp_path):
                                   config_name="simulate_compare"))
 
 
+@pytest.mark.parametrize(("integrator_dtype", "per_site"), [
+    ("float64", 3 * 8 + 2 * 8 + 2 * 4),           # Q, V, F; the float64 hot start; the float32 frame (Q, n)
+    ("float32", 3 * 4 + 2 * 8 + 2 * 8 + 2 * 4),   # + the float64 force call's input and output
+])
+def test_the_memory_check_counts_the_runs_arrays(tmp_path, monkeypatch, integrator_dtype, per_site):
+    """The memory a run is checked for before it starts (a lower bound, on the CPU one sum): per site Q, V, F in
+    the integrator's dtype, the float64 hot start, the force call's input and output where the force runs in
+    another dtype, and the float32 frame written to the trajectory."""
+    from lattice_lab.common import memory
+
+    asked = []
+    monkeypatch.setattr(memory, "require_memory", lambda nbytes, device, settings, what: asked.append(
+        (nbytes, str(device), settings)))
+    run_simulation(make_cfg(tmp_path, f"integrator_dtype={integrator_dtype}", "dynamics.steps=1"),
+                   force_provider=Harmonic())
+    assert asked == [(per_site * R * L * L, "cpu", {"dynamics.L": L, "dynamics.replicas": R})]
+
+
 def test_a_run_too_large_for_memory_is_refused_before_anything_is_written(tmp_path):
     """dynamics.L=100000 (or 10^8 replicas) failed in the allocator (RuntimeError DefaultCPUAllocator) after the run
     folder and its config.yaml were made; the state's memory is now checked against what is available first."""
@@ -446,17 +469,105 @@ def test_divergence_stops_with_last_good_checkpoint(tmp_path):
         run_simulation(cfg, force_provider=Harmonic(stiffness=-100.0))  # anti-restoring: exponential growth
     msg = str(info.value)
     bad_step = int(msg.split("step ")[1].split(":")[0])
-    assert "divergence.max_abs_q" in msg and "last good checkpoint" in msg
+    limit = 50 * 3.5 / 2 / (1 - 4 * 0.18)  # the default: scale_factor 50 times g / (2 (k - 4 |kappa|))
+    assert f"exceeds divergence.max_abs_q = {limit:.6g}" in msg and "last good checkpoint" in msg
     ck = torch.load(tmp_path / "blowup" / "checkpoint.pt", weights_only=False)
     good = ck["state"]["step"]
     assert good < bad_step and good % 5 == 0 and bad_step - good <= 5
-    limit = 50 * 3.5 / 2 / (1 - 4 * 0.18)
     assert torch.isfinite(ck["state"]["Q"]).all() and float(ck["state"]["Q"].abs().max()) <= limit
     part = partial_path(tmp_path / "blowup" / "trajectory.h5")
     assert f"its {bad_step // 2 + 1} frames (every one checked) kept in {part}" in msg
     with h5py.File(part, "r") as f:  # every frame up to the divergence: the approach to it can be analysed
         assert f["step"][...].tolist() == list(range(0, bad_step, 2)) and int(f["step"][-1]) > good
         assert np.isfinite(f["Q"][...]).all() and float(np.abs(f["Q"][...]).max()) <= limit
+
+
+@pytest.mark.parametrize(("override", "limit"), [("divergence.max_abs_q=40", 40.0),
+                                               ("divergence.scale_factor=10", 10 * 3.5 / 2 / (1 - 4 * 0.18)),
+                                               ("divergence.scale_factor=null", 50 * 3.5 / 2 / (1 - 4 * 0.18))])
+def test_divergence_limit_is_the_setting_given(tmp_path, override, limit):
+    """divergence.max_abs_q, when set, is the limit itself (not the default scale_factor x the Hamiltonian's
+    scale); divergence.scale_factor scales the default (null: 50). No frame beyond the limit is written."""
+    cfg = make_cfg(tmp_path, "dynamics.steps=200", "dynamics.save_every=2", "run_name=limit", override)
+    with pytest.raises(SimulationDiverged, match=rf"exceeds divergence.max_abs_q = {limit:.6g}\b"):
+        run_simulation(cfg, force_provider=Harmonic(stiffness=-100.0))
+    with h5py.File(partial_path(tmp_path / "limit" / "trajectory.h5"), "r") as f:
+        assert float(np.abs(f["Q"][...]).max()) <= limit
+
+
+def test_every_frame_is_checked_before_it_is_written_whatever_check_every(tmp_path):
+    """divergence.check_every spaces the checks between frames only: a frame due is checked first, so with
+    checks every 1000 steps the run still stops at the first frame beyond the limit, and no frame on disk
+    exceeds it."""
+    limit = 50 * 3.5 / 2 / (1 - 4 * 0.18)
+    cfg = make_cfg(tmp_path, "dynamics.steps=200", "dynamics.save_every=2", "divergence.check_every=1000",
+                   "run_name=rare")
+    with pytest.raises(SimulationDiverged, match=r"at step (\d+): max\|Q\| = [\d.]+ exceeds") as info:
+        run_simulation(cfg, force_provider=Harmonic(stiffness=-100.0))
+    bad_step = int(str(info.value).split("step ")[1].split(":")[0])
+    assert bad_step % 2 == 0  # found at a frame, not at the run's end
+    with h5py.File(partial_path(tmp_path / "rare" / "trajectory.h5"), "r") as f:
+        assert f["step"][...].tolist() == list(range(0, bad_step, 2))
+        assert float(np.abs(f["Q"][...]).max()) <= limit
+
+
+def test_a_diverged_initial_state_writes_no_frame(tmp_path):
+    """The hot start itself is checked before its frame and the first checkpoint (max|Q| ~ 5 sigma of
+    N(0, 27.8) here, above divergence.max_abs_q=1): nothing beyond the limit is written."""
+    cfg = make_cfg(tmp_path, "divergence.max_abs_q=1", "run_name=start")
+    with pytest.raises(SimulationDiverged, match=r"at step 0: .*exceeds divergence.max_abs_q = 1; no checkpoint "
+                                                 r"was written; no frame was written"):
+        run_simulation(cfg, force_provider=Harmonic())
+    assert not (tmp_path / "start" / "checkpoint.pt").exists()
+    with h5py.File(partial_path(tmp_path / "start" / "trajectory.h5"), "r") as f:
+        assert f["step"].shape == (0,)
+
+
+def test_stop_after_steps_beyond_the_run_stops_at_its_end(tmp_path):
+    """stop_after_steps larger than the steps left ends the run at dynamics.steps, not beyond."""
+    res = run_simulation(make_cfg(tmp_path, "stop_after_steps=50", "run_name=short"), force_provider=Harmonic())
+    assert res["completed"] and res["step"] == 20 and res["frames"] == 5
+    assert torch.load(res["checkpoint"], weights_only=False)["state"]["step"] == 20
+
+
+def test_resuming_a_finished_run_with_its_own_steps_changes_no_frame(tmp_path):
+    """resume=true on a finished run with the same dynamics.steps is accepted (the checkpoint's step equals the
+    run's length: nothing to do) and leaves its frames as they were; fewer steps are refused."""
+    done = run_simulation(make_cfg(tmp_path, "run_name=again"), force_provider=Harmonic())
+    before = read_all(done["trajectory"])[0]
+    again = run_simulation(make_cfg(tmp_path, "run_name=again", "resume=true"), force_provider=Harmonic())
+    assert again["completed"] and again["step"] == 20 and again["frames"] == 5
+    after = read_all(again["trajectory"])[0]
+    for key in before:
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    with pytest.raises(ConfigError, match=r"^dynamics.steps=19: the checkpoint .* is already at step 20"):
+        run_simulation(make_cfg(tmp_path, "run_name=again", "resume=true", "dynamics.steps=19"),
+                       force_provider=Harmonic())
+
+
+def test_a_run_of_zero_steps_saves_its_hot_start(tmp_path):
+    """dynamics.steps=0 is a valid run (the initial states alone, e.g. to look at the hot start): one frame,
+    completed, with its checkpoint at step 0 (a resume with more steps continues it)."""
+    res = run_simulation(make_cfg(tmp_path, "dynamics.steps=0", "run_name=zero"), force_provider=Harmonic())
+    assert res["completed"] and res["step"] == 0 and res["frames"] == 1
+    assert read_all(res["trajectory"])[0]["step"].tolist() == [0]
+    more = run_simulation(make_cfg(tmp_path, "dynamics.steps=10", "run_name=zero", "resume=true"),
+                          force_provider=Harmonic())
+    assert more["completed"] and read_all(more["trajectory"])[0]["step"].tolist() == [0, 5, 10]
+
+
+def test_wall_time_of_a_resumed_run_counts_the_earlier_invocations(tmp_path):
+    """wall_s (result, run_summary.json, checkpoint) is the run's total time: a resume adds to the
+    checkpoint's wall_s instead of starting from zero."""
+    run_simulation(make_cfg(tmp_path, "stop_after_steps=10", "run_name=walls"), force_provider=Harmonic())
+    ck_path = tmp_path / "walls" / "checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=False)
+    ck["wall_s"] = 1e6  # as if the first invocation had run for 11 days
+    torch.save(ck, ck_path)
+    done = run_simulation(make_cfg(tmp_path, "resume=true", "run_name=walls"), force_provider=Harmonic())
+    assert done["completed"] and 1e6 < done["wall_s"] < 1e6 + 600
+    assert torch.load(ck_path, weights_only=False)["wall_s"] > 1e6
+    assert json.loads((tmp_path / "walls" / "run_summary.json").read_text())["wall_s"] > 1e6
 
 
 def test_divergence_after_resume_keeps_the_resumed_checkpoint(tmp_path):
@@ -516,6 +627,11 @@ def test_seed_beyond_64_bits_refused_before_anything_is_written(tmp_path):
     ("checkpoint_every_s=abc", "checkpoint_every_s='abc': expected a non-negative number"),
     ("checkpoint_every_s=-5", "checkpoint_every_s=-5: expected a non-negative number"),
     ("trajectory.compression_level=42", "trajectory.compression_level=42: expected an integer from 0 to 9"),
+    ("trajectory.compression_level=-1", "trajectory.compression_level=-1: expected an integer from 0 to 9"),
+    ("dynamics.L=2", "dynamics.L=2: expected an integer >= 3"),
+    ("dynamics.steps=-1", "dynamics.steps=-1: expected an integer >= 0"),
+    ("stop_after_steps=0", "stop_after_steps=0: expected a positive integer or null"),
+    ("checkpoint_every_steps=0", "checkpoint_every_steps=0: expected a positive integer or null"),
     ("trajectory.compression_level=abc", "trajectory.compression_level='abc': expected an integer from 0 to 9"),
     ("force.max_L=abc", "force.max_L='abc': expected an integer >= 2"),
     ("+dynamics.integrator=euler", "dynamics.integrator='euler': the only integrator is verlet_ou"),
@@ -528,6 +644,15 @@ def test_bad_run_settings_are_config_errors(tmp_path, override, fragment):
         run(make_cfg(tmp_path, "force=ed", override))
     assert str(info.value) == fragment or str(info.value).startswith(fragment)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("level", [0, 9])
+def test_the_compression_levels_at_the_ends_of_the_range_are_taken(tmp_path, level):
+    """trajectory.compression_level takes 0 and 9 (the ends of gzip's range) and writes the frames with it."""
+    res = run_simulation(make_cfg(tmp_path, "trajectory.compression=gzip", f"trajectory.compression_level={level}",
+                                  "dynamics.steps=5"), force_provider=Harmonic())
+    with h5py.File(res["trajectory"], "r") as f:
+        assert f["Q"].compression == "gzip" and f["Q"].compression_opts == level and f["step"].shape == (2,)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -625,6 +750,50 @@ def test_entrypoint_prints_one_line_error(tmp_path, bad, start, says):
     assert len(errors) == 1 and errors[0].startswith(start) and says in errors[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # refused before the run folder is made
+
+
+# -- force providers ----------------------------------------------------------------------------
+def test_ed_density_is_that_of_the_configuration_asked_about():
+    """EDForceProvider caches the density of its last force call: asked about another configuration (a frame
+    saved after a force call at another Q), it diagonalises again instead of returning the cached one."""
+    ham = HolsteinParams(temperature=0.1)
+    ed = EDForceProvider(ham, "cpu")
+    Q1, Q2 = torch.randn(2, 1, L, L, dtype=torch.float64)
+    F2 = ed(Q2)
+    ed(Q1)
+    torch.testing.assert_close(ed.density(Q2, F2), ExactForces(ham).compute(Q2).density, rtol=0, atol=1e-12)
+
+
+def test_model_run_id_of_an_mlflow_reference():
+    """force.checkpoint=runs:/<id>/<path> or a bare 32-hex run id tags the run's model_run_id with the id alone."""
+    from lattice_lab.dynamics.forces import model_run_id_of
+
+    run_id = "0123456789abcdef0123456789abcdef"
+    assert model_run_id_of(f"runs:/{run_id}/checkpoints/best.pt") == run_id
+    assert model_run_id_of(f"runs:/{run_id}") == run_id and model_run_id_of(run_id) == run_id
+
+
+def test_force_limits_are_inclusive():
+    """ED runs at L = force.max_L (refused above it); a model runs at the smallest L its receptive field fits
+    (refused below it); the softest elastic mode must be stiff: |kappa| < k/4."""
+    from types import SimpleNamespace
+
+    from lattice_lab.dynamics.forces import check_force_config, equilibrium_q_scale
+    from lattice_lab.models.base import min_lattice
+    from lattice_lab.models.registry import build_model
+
+    assert check_force_config({"source": "ed", "max_L": 8}, L=8) == "ed"
+    with pytest.raises(ConfigError, match=r"^dynamics.L=10: exact diagonalisation above force.max_L=8"):
+        check_force_config({"source": "ed", "max_L": 8}, L=10)
+    model = build_model({"name": "gnn", "widths": [1, 4, 4, 1]}, HolsteinParams().as_dict()).double()
+    need = min_lattice(model.receptive_field)
+    ml = {"source": "ml", "checkpoint": None}
+    assert make_force_provider(ml, HolsteinParams(), "cpu", "float64", L=need, model=model).source == "ml"
+    with pytest.raises(ConfigError, match=rf"dynamics.L={need - 1}: .*receptive field allows \(needs L >= {need}\)"):
+        make_force_provider(ml, HolsteinParams(), "cpu", "float64", L=need - 1, model=model)
+    assert equilibrium_q_scale(SimpleNamespace(g=2.0, k=1.0, kappa=-0.125)) == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match=r"hamiltonian.kappa=0.25: need \|kappa\| < k/4 = 0.25"):
+        equilibrium_q_scale(SimpleNamespace(g=3.5, k=1.0, kappa=0.25))
 
 
 # -- batching -----------------------------------------------------------------------------------
@@ -816,6 +985,45 @@ def test_resume_refuses_another_model_at_the_same_path(tmp_path, gnn_checkpoint)
     assert run(make_cfg(tmp_path, *over, "resume=true"))["completed"]
 
 
+def test_a_shorter_comparison_reads_an_unfinished_longer_shared_ed_run(tmp_path, gnn_checkpoint):
+    """A shared ED run stopped early (stop_after_steps) beyond this comparison's dynamics.steps is continued to the
+    step it reached, not refused as 'already at step 15' (its frames up to this comparison's steps are the same)."""
+    path, _ = gnn_checkpoint
+    shared = tmp_path / "ed_long"
+    common = [f"force.checkpoint={path}", f"compare.ed_run={shared}"]
+    first = run(make_cfg(tmp_path, *common, "dynamics.steps=30", "compare.steps=[5,30]", "stop_after_steps=15",
+                         "compare.name=cmp_long", config_name="simulate_compare"))
+    assert first["comparison"] is None and first["ed"]["step"] == 15 and not first["ed"]["completed"]
+    short = run(make_cfg(tmp_path, *common, "dynamics.steps=10", "compare.steps=[5,10]", "compare.name=cmp_short",
+                         config_name="simulate_compare"))
+    assert short["ed"]["completed"] and short["ed"]["step"] == 15 and short["comparison"] is not None
+    assert read_all(short["ed"]["trajectory"])[0]["step"].tolist() == [0, 5, 10, 15]
+    # the ED side finished, the ML side stopped early: no comparison yet (the ML frames are not all there)
+    cut = run(make_cfg(tmp_path, *common, "dynamics.steps=10", "compare.steps=[5,10]", "compare.name=cmp_cut",
+                       "stop_after_steps=5", config_name="simulate_compare"))
+    assert cut["ed"]["completed"] and not cut["ml"]["completed"] and cut["comparison"] is None
+    assert not (tmp_path / "cmp_cut" / "comparison.json").exists()
+
+
+def test_an_overwritten_comparison_keeps_none_of_the_old_results_and_a_resume_keeps_its_config(tmp_path,
+                                                                                                gnn_checkpoint):
+    """overwrite=true removes the replaced comparison's results (comparison/, comparison.json) even where the new
+    one stops early, and its config.yaml is the new one; a resume then writes config_resume.yaml beside it."""
+    path, _ = gnn_checkpoint
+    args = [f"force.checkpoint={path}", "compare.steps=[5,20]", "compare.name=cmp"]
+    root = tmp_path / "cmp"
+    run(make_cfg(tmp_path, *args, config_name="simulate_compare"))
+    assert (root / "comparison.json").exists() and any((root / "comparison").iterdir())
+    part = run(make_cfg(tmp_path, *args, "overwrite=true", "stop_after_steps=5", config_name="simulate_compare"))
+    assert part["comparison"] is None
+    assert not (root / "comparison").exists() and not (root / "comparison.json").exists()
+    assert "stop_after_steps: 5" in (root / "config.yaml").read_text()
+    done = run(make_cfg(tmp_path, *args, "resume=true", config_name="simulate_compare"))
+    assert done["comparison"] is not None and (root / "comparison.json").exists()
+    assert "stop_after_steps: 5" in (root / "config.yaml").read_text()
+    assert "resume: true" in (root / "config_resume.yaml").read_text()
+
+
 def test_first_shared_ed_run_starts_without_a_resume_warning(tmp_path, gnn_checkpoint, caplog):
     path, _ = gnn_checkpoint
     with caplog.at_level("WARNING"):
@@ -900,6 +1108,25 @@ def test_resume_accepts_equivalent_settings(tmp_path, gnn_checkpoint, monkeypatc
     res = run(make_cfg(tmp_path, "force=ml", f"force.checkpoint={path.name}", "integrator_dtype=float32",
                        "run_name=eq", "resume=true"))
     assert res["completed"]
+
+
+def test_a_checkpoint_from_before_newer_fingerprint_entries_resumes(tmp_path, gnn_checkpoint):
+    """A checkpoint written before the model's hash, the resolved integrator dtype and save_log_per_decade were
+    recorded (no model_sha256, integrator_dtype null, no dynamics.save_log_per_decade) still resumes: what it
+    lacks is taken to agree, and the rest of its fingerprint is still checked."""
+    path, _ = gnn_checkpoint
+    over = ["force=ml", f"force.checkpoint={path}", "run_name=old_ck"]
+    run(make_cfg(tmp_path, *over, "stop_after_steps=10"))
+    ck_path = tmp_path / "old_ck" / "checkpoint.pt"
+    ck = torch.load(ck_path, weights_only=False)
+    fp = ck["fingerprint"]
+    assert fp.pop("model_sha256") and fp["integrator_dtype"] == "float32"
+    fp["integrator_dtype"] = None
+    fp["dynamics"].pop("save_log_per_decade", None)  # 0: the schedule of a run made before the setting existed
+    torch.save(ck, ck_path)
+    with pytest.raises(ConfigError, match="resume=true: dtype='float64' differs"):
+        run(make_cfg(tmp_path, *over, "resume=true", "dtype=float64"))
+    assert run(make_cfg(tmp_path, *over, "resume=true"))["completed"]
 
 
 def test_a_run_folder_in_use_is_refused(tmp_path):

@@ -127,3 +127,19 @@ def test_compressed_frames_are_byte_shuffled(tmp_path, compression, at_most):
         stored = f["Q"].id.get_storage_size() + f["n"].id.get_storage_size()
         assert stored < at_most * (f["Q"].nbytes + f["n"].nbytes)  # without the shuffle: 0.89 (gzip), 1.0 (lzf)
         np.testing.assert_array_equal(f["n"][0], n.astype(np.float32))
+
+
+def test_reopen_never_truncates_a_finished_trajectory(tmp_path):
+    """reopen continues only an unfinished ``.partial`` file: a finished trajectory.h5 is not cut back to a
+    checkpoint's frame count (a resume extending a finished run first moves it to .partial itself), while
+    check_reopen accepts it as the file such a resume continues."""
+    path = tmp_path / "trajectory.h5"
+    w = TrajectoryWriter(path, L, R)
+    for i, (Q, n) in enumerate(_frames(3)):
+        w.append(i, 0.1 * i, Q, n)
+    w.finalize()
+    with pytest.raises(ConfigError, match=r"the unfinished trajectory .*trajectory.h5.partial is missing"):
+        TrajectoryWriter.reopen(path, 1)
+    with read_trajectory(path) as tr:
+        assert len(tr) == 3
+    assert TrajectoryWriter.check_reopen(path, 2) == path
