@@ -19,6 +19,16 @@ from lattice_lab.common.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _sweep_config(tmp_path, study: str, *overrides: str):
+    """The composed config, Hydra's part included, of an ``mlp_optuna`` sweep whose study ``study`` is kept in
+    ``tmp_path/optuna.db``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        return compose("train", overrides=["hparams_search=mlp_optuna",
+                                           f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+                                           f"hydra.sweeper.study_name={study}", *overrides],
+                       return_hydra_config=True)
+
+
 def _write_tiny_dataset(path):
     """6 configurations of 8x8 with exact ED forces, in the documented HDF5 format."""
     import torch
@@ -117,16 +127,12 @@ def test_sweep_records_trials_failures_resumes_and_shares_parent(tmp_path, tiny_
 
 def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(tmp_path):
     """A seeded sampler restarts its random stream: a resumed sweep must not draw its first points again."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from lattice_lab.common.cli import CONFIG_DIR
     from lattice_lab.sweeps.callback import offset_sampler_seed
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    with initialize_config_dir(config_dir=CONFIG_DIR):
-        cfg = compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
-                                          "hydra.sweeper.study_name=resume_seed"], return_hydra_config=True)
+    cfg = _sweep_config(tmp_path, "resume_seed")
     assert offset_sampler_seed(cfg) is None, "a new study keeps the configured seed"
     seed0 = int(cfg.hydra.sweeper.sampler.seed)
 
@@ -149,18 +155,13 @@ def test_resumed_study_gets_a_new_sampler_seed_so_it_does_not_repeat_its_trials(
 def test_sampler_seed_is_a_32_bit_seed_and_a_resumed_study_wraps_it(tmp_path):
     """Optuna's samplers take seeds below 2^32: a larger or negative seed is refused naming it (it failed in
     Optuna with a traceback), and the offset of a resumed study wraps around instead of leaving that range."""
-    from hydra import compose, initialize_config_dir
 
-    from lattice_lab.common.cli import CONFIG_DIR
     from lattice_lab.sweeps.callback import offset_sampler_seed
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
 
     def cfg(seed):
-        with initialize_config_dir(config_dir=CONFIG_DIR):
-            return compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
-                                              "hydra.sweeper.study_name=wrap", f"seed={seed}"],
-                           return_hydra_config=True)
+        return _sweep_config(tmp_path, "wrap", f"seed={seed}")
 
     for bad, why in ((2**32, "too large (seeds are 32-bit: at most 2^32 - 1 = 4294967295)"),
                      (-1, "expected a non-negative integer")):
@@ -292,10 +293,7 @@ def test_sweep_parent_records_the_sampler_and_each_invocations_seed(tmp_path, tm
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
 
     def start():
-        with initialize_config_dir(config_dir=CONFIG_DIR):
-            cfg = compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
-                                              "hydra.sweeper.study_name=seeded", "hydra.job.name=train",
-                                              f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+        cfg = _sweep_config(tmp_path, "seeded", "hydra.job.name=train", f"hydra.sweep.dir={tmp_path / 'sweep'}")
         cb = MlflowSweepCallback()
         cb.on_multirun_start(cfg)
         return cb.parent_run_id, int(cfg.hydra.sweeper.sampler.seed)
@@ -325,10 +323,7 @@ def test_only_a_resumed_seeded_sampler_with_a_storage_gets_an_offset_seed(tmp_pa
             params={"x": x}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)}, value=x))
 
     def cfg(*overrides):
-        with initialize_config_dir(config_dir=CONFIG_DIR):
-            return compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
-                                              "hydra.sweeper.study_name=kept", "seed=5", *overrides],
-                           return_hydra_config=True)
+        return _sweep_config(tmp_path, "kept", "seed=5", *overrides)
 
     assert offset_sampler_seed(cfg()) == 7  # the resumed study itself
     for overrides in (["hydra/sweeper/sampler=grid"], ["hydra.sweeper.sampler.seed=null"],
@@ -404,10 +399,7 @@ def test_sweep_end_on_another_callback_closes_the_parent_with_the_counts_and_a_r
     from lattice_lab.sweeps.callback import MlflowSweepCallback
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    with initialize_config_dir(config_dir=CONFIG_DIR):
-        cfg = compose("train", overrides=["hparams_search=mlp_optuna", f"hydra.sweeper.storage={storage}",
-                                          "hydra.sweeper.study_name=ends", "hydra.job.name=train",
-                                          f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+    cfg = _sweep_config(tmp_path, "ends", "hydra.job.name=train", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     start = MlflowSweepCallback()
     start.on_multirun_start(cfg)
     study = optuna.create_study(study_name="ends", storage=storage, load_if_exists=True)
