@@ -22,7 +22,6 @@ temperature is scored with a warning.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -66,13 +65,6 @@ def check_config(cfg: DictConfig) -> dict:
     return out
 
 
-def _mlflow_run_of(ref: str) -> str | None:
-    """The MLflow run id when ``checkpoint`` names a run (``<run id>``, ``runs:/<run id>/...``), not a local file."""
-    if ref.startswith("runs:/"):
-        return ref[len("runs:/"):].strip("/").partition("/")[0]
-    return ref if re.fullmatch(r"[0-9a-f]{32}", ref) and not Path(ref).exists() else None
-
-
 def _mlflow_run_name(run_id: str, uri: str | None) -> str:
     """The name of MLflow run ``run_id`` (train names it after its run folder); the id where it has none."""
     from mlflow.tracking import MlflowClient
@@ -89,7 +81,7 @@ def _mlflow_run_name(run_id: str, uri: str | None) -> str:
 def _checkpoint_info(ref: str, path: Path, model, uri: str | None = None) -> dict:
     """What the checkpoint ``ref`` (read from ``path``) says about its training: run name, MLflow run, training
     data (an MLflow run's name from the store ``uri``)."""
-    from lattice_lab.models.checkpoint import is_torchscript, load_checkpoint
+    from lattice_lab.models.checkpoint import is_torchscript, load_checkpoint, mlflow_run_of
 
     if is_torchscript(path):
         meta = dict(getattr(model, "metadata", {}) or {})
@@ -100,7 +92,7 @@ def _checkpoint_info(ref: str, path: Path, model, uri: str | None = None) -> dic
         info = {"train_run": path.parent.name, "train_run_id": ckpt.get("mlflow_run_id"),
                 "train_dataset": ckpt.get("dataset_name"), "train_data_sha256": ckpt.get("data_sha256"),
                 "train_data_path": ckpt.get("dataset_path")}
-    run_id = _mlflow_run_of(ref)
+    run_id = (mlflow_run_of(ref) or (None,))[0]
     if run_id:  # downloaded to a temporary folder, whose name says nothing
         info["train_run"] = _mlflow_run_name(run_id, uri)
         info["train_run_id"] = info["train_run_id"] or run_id

@@ -360,3 +360,19 @@ def test_export_that_disagrees_with_the_model_is_refused(tmp_path, monkeypatch):
         export_force_field(model, tmp_path / "m.ts.pt", example_L=9)
     assert not list(tmp_path.iterdir())
     assert not model.training  # trained_like's eval mode, restored
+
+
+def test_mlflow_run_of_tells_a_run_from_a_local_path(tmp_path, monkeypatch):
+    """One rule for resolve_checkpoint_path, simulate's model_run_id and evaluate's run name: ``runs:/<id>[/path]``
+    and a bare 32-hex-digit id name an MLflow run, unless a local file or folder has that name."""
+    from lattice_lab.models.checkpoint import mlflow_run_of
+
+    rid = "0123456789abcdef0123456789abcdef"
+    assert mlflow_run_of(f"runs:/{rid}/checkpoints/last.pt") == (rid, "checkpoints/last.pt")
+    assert mlflow_run_of(f"runs:/{rid}/") == (rid, "")
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_run_of(rid) == (rid, "")
+    assert mlflow_run_of(rid[:-1]) is None and mlflow_run_of(rid.upper()) is None
+    assert mlflow_run_of("runs/checkpoints/x/best.pt") is None
+    (tmp_path / rid).mkdir()  # a folder named like a run id is that folder
+    assert mlflow_run_of(rid) is None

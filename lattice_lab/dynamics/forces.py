@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from lattice_lab.common.device import MODEL_DTYPES, resolve_device, resolve_dtyp
 from lattice_lab.common.errors import ConfigError, refuse_unknown_keys
 from lattice_lab.common.switch import check_switch
 from lattice_lab.models.base import min_lattice
-from lattice_lab.models.checkpoint import ExportedForceField, weights_sha256
+from lattice_lab.models.checkpoint import ExportedForceField, mlflow_run_of, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +240,10 @@ def compile_wanted(setting, device, model) -> bool:
 def model_run_id_of(checkpoint, model=None) -> str:
     """MLflow run id of the model behind ``force.checkpoint``: the id itself (``<run_id>`` or
     ``runs:/<run_id>/...``), else the ``mlflow_run_id`` stored in the checkpoint / export metadata."""
-    ref = str(checkpoint)
-    if ref.startswith("runs:/"):
-        return ref[len("runs:/"):].strip("/").partition("/")[0]
-    path = Path(ref)
-    if not path.exists() and re.fullmatch(r"[0-9a-f]{32}", ref):
-        return ref
+    run = mlflow_run_of(checkpoint)
+    if run:
+        return run[0]
+    path = Path(checkpoint)
     meta = getattr(model, "metadata", None)
     if isinstance(meta, dict):
         return str(meta.get("mlflow_run_id") or "")

@@ -284,17 +284,25 @@ def _tracking_uri(uri: str | None = None) -> str:
     return resolve_tracking_uri(uri)
 
 
+def mlflow_run_of(ref) -> tuple[str, str] | None:
+    """``(run id, artifact path or "")`` when the checkpoint reference ``ref`` names an MLflow run
+    (``runs:/<run_id>[/artifact/path]``, or a 32-hex-digit run id that is not a local file or folder), else None."""
+    ref = str(ref)
+    if ref.startswith("runs:/"):
+        run_id, _, artifact = ref[len("runs:/"):].strip("/").partition("/")
+        return run_id, artifact
+    if _RUN_ID.match(ref) and not Path(ref).exists():
+        return ref, ""
+    return None
+
+
 def _download_from_mlflow(ref: str, tracking_uri: str | None = None) -> Path:
     """``<run_id>`` or ``runs:/<run_id>[/artifact/path]`` -> local path of the checkpoint artifact."""
     import mlflow
 
     from lattice_lab.tracking.mlflow_utils import check_existing_store
 
-    if ref.startswith("runs:/"):
-        rest = ref[len("runs:/"):].strip("/")
-        run_id, _, artifact = rest.partition("/")
-    else:
-        run_id, artifact = ref, ""
+    run_id, artifact = mlflow_run_of(ref) or (ref, "")
     artifact = artifact or BEST_ARTIFACT
     uri = _tracking_uri(tracking_uri)  # read only: a store that is not there is named, not created empty (tracking may be off)
     check_existing_store(uri, f"checkpoint={ref!r} (an MLflow run id, looked up in {uri})")
@@ -312,7 +320,7 @@ def resolve_checkpoint_path(path_or_run_id, tracking_uri: str | None = None) -> 
     """A checkpoint/export file, a folder with ``best.pt``, an MLflow run id or ``runs:/`` URI -> file
     (a run is looked up in the store ``tracking_uri``, by the rule of ``resolve_tracking_uri``)."""
     ref = str(path_or_run_id)
-    if ref.startswith("runs:/"):
+    if mlflow_run_of(ref):
         return _download_from_mlflow(ref, tracking_uri)
     path = Path(ref)
     if path.is_dir():
@@ -322,8 +330,6 @@ def resolve_checkpoint_path(path_or_run_id, tracking_uri: str | None = None) -> 
         return best
     if path.is_file():
         return path
-    if _RUN_ID.match(ref):
-        return _download_from_mlflow(ref, tracking_uri)
     raise ConfigError(f"checkpoint={ref!r}: file not found (expected a .pt file, a folder with best.pt, "
                       "an MLflow run id or runs:/<run_id>)")
 
