@@ -28,6 +28,23 @@ def _cfg(*overrides):
         return compose(config_name="bench", overrides=list(overrides))
 
 
+
+TARGETS = {"scaling_tolerance": 0.25, "enn_ceiling_fraction": 0.25, "gnn_ceiling_fraction": 0.6, "large_L": 128,
+           "langevin_overhead": 0.1, "ed_compare_L": 40, "enn_ed_speedup": 50, "memory_preset": "enn",
+           "memory_L": 200, "enn_memory_gb": 1.0}
+
+
+def _rows(sizes, per_site=1e-8):
+    return [{"status": "ok", "set": "scaling", "L": L, "N": L * L, "batch": 1, "force_s": per_site * L * L,
+             "force_s_per_site": per_site, "gflops": 1.0} for L in sizes]
+
+
+def _summary(rows, preset="enn", ceiling_gflops=10.0, **kw):
+    """summarize_model of a model M of 1e3 FLOPs per site timed as ``rows``."""
+    return S.summarize_model({"preset": preset, "model": "M", "params": 1, "flops_per_site": 1e3,
+                              "conservative": False, "rows": rows}, ceiling_gflops=ceiling_gflops, **kw)
+
+
 def test_default_config_composes():
     cfg = _cfg()
     assert list(cfg.sizes) == [32, 64, 128, 256, 512]
@@ -184,8 +201,7 @@ def test_power_fit_crossover_and_interpolation():
     rows = [{"status": "ok", "set": "scaling", "L": L, "N": L * L, "force_s": b * L * L * (L / 32) ** 0.5,
              "force_s_per_site": b * (L / 32) ** 0.5, "gflops": 1e3 / (b * (L / 32) ** 0.5) / 1e9}
             for L in (32, 64, 128)]
-    s = S.summarize_model({"preset": "m", "model": "M", "params": 1, "flops_per_site": 1e3,
-                           "conservative": False, "rows": rows}, ceiling_gflops=10.0, large_L=64)
+    s = _summary(rows, preset="m", large_L=64)
     assert math.isclose(s["scaling_ratio_all"], 2.0, rel_tol=1e-12)  # per-site time ~ L^(1/2): 128/32 -> 2
     assert math.isclose(s["scaling_ratio_ge64"], math.sqrt(2), rel_tol=1e-12)
     b_fit = b * math.sqrt(math.sqrt(2) * 2)  # geometric mean over L = 64, 128 of b (L/32)^(1/2)
@@ -205,8 +221,7 @@ def test_affine_fit_separates_the_fixed_cost_per_call():
     t0, b = 4.8e-6, 13.7e-9  # a fixed cost per call plus a constant per-site rate
     rows = [{"status": "ok", "set": "scaling", "L": L, "N": L * L, "batch": 2, "force_s": t0 + b * 2 * L * L,
              "force_s_per_site": (t0 + b * 2 * L * L) / (2 * L * L)} for L in (32, 64, 128, 512)]
-    s = S.summarize_model({"preset": "m", "model": "M", "params": 1, "flops_per_site": 1e3,
-                           "conservative": False, "rows": rows}, ceiling_gflops=None)
+    s = _summary(rows, preset="m", ceiling_gflops=None)
     assert math.isclose(s["fixed_s_per_call"], t0, rel_tol=1e-9)
     assert math.isclose(s["site_s_affine"], b, rel_tol=1e-9)  # per site of the whole batch
     assert s["affine_max_rel_residual"] < 1e-9
@@ -215,9 +230,7 @@ def test_affine_fit_separates_the_fixed_cost_per_call():
     bad = S.affine_fit([L * L for L in (32, 64, 128, 512)], [1e-9 * (L * L) ** 1.5 for L in (32, 64, 128, 512)])
     assert bad["max_rel_residual"] > 0.3
     assert S.affine_fit([1024, 1024], [1.0, 1.1]) is None  # one distinct size: no fit
-    targets = {"scaling_tolerance": 0.25, "enn_ceiling_fraction": 0.25, "gnn_ceiling_fraction": 0.6,
-               "large_L": 128, "langevin_overhead": 0.1, "ed_compare_L": 40, "enn_ed_speedup": 50,
-               "memory_preset": "enn", "memory_L": 200, "enn_memory_gb": 1.0}
+    targets = dict(TARGETS)
     detail = S.evaluate_targets([s], {"models": {}}, None, targets, "cpu")[0]["detail"]
     assert "t0 = 4.8 us per call" in detail and "b = 13.7 ns/site" in detail
 
@@ -234,9 +247,7 @@ def test_round_spread_measures_the_noise_at_one_size():
     rows = [row(32, [1.0e-5, 1.1e-5, 1.05e-5]), row(128, [1.6e-4, 2.4e-4, 1.7e-4])]
     assert S.round_spread(rows) == pytest.approx(1.5)  # 2.4 / 1.6 at L = 128; 1.1 at L = 32
     assert S.round_spread([row(32, [1e-5]), row(64, [4e-5])]) is None  # one round: nothing to compare
-    targets = {"scaling_tolerance": 0.25, "enn_ceiling_fraction": 0.25, "gnn_ceiling_fraction": 0.6,
-               "large_L": 128, "langevin_overhead": 0.1, "ed_compare_L": 40, "enn_ed_speedup": 50,
-               "memory_preset": "enn", "memory_L": 200, "enn_memory_gb": 1.0}
+    targets = dict(TARGETS)
     info = {"preset": "m", "model": "M", "params": 1, "flops_per_site": 1.0, "conservative": False}
     noisy = S.summarize_model({**info, "rows": rows}, None)
     detail = S.evaluate_targets([noisy], {"models": {}}, None, targets, "cpu")[0]["detail"]
@@ -256,9 +267,7 @@ def test_targets_pass_and_fail():
     comparison = {"models": {"enn": {"speedups": [{"L": 40, "speedup": 60.0, "how": "measured"}]},
                              "gnn": {"speedups": [{"L": 40, "speedup": 0.5, "how": "measured"}]}}}
     memory = {"total_bytes": 2e9, "param_bytes": 1, "state_bytes": 1, "peak_step_bytes": 2e9}
-    targets = {"scaling_tolerance": 0.25, "enn_ceiling_fraction": 0.25, "gnn_ceiling_fraction": 0.6,
-               "large_L": 128, "langevin_overhead": 0.1, "ed_compare_L": 40, "enn_ed_speedup": 50,
-               "memory_preset": "enn", "memory_L": 200, "enn_memory_gb": 1.0}
+    targets = dict(TARGETS)
     res = {t["target"]: t["passed"] for t in S.evaluate_targets(summaries, comparison, memory, targets, "cpu")}
     assert res["linear scaling enn: time/site max/min <= 1.25"] is True
     assert res["linear scaling gnn: time/site max/min <= 1.25"] is False
@@ -405,21 +414,6 @@ def test_bench_figure_legend_clear_of_data_and_targets_on_their_own_bars(tmp_pat
     assert {"220%", "110%", "170%", "245%", "target 25%", "target 60%"} <= set(texts), texts
     assert "L = 128-512" in bx.get_ylabel() and "210 GFLOP/s = 100%" in bx.get_title()
     plt.close("all")
-
-
-TARGETS = {"scaling_tolerance": 0.25, "enn_ceiling_fraction": 0.25, "gnn_ceiling_fraction": 0.6, "large_L": 128,
-           "langevin_overhead": 0.1, "ed_compare_L": 40, "enn_ed_speedup": 50, "memory_preset": "enn",
-           "memory_L": 200, "enn_memory_gb": 1.0}
-
-
-def _rows(sizes, per_site=1e-8):
-    return [{"status": "ok", "set": "scaling", "L": L, "N": L * L, "batch": 1, "force_s": per_site * L * L,
-             "force_s_per_site": per_site, "gflops": 1.0} for L in sizes]
-
-
-def _summary(rows, preset="enn", **kw):
-    return S.summarize_model({"preset": preset, "model": "M", "params": 1, "flops_per_site": 1e3,
-                              "conservative": False, "rows": rows}, ceiling_gflops=10.0, **kw)
 
 
 def test_one_measured_size_or_none_at_large_L_is_not_a_verdict():
