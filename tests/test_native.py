@@ -170,6 +170,26 @@ def test_native_weights_follow_replaced_parameters(activation):
     torch.testing.assert_close(after, ref, atol=1e-12, rtol=1e-12)
 
 
+def test_whole_native_enn_follows_the_elastic_constants_and_each_buffer_alone():
+    """The call's k and kappa with unchanged weights, then each normalisation buffer changed on its own
+    (the input scales enter the packed projection, the output scale and shift the force)."""
+    from lattice_lab.physics.holstein import linear_elastic_force
+
+    model = _randomised_enn([4, 3], "tanh", torch.float64)
+    Q = torch.randn(1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model.compute_forces(Q)
+        for k, kappa in [(0.0, 0.0), (1.3, 0.25), (0.7, -0.1)]:
+            torch.testing.assert_close(model.native_forces(Q, k, kappa), ref + linear_elastic_force(Q, k, kappa),
+                                       atol=1e-12, rtol=0)
+        for name in ["in_scale_A1", "in_scale_B2", "in_scale_E", "in_shift_A1", "out_scale", "out_shift"]:
+            before = model.native_forces(Q)
+            getattr(model, name).mul_(1.3).add_(0.1)
+            after = model.native_forces(Q)
+            torch.testing.assert_close(after, model.compute_forces(Q), atol=1e-12, rtol=0)
+            assert (after - before).abs().max() > 1e-3, name
+
+
 def test_native_not_used_with_autograd_gpu_dtype_or_switched_off(monkeypatch):
     model = _randomised_enn([2], "tanh", torch.float64)
     Q = torch.randn(1, 9, 9, dtype=torch.float64)
@@ -201,10 +221,16 @@ def test_fallback_to_torch_path_without_compiler(no_compiler):
             forced(Q)
 
 
+def _tiny_source(folder, answer=42):
+    folder.mkdir(exist_ok=True)
+    source = folder / "tiny_kernel.cpp"
+    source.write_text(f'extern "C" int ll_answer(void) {{ return {answer}; }}\n')
+    return source
+
+
 def test_build_is_cached_per_source_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("LATTICE_LAB_CACHE", str(tmp_path))
-    source = tmp_path / "tiny_kernel.cpp"
-    source.write_text('extern "C" int ll_answer(void) { return 42; }\n')
+    source = _tiny_source(tmp_path)
     path = build._build(source)
     assert path.parent == tmp_path / "native" and path.exists()
     assert build._build(source) == path  # cached: not rebuilt
@@ -224,10 +250,60 @@ def test_build_falls_back_to_temp_dir_when_cache_not_writable(tmp_path, monkeypa
     blocked.write_text("")  # a file: the cache folder cannot be created below it
     monkeypatch.setenv("LATTICE_LAB_CACHE", str(blocked))
     monkeypatch.setattr(build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    source = tmp_path / "tiny_kernel.cpp"
-    source.write_text('extern "C" int ll_answer(void) { return 7; }\n')
-    path = build._build(source)
+    path = build._build(_tiny_source(tmp_path, 7))
     assert path.exists() and str(path).startswith(str(tmp_path / "tmp"))
+
+
+def test_build_cache_key_holds_headers_compiler_cpu_and_flags(tmp_path, monkeypatch):
+    """A library built with another header beside the source, another compiler version, on another CPU or
+    with other flags is never loaded: each is a new cache entry."""
+    monkeypatch.setenv("LATTICE_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "FLAG_SETS", (["-O0"],))
+    source = _tiny_source(tmp_path / "src")
+    header = source.with_name("shared.h")
+    header.write_text("// one\n")
+    paths = [build._build(source)]
+    header.write_text("// two\n")
+    paths.append(build._build(source))
+    monkeypatch.setattr(build, "_version", lambda cxx: "another compiler 1.0")
+    paths.append(build._build(source))
+    monkeypatch.setattr(build, "_cpu_identity", lambda: "another cpu")
+    paths.append(build._build(source))
+    monkeypatch.setattr(build, "FLAG_SETS", (["-O1"],))
+    paths.append(build._build(source))
+    assert len(set(paths)) == 5 and all(p.exists() for p in paths)
+
+
+def test_build_tries_the_next_flag_set_and_renames_a_complete_library(tmp_path, monkeypatch):
+    """A flag set the compiler refuses: the next one builds, the failed attempt leaves no file behind, and
+    the compiler writes a temporary file that is renamed only once complete (atomic for other processes)."""
+    monkeypatch.setenv("LATTICE_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "FLAG_SETS", (["-fno-such-flag-for-lattice-lab"], ["-O0"]))
+    folder, run, after_compile = tmp_path / "cache" / "native", build.subprocess.run, []
+
+    def run_and_look(cmd, **kw):
+        proc = run(cmd, **kw)
+        if "-shared" in cmd:
+            after_compile.append(sorted(p.name for p in folder.iterdir()))
+        return proc
+
+    monkeypatch.setattr(build.subprocess, "run", run_and_look)
+    path = build._build(_tiny_source(tmp_path / "src"))
+    assert len(after_compile) == 2 and all(path.name not in names for names in after_compile)
+    assert sorted(p.name for p in folder.iterdir()) == [path.name]
+
+
+def test_compiler_from_cxx_and_unavailable_without_one(tmp_path, monkeypatch):
+    link = tmp_path / "my-cxx"
+    link.symlink_to(build.compiler())
+    monkeypatch.setenv("CXX", str(link))
+    assert build.compiler() == str(link)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(build.NativeUnavailable, match="no C\\+\\+ compiler found"):
+        build.compiler()
+    with pytest.raises(build.NativeUnavailable, match="does not run"):
+        build._version(str(tmp_path / "missing-compiler"))
 
 
 def test_native_enn_propagates_nan():

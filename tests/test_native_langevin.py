@@ -51,16 +51,14 @@ def _philox_reference(counters: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     return c
 
 
-def test_noise_is_philox_box_muller_of_seed_step_and_site():
-    """An independent numpy reference (exact log, sqrt, cos, sin): counter j = 16 c + l of 64-site chunk c
-    gives sites 64 c + 16 m + l through two Box-Muller pairs, whatever the CPU's vector width."""
-    for counter, key, expected in KAT:  # the reference itself
-        assert tuple(_philox_reference(np.array([counter], dtype=np.uint64), key)[0]) == expected
-    n, seed, step = 4 * 64 + 37, (5 << 32) | 12345, (3 << 32) | 77
+def _reference_normals(n: int, seed: int, step: int) -> np.ndarray:
+    """The noise of sites 0..n-1 in numpy (exact log, sqrt, cos, sin of the kernel's float32 uniforms
+    (x >> 8 + 1/2) / 2^24): counter j = 16 c + l of 64-site chunk c gives sites 64 c + 16 m + l through
+    two Box-Muller pairs."""
     j = np.arange((n + 63) // 64 * 16, dtype=np.uint64)
     counters = np.stack([j, np.full_like(j, step & 0xFFFFFFFF), np.full_like(j, step >> 32), 0 * j], axis=1)
     words = _philox_reference(counters, (seed & 0xFFFFFFFF, seed >> 32))
-    u = ((words >> np.uint64(8)).astype(np.float64) + 0.5) / 2.0**24
+    u = (((words >> np.uint64(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)).astype(np.float64)
     z = np.empty((len(j), 4))
     for pair in range(2):
         rad, phi = np.sqrt(-2 * np.log(u[:, 2 * pair])), 2 * np.pi * u[:, 2 * pair + 1]
@@ -69,8 +67,30 @@ def test_noise_is_philox_box_muller_of_seed_step_and_site():
     expected = np.empty(len(j) * 4)
     for m in range(4):
         expected[(64 * chunk + 16 * m + lane).astype(np.int64)] = z[:, m]
+    return expected[:n]
+
+
+def _check_against_reference(n: int, seed: int, step: int) -> np.ndarray:
+    """native.normal of n sites against :func:`_reference_normals` (float32 polynomials: < 2e-6); the reference."""
+    expected = _reference_normals(n, seed, step)
     got = native.normal((n,), seed, step, torch.float64).numpy()
-    assert np.abs(got - expected[:n]).max() < 1e-5 * max(1.0, np.abs(expected).max())
+    assert np.all(np.abs(got - expected) < 2e-6 * np.maximum(1.0, np.abs(expected)))
+    return expected
+
+
+def test_noise_is_philox_box_muller_of_seed_step_and_site():
+    """An independent numpy reference: counter j = 16 c + l of 64-site chunk c gives sites 64 c + 16 m + l
+    through two Box-Muller pairs, whatever the CPU's vector width."""
+    for counter, key, expected in KAT:  # the reference itself
+        assert tuple(_philox_reference(np.array([counter], dtype=np.uint64), key)[0]) == expected
+    _check_against_reference(4 * 64 + 37, (5 << 32) | 12345, (3 << 32) | 77)
+
+
+def test_noise_of_the_smallest_uniform_is_its_box_muller_value():
+    """Seed 1, step 172321: the first word of counter 10 is 174 (< 2^8), so sites 10 and 26 take the
+    smallest uniform (0 + 1/2) / 2^24, never 0: the radius is sqrt(50 ln 2) = 5.89, the largest there is."""
+    expected = _check_against_reference(64, 1, 172321)
+    assert np.isclose(np.hypot(expected[10], expected[26]), math.sqrt(50 * math.log(2)))
 
 
 def test_noise_of_a_site_does_not_depend_on_the_lattice_size_or_dtype():
@@ -155,3 +175,37 @@ def test_without_compiler_auto_falls_back_and_true_refuses(no_compiler):
         integ.step(integ.init_state(Q0))
     with pytest.raises(ConfigError, match="native_integrator='sometimes'"):
         LangevinIntegrator(HarmonicForce(), LangevinParams(), native="sometimes")
+
+
+def test_kick_writes_only_its_sites_and_takes_64_bit_seed_and_step():
+    """A state that ends inside a chunk of 64 sites: the sites past it are not written (V is a view of a
+    longer buffer); the seed and the step enter the noise with all 64 bits."""
+    n, seed, step = 3 * 64 + 21, (5 << 32) | 3, (7 << 32) | 2
+    buf = torch.randn(n + 64, dtype=torch.float64)
+    V, F, past = buf[:n], torch.randn(n, dtype=torch.float64), buf[n:].clone()
+    expected = 0.9 * V + 0.05 * F + 0.3 * native.normal((n,), seed, step, torch.float64)
+    native.LangevinKernel(torch.float64).kick(V, F, 0.9, 0.05, 0.3, seed, step)
+    torch.testing.assert_close(V, expected, atol=1e-14, rtol=0)
+    assert torch.equal(buf[n:], past)
+
+
+def test_native_steps_with_bath_are_the_documented_update():
+    """Two native steps from step 41, against the formulas with friction, mass and bath: drift
+    v += half F, Q += dt v; kick v = a v + a half F(Q) + c xi(seed, s) with s the step number reached
+    (half = dt / 2m, a = exp(-gamma dt), c = sqrt((1 - a^2) T / m), seed: the generator's initial seed)."""
+    params = LangevinParams(mass=2.0, gamma=0.7, dt=0.05, temperature=0.3)
+    force = HarmonicForce(k=1.0, kappa=0.2)
+    gen = torch.Generator().manual_seed(1)
+    Q, V = (torch.randn(2, 7, 7, generator=gen, dtype=torch.float64) for _ in range(2))
+    integ = LangevinIntegrator(force, params, torch.Generator().manual_seed(9), native=True)
+    st = integ.init_state(Q, V, step=41)
+    integ.step(st, 2)
+    assert integ.noise_source(st) == "philox" and st.step == 43
+    half, a, c = 0.5 * params.dt / params.mass, params.ou_decay, params.ou_noise
+    assert a < 0.99 and c > 0.05
+    for s in (42, 43):
+        V = V + half * force(Q)
+        Q = Q + params.dt * V
+        V = a * V + a * half * force(Q) + c * native.normal(Q.shape, 9, s, torch.float64)
+    torch.testing.assert_close(st.Q, Q, atol=1e-14, rtol=0)
+    torch.testing.assert_close(st.V, V, atol=1e-14, rtol=0)

@@ -49,6 +49,22 @@ def test_native_matches_torch_path(dtype, hidden, B, L):
         _check_close(total, ref + linear_elastic_force(Q, 1.3, 0.25), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_with_tiles_of_several_slot_groups(dtype):
+    """Tiles of 4 TV slots (what weights beyond the last-level cache get) ending in a partial tile; the
+    plan's scratch holds the projection and hidden layers 0, 2 (buffer B), the features and layer 1 (A)."""
+    from lattice_lab.native import mlp as native_mlp
+
+    model = _model([13, 5, 7], dtype)
+    kernel = MLPForces(model, dtype, tile_slots=4 * load("mlp_forward").ll_mlp_group())
+    plan, widths = kernel.plan, kernel.widths_out
+    assert plan[native_mlp.P_ROWS_B] >= max(model.descriptor.proj.kernel_np.shape[0], widths[0], widths[2])
+    assert plan[native_mlp.P_ROWS_A] >= max(model.descriptor.n_features, widths[1])
+    Q = torch.randn(2, 11, 11, dtype=dtype)
+    with torch.no_grad():
+        _check_close(kernel(Q, 1.3, 0.25), model.compute_forces(Q) + linear_elastic_force(Q, 1.3, 0.25), dtype)
+
+
 def test_native_independent_of_thread_count():
     model = _model([16, 8], torch.float32)
     Q = torch.randn(2, 33, 33)
@@ -96,6 +112,28 @@ def test_native_follows_parameter_and_buffer_updates():
         Q32 = Q.float()
         got = model(Q32)
         torch.testing.assert_close(got, model.compute_forces(Q32), atol=1e-5 * float(got.abs().max()), rtol=0)
+
+
+def test_native_follows_each_buffer_alone_and_untracked_writes():
+    """Every normalisation buffer on its own is part of the weight tables' key (above they change
+    together), and a write through ``.data`` (no version counter) is followed after weights_changed()."""
+    model = _model([8, 4], torch.float64)
+    Q = torch.randn(1, 8, 8, dtype=torch.float64)
+    updates = {"feat_mean": lambda t: t.add_(0.3), "feat_std": lambda t: t.mul_(1.2),
+               "out_scale": lambda t: t.fill_(0.7), "out_shift": lambda t: t.fill_(-0.2)}
+    with torch.no_grad():
+        for name, update in updates.items():
+            before = model(Q)
+            update(getattr(model, name))
+            after = model(Q)
+            torch.testing.assert_close(after, model.compute_forces(Q), atol=1e-12, rtol=0)
+            assert (after - before).abs().max() > 1e-3, name
+        version = model.net[0].weight._version
+        model.net[0].weight.data.mul_(1.5)
+        assert model.net[0].weight._version == version  # torch does not see this write
+        model.weights_changed()
+        torch.testing.assert_close(model(Q), model.compute_forces(Q), atol=1e-12, rtol=0)
+        assert isinstance(model._native.get(torch.float64), MLPForces)
 
 
 def test_elastic_prior_model_matches_torch_path():

@@ -78,7 +78,8 @@ inline void philox(u32xW c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
-inline f32xW uniform_open(u32xW x) {  // (x >> 8 + 1/2) / 2^24: in (0, 1), never 0 or 1
+inline f32xW uniform_open(u32xW x) {  // (x >> 8 + 1/2) / 2^24 in float32: never 0 (the smallest is
+  // 2^-25); from 2^23 on the + 1/2 rounds to even, so x >> 8 = 2^24 - 1 gives exactly 1 (a radius of 0)
   // x >> 8 < 2^24: the signed conversion (one instruction on every x86 vector ISA) is exact
   return (__builtin_convertvector((i32xW)(x >> 8), f32xW) + 0.5f) * (1.0f / 16777216.0f);
 }
