@@ -3,6 +3,7 @@ path (float64 to 1e-12, float32 to ~1e-5), every supported activation and both a
 equivariance, parameter updates, when it is (not) used, the fallback without a compiler, NaN
 propagation and the ElasticPrior-wrapped preset."""
 
+import contextlib
 import copy
 import pickle
 
@@ -43,6 +44,17 @@ def _gnn(dtype=torch.float64, widths=WIDTHS, seed=0, **kw) -> GNN:
 def _elastic(Q, k=HAM["k"], kappa=HAM["kappa"]):
     nn = Q.roll(1, -2) + Q.roll(-1, -2) + Q.roll(1, -1) + Q.roll(-1, -1)
     return -k * Q - kappa * nn
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's (and so the kernel's) thread count set to ``n`` inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_pack_threshold_is_exercised():
@@ -94,18 +106,43 @@ def test_native_chunks_and_seams_on_several_threads(threads):
     all 3 on 3 threads): bitwise the forces of each configuration alone (row-parallel)."""
     model = _gnn(widths=[1, 16, 32, 16, 1], activation="silu")
     Q = torch.randn(3, 37, 37, dtype=torch.float64)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            got = model(Q)
-            alone = torch.cat([model(Q[i:i + 1]) for i in range(3)])
-    finally:
-        torch.set_num_threads(previous)
+    with _threads(threads), torch.no_grad():
+        got = model(Q)
+        alone = torch.cat([model(Q[i:i + 1]) for i in range(3)])
     assert torch.equal(got, alone)
     with torch.no_grad():
         torch.testing.assert_close(got, model.compute_forces(Q), atol=1e-12, rtol=0)
         torch.testing.assert_close(got, model(Q), atol=1e-12, rtol=0)  # other thread count: same forces
+
+
+@pytest.mark.parametrize("L", [9, 12, 16, 17])
+def test_native_small_lattices_on_two_threads(L):
+    """4 layers on 2 threads: L < 16 leaves one chunk of rows (each chunk needs 2 x 4 rows: the team is
+    one thread for B = 1, and whole configurations per thread for B >= 2), L = 16, 17 two chunks of 8
+    or 9 rows (the thinnest). The scratch memory has a chunk per thread, which the whole configurations use."""
+    model = _gnn()
+    kernel = GNNForces(model, torch.float64)
+    assert kernel.ready()
+    one = kernel.workspace(L, 1, cached=False)[0].numel()
+    assert kernel.workspace(L, 2, cached=False)[0].numel() >= 2 * one
+    Q = torch.randn(3, L, L, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model.compute_forces(Q) + _elastic(Q)
+        with _threads(2):
+            for B in (1, 2, 3):
+                torch.testing.assert_close(kernel(Q[:B], HAM["k"], HAM["kappa"]), ref[:B], atol=1e-12, rtol=0)
+
+
+def test_kernel_refuses_what_it_cannot_compute():
+    """A lattice smaller than 2 x layers + 1 (the model rejects it before: its receptive field), a packed
+    chunk that does not divide its layer's outputs: the kernel's workspace query says no."""
+    kernel = GNNForces(_gnn(), torch.float64)
+    assert kernel.ready()
+    with pytest.raises(ValueError, match="L=8 too small"):
+        kernel(torch.randn(1, 8, 8, dtype=torch.float64))
+    kernel.dims[2 + 5 + 3 * 1 + 2] = 16  # layer 2 (40 outputs, packed) in chunks of 16
+    with pytest.raises(ValueError, match="L=9 too small"):
+        kernel.workspace(9, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -176,6 +213,43 @@ def test_bound_function_serves_every_case_of_a_call():
         check(Q)
         model.float()
         assert f(Q) is None
+
+
+def test_call_while_busy_leaves_the_cached_scratch_alone():
+    """A call while another is in flight (here: the lock held) computes in private scratch memory: the
+    cached workspace, which the call in flight is using, is neither read nor written."""
+    model = _gnn()
+    kernel = GNNForces(model, torch.float64)
+    assert kernel.ready()
+    Q = torch.randn(2, 11, 11, dtype=torch.float64)
+    with torch.no_grad():
+        kernel(Q)
+        cached = kernel._work[(11, torch.get_num_threads())][0]
+        before = cached.clone()
+        Q2 = torch.randn(2, 11, 11, dtype=torch.float64)
+        with kernel._busy:
+            got = kernel(Q2, HAM["k"], HAM["kappa"])
+        torch.testing.assert_close(got, model.compute_forces(Q2) + _elastic(Q2), atol=1e-12, rtol=0)
+    assert torch.equal(cached, before)
+
+
+def test_native_follows_reallocated_and_non_contiguous_parameters():
+    """The packed copy of a wide layer is rebuilt when its weights are replaced, even by a tensor at the
+    address of one replaced before (the kernel keeps the memory of the tensors its table was built from);
+    a non-contiguous parameter is not read by the kernel (the torch path serves)."""
+    model = _gnn()
+    layer = model.layers[1]  # 40 outputs: packed
+    assert GNNForces(model, torch.float64).packed[1]
+    Q = torch.randn(1, 11, 11, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(20):  # the allocator reuses that memory in most rounds (without the kernel's hold)
+            model(Q)  # the table and the packed copy of the current weights
+            layer.w_nn.data = torch.randn_like(layer.w_nn)
+            layer.w_nn.data = torch.randn_like(layer.w_nn)  # where the one before was, unless it is held
+            torch.testing.assert_close(model(Q), model.compute_forces(Q), atol=1e-12, rtol=0)
+        layer.w_self.data = torch.randn(layer.c_out, layer.c_in, dtype=torch.float64).t()
+        assert not layer.w_self.is_contiguous() and model.native_plan(Q) is None
+        torch.testing.assert_close(model(Q), model.compute_forces(Q), atol=0, rtol=0)
 
 
 def test_native_not_used_with_autograd_setting_or_environment(monkeypatch):

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 from test_enn import _equivariance_error  # tests/ is on sys.path (rootdir conftest)
+from test_native_gnn import _elastic
 
 from lattice_lab.common.errors import ConfigError
 from lattice_lab.models.gnn_energy import EnergyGNN
@@ -59,6 +60,19 @@ def test_native_matches_autograd_float32(B, L):
     Q = torch.randn(B, L, L)
     got, ref = model(Q), _autograd(model.double(), Q.double())
     torch.testing.assert_close(got, ref.float(), atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+
+
+def test_native_extra_elastic_force_and_layer_norm_eps():
+    """A call's own elastic constants (``k``, ``kappa``: added to the model's prior) and a LayerNorm eps
+    other than the default reach the kernel."""
+    model = _model()
+    for block in model.blocks:
+        block.norm.eps = 0.3
+    kernel = native.EnergyGNNForces(model, torch.float64)
+    Q = 0.5 + torch.randn(2, 9, 9, dtype=torch.float64)
+    ref = _autograd(model, Q)
+    torch.testing.assert_close(kernel(Q), ref, atol=1e-11, rtol=0)
+    torch.testing.assert_close(kernel(Q, 0.7, -0.3), ref + _elastic(Q, 0.7, -0.3), atol=1e-11, rtol=0)
 
 
 @pytest.mark.parametrize("blocks", [1, 3])
