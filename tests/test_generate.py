@@ -16,7 +16,7 @@ from lattice_lab.common.errors import ConfigError
 from lattice_lab.data import generation, read_force_dataset
 from lattice_lab.dynamics import LangevinIntegrator, LangevinParams, random_hot_start
 from lattice_lab.generate import run
-from lattice_lab.physics import ExactForces
+from lattice_lab.physics import ExactForces, HolsteinParams
 
 REPO = Path(CONFIG_DIR).parent
 
@@ -84,18 +84,40 @@ def test_tiny_preset_writes_a_valid_consistent_file(tmp_path):
     assert generation.quench_times(d.subset(np.r_[12:24, 0:12])) is None
 
 
-def test_quench_uses_its_own_mass_and_init_temperature(tmp_path):
-    """mass and init_temperature are both 5 in the presets: with other values a hot start that swapped
-    them, or a bath that ignored them, gives other snapshots."""
-    path = run(_cfg(tmp_path / "t.h5", "dataset.n_random=0", "dataset.n_quench=4", "dataset.mass=2.0",
-                    "dataset.init_temperature=3.0", "dataset.gamma=0.5", "dataset.dt=0.04"))
+def test_build_uses_its_own_mass_temperatures_and_counts(tmp_path):
+    """mass and init_temperature are both 5 in the presets, temperature the Hamiltonian's default 0.1 and n_quench a
+    multiple of replicas: here a hot start that swapped mass and init_temperature (random or quench), a bath or
+    Hamiltonian that ignored dataset.temperature, a last snapshot time that kept every replica, or attributes
+    that swapped the two counts give other numbers."""
+    path = run(_cfg(tmp_path / "t.h5", "dataset.n_random=3", "dataset.n_quench=6", "dataset.mass=2.0",
+                    "dataset.init_temperature=3.0", "dataset.gamma=0.5", "dataset.dt=0.04", "dataset.temperature=0.2"))
     d = read_force_dataset(path)
     p = d.hamiltonian()
+    assert p.temperature == 0.2 and (d.attrs["n_random"], d.attrs["n_quench"]) == (3, 6)
+    assert np.array_equal(d.kind, [0] * 3 + [1] * 6)
+    Q_random, _ = random_hot_start(3, 8, p, 2.0, 3.0, torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert np.array_equal(d.Q[:3], Q_random.numpy())
     gen = torch.Generator().manual_seed(1)
     Q0, V0 = random_hot_start(4, 8, p, 2.0, 3.0, gen, dtype=torch.float64)
-    integ = LangevinIntegrator(ExactForces(p), LangevinParams(mass=2.0, gamma=0.5, dt=0.04, temperature=0.1), gen)
+    integ = LangevinIntegrator(ExactForces(p), LangevinParams(mass=2.0, gamma=0.5, dt=0.04, temperature=0.2), gen)
     state = integ.step(integ.init_state(Q0, V0), 6)
-    np.testing.assert_allclose(d.Q, state.Q.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d.Q[3:7], state.Q.numpy(), rtol=0, atol=1e-12)
+    state = integ.step(state, 3)
+    np.testing.assert_allclose(d.Q[7:], state.Q[:2].numpy(), rtol=0, atol=1e-12)  # the first 2 of 4 replicas
+    np.testing.assert_allclose(d.F, ExactForces(p)(torch.from_numpy(d.Q)).numpy(), rtol=0, atol=1e-12)
+
+
+def test_every_setting_that_decides_the_numbers_is_in_the_resume_fingerprint(tmp_path):
+    """A resume whose fingerprint missed one of these would mix two builds in one file."""
+    ds, params = generation.validate_generate_config(_cfg(tmp_path / "f.h5"))
+    cpu = torch.device("cpu")
+    base = generation._fingerprint(ds, params, 0, cpu)
+    for key in ("L", "n_random", "n_quench", "replicas", "burn_in", "snapshot_every", "init_temperature", "mass",
+                "gamma", "dt"):
+        assert generation._fingerprint({**ds, key: ds[key] + 1}, params, 0, cpu) != base, key
+    for other in ({"g": 3.0}, {"temperature": 0.3}, {"filling": "midgap"}):
+        assert generation._fingerprint(ds, HolsteinParams(**{**params.as_dict(), **other}), 0, cpu) != base, other
+    assert generation._fingerprint(ds, params, 1, cpu) != base
 
 
 def _interrupted_build(monkeypatch, path, fail_after_calls, *overrides):

@@ -220,12 +220,46 @@ def test_hopping_matrix_is_consistent_with_nn_sum(L):
     assert torch.allclose(hop.sum(0), torch.full((L * L,), -4 * 1.7, dtype=torch.float64))
 
 
+def _band(L, t):
+    """Free-electron levels -2t (cos kx + cos ky), k = 2 pi n / L, ascending."""
+    c = torch.cos(2 * math.pi * torch.arange(L, dtype=torch.float64) / L)
+    return torch.sort((-2 * t * (c[:, None] + c[None, :])).reshape(-1)).values
+
+
+@pytest.mark.parametrize("L", [2, 3, 4, 5])
+def test_hopping_spectrum_is_the_tight_binding_band(L):
+    # for odd L the band is not symmetric about 0, so the sign of the hopping shows (L = 2: double bonds)
+    assert torch.allclose(torch.linalg.eigvalsh(hopping_matrix(L, t=1.3)), _band(L, 1.3), atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [0.0, 0.3])
+def test_uniform_distortion_shifts_every_level_by_minus_g_q(T):
+    """Q = 0: the free band, mu = 0 (particle-hole symmetry), A = the free-electron grand potential. A uniform
+    Q0 shifts every level and mu by -g Q0: the density stays 1/2, the force is the elastic -(k + 4 kappa) Q0
+    and A(Q0) - A(0) = N (k/2 + 2 kappa) Q0^2 (2N bonds, each once)."""
+    p = HolsteinParams(t=1.3, g=2.5, k=1.1, kappa=0.2, temperature=T)
+    L, N, Q0 = 4, 16, 0.7
+    ed = ExactForces(p)
+    zero = ed.compute(torch.zeros(L, L, dtype=torch.float64), return_eigenvalues=True)
+    band = _band(L, p.t)
+    assert torch.allclose(zero.eigenvalues, band, atol=1e-12) and abs(float(zero.mu)) < 1e-12
+    free = band[: N // 2].sum() if T == 0 else -T * torch.log1p(torch.exp(-band / T)).sum()
+    assert abs(float(zero.free_energy - free)) < 1e-12
+    res = ed.compute(torch.full((L, L), Q0, dtype=torch.float64), return_eigenvalues=True)
+    assert torch.allclose(res.eigenvalues, band - p.g * Q0, atol=1e-12)
+    assert abs(float(res.mu) + p.g * Q0) < 1e-12
+    assert torch.allclose(res.density, torch.full_like(res.density, 0.5), atol=1e-12)
+    assert torch.allclose(res.forces, torch.full_like(res.forces, -(p.k + 4 * p.kappa) * Q0), atol=1e-12)
+    assert abs(float(res.free_energy - zero.free_energy) - N * (p.k / 2 + 2 * p.kappa) * Q0 ** 2) < 1e-11
+
+
 # -- parameters ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"kappa": 0.3}, "hamiltonian.kappa=0.3"),
     ({"kappa": -0.25}, "hamiltonian.kappa=-0.25"),
     ({"k": 0.0}, "hamiltonian.k=0.0"),
     ({"t": -1.0}, "hamiltonian.t=-1.0"),
+    ({"t": 0.0}, "hamiltonian.t=0.0"),
     ({"temperature": -1.0}, "temperature=-1.0"),
     ({"filling": "grand"}, "hamiltonian.filling='grand'"),
     ({"g": float("nan")}, "hamiltonian.g=nan"),
@@ -260,6 +294,18 @@ def test_timing_table_structure():
         assert r["N"] == r["L"] ** 2
         for key in ("ed_force_s", "torch_eigh_s", "numpy_eigh_s", "overhead_pct"):
             assert math.isfinite(r[key]) and (key == "overhead_pct" or r[key] > 0)
+        assert r["overhead_pct"] == pytest.approx(100 * (r["ed_force_s"] / r["torch_eigh_s"] - 1), rel=1e-12)
+
+
+def test_timing_table_times_the_matrix_ed_diagonalises(monkeypatch):
+    """The overhead compares like with like: the bare eigensolver gets the Hamiltonian of the ED call, coupling
+    included."""
+    seen, eigh = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda h, *a, **k: seen.append(h.clone()) or eigh(h, *a, **k))
+    ed_timing_table([4], repeats=1)
+    ed_matrices = [h[0] for h in seen if h.dim() == 3]  # ExactForces diagonalises a batch [1, N, N]
+    bare = [h for h in seen if h.dim() == 2]
+    assert ed_matrices and bare and all(torch.equal(h, ed_matrices[0]) for h in bare + ed_matrices)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

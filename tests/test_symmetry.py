@@ -26,7 +26,7 @@ from lattice_lab.symmetry import (
     projector,
 )
 from lattice_lab.symmetry.clebsch_gordan import product_representation
-from lattice_lab.symmetry.group import ELEMENT_NAMES, adapted_basis
+from lattice_lab.symmetry.group import ELEMENT_NAMES, adapted_basis, multiplicity
 
 
 def test_group_structure():
@@ -77,6 +77,7 @@ def test_projectors_on_regular_representation():
         P = projector(ir, reg)
         np.testing.assert_allclose(P @ P, P, atol=1e-14)
         assert round(np.trace(P)) == IRREP_DIM[ir] ** 2
+        assert multiplicity(ir, reg) == IRREP_DIM[ir]  # each irrep d times in the regular representation
         total += P
     np.testing.assert_allclose(total, np.eye(8), atol=1e-14)
 
@@ -226,6 +227,22 @@ def test_environment_features_equivariant_on_fields(cutoff):
                                    .movedim((-2, -1), (1, 2)), atol=1e-12, rtol=0)
 
 
+def test_environment_offsets_order():
+    """By |d|^2, then counter-clockwise from +x; r^2 = 4 is inside a cutoff of exactly 2. The order fixes the
+    channel basis, so a trained ENN's weights depend on it."""
+    assert environment_offsets(2.0).tolist() == [[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1], [1, 1], [-1, 1],
+                                                 [-1, -1], [1, -1], [2, 0], [0, 2], [-2, 0], [0, -2]]
+
+
+def test_projection_in_two_dtypes_with_one_basis():
+    b = EnvironmentBasis(math.sqrt(2.0))
+    Q = torch.randn(1, 5, 5, dtype=torch.float64)
+    f64 = b.project(Q)["E"]
+    f32 = b.project(Q.float())["E"]
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32, f64.float())
+
+
 def test_other_cutoffs():
     b = EnvironmentBasis(math.sqrt(5.0))
     assert b.M == 21 and b.counts == {"A1": 5, "A2": 1, "B1": 3, "B2": 2, "E": 5}
@@ -272,3 +289,6 @@ def test_field_ops_dont_mix_batch_and_support_autograd():
     assert torch.equal(out[1], apply_group_element(Q[1], 1))
     (out * torch.arange(25.0, dtype=torch.float64).reshape(5, 5)).sum().backward()
     assert Q.grad is not None and torch.count_nonzero(Q.grad[0]) == 24
+    for bad in (-1, 8):  # -1 would otherwise index the last element
+        with pytest.raises(ValueError, match="not in 0..7"):
+            apply_group_element(Q, bad)
