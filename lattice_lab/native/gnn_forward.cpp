@@ -104,15 +104,14 @@ inline typename Vec<R>::V activate(typename Vec<R>::V y) {
 
 // One output row of one layer: out[k][x] = act(b[k] + sum_c mid[c][x] Ws[c][k] + s nsum[c][x] Wn[c][k]),
 // KC output channels at a time in registers, NB vector blocks of sites at once (more independent
-// accumulators for narrow outputs; SPLIT, U: separate self / neighbour and even / odd input accumulators
-// when there are few, so that the latency of the multiply-add chains does not limit; chosen once per layer
+// accumulators for narrow outputs; SPLIT: separate self / neighbour accumulators when there are few, so that the latency of the multiply-add chains does not limit; chosen once per layer
 // for its widest NB, so that every site of a row is summed in the same order: the same rounding at every
 // site, which makes the kernel exactly equivariant).
 // Weight (c, k) at Ws + (k0 * sk + c * sc + k) for output chunk k0 (self) and the same from Wn (neighbour):
 // the parameters' own memory [c_in][c_out] (sk = 1, sc = c_out) or a copy packed per chunk of KC outputs,
 // [c_out / KC][c_in][2][KC] (sk = 2 c_in, sc = 2 KC: one contiguous stream; used for wide layers, whose
 // weights do not stay in L2 and would otherwise be read with a stride of c_out).
-template <typename R, int KC, int NB, int ACT, bool SPLIT, int U>
+template <typename R, int KC, int NB, int ACT, bool SPLIT>
 void row_blocks(const R* up, const R* mid, const R* dn, R* out, int64_t ld, int64_t x_begin, int64_t x_end,
                 int64_t c_in, int64_t c_out, const R* Ws, const R* Wn, int64_t sk, int64_t sc, const R* bias,
                 R scale, typename Vec<R>::V* nbuf) {
@@ -127,14 +126,13 @@ void row_blocks(const R* up, const R* mid, const R* dn, R* out, int64_t ld, int6
       }
     }
     for (int64_t k0 = 0; k0 < c_out; k0 += KC) {
-      V acc[U][NB][KC], acc2[U][NB][KC];
-      for (int u = 0; u < U; ++u)
-        for (int j = 0; j < NB; ++j)
-          for (int k = 0; k < KC; ++k) {
-            acc[u][j][k] = (V){} + (u ? R(0) : bias[k0 + k]);
-            if (SPLIT) acc2[u][j][k] = (V){};
-          }
-      auto step = [&](int64_t c, int u) __attribute__((always_inline)) {
+      V acc[NB][KC], acc2[NB][KC];
+      for (int j = 0; j < NB; ++j)
+        for (int k = 0; k < KC; ++k) {
+          acc[j][k] = (V){} + bias[k0 + k];
+          if (SPLIT) acc2[j][k] = (V){};
+        }
+      for (int64_t c = 0; c < c_in; ++c) {
         const R* ws = Ws + k0 * sk + c * sc;
         const R* wn = Wn + k0 * sk + c * sc;
         V m[NB];
@@ -143,22 +141,17 @@ void row_blocks(const R* up, const R* mid, const R* dn, R* out, int64_t ld, int6
           const R a = ws[k], b = wn[k];
           for (int j = 0; j < NB; ++j) {
             if (SPLIT) {
-              acc[u][j][k] += m[j] * a;
-              acc2[u][j][k] += nbuf[c * NB + j] * b;
+              acc[j][k] += m[j] * a;
+              acc2[j][k] += nbuf[c * NB + j] * b;
             } else {
-              acc[u][j][k] += m[j] * a + nbuf[c * NB + j] * b;
+              acc[j][k] += m[j] * a + nbuf[c * NB + j] * b;
             }
           }
         }
-      };
-      int64_t c = 0;
-      for (; c + U <= c_in; c += U)
-        for (int u = 0; u < U; ++u) step(c + u, u);
-      for (; c < c_in; ++c) step(c, 0);
+      }
       for (int j = 0; j < NB; ++j)
         for (int k = 0; k < KC; ++k) {
-          V y = SPLIT ? acc[0][j][k] + acc2[0][j][k] : acc[0][j][k];
-          for (int u = 1; u < U; ++u) y += SPLIT ? acc[u][j][k] + acc2[u][j][k] : acc[u][j][k];
+          const V y = SPLIT ? acc[j][k] + acc2[j][k] : acc[j][k];
           store(out + (k0 + k) * ld + x0 + j * N, activate<R, ACT>(y));
         }
     }
@@ -166,15 +159,15 @@ void row_blocks(const R* up, const R* mid, const R* dn, R* out, int64_t ld, int6
 }
 
 // the vector blocks [x, x_end) of a row, NB at a time, the rest with fewer
-template <typename R, int KC, int NB, int ACT, bool SPLIT, int U>
+template <typename R, int KC, int NB, int ACT, bool SPLIT>
 void row_tail(const R* up, const R* mid, const R* dn, R* out, int64_t ld, int64_t x, int64_t x_end,
               int64_t c_in, int64_t c_out, const R* Ws, const R* Wn, int64_t sk, int64_t sc, const R* bias,
               R scale, typename Vec<R>::V* nbuf) {
   constexpr int N = sizeof(typename Vec<R>::V) / sizeof(R);
-  row_blocks<R, KC, NB, ACT, SPLIT, U>(up, mid, dn, out, ld, x, x_end, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
+  row_blocks<R, KC, NB, ACT, SPLIT>(up, mid, dn, out, ld, x, x_end, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
   if constexpr (NB > 1) {
     x += (x_end - x) / (NB * N) * (NB * N);
-    row_tail<R, KC, NB / 2, ACT, SPLIT, U>(up, mid, dn, out, ld, x, x_end, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
+    row_tail<R, KC, NB / 2, ACT, SPLIT>(up, mid, dn, out, ld, x, x_end, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
   }
 }
 
@@ -185,9 +178,8 @@ void layer_row_kc(const R* up, const R* mid, const R* dn, R* out, int64_t ld, in
   constexpr int N = sizeof(typename Vec<R>::V) / sizeof(R);
   constexpr int NB = 16 / KC < NB_MAX ? 16 / KC : NB_MAX;
   constexpr bool SPLIT = KC * NB <= 8;
-  constexpr int U = KC * NB <= 4 ? 2 : 1;  // very narrow: also separate accumulators for even / odd inputs
   const int64_t n_vec = (L + N - 1) / N;
-  row_tail<R, KC, NB, ACT, SPLIT, U>(up, mid, dn, out, ld, N, N + n_vec * N, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
+  row_tail<R, KC, NB, ACT, SPLIT>(up, mid, dn, out, ld, N, N + n_vec * N, c_in, c_out, Ws, Wn, sk, sc, bias, scale, nbuf);
 }
 
 // output channels per register chunk of a layer read in the parameters' own layout
