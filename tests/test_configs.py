@@ -59,6 +59,14 @@ def test_primary_configs_compose(primary):
     assert cfg.hydra.run.dir.startswith("runs/hydra/")
 
 
+def test_bench_job_is_named_bench_not_its_module():
+    """``python -m lattice_lab.bench`` runs ``bench/__main__.py``: without a job name in its config, Hydra called
+    the job ``__main__`` (``__main__ is powered by Hydra`` in ``--help``, ``__main__.log`` in its run folder)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR):
+        cfg = compose("bench", return_hydra_config=True)
+    assert cfg.hydra.job.name == "bench"
+
+
 @pytest.mark.parametrize("primary", ["train", "simulate", "simulate_compare", "analyze"])
 def test_tracking_store_and_experiment_can_be_set_on_the_command_line(primary):
     """``tracking.uri=...`` / ``tracking.experiment=...`` (docs/training.md) work for every tracked entrypoint."""

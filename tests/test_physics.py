@@ -18,6 +18,7 @@ from lattice_lab.physics import (
     hopping_matrix,
 )
 from lattice_lab.physics.timing import ed_timing_table
+from lattice_lab.physics.timing import main as timing_main
 from lattice_lab.symmetry.field_ops import apply_group_element
 
 
@@ -306,6 +307,16 @@ def test_timing_table_times_the_matrix_ed_diagonalises(monkeypatch):
     ed_matrices = [h[0] for h in seen if h.dim() == 3]  # ExactForces diagonalises a batch [1, N, N]
     bare = [h for h in seen if h.dim() == 2]
     assert ed_matrices and bare and all(torch.equal(h, ed_matrices[0]) for h in bare + ed_matrices)
+
+
+def test_timing_command_prints_the_table_and_refuses_a_bad_size_in_one_line(capsys):
+    """``python -m lattice_lab.physics.timing L ...`` (docs/physics.md): an odd L is an ``error:`` line, not a
+    traceback."""
+    assert timing_main(["4"]) == 0
+    assert "| 4 | 16 |" in capsys.readouterr().out
+    assert timing_main(["5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: L=5") and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,6 +9,7 @@ Run ``python -m lattice_lab.physics.timing 16 24 32 40`` for a markdown table.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from lattice_lab.common.device import resolve_device, synchronize
+from lattice_lab.common.errors import ConfigError
 from lattice_lab.physics.ed import ExactForces
 from lattice_lab.physics.holstein import HolsteinParams
 
@@ -73,6 +75,19 @@ def format_timing_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def main(argv=None) -> int:
+    """``python -m lattice_lab.physics.timing [L ...]``: the markdown table; a bad L is one ``error:`` line."""
+    p = argparse.ArgumentParser(prog="python -m lattice_lab.physics.timing", description=__doc__.splitlines()[0])
+    p.add_argument("sizes", nargs="*", type=int, default=[16, 24, 32, 40], metavar="L",
+                   help="even lattice sizes (default: 16 24 32 40)")
+    args = p.parse_args(argv)
+    try:
+        print(format_timing_table(ed_timing_table(args.sizes)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover - manual benchmark
-    sizes = [int(a) for a in sys.argv[1:]] or [16, 24, 32, 40]
-    print(format_timing_table(ed_timing_table(sizes)))
+    sys.exit(main())
