@@ -285,6 +285,21 @@ def test_load_from_mlflow_run(tmp_path, monkeypatch):
         load_force_field("fedcba9876543210fedcba9876543210")
 
 
+def test_top_level_load_force_field_takes_the_same_arguments(monkeypatch):
+    """``lattice_lab.load_force_field`` (README) is the models' loader: a run id's store can be given to it too."""
+    import inspect
+
+    import lattice_lab
+    import lattice_lab.models.checkpoint as checkpoint
+
+    assert list(inspect.signature(lattice_lab.load_force_field).parameters)[1:] == \
+        list(inspect.signature(checkpoint.load_force_field).parameters)[1:]
+    calls = []
+    monkeypatch.setattr(checkpoint, "load_force_field", lambda *a, **k: calls.append((a, k)))
+    lattice_lab.load_force_field("run", device="cpu", tracking_uri="sqlite:///elsewhere.db")
+    assert calls == [(("run",), {"device": "cpu", "dtype": None, "tracking_uri": "sqlite:///elsewhere.db"})]
+
+
 def test_export_of_a_checkpoint_names_its_training_run_and_weights(tmp_path):
     """An export made from a training checkpoint keeps its provenance: a simulation driven by the export
     records the MLflow run that trained the model (tag model_run_id), and the export names the weights'
