@@ -50,6 +50,8 @@ def app(tmp_path_factory):
         """))
     (root / "conf" / "group" / "one.yaml").write_text("y: 1\n")
     (root / "conf" / "group" / "two.yaml").write_text("y: 2\n")
+    (root / "conf" / "extra").mkdir()  # a group outside the defaults list: +extra=on adds it
+    (root / "conf" / "extra" / "on.yaml").write_text("z: 1\n")
     return root
 
 
@@ -68,9 +70,28 @@ def test_hydra_composition_errors_are_one_line_and_exit_2(app, tmp_path):
     proc = _run(app, tmp_path, "x=range(0,")
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("error: x=range(0,: cannot parse this override (")
-    proc = _run(app, tmp_path, "nosuchkey=1")
+    proc = _run(app, tmp_path, "nosuchkey=1")  # Hydra's own hint, +nosuchkey=1, would be refused next
     assert proc.returncode == 2
-    assert proc.stderr == "error: Could not override 'nosuchkey'. To append to your config use +nosuchkey=1\n"
+    assert proc.stderr == ("error: nosuchkey=1: no such setting ('nosuchkey' is not in this command's config; "
+                           "--cfg job prints its settings)\n")
+    proc = _run(app, tmp_path, "group.nosuchkey=1")  # inside a section Hydra's hint is right: +group.nosuchkey=1
+    assert proc.returncode == 2
+    assert proc.stderr == ("error: Could not override 'group.nosuchkey'. "
+                           "To append to your config use +group.nosuchkey=1\n")
+
+
+def test_a_top_level_setting_added_with_plus_is_refused_a_group_or_section_key_is_not(app, tmp_path):
+    """``+seed=1`` to an entrypoint without a seed: nothing would read it, so the run would silently go on
+    without it. ``+group=option`` and ``+section.key=value`` add what the config's own parts read."""
+    proc = _run(app, tmp_path, "+nosuchkey=1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("error: +nosuchkey=1: app has no setting 'nosuchkey', so nothing would read it "
+                           "(its settings: group, x)\n")
+    proc = _run(app, tmp_path, "+extra=on", "+group.z=3", "++w=4")
+    assert proc.returncode == 0 and "ran x=1" in proc.stdout, proc.stderr
+    proc = _run(app, tmp_path, "-m", "+nosuchkey=1", "x=1,2")  # in a multirun: the failed job's line
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1].startswith("error: job 0 (+nosuchkey=1 x=1): +nosuchkey=1: app has no setting")
 
 
 def test_hydra_flags_that_do_not_go_together_are_one_line_and_exit_2(app, tmp_path):

@@ -28,6 +28,7 @@ import difflib
 import functools
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -35,7 +36,7 @@ import threading
 from pathlib import Path
 
 from lattice_lab.common.allocator import tune_malloc
-from lattice_lab.common.errors import Interrupted, LatticeLabError
+from lattice_lab.common.errors import ConfigError, Interrupted, LatticeLabError
 from lattice_lab.common.interrupts import interrupting
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -176,6 +177,34 @@ def _check_tracking(args) -> None:
         TrackingSettings.from_config(cfg)
 
 
+def _check_added_keys(args) -> None:
+    """A top-level setting added on the command line with ``+`` (``+seed=1`` to ``analyze``, which has no
+    seed: Hydra's own error for ``seed=1`` suggests it) is a ConfigError: nothing reads a key the
+    entrypoint's config does not have, so the run would silently go on without it. ``+group=option``
+    (``+experiment=...``, ``+launcher=...``), ``++key=value`` and keys inside sections
+    (``+tracking.tags.team=x``; the sections with a fixed set of keys refuse unknown ones themselves)
+    are left alone."""
+    hc = _hydra_job()
+    cfg = args[0] if args else None
+    if hc is None or cfg is None or not hasattr(cfg, "keys"):
+        return
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        from hydra.core.override_parser.types import OverrideType
+
+        overrides = OverridesParser.create().parse_overrides(list(hc.overrides.task))
+        groups = set(hc.runtime.choices)
+    except Exception:  # noqa: BLE001 - not a Hydra job we can read: nothing to check
+        return
+    for o in overrides:
+        key = o.key_or_group
+        if o.type is OverrideType.ADD and o.package is None and "." not in key and "/" not in key \
+                and key not in groups:
+            known = sorted(str(k) for k in cfg.keys() if k != key)
+            raise ConfigError(f"{o.input_line}: {_job_name() or 'this command'} has no setting {key!r}, so nothing "
+                              f"would read it (its settings: {', '.join(known)})")
+
+
 def friendly_errors(fn):
     """Decorate a Hydra task function: a :class:`LatticeLabError` prints ``error: ...`` and exits 2.
 
@@ -194,6 +223,7 @@ def friendly_errors(fn):
         _received["signal"] = None
         try:
             with _sigterm_interrupts():
+                _check_added_keys(args)
                 _check_tracking(args)
                 return fn(*args, **kwargs)
         except KeyboardInterrupt:  # a multirun stops too: the user wants the sweep to end
@@ -238,6 +268,10 @@ def _hydra_message(exc: BaseException) -> str | None:
         return f"{exc.override}: cannot parse this override ({'; '.join(reason) or 'syntax error'}; " \
                "grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)"
     message = " ".join(lines) or type(exc).__name__
+    added = re.fullmatch(r"Could not override '([^'.]+)'\. To append to your config use \+(\S+)", message)
+    if added:  # a top-level key: appending it with + is refused too (_check_added_keys), so do not suggest it
+        return f"{added.group(2)}: no such setting ({added.group(1)!r} is not in this command's config; " \
+               "--cfg job prints its settings)"
     if "hydra.mode changed during config composition" in message and not {"-m", "--multirun"} & set(sys.argv[1:]):
         message += " (this config, e.g. an +experiment=..., is a multirun: add -m)"
     return message
