@@ -104,9 +104,10 @@ inline typename Vec<R>::V activate(typename Vec<R>::V y) {
 
 // One output row of one layer: out[k][x] = act(b[k] + sum_c mid[c][x] Ws[c][k] + s nsum[c][x] Wn[c][k]),
 // KC output channels at a time in registers, NB vector blocks of sites at once (more independent
-// accumulators for narrow outputs; SPLIT: separate self / neighbour accumulators when there are few, so that the latency of the multiply-add chains does not limit; chosen once per layer
-// for its widest NB, so that every site of a row is summed in the same order: the same rounding at every
-// site, which makes the kernel exactly equivariant).
+// accumulators for narrow outputs; SPLIT: separate self / neighbour accumulators when there are few, so
+// that the latency of the multiply-add chains does not limit; chosen once per layer for its widest NB,
+// so that every site of a row is summed in the same order: the same rounding at every site, which makes
+// the kernel exactly equivariant).
 // Weight (c, k) at Ws + (k0 * sk + c * sc + k) for output chunk k0 (self) and the same from Wn (neighbour):
 // the parameters' own memory [c_in][c_out] (sk = 1, sc = c_out) or a copy packed per chunk of KC outputs,
 // [c_out / KC][c_in][2][KC] (sk = 2 c_in, sc = 2 KC: one contiguous stream; used for wide layers, whose
