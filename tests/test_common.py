@@ -246,23 +246,25 @@ def test_check_flag_refuses_non_booleans(bad):
         check_flag(bad, "overwrite")
 
 
+@friendly_errors
+def _ctrl_c():
+    """A run that the user stops with Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def test_friendly_errors_turns_an_interrupt_into_one_line_and_exit_130(capsys, monkeypatch):
     import signal
 
     from lattice_lab.common import cli
     from lattice_lab.common.errors import Interrupted
 
-    @friendly_errors
-    def ctrl_c():
-        raise KeyboardInterrupt
-
     with pytest.raises(SystemExit) as exc:
-        ctrl_c()
+        _ctrl_c()
     assert exc.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted"
     monkeypatch.setattr(cli, "_job_name", lambda: "simulate")  # inside `python -m lattice_lab.simulate`
     with pytest.raises(SystemExit):
-        ctrl_c()
+        _ctrl_c()
     assert capsys.readouterr().err.startswith("interrupted: rerun with resume=true to continue")
     monkeypatch.undo()
 
@@ -520,16 +522,12 @@ def test_interrupted_by_a_signal_exits_128_plus_it_and_the_next_run_starts_afres
     def stopped():
         raise Interrupted("stopped at step 5, resume=true continues", signum=signal.SIGTERM)
 
-    @friendly_errors
-    def ctrl_c():
-        raise KeyboardInterrupt
-
     with pytest.raises(SystemExit) as exc:
         stopped()
     assert exc.value.code == 143
     assert capsys.readouterr().err == "interrupted (SIGTERM): stopped at step 5, resume=true continues\n"
     with pytest.raises(SystemExit) as exc:
-        ctrl_c()
+        _ctrl_c()
     assert exc.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
