@@ -492,3 +492,97 @@ def test_live_tensors_look_up_again_only_after_a_replacement():
     state = {k: v.clone() + 1 for k, v in model.state_dict().items()}
     model.load_state_dict(state, assign=True)
     assert live()[2] is layer.bias and torch.equal(live()[2], state["layers.0.bias"])
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("preset", ["enn_small", "gnn_small", "mlp_small", "gnn_energy_small"])
+def test_native_function_writes_into_out(preset, frozen):
+    """``f(Q, out)`` writes the forces into ``out`` and returns it, bitwise equal to ``f(Q)``; frozen
+    or not, the forces are the model's."""
+    from lattice_lab.models.registry import build_model, load_preset
+
+    model = build_model(load_preset(preset), HAM).double().eval()
+    Q = torch.randn(2, 11, 11, dtype=torch.float64)
+    with torch.no_grad():
+        fn = model.native_function(Q, frozen=frozen)
+        assert fn is not None
+        fresh = fn(Q)
+        out = torch.full_like(Q, float("nan"))
+        got = fn(Q, out)
+        target = model if hasattr(model, "native_kernel") else model.network
+        target.native_kernel = False
+        with torch.enable_grad() if model.conservative else torch.no_grad():
+            reference = model(Q).detach()
+    assert got is out
+    assert torch.equal(out, fresh)
+    torch.testing.assert_close(fresh, reference, atol=1e-11, rtol=0)
+
+
+def _provider(preset, frozen):
+    from lattice_lab.dynamics.forces import MLForceProvider
+    from lattice_lab.models.registry import build_model, load_preset
+
+    model = build_model(load_preset(preset), HAM).double().eval()
+    return MLForceProvider(HAM, "cpu", torch.float64, checkpoint=None, model=model, frozen=frozen)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_frozen_gnn_provider_checks_the_weights_once(monkeypatch, frozen):
+    """A frozen provider's native GNN function checks that the weights have not moved when it is
+    fetched, not at every call; an unfrozen one at every call."""
+    from lattice_lab.native.gnn import GNNForces
+
+    provider = _provider("gnn_small", frozen)
+    Q = torch.randn(1, 11, 11, dtype=torch.float64)
+    provider(Q)  # fetches the native function
+    calls = []
+    real = GNNForces.ready
+    monkeypatch.setattr(GNNForces, "ready", lambda self: calls.append(1) or real(self))
+    with torch.no_grad():
+        provider._native = (provider._native[0], provider.model.native_function(Q, frozen=frozen))
+    calls.clear()
+    for _ in range(3):
+        provider(Q)
+        provider.forces_into(Q, torch.empty_like(Q))
+    assert len(calls) == (0 if frozen else 6)
+
+
+def test_frozen_gnn_provider_reads_kept_memory_after_the_model_moves():
+    """A change made to a frozen provider's model anyway never makes the kernel read freed memory:
+    after ``model.float()`` the float64 calls still read the float64 weights it was fetched with."""
+    provider = _provider("gnn_small", True)
+    Q = torch.randn(1, 11, 11, dtype=torch.float64)
+    provider(Q)
+    before = provider(Q)
+    provider.model.float()  # replaces every parameter; the old tensors are freed unless kept
+    torch.randn(4096, 4096)  # reuse the freed memory
+    assert torch.equal(provider.forces_into(Q, torch.empty_like(Q)), before)
+
+
+@pytest.mark.parametrize("preset", ["enn_small", "gnn_small", "mlp_small", "gnn_energy_small"])
+def test_provider_out_is_a_hint_checked_before_use(preset):
+    """``provider(Q, out=buffer)`` writes into a fitting buffer and returns it; a buffer of another
+    shape or dtype, or a non-contiguous one, is left alone and a new tensor is returned."""
+    provider = _provider(preset, True)
+    Q = torch.randn(2, 11, 11, dtype=torch.float64)
+    first = provider(Q)
+    out = torch.empty_like(Q)
+    assert provider(Q, out=out) is out and torch.equal(out, first)
+    for bad in (torch.zeros(2, 11, 12, dtype=torch.float64), torch.zeros(2, 11, 11, dtype=torch.float32),
+                torch.zeros(2, 11, 11, dtype=torch.float64).transpose(1, 2)):
+        F = provider(Q, out=bad)
+        assert F is not bad and not bad.any() and torch.equal(F, first)
+    assert provider.forces_into(Q, None) is not None
+
+
+def test_simulate_providers_from_a_checkpoint_are_frozen_injected_models_are_not(tmp_path):
+    from lattice_lab.dynamics.forces import make_force_provider
+    from lattice_lab.models.checkpoint import save_checkpoint
+    from lattice_lab.models.registry import build_model, load_preset
+    from lattice_lab.physics.holstein import HolsteinParams
+
+    model = build_model(load_preset("gnn_small"), HolsteinParams().as_dict())
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, model, {})
+    assert make_force_provider({"source": "ml", "checkpoint": str(path)}, HolsteinParams(), "cpu").frozen
+    assert not make_force_provider({"source": "ml"}, HolsteinParams(), "cpu", model=model).frozen

@@ -317,8 +317,13 @@ def test_elastic_prior_preset_matches_torch_path(monkeypatch):
     assert model.model_cfg["native_kernel"] == "auto" and model.network.native_kernel == "auto"
     _randomise(model.network)
     calls = []
-    original = GNNForces.__call__
-    monkeypatch.setattr(GNNForces, "__call__", lambda self, *a: calls.append(a[1:]) or original(self, *a))
+    real = native_gnn._functions
+
+    def spy(dtype):  # the kernel's arguments: Q, F, B, &args, k, kappa
+        fn, ws = real(dtype)
+        return (lambda *a: calls.append(a[4:]) or fn(*a)), ws
+
+    monkeypatch.setattr(native_gnn, "_functions", spy)
     Q = torch.randn(2, 12, 12, dtype=torch.float64)
     with torch.inference_mode():
         got = model(Q)

@@ -209,3 +209,55 @@ def test_native_steps_with_bath_are_the_documented_update():
         V = a * V + a * half * force(Q) + c * native.normal(Q.shape, 9, s, torch.float64)
     torch.testing.assert_close(st.Q, Q, atol=1e-14, rtol=0)
     torch.testing.assert_close(st.V, V, atol=1e-14, rtol=0)
+
+
+def _gnn_provider():
+    from lattice_lab.dynamics.forces import MLForceProvider
+    from lattice_lab.models.registry import build_model, load_preset
+    from lattice_lab.physics.holstein import HolsteinParams
+
+    torch.manual_seed(3)
+    model = build_model(load_preset("gnn_small"), HolsteinParams().as_dict()).double().eval()
+    return MLForceProvider(HolsteinParams(), "cpu", torch.float64, checkpoint=None, model=model, frozen=True)
+
+
+def test_native_steps_write_forces_into_buffers_no_caller_holds():
+    """With a provider that has ``forces_into``, the native steps write the forces into two buffers of
+    their own: the trajectory is bitwise that of new tensors every step, state.F on entry and the
+    force handed out at the end of each call are never written again, and the buffers alternate."""
+    provider = _gnn_provider()
+    outs = []
+    real = provider.forces_into
+    provider.forces_into = lambda Q, out=None: outs.append(out) or real(Q, out)
+    params = LangevinParams(dt=0.05, temperature=0.2, gamma=0.5)
+    gen = torch.Generator().manual_seed(2)
+    Q, V = (torch.randn(2, 11, 11, generator=gen, dtype=torch.float64) for _ in range(2))
+    into = LangevinIntegrator(provider, params, torch.Generator().manual_seed(4), native=True)
+    same = _gnn_provider()  # the same weights, called without buffers
+    fresh = LangevinIntegrator(lambda Q: same(Q), params, torch.Generator().manual_seed(4), native=True)
+    a, b = into.init_state(Q, V), fresh.init_state(Q, V)
+    handed_out = []
+    for n in (1, 4, 3, 1):
+        handed_out.append((a.F, a.F.clone()))
+        into.step(a, n)
+        fresh.step(b, n)
+        for t in ("Q", "V", "F"):
+            assert torch.equal(getattr(a, t), getattr(b, t)), t
+    assert all(torch.equal(F, copy) for F, copy in handed_out)  # never written after it was handed out
+    assert outs[0] is None  # init_state
+    assert a.F is not into._spare and len(outs) == 10 and all(out is not None for out in outs[1:])
+    assert len({id(out) for out in outs}) <= 2 + 4  # two buffers, plus one new one per call
+
+
+def test_native_steps_ignore_forces_into_of_another_dtype():
+    """An integrator state in another dtype than the provider's: the provider converts, the out
+    buffer is not used, and the steps equal those without buffers."""
+    provider = _gnn_provider()
+    params = LangevinParams(dt=0.05, temperature=0.2)
+    Q = torch.randn(1, 11, 11, dtype=torch.float32)
+    into = LangevinIntegrator(provider, params, torch.Generator().manual_seed(4), native=True)
+    fresh = LangevinIntegrator(lambda Q: provider(Q), params, torch.Generator().manual_seed(4), native=True)
+    a, b = into.init_state(Q), fresh.init_state(Q)
+    into.step(a, 3)
+    fresh.step(b, 3)
+    assert a.F.dtype == torch.float32 and torch.equal(a.Q, b.Q) and torch.equal(a.F, b.F)

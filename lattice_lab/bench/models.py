@@ -2,9 +2,10 @@
 
 For every lattice size the model is timed exactly as dynamics uses it: through
 :class:`lattice_lab.dynamics.forces.MLForceProvider` (direct models under no_grad, energy
-models with autograd for F = -dE/dQ), on one configuration ``[batch, L, L]`` in the benchmark
-dtype; the full step is :class:`lattice_lab.dynamics.langevin.LangevinIntegrator` with that
-provider as its force. Sizes whose cost would exceed the time or memory budget are skipped,
+models with autograd for F = -dE/dQ), frozen as simulate's providers are, on one configuration
+``[batch, L, L]`` in the benchmark dtype, the forces written into a buffer as the integrator's
+native steps do (``provider.forces_into(Q, buffer)``); the full step is
+:class:`lattice_lab.dynamics.langevin.LangevinIntegrator` with that provider as its force. Sizes whose cost would exceed the time or memory budget are skipped,
 estimated from the largest size already measured (cost is linear in N for a local model).
 """
 
@@ -72,10 +73,11 @@ def min_lattice(model) -> int:
 
 
 def make_provider(model, hamiltonian, device, dtype):
-    """The force provider dynamics would use for ``model`` (no checkpoint: the model is injected)."""
+    """The force provider simulate would use for ``model`` (injected, not loaded from a checkpoint):
+    frozen, as simulate's providers are (the benchmark never changes the model's weights)."""
     from lattice_lab.dynamics.forces import MLForceProvider
 
-    return MLForceProvider(hamiltonian, device, dtype, checkpoint=None, model=model)
+    return MLForceProvider(hamiltonian, device, dtype, checkpoint=None, model=model, frozen=True)
 
 
 def make_integrator(provider, langevin: dict, device, seed: int, cuda_graph: bool = False):
@@ -255,7 +257,8 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
         est_s = probe.median
     r, w = plan_repeats(est_s, max_seconds, repeats, warmup, min_seconds)
     rt_before = round_trip_ns() if device.type == "cpu" else None
-    force = time_call(lambda: provider(Q), device, warmup=w - (probe is not None), repeats=r)
+    buffer = torch.empty_like(Q)  # a force buffer of the integrator's, as its native CPU steps pass one
+    force = time_call(lambda: provider.forces_into(Q, buffer), device, warmup=w - (probe is not None), repeats=r)
     if rt_before is not None:  # the cores' state during the timing (bench/cores.py)
         row[PROBE_KEY] = [rt_before, round_trip_ns()]
     call, mem_force = provider, None

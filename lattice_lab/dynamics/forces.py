@@ -13,6 +13,12 @@ F_i = g(<n_i> - 1/2) - k Q_i - kappa sum_nn Q_j (DESIGN.md section 2) for R repl
 The provider evaluates in its own dtype (float64 for ED, the model dtype for ML) and returns the
 force in the dtype of its input, so the integrator may keep its state in another precision.
 Replicas are one batch; ``chunk_replicas`` splits the batch only to bound memory.
+
+An ML provider also accepts ``provider(Q, out=buffer)``: a hint that it may write the forces into
+``buffer`` (a tensor like ``Q``) and return it instead of a new tensor; the caller uses the returned
+tensor either way. The Langevin integrator's native CPU steps pass buffers of their own
+(``forces_into``, without the check of the buffer), which spares an allocation per step
+(docs/simulate.md, "Frozen models and force buffers").
 """
 
 from __future__ import annotations
@@ -149,8 +155,13 @@ class MLForceProvider(ForceProvider):
     source = "ml"
 
     def __init__(self, hamiltonian, device, dtype, checkpoint, *, chunk_replicas=None,
-                 compile: bool | str = False, model=None, tracking_uri: str | None = None):
+                 compile: bool | str = False, model=None, tracking_uri: str | None = None, frozen: bool = False):
+        """``frozen``: the model's weights will not change while this provider is used (true for the
+        providers :func:`make_force_provider` builds from a checkpoint: nothing else holds their model).
+        Its native kernel then skips the per-call check that they have not (docs/simulate.md); a model
+        changed anyway is not reliably followed. Without it, weight updates are followed."""
         super().__init__(hamiltonian, device, dtype, chunk_replicas)
+        self.frozen = bool(frozen)
         if model is None:
             if checkpoint in (None, "", "???"):
                 raise ConfigError("force.checkpoint=None: force=ml needs a model checkpoint path or "
@@ -185,13 +196,26 @@ class MLForceProvider(ForceProvider):
         """Whether the model runs through torch.compile (false again after a compile failure)."""
         return self._compiled
 
-    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+    def __call__(self, Q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Forces at ``Q [R, L, L]``; ``out``: a hint, a buffer the native kernel may write them into
+        (used when it is a contiguous CPU tensor of ``Q``'s shape and dtype, else ignored). The caller
+        uses the returned tensor."""
+        if out is not None and not (out.is_cpu and out.dtype == Q.dtype and out.shape == Q.shape
+                                    and out.is_contiguous()):
+            out = None
+        return self.forces_into(Q, out)
+
+    def forces_into(self, Q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`__call__` without the check of ``out``, which is None or a contiguous CPU tensor of
+        ``Q``'s shape and dtype (the integrator's own buffers; ~0.4 us a call less)."""
         native = self._native  # the per-step case first: the shape the native kernel was fetched for
-        if native is not None and Q.shape == native[0] and Q.dtype == self.dtype and Q.device == self.device:
-            F = native[1](Q)  # that shape passed the input checks once (~1 us a call less)
+        if native is not None and Q.shape == native[0] and Q.dtype == self.dtype and Q.is_cpu:
+            # that shape passed the input checks once (~1 us a call less); a native function is only
+            # fetched for CPU inputs, so Q.is_cpu means Q is on this provider's device
+            F = native[1](Q) if out is None else native[1](Q, out)
             if F is not None:
                 return F
-        return super().__call__(Q)
+        return ForceProvider.__call__(self, Q)
 
     def _run(self, Q: torch.Tensor) -> torch.Tensor:
         native = self._native
@@ -202,7 +226,7 @@ class MLForceProvider(ForceProvider):
         F = self._run_model(Q)
         if not self._compiled and (native is None or native[0] != Q.shape):
             with torch.no_grad():  # as the dynamics calls it (energy models: not training, so grad mode is moot)
-                fn = self.model.native_function(Q)
+                fn = self.model.native_function(Q, frozen=self.frozen)
             self._native = None if fn is None else (Q.shape, fn)
         return F
 
@@ -291,8 +315,10 @@ def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", 
 
     ``hamiltonian`` is a :class:`~lattice_lab.physics.holstein.HolsteinParams` (temperature = the
     bath temperature). ``dtype`` is the ML model's dtype (ED is always float64). With ``L`` given,
-    ED refuses lattices above ``force.max_L``. ``model`` injects an already built force field;
-    ``tracking_uri`` is the MLflow store a checkpoint given as a run id is looked up in.
+    ED refuses lattices above ``force.max_L``. ``model`` injects an already built force field, whose
+    weight updates the provider follows; a model loaded here from the checkpoint is frozen (nothing
+    else holds it: :class:`MLForceProvider`'s ``frozen``). ``tracking_uri`` is the MLflow store a
+    checkpoint given as a run id is looked up in.
     """
     source = check_force_config(force_cfg, L=L)
     chunk = _cfg_get(force_cfg, "chunk_replicas")
@@ -300,7 +326,7 @@ def make_force_provider(force_cfg, hamiltonian, device="auto", dtype="float32", 
         return EDForceProvider(hamiltonian, device, chunk_replicas=chunk)
     provider = MLForceProvider(hamiltonian, device, resolve_dtype(dtype, MODEL_DTYPES), _cfg_get(force_cfg, "checkpoint"),
                                chunk_replicas=chunk, compile=_cfg_get(force_cfg, "compile", False),
-                               model=model, tracking_uri=tracking_uri)
+                               model=model, tracking_uri=tracking_uri, frozen=model is None)
     need = min_lattice(float(getattr(provider.model, "receptive_field", 0)))
     if L is not None and int(L) < need:
         raise ConfigError(f"dynamics.L={L}: smaller than this force field's receptive field allows "

@@ -151,20 +151,24 @@ class LangevinIntegrator:
         self.native = check_switch(native, "native_integrator")
         self._kernel = None  # (state key, LangevinKernel or None) of the last CPU state stepped
         self._needs_grad = bool(getattr(force_fn, "needs_grad", False) or getattr(force_fn, "conservative", False))
+        self._into = getattr(force_fn, "forces_into", None)  # (Q, out) -> F, writing into out if it can
+        self._spare: torch.Tensor | None = None  # a force buffer of the native steps that nothing outside holds
         self._noise: torch.Tensor | None = None
         self._graph: tuple[tuple, torch.cuda.CUDAGraph] | None = None  # (state key, one recorded step)
 
     # -- forces -------------------------------------------------------------------------------
-    def forces(self, Q: torch.Tensor) -> torch.Tensor:
-        """F(Q) in Q's dtype/device, detached."""
+    def forces(self, Q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """F(Q) in Q's dtype/device, detached. ``out``: a contiguous buffer like ``Q`` that a provider with
+        ``forces_into`` (dynamics/forces.py) may write the forces into (the result is then ``out``)."""
+        fn = self.force_fn if out is None else self._into
         if self._needs_grad:
             with torch.enable_grad():
-                F = self.force_fn(Q)
+                F = fn(Q) if out is None else fn(Q, out)
         elif torch.is_grad_enabled():
             with torch.no_grad():
-                F = self.force_fn(Q)
+                F = fn(Q) if out is None else fn(Q, out)
         else:  # inside step(): already without autograd (entering no_grad again costs ~1 us a step)
-            F = self.force_fn(Q)
+            F = fn(Q) if out is None else fn(Q, out)
         if F.requires_grad:
             F = F.detach()
         if F.shape != Q.shape:
@@ -275,14 +279,34 @@ class LangevinIntegrator:
         a, c = p.ou_decay, p.ou_noise
         seed = self.generator.initial_seed() if self.generator is not None else torch.initial_seed()
         Q, V, F = state.Q, state.V, state.F
+        # With a provider that takes out=, the forces go into buffers of the integrator's own: the one
+        # kept from the last call (self._spare) and the one each step frees. state.F on entry, and the
+        # force handed out as state.F at the end, are never written: a caller may hold them.
+        into = self._into is not None
+        spare = self._spare if into else None
+        if spare is not None and (spare.shape != Q.shape or spare.dtype != Q.dtype or spare.device != Q.device):
+            spare = None
+        mine = False  # whether F is one of those buffers
         for _ in range(n):
             kernel.drift(Q, V, F, half, p.dt)
-            F = self.forces(Q)
+            if into:
+                if spare is None:
+                    spare = torch.empty(Q.shape, dtype=Q.dtype, device=Q.device)  # contiguous
+                F_new = self.forces(Q, spare)
+                new_mine = F_new is spare
+                if new_mine:
+                    spare = None
+                if mine and spare is None:
+                    spare = F  # the previous force: used by the drift above, now free
+                F, mine = F_new, new_mine
+            else:
+                F = self.forces(Q)
             if not F.is_contiguous():
-                F = F.contiguous()
+                F, mine = F.contiguous(), False
             state.step += 1
             kernel.kick(V, F, a, a * half, c, seed, state.step)
         state.F = F
+        self._spare = spare
         return state
 
     # -- CUDA graph ---------------------------------------------------------------------------

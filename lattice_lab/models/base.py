@@ -82,11 +82,15 @@ class ForceField(nn.Module):
         return None if fn is None else fn(Q)
 
     @torch.jit.unused
-    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0, frozen: bool = False):
         """The callable behind :meth:`native_forces` for inputs like ``Q`` (same dtype, device and
-        shape, already checked), without the per-call policy checks (~5 us): ``f(Q) -> F``, or None
-        where no native kernel serves ``Q``. ``f`` may return None (then use :meth:`forward`). Force
-        providers fetch it once per input shape; weight updates are still followed."""
+        shape, already checked), without the per-call policy checks (~5 us): ``f(Q, out=None) -> F``, or
+        None where no native kernel serves ``Q``. ``out``, a contiguous tensor like ``Q``, receives the
+        forces instead of a new tensor. ``f`` may return None (then use :meth:`forward`). Force providers
+        fetch it once per input shape; weight updates are still followed, unless ``frozen``: the caller
+        promises that the weights no longer change, and ``f`` skips its per-call check that they have not
+        (1.5-8 us a call; a change made anyway is not reliably seen, but never makes the kernel read freed
+        memory)."""
         return None
 
     # -- data-dependent normalisation (called once by the trainer, before training) ---------

@@ -18,7 +18,6 @@ O(chunk) besides Q and F, and the time per site does not depend on L.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -328,7 +327,7 @@ class ENN(ForceField):
 
     # -- native CPU kernels (lattice_lab.native) ---------------------------------------------------
     @torch.jit.unused
-    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0, frozen: bool = False):
         """See :meth:`ForceField.native_function`: :class:`lattice_lab.native.enn.ENNForces` (tiles of
         sites over torch's OpenMP threads), for CPU inference with the ``tanh`` activation."""
         if self.activation != "tanh" or not applicable(self.native_kernel, Q):
@@ -341,7 +340,10 @@ class ENN(ForceField):
             self._native_whole[Q.dtype] = got
         if isinstance(got, Exception):
             return None
-        return functools.partial(got, k=k, kappa=kappa)
+        if frozen:
+            got._prepare()
+        check = not frozen
+        return lambda Q, out=None: got(Q, k, kappa, out, check)
 
     @torch.jit.unused
     def native_kernels(self, Q: torch.Tensor) -> list | None:

@@ -304,10 +304,10 @@ class GNN(ForceField):
         self._native.clear()  # load_state_dict(assign=True) replaces the tensors the kernel reads
 
     @torch.jit.unused
-    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0, frozen: bool = False):
         """See :meth:`ForceField.native_function` (:class:`lattice_lab.native.gnn.GNNForces`; None
         from the function when a parameter has moved to another dtype or device)."""
         plan = self.native_plan(Q)
         if plan is None:
             return None
-        return plan.bind(k, kappa)
+        return plan.bind(k, kappa, frozen)

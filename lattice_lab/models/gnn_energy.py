@@ -30,8 +30,6 @@ TorchScript export) keeps autograd.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -236,7 +234,7 @@ class EnergyGNN(ForceField):
 
     # -- native CPU inference (lattice_lab.native.gnn_energy) -----------------------------------
     @torch.jit.unused
-    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0, frozen: bool = False):
         """See :meth:`ForceField.native_function`: the forward and hand-written backward pass of
         :class:`lattice_lab.native.gnn_energy.EnergyGNNForces`. Not where autograd must see the forces
         (training with grad enabled, or ``Q.requires_grad``); grad mode itself does not matter (the
@@ -252,7 +250,10 @@ class EnergyGNN(ForceField):
             self._native[key] = got
         if isinstance(got, Exception):
             return None
-        return functools.partial(got, k=k, kappa=kappa)
+        if frozen:
+            got._prepare()
+        check = not frozen
+        return lambda Q, out=None: got(Q, k, kappa, out, check)
 
     @torch.jit.unused
     def _build_native(self, dtype: torch.dtype):

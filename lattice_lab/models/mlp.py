@@ -116,7 +116,7 @@ class DescriptorMLP(ForceField):
         return max(self.hidden) <= NATIVE_AUTO_MAX_WIDTH or vector_bytes >= 64
 
     @torch.jit.unused
-    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0, frozen: bool = False):
         """See :meth:`ForceField.native_function`: :class:`lattice_lab.native.mlp.MLPForces` (descriptor,
         MLP and elastic force per tile of sites), where :meth:`auto_prefers_native` allows it."""
         if not applicable(self.native_kernel, Q):
@@ -126,7 +126,9 @@ class DescriptorMLP(ForceField):
             got = self._build_native(Q.dtype)
         if isinstance(got, Exception):
             return None
-        return lambda Q: got.run(Q.contiguous(), k, kappa)
+        if frozen:
+            got.prepare()
+        return lambda Q, out=None: got.run(Q.contiguous(), k, kappa, out, check=not frozen)
 
     @torch.jit.unused
     def _build_native(self, dtype: torch.dtype):

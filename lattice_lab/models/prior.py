@@ -47,9 +47,9 @@ class ElasticPrior(ForceField):
             return getattr(super().__getattr__("network"), attr)
 
     @torch.jit.unused
-    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0):
+    def native_function(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0, frozen: bool = False):
         """The network's native function with this prior's elastic force fused in."""
-        return self.network.native_function(Q, self.k + k, self.kappa + kappa)
+        return self.network.native_function(Q, self.k + k, self.kappa + kappa, frozen)
 
     def elastic_force(self, Q: torch.Tensor) -> torch.Tensor:
         return linear_elastic_force(Q, self.k, self.kappa)

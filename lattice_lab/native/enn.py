@@ -94,12 +94,16 @@ class ENNForces:
             self._proj = sparse_projection(w, b, self.model.radius)
             self._proj_src = (w, b)
 
-    def __call__(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor:
-        """Forces ``[B, L, L]`` of ``Q [B, L, L]`` (CPU, this object's dtype), elastic part included."""
-        self._prepare()
+    def __call__(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0, out: torch.Tensor | None = None,
+                 check: bool = True) -> torch.Tensor:
+        """Forces ``[B, L, L]`` of ``Q [B, L, L]`` (CPU, this object's dtype), elastic part included;
+        written into ``out`` (contiguous, like ``Q``) when given. ``check=False``: skip the check that the
+        weights have not changed (~8 us; a frozen force provider's calls, after one check)."""
+        if check:
+            self._prepare()
         Q = Q.contiguous()
         B, L = Q.shape[0], Q.shape[-1]
-        F = torch.empty_like(Q)
+        F = torch.empty_like(Q) if out is None else out
         offsets, prow, poff, pcoef, pbias = self._proj
         key = (self._watched.key, float(k), float(kappa))
         if key != self._scalars_key:

@@ -145,10 +145,14 @@ class GNNForces:
                     ptrs += [layer.w_self.data_ptr(), layer.w_nn.data_ptr(), layer.bias.data_ptr()]
         return ptrs
 
-    def workspace(self, L: int, nt: int, cached: bool = True) -> tuple[torch.Tensor, _Args, int]:
+    def workspace(self, L: int, nt: int, cached: bool = True, owner: int | None = None
+                  ) -> tuple[torch.Tensor, _Args, int]:
         """Scratch memory and the argument block for lattice size ``L`` on ``nt`` threads (kept for the
-        next call unless ``cached=False``): ``(scratch tensor, args, address of args)``."""
-        got = self._work.get((L, nt)) if cached else None
+        next call unless ``cached=False``): ``(scratch tensor, args, address of args)``. ``owner``: the
+        scratch of one :meth:`bind` closure's thread (key ``(L, nt, owner)``), apart from the one that
+        :meth:`__call__` takes under its lock (key ``(L, nt)``)."""
+        key = (L, nt) if owner is None else (L, nt, owner)
+        got = self._work.get(key) if cached else None
         if got is None:
             n = int(self._ws_fn(self._dims_ptr, L, nt))
             if n < 0:
@@ -159,42 +163,50 @@ class GNNForces:
             if cached:
                 if len(self._work) >= 8:
                     self._work.clear()
-                self._work[(L, nt)] = got
+                self._work[key] = got
         return got
 
-    def bind(self, k: float = 0.0, kappa: float = 0.0):
-        """``f(Q) -> F`` (None once :meth:`ready` fails): :meth:`ready` and this call in one closure, the
-        per-step path of a force provider. Its common case -- the workspace of this size cached, ``Q``
-        contiguous, no other call in flight -- skips the method dispatch and lookups (~1.4 us of a
-        ~50 us ``gnn_small`` call at L = 32 on an AVX2 VM); every other case is :meth:`__call__`."""
-        fn, ready, work, busy, call = self.fn, self.ready, self._work, self._busy, self.__call__
-        empty_like, data_ptr, n_threads = torch.empty_like, _DATA_PTR, torch.get_num_threads
+    def bind(self, k: float = 0.0, kappa: float = 0.0, frozen: bool = False):
+        """``f(Q, out=None) -> F`` (None once :meth:`ready` fails): :meth:`ready` and this call in one
+        closure, the per-step path of a force provider; ``out`` (a contiguous tensor like ``Q``) receives
+        the forces instead of a new tensor. Its common case -- the workspace of this size cached, ``Q``
+        contiguous, the thread that bound it -- skips the method dispatch and lookups (~1.4 us of a
+        ~50 us ``gnn_small`` call at L = 32 on an AVX2 VM); every other case is :meth:`__call__`.
 
-        def forces(Q: torch.Tensor) -> torch.Tensor | None:
-            if not ready():
+        ``frozen``: the caller promises that the model's weights no longer change (a force provider of
+        ``simulate``, whose model was loaded for the run): :meth:`ready` runs here once instead of at
+        every call (~2.5 us of a 39-us ``gnn_small`` call at L = 32). Whatever happens to the model
+        afterwards, the kernel reads memory kept alive for it (``_kept``, the packed copies), never
+        freed memory; but a change made anyway is not reliably seen."""
+        fn, ready, work, call = self.fn, self.ready, self._work, self.__call__
+        empty_like, data_ptr, n_threads, ident = torch.empty_like, _DATA_PTR, torch.get_num_threads, threading.get_ident
+        owner = ident()  # this thread's calls use a workspace of their own, other threads' go to __call__
+        if frozen and not ready():
+            return None
+
+        def forces(Q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+            if not (frozen or ready()):
                 return None
-            shape = Q.shape
-            got = work.get((shape[-1], max(1, n_threads())))
-            if got is None or not Q.is_contiguous() or not busy.acquire(blocking=False):
-                return call(Q, k, kappa)
-            try:
-                F = empty_like(Q)
-                rc = fn(data_ptr(Q), data_ptr(F), shape[0], got[2], k, kappa)
-            finally:
-                busy.release()
+            if ident() != owner or not Q.is_contiguous():
+                return call(Q, k, kappa, out)
+            shape, nt = Q.shape, max(1, n_threads())
+            got = work.get((shape[-1], nt, owner)) or self.workspace(shape[-1], nt, owner=owner)
+            F = empty_like(Q) if out is None else out
+            rc = fn(data_ptr(Q), data_ptr(F), shape[0], got[2], k, kappa)
             if rc != 0:
                 _failed(rc)
             return F
 
         return forces
 
-    def __call__(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor:
+    def __call__(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """Forces ``[B, L, L]`` of ``Q [B, L, L]`` (CPU, this object's dtype; the caller has checked
-        :meth:`ready`), elastic part included."""
+        :meth:`ready`), elastic part included; written into ``out`` (contiguous, like ``Q``) when given."""
         if not Q.is_contiguous():
             Q = Q.contiguous()
         key = (Q.shape[-1], threads())
-        F = torch.empty_like(Q)
+        F = torch.empty_like(Q) if out is None else out
         if self._busy.acquire(blocking=False):
             try:
                 got = self._work.get(key) or self.workspace(*key)

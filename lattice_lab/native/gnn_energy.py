@@ -245,15 +245,19 @@ class EnergyGNNForces:
             raise ValueError(f"native energy GNN: bad tiles {rows} x {cols} for L={L}")
         return tiles, int(size)
 
-    def __call__(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor:
+    def __call__(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0, out: torch.Tensor | None = None,
+                 check: bool = True) -> torch.Tensor:
         """Forces ``[B, L, L]`` of ``Q [B, L, L]`` (CPU, this object's dtype); ``k``, ``kappa``: an extra
-        elastic force ``-k Q - kappa nn_sum(Q)`` on top of the model's own (its prior, if on)."""
-        self._prepare()
+        elastic force ``-k Q - kappa nn_sum(Q)`` on top of the model's own (its prior, if on); written into
+        ``out`` (contiguous, like ``Q``) when given. ``check=False``: skip the check that the weights have
+        not changed (a frozen force provider's calls, after one check)."""
+        if check:
+            self._prepare()
         if not Q.is_contiguous():
             Q = Q.contiguous()
         B, L = Q.shape[0], Q.shape[-1]
         if B == 0:
-            return torch.empty_like(Q)
+            return torch.empty_like(Q) if out is None else out
         key = (self._watched.key, float(k), float(kappa))
         if key != self._scalars_key:
             m = self.model
@@ -269,7 +273,7 @@ class EnergyGNNForces:
             scratch = None
         if scratch is None or scratch.numel() < size:
             scratch = torch.zeros(size, dtype=self.dtype)  # zeros: no garbage in the halo of a first tile
-        F = torch.empty_like(Q)
+        F = torch.empty_like(Q) if out is None else out
         try:
             rc = self.fn(Q.data_ptr(), F.data_ptr(), B, L, self.dims.data_ptr(), self.params.data_ptr(), self.n_params,
                          self._scalars.data_ptr(), scratch.data_ptr(), scratch.numel(), tiles.data_ptr(), nt)

@@ -170,14 +170,18 @@ class MLPForces:
                              f"{tuple(Q.shape)} on {Q.device}")
         return self.run(Q.contiguous(), k, kappa)
 
-    def run(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0) -> torch.Tensor:
+    def run(self, Q: torch.Tensor, k: float = 0.0, kappa: float = 0.0, out: torch.Tensor | None = None,
+            check: bool = True) -> torch.Tensor:
         """:meth:`__call__` without the input checks: ``Q`` is a contiguous CPU ``[B, L, L]`` tensor
-        in this kernel's dtype (the model's ``native_forces`` guarantees it)."""
+        in this kernel's dtype (the model's ``native_forces`` guarantees it); the forces go into ``out``
+        (contiguous, like ``Q``) when given. ``check=False``: skip :meth:`prepare` (a frozen force
+        provider's calls, after one check)."""
         B, L, L2 = Q.shape  # a ValueError unless 3-D
         if L != L2:
             raise ValueError(f"native MLP: expected a square lattice [B, L, L], got {tuple(Q.shape)}")
-        self.prepare()
-        F = torch.empty_like(Q)
+        if check:
+            self.prepare()
+        F = torch.empty_like(Q) if out is None else out
         rc = self.fn(Q.data_ptr(), F.data_ptr(), B, L, self._plan_ptr, k, kappa, threads())
         if rc != 0:
             raise RuntimeError(f"native MLP kernel failed (code {rc})")
