@@ -5,8 +5,9 @@ For every lattice size the model is timed exactly as dynamics uses it: through
 models with autograd for F = -dE/dQ), frozen as simulate's providers are, on one configuration
 ``[batch, L, L]`` in the benchmark dtype, the forces written into a buffer as the integrator's
 native steps do (``provider.forces_into(Q, buffer)``); the full step is
-:class:`lattice_lab.dynamics.langevin.LangevinIntegrator` with that provider as its force. Sizes whose cost would exceed the time or memory budget are skipped,
-estimated from the largest size already measured (cost is linear in N for a local model).
+:class:`lattice_lab.dynamics.langevin.LangevinIntegrator` with that provider as its force. Sizes
+whose cost would exceed the time or memory budget are skipped, estimated from the largest size
+already measured (cost is linear in N for a local model).
 """
 
 from __future__ import annotations

@@ -160,15 +160,15 @@ class LangevinIntegrator:
     def forces(self, Q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """F(Q) in Q's dtype/device, detached. ``out``: a contiguous buffer like ``Q`` that a provider with
         ``forces_into`` (dynamics/forces.py) may write the forces into (the result is then ``out``)."""
-        fn = self.force_fn if out is None else self._into
+        fn, args = (self.force_fn, (Q,)) if out is None else (self._into, (Q, out))
         if self._needs_grad:
             with torch.enable_grad():
-                F = fn(Q) if out is None else fn(Q, out)
+                F = fn(*args)
         elif torch.is_grad_enabled():
             with torch.no_grad():
-                F = fn(Q) if out is None else fn(Q, out)
+                F = fn(*args)
         else:  # inside step(): already without autograd (entering no_grad again costs ~1 us a step)
-            F = fn(Q) if out is None else fn(Q, out)
+            F = fn(*args)
         if F.requires_grad:
             F = F.detach()
         if F.shape != Q.shape:

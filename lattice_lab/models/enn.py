@@ -341,7 +341,7 @@ class ENN(ForceField):
         if isinstance(got, Exception):
             return None
         if frozen:
-            got._prepare()
+            got.prepare()
         check = not frozen
         return lambda Q, out=None: got(Q, k, kappa, out, check)
 

@@ -77,7 +77,8 @@ class ENNForces:
                                                "out_scale", "out_shift"])
         self._scalars_key = None
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Rebuild the kernels' weight tables if a watched parameter or buffer changed since the last call."""
         if not self._watched.changed():
             return
         for kernel in self.kernels:
@@ -100,7 +101,7 @@ class ENNForces:
         written into ``out`` (contiguous, like ``Q``) when given. ``check=False``: skip the check that the
         weights have not changed (~8 us; a frozen force provider's calls, after one check)."""
         if check:
-            self._prepare()
+            self.prepare()
         Q = Q.contiguous()
         B, L = Q.shape[0], Q.shape[-1]
         F = torch.empty_like(Q) if out is None else out

@@ -220,7 +220,8 @@ class EnergyGNNForces:
         self._plans: dict = {}  # (B, L, threads) -> (tile table, scratch elements)
         self._free: list[torch.Tensor] = []  # scratch buffers not in use (a concurrent call takes another)
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Repack the parameters if one changed since the last call."""
         if not self._watched.changed():
             return
         params = pack_parameters(self.model, self.dtype)
@@ -252,7 +253,7 @@ class EnergyGNNForces:
         ``out`` (contiguous, like ``Q``) when given. ``check=False``: skip the check that the weights have
         not changed (a frozen force provider's calls, after one check)."""
         if check:
-            self._prepare()
+            self.prepare()
         if not Q.is_contiguous():
             Q = Q.contiguous()
         B, L = Q.shape[0], Q.shape[-1]
