@@ -221,14 +221,19 @@ def _gnn_provider():
     return MLForceProvider(HolsteinParams(), "cpu", torch.float64, checkpoint=None, model=model, frozen=True)
 
 
+def _spied_gnn_provider():
+    """:func:`_gnn_provider` whose ``forces_into`` records every ``out`` it is handed (in ``outs``)."""
+    provider, outs = _gnn_provider(), []
+    real = provider.forces_into
+    provider.forces_into = lambda Q, out=None: outs.append(out) or real(Q, out)
+    return provider, outs
+
+
 def test_native_steps_write_forces_into_buffers_no_caller_holds():
     """With a provider that has ``forces_into``, the native steps write the forces into two buffers of
     their own: the trajectory is bitwise that of new tensors every step, state.F on entry and the
     force handed out at the end of each call are never written again, and the buffers alternate."""
-    provider = _gnn_provider()
-    outs = []
-    real = provider.forces_into
-    provider.forces_into = lambda Q, out=None: outs.append(out) or real(Q, out)
+    provider, outs = _spied_gnn_provider()
     params = LangevinParams(dt=0.05, temperature=0.2, gamma=0.5)
     gen = torch.Generator().manual_seed(2)
     Q, V = (torch.randn(2, 11, 11, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -261,3 +266,47 @@ def test_native_steps_ignore_forces_into_of_another_dtype():
     into.step(a, 3)
     fresh.step(b, 3)
     assert a.F.dtype == torch.float32 and torch.equal(a.Q, b.Q) and torch.equal(a.F, b.F)
+
+
+def test_reuse_forces_alternates_two_buffers_and_never_writes_a_force_of_the_caller():
+    """``reuse_forces=True`` (simulate's loop): steps of one call each alternate two force buffers, the
+    force handed out by one call being written by a later one; the trajectory is bitwise that of new
+    tensors every step; a state.F the caller put there itself (init_state's, or its own tensor) is
+    never written."""
+    provider, outs = _spied_gnn_provider()
+    params = LangevinParams(dt=0.05, temperature=0.2, gamma=0.5)
+    gen = torch.Generator().manual_seed(5)
+    Q, V = (torch.randn(2, 11, 11, generator=gen, dtype=torch.float64) for _ in range(2))
+    reuse = LangevinIntegrator(provider, params, torch.Generator().manual_seed(4), native=True, reuse_forces=True)
+    same = _gnn_provider()
+    fresh = LangevinIntegrator(lambda Q: same(Q), params, torch.Generator().manual_seed(4), native=True)
+    a, b = reuse.init_state(Q, V), fresh.init_state(Q, V)
+    callers = [(a.F, a.F.clone())]  # init_state's force: the caller's
+    for i in range(8):
+        if i == 4:  # the caller puts a force of its own there: it is read, never written
+            a.F = a.F.clone()
+            callers.append((a.F, a.F.clone()))
+        reuse.step(a, 1)
+        fresh.step(b, 1)
+        for t in ("Q", "V", "F"):
+            assert torch.equal(getattr(a, t), getattr(b, t)), (i, t)
+    assert all(torch.equal(F, copy) for F, copy in callers)
+    buffers = [out.data_ptr() for out in outs[1:]]  # outs[0]: init_state, no buffer
+    assert len(buffers) == 8 and all(out is not None for out in outs[1:])
+    # x, y: one new buffer in each of the first two calls, then they alternate. The caller's own force
+    # (5th call) is not one of them: that call writes the spare x and cannot free another, so the next
+    # call allocates z, and x, z alternate.
+    x, y, z = buffers[0], buffers[1], buffers[5]
+    assert x != y and x != z and buffers == [x, y, x, y, x, z, x, z]
+
+
+def test_step_leaves_autograd_as_it_found_it():
+    """step() runs without autograd whether or not the caller disabled it, and restores the mode."""
+    integ = LangevinIntegrator(lambda Q: -Q, LangevinParams(dt=0.05), torch.Generator().manual_seed(1))
+    state = integ.init_state(torch.randn(1, 5, 5, dtype=torch.float64))
+    integ.step(state, 2)
+    assert torch.is_grad_enabled() and not state.F.requires_grad and not state.Q.requires_grad
+    with torch.no_grad():
+        integ.step(state, 2)
+        assert not torch.is_grad_enabled()
+    assert state.step == 4

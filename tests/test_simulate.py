@@ -160,6 +160,28 @@ def test_ml_run_writes_valid_trajectory(tmp_path, gnn_checkpoint):
     np.testing.assert_allclose(data["n"][-1], n.numpy(), rtol=1e-6, atol=1e-5)
 
 
+def test_ml_run_reuses_two_force_buffers_and_keeps_every_force_exact(tmp_path, gnn_checkpoint):
+    """simulate lets its integrator overwrite the force it handed out at the next step (reuse_forces):
+    from the third step on no force tensor is allocated, two buffers alternate, and the frames and the
+    checkpoint still hold the forces of their own configurations."""
+    path, model = gnn_checkpoint
+    cfg = make_cfg(tmp_path, "force=ml", f"force.checkpoint={path}", "dtype=float64", "native_integrator=true")
+    provider = make_force_provider(cfg.force, build_hamiltonian(cfg), "cpu", "float64")
+    outs = []
+    real = provider.forces_into
+    provider.forces_into = lambda Q, out=None: outs.append(out) or real(Q, out)
+    res = run_simulation(cfg, force_provider=provider)
+    assert res["completed"] and outs[0] is None and len(outs) == 1 + 20  # the hot start's force, 20 steps
+    assert len({out.data_ptr() for out in outs[1:]}) == 2  # outs keeps every buffer alive: none was freed
+    ck = torch.load(res["checkpoint"], weights_only=False)["state"]
+    with torch.no_grad():
+        F = model.double()(ck["Q"])
+    torch.testing.assert_close(ck["F"], F, rtol=1e-12, atol=1e-12)
+    data, _ = read_all(res["trajectory"])
+    n = density_from_force(F, ck["Q"], HolsteinParams())
+    np.testing.assert_allclose(data["n"][-1], n.numpy(), rtol=1e-6, atol=1e-5)
+
+
 def test_ml_float32_default_and_chunking(tmp_path, gnn_checkpoint):
     path, _ = gnn_checkpoint
     ham = HolsteinParams()

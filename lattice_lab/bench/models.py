@@ -82,10 +82,13 @@ def make_provider(model, hamiltonian, device, dtype):
 
 
 def make_integrator(provider, langevin: dict, device, seed: int, cuda_graph: bool = False):
+    """The integrator simulate would step with: it may overwrite the force it handed out at its next
+    step (``reuse_forces``), as simulate's loop lets it."""
     from lattice_lab.dynamics.langevin import LangevinIntegrator, LangevinParams
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    return LangevinIntegrator(provider, LangevinParams(**langevin), generator=gen, cuda_graph=cuda_graph)
+    return LangevinIntegrator(provider, LangevinParams(**langevin), generator=gen, cuda_graph=cuda_graph,
+                              reuse_forces=True)
 
 
 def random_configuration(batch: int, L: int, device, dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,7 +290,8 @@ def _measure_size(row, provider, compiled, budget, *, hamiltonian, device, dtype
     if measure_memory and cuda_graph:  # the first step records the graph: the step's peak memory
         mem_step = peak_memory(lambda: integrator.step(state, 1), device)
     r, w = plan_repeats(t_force, max_seconds, repeats, warmup, min_seconds)
-    step = time_call(lambda: integrator.step(state, 1), device, warmup=w, repeats=r)
+    with torch.no_grad():  # as simulate's loop steps (the integrator enables autograd for energy models)
+        step = time_call(lambda: integrator.step(state, 1), device, warmup=w, repeats=r)
     t_step = getattr(step, statistic)
     row.update(step_s=t_step, step_s_min=step.min, step_repeats=step.repeats,
                step_s_per_site=t_step / sites, site_steps_per_s=sites / t_step,

@@ -282,8 +282,9 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
     lp = LangevinParams(mass=dyn["mass"], gamma=dyn["gamma"], dt=dyn["dt"], temperature=dyn["temperature"])
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
+    # reuse_forces: the loop below reads state.F only until the next step (frames and checkpoints copy it)
     integrator = LangevinIntegrator(provider, lp, generator, cuda_graph=_use_cuda_graph(graph_setting, provider, device),
-                                    native=native_setting)
+                                    native=native_setting, reuse_forces=True)
 
     attrs = {**{k: dyn[k] for k in ("dt", "mass", "gamma", "temperature", "init_temperature")},
              **{k: v for k, v in hamiltonian.as_dict().items() if k != "temperature"},
@@ -360,7 +361,9 @@ def run_simulation(cfg: DictConfig, *, force_provider=None, folder_label: str | 
         t0 = last_ck = last_post = time.perf_counter()
         bar = progress(total=steps, initial=state.step, desc=f"simulate {provider.source} L={L} R={R}",
                        unit="step")
-        with bar, StopRequests() as stop:  # a request during the last step is honoured below
+        # no_grad around the loop: each step() then skips entering it (energy models still get their
+        # gradient: the integrator enables it around their force call)
+        with bar, StopRequests() as stop, torch.no_grad():  # a request during the last step is honoured below
             while state.step < target:
                 if stop.signal is not None:  # between steps: the state is consistent
                     ck.save(state, wall_before + time.perf_counter() - t0)
