@@ -65,6 +65,13 @@ def _check_chunk(value, key: str) -> None:
         raise ConfigError(f"{key}={value!r}: need a positive integer or null")
 
 
+def fits_forces(buffer: torch.Tensor, Q: torch.Tensor) -> bool:
+    """Whether ``buffer`` can receive the forces of ``Q`` (the ``out`` of :meth:`MLForceProvider.forces_into`):
+    ``Q``'s shape, dtype and device, contiguous."""
+    return (buffer.shape == Q.shape and buffer.dtype == Q.dtype and buffer.device == Q.device
+            and buffer.is_contiguous())
+
+
 class ForceProvider:
     """Base class: batched force evaluation in ``self.dtype`` on ``self.device`` plus the density."""
 
@@ -200,8 +207,7 @@ class MLForceProvider(ForceProvider):
         """Forces at ``Q [R, L, L]``; ``out``: a hint, a buffer the native kernel may write them into
         (used when it is a contiguous CPU tensor of ``Q``'s shape and dtype, else ignored). The caller
         uses the returned tensor."""
-        if out is not None and not (out.is_cpu and out.dtype == Q.dtype and out.shape == Q.shape
-                                    and out.is_contiguous()):
+        if out is not None and not fits_forces(out, Q):
             out = None
         return self.forces_into(Q, out)
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from lattice_lab.common.errors import ConfigError
+from lattice_lab.dynamics.forces import fits_forces
 
 ForceFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -113,12 +114,6 @@ class LangevinState:
     def kinetic_temperature(self, mass: float) -> float:
         """m <v^2> averaged over all sites and replicas (equals T in equilibrium)."""
         return float(mass * self.V.double().pow(2).mean())
-
-
-def _like(buffer: torch.Tensor, Q: torch.Tensor) -> bool:
-    """Whether ``buffer`` can take the forces of ``Q``: its shape, dtype and device, contiguous."""
-    return (buffer.shape == Q.shape and buffer.dtype == Q.dtype and buffer.device == Q.device
-            and buffer.is_contiguous())
 
 
 class LangevinIntegrator:
@@ -307,10 +302,10 @@ class LangevinIntegrator:
         # reuse_forces the caller lets go of the one handed out, and it is written when it comes back).
         into = self._into is not None
         spare = self._spare if into else None
-        if spare is not None and not _like(spare, Q):
+        if spare is not None and not fits_forces(spare, Q):
             spare = None
         # whether F is one of those buffers: with reuse_forces, the one handed out last time, if still state.F
-        mine = into and self.reuse_forces and F is self._handed and _like(F, Q)
+        mine = into and self.reuse_forces and F is self._handed and fits_forces(F, Q)
         for _ in range(n):
             kernel.drift(Q, V, F, half, p.dt)
             if into:
